@@ -1,0 +1,40 @@
+"""Checkpoints: one file per run, ``checkpoints/last.pt``, written atomically after every epoch.
+
+It holds the model and optimizer states, the run state (completed epochs, evaluation history,
+the CSCC weight table, timings), the torch RNG state and the resolved config. The data order is a
+function of (seed, epoch), so a run resumed at an epoch boundary continues exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from scbch_dist.config import Config
+from scbch_dist.io import atomic_save_with
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    cfg: Config, *, is_main: bool = True) -> None:
+    if not is_main:
+        return
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": state,
+        "rng": torch.get_rng_state(),
+        "config": dataclasses.asdict(cfg),
+    }
+    atomic_save_with(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """Load into ``model`` and ``optimizer`` (before accelerator.prepare); return the run state."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng"])
+    return {**state, **payload["state"]}

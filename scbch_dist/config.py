@@ -1,0 +1,241 @@
+"""The typed configuration tree: the only home of defaults.
+
+A run's configuration is built in three layers, later layers winning:
+  1. the dataclass defaults below (the paper's SCBCH settings where the paper has one);
+  2. a YAML file (``--config configs/X.yaml``), nested like the tree;
+  3. repeatable ``--set a.b=value`` overrides, values parsed as YAML scalars.
+
+Unknown keys and values of the wrong type are errors that name the key, so a typo in a sweep
+never silently trains the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards/synthetic"  # a dataset folder: meta.json + tar shards + labels/
+    generate: str = ""  # "synthetic": write the embedded default dataset at data.root when it is missing
+    noise: str = "none"  # none | mixed:RATE | file:PATH (HDF5 with `result` and `True`)
+    noise_seed: int = 0  # seed of the mixed noise protocol
+    workers: int = 0  # loader worker processes; 0 reads in the training process (fastest for feature shards)
+    shuffle_buffer: int = 16384  # samples held by the training shuffle buffer
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset (scbch_dist.data.synthetic); sized for a few CPU minutes."""
+
+    seed: int = 0
+    n_query: int = 1000
+    n_train: int = 6000
+    n_extra_database: int = 3000  # database = training rows + these
+    img_dim: int = 512
+    txt_dim: int = 1000
+    topics: int = 8
+    samples_per_shard: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    bits: int = 64  # code length L
+    hidden: int = 8192  # width of the hash heads' hidden layers (paper: 8192)
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.15  # BSCH margin (MIRFlickr setting)
+    shift: float = 0.8  # BSCH shift xi (MIRFlickr setting)
+    bsch_weight: float = 0.7  # alpha
+    quant_weight: float = 0.3  # beta
+    cscc_weight: float = 1.0
+
+
+@dataclass
+class CSCCConfig:
+    k: int = 20  # neighbours per sample
+    gamma: float = 0.5  # base weight
+    warmup_epochs: int = 5  # epochs trained with all weights 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 128  # global batch (all ranks together)
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    seed: int = 0
+    drop_last: bool = False  # the published code keeps the last, partial batch
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # evaluate every N epochs (and always after the last)
+    batch_size: int = 2048  # encoding batch
+    topk: list[int] = field(default_factory=list)  # also report mAP@K for these K
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    progress: bool = True  # tqdm progress bars on the main process
+    tensorboard: bool = True  # log through Accelerate's tracker when tensorboard is installed
+    checkpoint: bool = True  # write checkpoints/last.pt after every epoch
+    save_codes: bool = True  # write the final query/database codes (packed bits)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cscc: CSCCConfig = field(default_factory=CSCCConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce ``value`` to the field's type where that is lossless; raise naming ``key`` otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `--set eval.topk=100` means [100]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(node: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(node))
+    names = [f.name for f in dataclasses.fields(node)]
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; known keys here: {', '.join(names)}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a section; give it a mapping, not {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(node, key, _check_type(path, value, hints[key]))
+
+
+def parse_override(text: str) -> dict:
+    """``'a.b=1e-4'`` -> ``{'a': {'b': 0.0001}}``; the value is read as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads "1e-4" as a string; numbers in scientific notation are common in sweeps.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            _apply(cfg, tree)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides or []:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type check cannot express."""
+    if cfg.model.bits < 1 or cfg.model.hidden < 1:
+        raise ConfigError("model.bits and model.hidden must be positive")
+    if cfg.train.batch_size < 2:
+        raise ConfigError("train.batch_size must be at least 2 (the contrastive term needs pairs)")
+    if cfg.train.epochs < 1 or cfg.eval.every < 1:
+        raise ConfigError("train.epochs and eval.every must be at least 1")
+    if cfg.cscc.k < 1 or not 0.0 <= cfg.cscc.gamma <= 1.0:
+        raise ConfigError("cscc.k must be >= 1 and cscc.gamma in [0, 1]")
+    if cfg.data.generate not in ("", "synthetic"):
+        raise ConfigError(f"data.generate must be '' or 'synthetic', got {cfg.data.generate!r}")
+    if any(k < 1 for k in cfg.eval.topk):
+        raise ConfigError(f"eval.topk entries must be positive, got {cfg.eval.topk}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from scbch_dist.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """``{'model.bits': 64, ...}`` for trackers that want flat hyperparameters."""
+    out: dict[str, Any] = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value if not isinstance(value, list) else str(value)
+    return out

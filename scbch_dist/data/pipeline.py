@@ -1,0 +1,252 @@
+"""WebDataset readers: the training stream, and the exactly-once pass used by the CSCC refresh and
+by evaluation.
+
+Training stream, per epoch, for rank r of W with K loader workers:
+  1. the split's shard list is permuted by (seed, epoch, pass), identically on every rank;
+  2. rank r takes shards r, r+W, ...; its worker k takes every K-th of those;
+  3. each worker reads its shards (webdataset's tar reader), validates every block
+     (format.decode_group) and shuffles samples in windows of ``shuffle_buffer``;
+  4. the rank's main process cuts the arriving samples into batches of ``batch_size`` until it
+     has taken its quota of ceil(N_train / W) samples, starting another pass over its shards
+     if they run out first. Every rank therefore takes exactly ceil(quota / batch_size) steps
+     (the last batch partial unless drop_last), and no rank can run dry and hang the others.
+With one process this is exactly one uniformly shuffled pass over the split when the buffer
+holds the whole split (the default for benchmark-sized data), as in the published code.
+
+The pass stream reads every id of a split exactly once over all ranks and workers, in shard
+order, and yields blocks with their ids; consumers write rows into tables by id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scbch_dist.data.format import DatasetMeta, ShardError, check_split, decode_group
+
+Block = dict[str, np.ndarray]
+FIELDS = ("id", "img", "txt", "lab")
+
+
+def _reraise_as_shard_error(exn: Exception) -> bool:
+    """webdataset handler: tar-level failures (truncated, corrupt) become errors naming the shard."""
+    if isinstance(exn, ShardError):
+        raise exn
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "<shard>")
+    first = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+    raise ShardError(f"{url}: truncated or corrupt tar ({first})") from exn
+
+
+def read_blocks(urls: list[str], meta: DatasetMeta, split: str) -> Iterator[Block]:
+    """Validated blocks of the given shards, in order; checks each shard's sample count."""
+    expected = dict(zip(meta.splits[split].shards, meta.splits[split].shard_counts))
+    seen = {u: 0 for u in urls}
+    groups = wds.tarfile_to_samples(handler=_reraise_as_shard_error)([{"url": u} for u in urls])
+    for group in groups:
+        block = decode_group(group, meta, split)
+        seen[group["__url__"]] += len(block["id"])
+        yield block
+    for url, n in seen.items():
+        want = expected.get(Path(url).name)
+        if want is not None and n != want:
+            raise ShardError(f"{url}: holds {n} samples, meta.json says {want} (truncated tar?)")
+
+
+def _concat(blocks: list[Block]) -> Block:
+    if len(blocks) == 1:
+        return blocks[0]
+    return {f: np.concatenate([b[f] for b in blocks]) for f in FIELDS}
+
+
+def _take(block: Block, index) -> Block:
+    return {f: block[f][index] for f in FIELDS}
+
+
+def _worker_info() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _assigned(urls: list[str], rank: int, world: int) -> list[str]:
+    worker, workers = _worker_info()
+    return urls[rank::world][worker::workers]
+
+
+class TrainShuffle(IterableDataset):
+    """One pass of a rank's shards for (epoch, pass): shuffled chunks of samples (worker side)."""
+
+    def __init__(self, urls: list[str], meta: DatasetMeta, *, seed: int, rank: int, world: int,
+                 buffer: int, chunk: int):
+        self.urls, self.meta, self.seed = urls, meta, seed
+        self.rank, self.world, self.buffer, self.chunk = rank, world, max(buffer, 1), chunk
+        self.epoch = 0
+        self.pass_index = 0
+
+    def set_epoch(self, epoch: int, pass_index: int = 0) -> None:
+        # Workers are started per iterator (not persistent), so they see these attributes.
+        self.epoch, self.pass_index = epoch, pass_index
+
+    def __iter__(self) -> Iterator[Block]:
+        order = np.random.default_rng([self.seed, self.epoch, self.pass_index]).permutation(len(self.urls))
+        urls = _assigned([self.urls[i] for i in order], self.rank, self.world)
+        worker, _ = _worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, self.pass_index, self.rank, worker, 1])
+        window: list[Block] = []
+        held = 0
+        for block in read_blocks(urls, self.meta, "train"):
+            window.append(block)
+            held += len(block["id"])
+            if held >= self.buffer:
+                # emit whole chunks (= batches, so the main process can pass them through
+                # without copying); the permuted tail joins the next window
+                mixed = _take(_concat(window), rng.permutation(held))
+                whole = held - held % self.chunk
+                for start in range(0, whole, self.chunk):
+                    yield {f: v[start:start + self.chunk] for f, v in mixed.items()}
+                tail = {f: v[whole:] for f, v in mixed.items()}
+                window, held = ([tail], held - whole) if held > whole else ([], 0)
+        if held:
+            mixed = _take(_concat(window), rng.permutation(held))
+            for start in range(0, held, self.chunk):
+                yield {f: v[start:start + self.chunk] for f, v in mixed.items()}
+
+
+def _keep_numpy(block: Block) -> Block:
+    return block
+
+
+def _loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    # Blocks travel from workers as pickled numpy arrays: for a few large arrays per message
+    # that is several times faster than torch's per-tensor shared-memory handles.
+    return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_numpy,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+@dataclass
+class TrainStream:
+    """The training batches of one rank. ``epoch(e)`` yields exactly ``steps_per_epoch`` batches."""
+
+    root: Path
+    meta: DatasetMeta
+    batch_size: int  # per rank
+    seed: int
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
+    buffer: int = 16384
+    drop_last: bool = False
+
+    def __post_init__(self):
+        self.urls = [str(p) for p in check_split(self.root, self.meta, "train")]
+        if len(self.urls) < self.world:
+            raise ShardError(f"{self.root}: split 'train' has {len(self.urls)} shards, fewer than the "
+                             f"{self.world} processes; rewrite it with smaller shards")
+        self.quota = -(-self.meta.splits["train"].count // self.world)  # samples per rank per epoch
+        steps = self.quota // self.batch_size if self.drop_last else -(-self.quota // self.batch_size)
+        if steps < 1:
+            raise ShardError(f"{self.root}: {self.quota} training samples per process is less than one batch "
+                             f"of {self.batch_size} with drop_last")
+        self.steps_per_epoch = steps
+        self.dataset = TrainShuffle(self.urls, self.meta, seed=self.seed, rank=self.rank, world=self.world,
+                                    buffer=self.buffer, chunk=self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Block]:
+        want = self.steps_per_epoch * self.batch_size if self.drop_last else self.quota
+        taken, pending, held, pass_index = 0, [], 0, 0
+        while taken < want:
+            self.dataset.set_epoch(epoch, pass_index)
+            got_any = False
+            for chunk in _loader(self.dataset, self.workers):
+                got_any = True
+                chunk = {f: np.asarray(v) for f, v in chunk.items()}
+                if not pending and len(chunk["id"]) == self.batch_size and taken + self.batch_size <= want:
+                    taken += self.batch_size  # the common case: a whole batch, passed through
+                    yield chunk
+                    continue
+                pending.append(chunk)
+                held += len(chunk["id"])
+                while held >= self.batch_size and taken < want:
+                    batch, pending, held = _cut(pending, min(self.batch_size, want - taken))
+                    taken += len(batch["id"])
+                    yield batch
+                if taken >= want:
+                    break
+            if not got_any:
+                raise ShardError(f"{self.root}: process {self.rank} read no training samples from its shards")
+            pass_index += 1
+            if taken < want and held and held >= want - taken:
+                batch, pending, held = _cut(pending, want - taken)
+                taken += len(batch["id"])
+                yield batch
+        # samples left in `pending` belong to a pass beyond this epoch's quota: dropped
+
+
+def _cut(pending: list[Block], n: int) -> tuple[Block, list[Block], int]:
+    cat = _concat(pending)
+    head = {f: v[:n] for f, v in cat.items()}
+    tail = {f: v[n:] for f, v in cat.items()}
+    rest = [tail] if len(tail["id"]) else []
+    return head, rest, len(tail["id"])
+
+
+class PassDataset(IterableDataset):
+    """Every id of ``split`` exactly once over all (rank, worker) pairs, as blocks."""
+
+    def __init__(self, urls: list[str], meta: DatasetMeta, split: str, *, rank: int, world: int, batch_size: int):
+        self.urls, self.meta, self.split = urls, meta, split
+        self.rank, self.world, self.batch_size = rank, world, batch_size
+
+    def __iter__(self) -> Iterator[Block]:
+        pending: list[Block] = []
+        held = 0
+        for block in read_blocks(_assigned(self.urls, self.rank, self.world), self.meta, self.split):
+            pending.append(block)
+            held += len(block["id"])
+            while held >= self.batch_size:
+                batch, pending, held = _cut(pending, self.batch_size)
+                yield batch
+        if held:
+            yield _concat(pending)
+
+
+def pass_batches(root: str | Path, meta: DatasetMeta, split: str, *, batch_size: int, rank: int = 0,
+                 world: int = 1, workers: int = 0) -> Iterator[Block]:
+    """This rank's part of one exactly-once pass over ``split``, as batches with ids."""
+    urls = [str(p) for p in check_split(root, meta, split)]
+    dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size)
+    for batch in _loader(dataset, workers):
+        yield {f: np.asarray(v) for f, v in batch.items()}
+
+
+def load_split(root: str | Path, meta: DatasetMeta, split: str, *, workers: int = 0) -> Block:
+    """A whole split in memory, rows ordered by id (tests, tools and small datasets)."""
+    count = meta.splits[split].count
+    out = {"id": np.arange(count, dtype=np.int64)}
+    filled = np.zeros(count, dtype=bool)
+    for batch in pass_batches(root, meta, split, batch_size=4096, workers=workers):
+        for f in ("img", "txt", "lab"):
+            if f not in out:
+                out[f] = np.empty((count,) + batch[f].shape[1:], dtype=batch[f].dtype)
+            out[f][batch["id"]] = batch[f]
+        if filled[batch["id"]].any():
+            raise ShardError(f"{root}: split {split!r} holds id {int(batch['id'][filled[batch['id']]][0])} twice")
+        filled[batch["id"]] = True
+    if not filled.all():
+        raise ShardError(f"{root}: split {split!r} is missing id {int(np.argmin(filled))}")
+    return out
+
+
+def to_torch(batch: Block, device: torch.device) -> dict[str, torch.Tensor]:
+    """Features as float32 on ``device``; ids and labels unchanged."""
+    return {
+        "id": torch.from_numpy(batch["id"]).to(device, non_blocking=True),
+        "img": torch.from_numpy(batch["img"]).to(device, non_blocking=True).float(),
+        "txt": torch.from_numpy(batch["txt"]).to(device, non_blocking=True).float(),
+        "lab": torch.from_numpy(batch["lab"]).to(device, non_blocking=True),
+    }

@@ -1,0 +1,96 @@
+"""Every collective of the project lives here: rank helpers and gathers (with and without gradient).
+
+All helpers work unchanged in a single process (no process group): they return the input.
+Gathers accept a different row count on every rank (the last batch of an epoch, the last part
+of a pass) by exchanging the counts first and padding to the largest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_counts(n: int, device: torch.device) -> list[int]:
+    """Every rank's ``n``, in rank order."""
+    if not is_distributed():
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def _gather_padded(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    biggest = max(counts)
+    if x.shape[0] < biggest:
+        pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))
+        x = torch.cat([x, pad])
+    parts = [torch.empty_like(x) for _ in counts]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: concatenation of every rank's rows. Backward: the gradient of the *sum over ranks*
+    of each rank's loss with respect to this rank's rows (all-reduce, then our slice), which is
+    what makes local shares of a global-batch loss exact."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int]):
+        ctx.counts = counts
+        ctx.rank = rank()
+        return _gather_padded(x, counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over ranks; works on gloo (no reduce_scatter needed)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None
+
+
+def gather_rows(x: torch.Tensor, *, with_grad: bool = False, counts: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (n_r, ...) over ranks in rank order.
+
+    Returns ``(gathered, offset)`` where ``offset`` is the first row of this rank's part.
+    ``with_grad=True`` makes the gather differentiable as described in _GatherWithGrad.
+    """
+    if not is_distributed():
+        return x, 0
+    counts = counts if counts is not None else all_counts(x.shape[0], x.device)
+    offset = sum(counts[: rank()])
+    if with_grad:
+        return _GatherWithGrad.apply(x, counts), offset
+    with torch.no_grad():
+        return _gather_padded(x, counts), offset
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a new tensor; no gradient)."""
+    if not is_distributed():
+        return x.detach().clone()
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y

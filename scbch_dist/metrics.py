@@ -1,0 +1,347 @@
+"""Hamming-ranking retrieval metrics: pure functions of codes and labels.
+
+Conventions (DESIGN.md, "Evaluation protocol"):
+- codes are (n, L) arrays of any real or bool dtype; a bit is set where the value is > 0, so
+  sign codes (+-1) and {0, 1} codes both work;
+- a database item is relevant to a query when they share at least one (clean) label;
+- queries with no relevant database item are left out of every mean;
+- ``ties="index"`` ranks equal distances by database order (a stable sort);
+  ``ties="expected"`` gives the expectation over uniformly random orders of tied items, in
+  closed form (McSherry and Najork, ECIR 2008), deterministic and fair to short codes.
+
+Speed: Hamming distances take only L + 1 values, so everything tie-aware is computed from two
+histograms per query (items and relevant items at each distance) in O(L) per query, and the
+index-tie ranking is a radix sort of small integers. Queries are processed in chunks.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import gammaln
+
+Array = np.ndarray | torch.Tensor
+
+
+def _bits(codes: Array) -> np.ndarray:
+    """(n, L) codes -> (n, L) bool bits (set where > 0)."""
+    c = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    return c > 0
+
+
+def pack_words(bits: np.ndarray) -> np.ndarray:
+    """(n, L) bool -> (n, ceil(L/64)) uint64, bit l of row i at word l // 64, position l % 64."""
+    b = np.packbits(np.asarray(bits, dtype=bool), axis=1, bitorder="little")
+    words = -(-b.shape[1] // 8)
+    b = np.pad(b, ((0, 0), (0, words * 8 - b.shape[1])))
+    return np.ascontiguousarray(b).view(np.uint64)
+
+
+def _popcount_distances(q: np.ndarray, d: np.ndarray, bits: int) -> np.ndarray:
+    """Packed (q, W), (N, W) uint64 -> (q, N) Hamming distances, uint8 (L < 256) or uint16."""
+    out = np.bitwise_count(q[:, None, 0] ^ d[None, :, 0]).astype(np.uint8 if bits < 256 else np.uint16)
+    for w in range(1, q.shape[1]):
+        out += np.bitwise_count(q[:, None, w] ^ d[None, :, w])
+    return out
+
+
+def _shares_label(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Packed label words (q, W), (N, W) -> (q, N) bool: at least one common label."""
+    out = (q[:, None, 0] & d[None, :, 0]) != 0
+    for w in range(1, q.shape[1]):
+        out |= (q[:, None, w] & d[None, :, w]) != 0
+    return out
+
+
+def hamming_distances(query_codes: Array, db_codes: Array) -> torch.Tensor:
+    """(q, L), (N, L) -> (q, N) int32 Hamming distances."""
+    qb, db = _bits(query_codes), _bits(db_codes)
+    if qb.shape[1] != db.shape[1]:
+        raise ValueError(f"code lengths differ: queries {qb.shape[1]} bits, database {db.shape[1]} bits")
+    return torch.from_numpy(_popcount_distances(pack_words(qb), pack_words(db), qb.shape[1]).astype(np.int32))
+
+
+def relevance(query_labels: Array, db_labels: Array) -> torch.Tensor:
+    """(q, C), (N, C) multi-hot -> (q, N) bool: share at least one label."""
+    return torch.from_numpy(_shares_label(pack_words(_bits(query_labels)), pack_words(_bits(db_labels))))
+
+
+def harmonic_numbers(n: int) -> np.ndarray:
+    """H[0..n] in float64, H[0] = 0."""
+    h = np.zeros(n + 1)
+    h[1:] = np.cumsum(1.0 / np.arange(1, n + 1))
+    return h
+
+
+# ----------------------------------------------------------------------------------------------
+# Histogram-based (tie-aware) metrics
+
+
+@dataclass
+class Histograms:
+    """Per query: items (``count``) and relevant items (``relevant``) at each distance 0..L."""
+
+    count: np.ndarray  # (Q, L+1) int64
+    relevant: np.ndarray  # (Q, L+1) int64
+
+    @property
+    def num_relevant(self) -> np.ndarray:
+        return self.relevant.sum(1)
+
+
+def _histograms(dist: np.ndarray, rel: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q, N) distances and relevance -> items and relevant items per distance, each (q, bins).
+
+    One bincount over a fused key (row, distance, relevant); the key stays 16-bit when it can,
+    which keeps a chunk's key array in cache."""
+    q = dist.shape[0]
+    key_dtype = np.uint16 if q * 2 * bins <= 1 << 16 else np.uint32
+    key = dist.astype(key_dtype) * 2
+    key += rel
+    key += (2 * bins * np.arange(q, dtype=key_dtype))[:, None]
+    both = np.bincount(key.ravel(), minlength=q * 2 * bins).reshape(q, bins, 2)
+    return both.sum(2), both[:, :, 1].copy()
+
+
+def tie_aware_ap(h: Histograms) -> np.ndarray:
+    """(Q,) expected AP over random orders of tied items; NaN for queries with no relevant item.
+
+    A group of n tied items holding r relevant ones, after N_b items and R_b relevant ones, adds
+    (r/n) [ (R_b + 1) dH + (r - 1)/(n - 1) (n - (N_b + 1) dH) ],  dH = H(N_b + n) - H(N_b),
+    to the sum of precisions (the position of a relevant item is uniform in the group, and given
+    it, the other relevant items before it are hypergeometric).
+    """
+    n = h.count.astype(np.float64)
+    r = h.relevant.astype(np.float64)
+    nb = np.cumsum(h.count, 1) - h.count
+    rb = np.cumsum(r, 1) - r
+    harm = harmonic_numbers(int(h.count[0].sum()) if len(h.count) else 0)
+    dh = harm[nb + h.count] - harm[nb]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inner = np.where(n > 1, (r - 1) / (n - 1), 0.0) * (n - (nb + 1) * dh)
+        term = np.where(n > 0, r / n * ((rb + 1) * dh + inner), 0.0)
+        total_rel = r.sum(1)
+        return np.where(total_rel > 0, term.sum(1) / total_rel, np.nan)
+
+
+def tie_aware_ap_at_k(h: Histograms, k: int) -> np.ndarray:
+    """(Q,) expected AP@k over random orders of tied items (NaN where no relevant item exists).
+
+    AP@k = (1/R_k) sum over relevant items at ranks p <= k of precision@p, 0 when R_k = 0.
+    Groups wholly inside the top k contribute their tie-aware terms; the group that straddles
+    rank k puts X relevant items into its m = k - N_b top slots, X ~ Hypergeometric(n, r, m);
+    the expectation conditions on X, which fixes the normaliser R_k = R_b + X.
+    """
+    total = h.count.sum(1)
+    if len(total) == 0:
+        return np.zeros(0)
+    if k >= int(total.max()):
+        return tie_aware_ap(h)
+    n_i = h.count
+    n = n_i.astype(np.float64)
+    r = h.relevant.astype(np.float64)
+    nb_i = np.cumsum(n_i, 1) - n_i
+    rb = np.cumsum(r, 1) - r
+    harm = harmonic_numbers(int(total.max()))
+    dh = harm[nb_i + n_i] - harm[nb_i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inner = np.where(n > 1, (r - 1) / (n - 1), 0.0) * (n - (nb_i + 1) * dh)
+        term = np.where(n > 0, r / n * ((rb + 1) * dh + inner), 0.0)
+    full = (nb_i + n_i) <= k
+    a = np.where(full, term, 0.0).sum(1)  # expected precision sum of whole groups
+    r_full = np.where(full, r, 0.0).sum(1)
+
+    q_idx = np.arange(len(total))
+    g = np.argmin(full, axis=1)  # first group not wholly inside (exists since k < total)
+    nb_g = nb_i[q_idx, g]
+    n_g = n_i[q_idx, g]
+    r_g = h.relevant[q_idx, g]
+    m = k - nb_g  # top-k slots inside the straddling group, 0 <= m < n_g
+
+    xmax = int(np.minimum(r_g, m).max())
+    x = np.arange(xmax + 1)[None, :].astype(np.float64)
+    n_g_f, r_g_f, m_f = n_g[:, None].astype(np.float64), r_g[:, None].astype(np.float64), m[:, None].astype(np.float64)
+    valid = (x <= np.minimum(r_g_f, m_f)) & (m_f - x <= n_g_f - r_g_f)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_pmf = (_log_comb(r_g_f, x) + _log_comb(n_g_f - r_g_f, m_f - x) - _log_comb(n_g_f, m_f))
+        pmf = np.where(valid, np.exp(np.where(valid, log_pmf, 0.0)), 0.0)
+        dh_m = (harm[nb_g + m] - harm[nb_g])[:, None]
+        inner_b = np.where(m_f > 1, (x - 1) / (m_f - 1), 0.0) * (m_f - (nb_g[:, None] + 1) * dh_m)
+        b = np.where(m_f > 0, x / m_f * ((r_full[:, None] + 1) * dh_m + inner_b), 0.0)
+        denom = r_full[:, None] + x
+        ratio = np.where(denom > 0, (a[:, None] + b) / denom, 0.0)
+        out = (pmf * ratio).sum(1)
+    return np.where(h.relevant.sum(1) > 0, out, np.nan)
+
+
+def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+
+
+def pr_curve_radius(h: Histograms) -> dict[str, list]:
+    """Precision and recall of retrieving everything within Hamming radius 0..L.
+
+    Precision at a radius is averaged over the queries that retrieve at least one item there;
+    recall over all queries with a relevant item (the published pr_curve convention).
+    """
+    valid = h.num_relevant > 0
+    retrieved = np.cumsum(h.count[valid], 1).astype(np.float64)
+    hits = np.cumsum(h.relevant[valid], 1).astype(np.float64)
+    answered = retrieved > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prec_sum = np.where(answered, hits / retrieved, 0.0).sum(0)
+        precision = np.where(answered.sum(0) > 0, prec_sum / answered.sum(0), np.nan)
+        recall = (hits / h.num_relevant[valid][:, None]).sum(0) / max(int(valid.sum()), 1)
+    return {"radius": list(range(h.count.shape[1])),
+            "precision": [float(v) if np.isfinite(v) else None for v in precision],
+            "recall": [float(v) for v in recall]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Index-tie (stable sort) metrics
+
+
+def _index_ap(dist: np.ndarray, rel: np.ndarray, topk: list[int | None]) -> dict[int | None, np.ndarray]:
+    """AP with ties by database order, for each cut-off in ``topk`` (None = all). (q,) each."""
+    order = np.argsort(dist, axis=1, kind="stable")  # radix sort for <= 16-bit integers
+    hits = np.take_along_axis(rel, order, axis=1)
+    cum = np.cumsum(hits, axis=1, dtype=np.int32)
+    num_rel = cum[:, -1]
+    out = {}
+    for k in topk:
+        kk = dist.shape[1] if k is None else min(k, dist.shape[1])
+        h, c = hits[:, :kk], cum[:, :kk]
+        prec_sum = (np.where(h, c, 0) / np.arange(1, kk + 1)).sum(1)
+        denom = c[:, -1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ap = np.where(denom > 0, prec_sum / np.maximum(denom, 1), 0.0)
+        out[k] = np.where(num_rel > 0, ap, np.nan)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _check_inputs(query_codes, db_codes, query_labels, db_labels) -> None:
+    if len(query_codes) != len(query_labels):
+        raise ValueError(f"{len(query_codes)} query codes but {len(query_labels)} query label rows")
+    if len(db_codes) != len(db_labels):
+        raise ValueError(f"{len(db_codes)} database codes but {len(db_labels)} database label rows")
+    if len(db_codes) == 0 or len(query_codes) == 0:
+        raise ValueError("empty query or database")
+
+
+class _Ranker:
+    """Packed codes and labels, and the per-chunk distance/relevance computation."""
+
+    def __init__(self, query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array):
+        _check_inputs(query_codes, db_codes, query_labels, db_labels)
+        qb, db = _bits(query_codes), _bits(db_codes)
+        if qb.shape[1] != db.shape[1]:
+            raise ValueError(f"code lengths differ: queries {qb.shape[1]} bits, database {db.shape[1]} bits")
+        self.bits = qb.shape[1]
+        self.q_codes, self.d_codes = pack_words(qb), pack_words(db)
+        self.q_labels, self.d_labels = pack_words(_bits(query_labels)), pack_words(_bits(db_labels))
+        # chunks of ~1M (query, item) entries keep each chunk's arrays in cache
+        size = max(1, min(len(qb), (1 << 20) // len(db)))
+        self.chunks = [slice(s, min(s + size, len(qb))) for s in range(0, len(qb), size)]
+
+    def map(self, fn, threads: int = 2) -> list:
+        """``fn(dist, rel)`` over every query chunk, in order; numpy's bitwise, bincount and sort
+        kernels release the GIL, so threads use the cores."""
+        def run(s: slice):
+            return fn(_popcount_distances(self.q_codes[s], self.d_codes, self.bits),
+                      _shares_label(self.q_labels[s], self.d_labels))
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            return list(pool.map(run, self.chunks))
+
+
+def retrieval_metrics(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
+                      topk: tuple[int, ...] | list[int] = (), threads: int = 2) -> dict:
+    """Every ranking metric from one pass over query chunks.
+
+    Returns ``{"map", "map_tie_aware", "map_at_k": {k: .}, "map_at_k_tie_aware": {k: .},
+    "pr_radius": {...}, "num_queries", "num_queries_scored"}``; means are over queries with at
+    least one relevant database item.
+    """
+    ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
+    cuts: list[int | None] = [None] + [int(k) for k in topk]
+    parts = ranker.map(lambda dist, rel: (_histograms(dist, rel, ranker.bits + 1), _index_ap(dist, rel, cuts)),
+                       threads)
+    h = Histograms(np.concatenate([p[0][0] for p in parts]), np.concatenate([p[0][1] for p in parts]))
+    index_ap = {k: np.concatenate([p[1][k] for p in parts]) for k in cuts}
+    scored = h.num_relevant > 0
+    return {
+        "map": _mean(index_ap[None]),
+        "map_tie_aware": _mean(tie_aware_ap(h)),
+        "map_at_k": {int(k): _mean(index_ap[k]) for k in cuts[1:]},
+        "map_at_k_tie_aware": {int(k): _mean(tie_aware_ap_at_k(h, k)) for k in cuts[1:]},
+        "pr_radius": pr_curve_radius(h),
+        "num_queries": int(len(scored)),
+        "num_queries_scored": int(scored.sum()),
+    }
+
+
+def _mean(ap: np.ndarray) -> float:
+    ap = ap[~np.isnan(ap)]
+    return float(ap.mean()) if len(ap) else float("nan")
+
+
+def mean_average_precision(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
+                           topk: int | None = None, ties: str = "index") -> float:
+    """Mean average precision of Hamming ranking.
+
+    Args:
+        query_codes: (Q, L); db_codes: (N, L) (bits set where > 0).
+        query_labels: (Q, C); db_labels: (N, C) multi-hot clean labels.
+        topk: None for mAP@all; K for mAP@K (the first K ranked items, each query's AP
+            normalised by the relevant items found there; 0 when none is).
+        ties: "index" (ties ranked by database order) or "expected" (tie-aware closed form).
+    Returns:
+        The mean over queries with at least one relevant database item.
+    """
+    if ties not in ("index", "expected"):
+        raise ValueError(f"ties must be 'index' or 'expected', got {ties!r}")
+    if topk is not None and topk < 1:
+        raise ValueError(f"topk must be a positive integer or None, got {topk}")
+    ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
+    if ties == "index":
+        parts = ranker.map(lambda dist, rel: _index_ap(dist, rel, [topk])[topk])
+    else:
+        def tie_aware(dist, rel):
+            h = Histograms(*_histograms(dist, rel, ranker.bits + 1))
+            return tie_aware_ap(h) if topk is None else tie_aware_ap_at_k(h, topk)
+        parts = ranker.map(tie_aware)
+    return _mean(np.concatenate(parts))
+
+
+def chance_map(query_labels: Array, db_labels: Array) -> float:
+    """The mAP@all of a random ranking on these labels: tie-aware mAP when every distance is equal.
+    Per query with R relevant of N items: (H(N) + (R - 1)(N - H(N)) / (N - 1)) / N."""
+    num_rel = relevance(query_labels, db_labels).sum(1).numpy().astype(np.int64)
+    n = len(db_labels)
+    h = Histograms(np.full((len(num_rel), 1), n, dtype=np.int64), num_rel[:, None])
+    return _mean(tie_aware_ap(h))
+
+
+def roc_auc(scores: Array, positive: Array) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2.
+    NaN when either class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    # average ranks over ties (1-based)
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,63 @@
+"""Figures people would rather look at than read: PR curves, mAP over epochs, weight histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scbch_dist.io import atomic_save_with  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    atomic_save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_pr_radius(curves: dict[str, dict], path: Path, title: str = "") -> None:
+    """``curves``: {"I2T": pr_radius dict, "T2I": ...} -> one panel per direction."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    for ax, (name, c) in zip(axes[0], curves.items()):
+        prec = [np.nan if p is None else p for p in c["precision"]]
+        ax.plot(c["recall"], prec, marker="o", markersize=3)
+        ax.set(xlabel="recall", ylabel="precision", title=f"{name}: Hamming radius 0..{len(prec) - 1}",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_map_history(history: list[dict], path: Path, chance: float | None = None) -> None:
+    """mAP (index ties and tie-aware) per evaluated epoch, both directions."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    for direction in ("i2t", "t2i"):
+        ax.plot(epochs, [h[direction]["map"] for h in history], marker="o", label=f"{direction.upper()} mAP")
+        ax.plot(epochs, [h[direction]["map_tie_aware"] for h in history], ls="--", label=f"{direction.upper()} tie-aware")
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls=":", label="chance")
+    ax.set(xlabel="epoch", ylabel="mAP@all")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_weight_histograms(panels: list[tuple[str, np.ndarray, np.ndarray | None]], path: Path) -> None:
+    """CSCC weights of clean and corrupted samples (the paper's Fig. 6); one panel per
+    (title, weights, corrupted-mask or None)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, w, corrupted) in zip(axes[0], panels):
+        bins = np.linspace(min(float(w.min()), 0.5), 1.0, 41)
+        if corrupted is None:
+            ax.hist(w, bins=bins, color="tab:blue", alpha=0.8, label="all")
+        else:
+            ax.hist(w[~corrupted], bins=bins, color="tab:green", alpha=0.6, label="clean")
+            ax.hist(w[corrupted], bins=bins, color="tab:red", alpha=0.6, label="corrupted")
+        ax.set(title=title, xlabel="sample weight", ylabel="samples")
+        ax.legend()
+    _save(fig, path)

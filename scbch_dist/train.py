@@ -1,0 +1,283 @@
+"""Train SCBCH: the entry point and the loop.
+
+    python -m scbch_dist.train [--config configs/X.yaml] [--set key=value ...] [--resume RUN_DIR]
+    accelerate launch -m scbch_dist.train --config configs/X.yaml
+
+With no --config, configs/default.yaml (the embedded synthetic dataset) is used. A run writes
+run.dir/: config.yaml, log.txt, metrics.jsonl, summary.json, plots/, checkpoints/last.pt, codes.npz
+and tensorboard/ (when tensorboard is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from scbch_dist import dist, plots
+from scbch_dist.checkpoint import load_checkpoint, save_checkpoint
+from scbch_dist.config import Config, flat_dict, load_config, save_config
+from scbch_dist.data.format import read_meta
+from scbch_dist.data.noise import clean_training_labels, corrupted_rows, training_labels
+from scbch_dist.data.pipeline import TrainStream, to_torch
+from scbch_dist.data.synthetic import ensure_synthetic
+from scbch_dist.evaluate import encode_split, evaluate, save_codes, summarize
+from scbch_dist.io import atomic_write_json
+from scbch_dist.losses import cscc_weights, scbch_loss
+from scbch_dist.metrics import chance_map, roc_auc
+from scbch_dist.models import SCBCHModel
+from scbch_dist.runlog import MetricsLog, json_safe, setup_logging, tensorboard_available
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.bits=32 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (its config, then --set)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise SystemExit(f"--resume {run_dir}: no config.yaml there (not a run folder)")
+        return load_config(run_dir / "config.yaml", [*args.set, f"run.dir={run_dir}"])
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path, args.set)
+
+
+def prepare_dataset(cfg: Config, log) -> tuple[Path, object]:
+    """The dataset folder and its meta; the main process writes the embedded default first."""
+    root = Path(cfg.data.root)
+    if cfg.data.generate == "synthetic" and dist.is_main() and not (root / "meta.json").is_file():
+        log.info(f"writing the embedded synthetic dataset to {root} (first use)")
+        ensure_synthetic(root, cfg.synthetic)
+    dist.barrier()
+    if cfg.data.generate == "synthetic":
+        ensure_synthetic(root, cfg.synthetic)  # checks an existing folder matches the settings
+    return root, read_meta(root)
+
+
+@torch.no_grad()
+def refresh_weights(model, root: Path, meta, cfg: Config, labels: torch.Tensor, device, autocast) -> torch.Tensor:
+    """CSCC weights of every training id from a full encoding pass (model in eval mode)."""
+    enc = encode_split(model, root, meta, "train", batch_size=cfg.eval.batch_size, device=device,
+                       workers=cfg.data.workers, autocast=autocast)
+    return cscc_weights(enc["h_img"], enc["h_txt"], labels, k=cfg.cscc.k, gamma=cfg.cscc.gamma)
+
+
+def weight_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) -> dict:
+    out = {"mean": float(weights.mean()), "min": float(weights.min()), "max": float(weights.max())}
+    if corrupted is not None and corrupted.any() and (~corrupted).any():
+        out.update(clean_mean=float(weights[~corrupted].mean()), corrupted_mean=float(weights[corrupted].mean()),
+                   auc=roc_auc(weights, ~corrupted))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    run_dir = Path(cfg.run.dir)
+    use_tb = cfg.run.tensorboard and tensorboard_available()
+    accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir))
+    device, world, main_proc = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    log = setup_logging(run_dir, main_proc)
+    t_start = time.perf_counter()
+
+    if cfg.train.batch_size % world:
+        raise SystemExit(f"train.batch_size={cfg.train.batch_size} must divide over {world} processes")
+    resume_from = run_dir / "checkpoints" / "last.pt" if args.resume else None
+    if resume_from is not None and not resume_from.is_file():
+        raise SystemExit(f"--resume {run_dir}: no checkpoints/last.pt")
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (run_dir / "metrics.jsonl").exists():
+            log.warning(f"{run_dir} holds an earlier run; starting afresh (use --resume {run_dir} to continue it)")
+            (run_dir / "metrics.jsonl").unlink()
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- data
+    t0 = time.perf_counter()
+    root, meta = prepare_dataset(cfg, log)
+    label_np, noise = training_labels(root, meta, cfg.data.noise, seed=cfg.data.noise_seed)
+    clean_np = np.asarray(clean_training_labels(root, meta))
+    corrupted = corrupted_rows(clean_np, label_np) if noise.kind != "none" else None
+    train_labels = torch.from_numpy(np.ascontiguousarray(label_np)).to(device)
+    stream = TrainStream(root=root, meta=meta, batch_size=cfg.train.batch_size // world, seed=cfg.train.seed,
+                         rank=accelerator.process_index, world=world, workers=cfg.data.workers,
+                         buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last)
+    t_data = time.perf_counter() - t0
+    noise_info = {"spec": cfg.data.noise, "name": noise.name,
+                  "corrupted_rows": int(corrupted.sum()) if corrupted is not None else 0}
+    log.info(f"dataset {meta.name} at {root}: train {meta.splits['train'].count}, query {meta.splits['query'].count}, "
+             f"database {meta.splits['database'].count}; {meta.num_classes} classes; img {meta.dim('img')}-d, "
+             f"txt {meta.dim('txt')}-d; noise {noise.name} ({noise_info['corrupted_rows']} corrupted training rows)")
+
+    # ---- model
+    model = SCBCHModel(meta.dim("img"), meta.dim("txt"), cfg.model.bits, cfg.model.hidden, meta.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    state = {"epoch": 0, "history": [], "weights": None, "refreshes": [], "train_time": 0.0, "samples": 0}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, state)
+        log.info(f"resumed {run_dir} after epoch {state['epoch']}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"model: {cfg.model.bits} bits, hidden {cfg.model.hidden}, {n_params / 1e6:.2f}M parameters; "
+             f"{world} process(es) on {device}; global batch {cfg.train.batch_size}, "
+             f"{stream.steps_per_epoch} steps per epoch")
+
+    if use_tb:
+        accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=main_proc)
+    chance = state.get("chance_map")
+    weights = state["weights"].to(device) if state["weights"] is not None else None
+    t_refresh = t_eval = 0.0
+    result = None
+
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        record: dict = {"epoch": epoch + 1}
+        # ---- CSCC refresh at the start of every epoch after the warm-up
+        if epoch >= cfg.cscc.warmup_epochs:
+            t0 = time.perf_counter()
+            weights = refresh_weights(model, root, meta, cfg, train_labels, device, accelerator.autocast)
+            t_refresh += time.perf_counter() - t0
+            w = weights.cpu().numpy()
+            diag = weight_diagnostics(w, corrupted)
+            record["cscc_weights"] = diag
+            if main_proc:
+                _record_refresh(state, run_dir, epoch + 1, w, corrupted, diag)
+
+        # ---- one epoch
+        t0 = time.perf_counter()
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        samples = 0
+        bar = tqdm(total=stream.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not (main_proc and cfg.run.progress), dynamic_ncols=True)
+        for batch in stream.epoch(epoch):
+            b = to_torch(batch, device)
+            y = train_labels[b["id"]]
+            with accelerator.autocast():
+                out = model(b["img"], b["txt"])
+            terms = scbch_loss(out, y, weights[b["id"]] if weights is not None else None, margin=cfg.loss.margin,
+                               shift=cfg.loss.shift, bsch_weight=cfg.loss.bsch_weight,
+                               quant_weight=cfg.loss.quant_weight, cscc_weight=cfg.loss.cscc_weight)
+            optimizer.zero_grad(set_to_none=True)
+            # DDP averages gradients over ranks; each rank's loss is its share of the global
+            # loss, so the sum (world x the average) is the global gradient.
+            accelerator.backward(terms["total"] * world)
+            optimizer.step()
+            sums += torch.stack([terms[k].detach().double() for k in ("total", "bsch", "quant", "cscc")])
+            samples += len(batch["id"])
+            bar.update(1)
+        bar.close()
+        sums = dist.all_reduce_sum(sums) / stream.steps_per_epoch  # shares summed: global per-step loss
+        if not torch.isfinite(sums).all():
+            raise FloatingPointError(f"epoch {epoch + 1}: the loss is not finite ({sums.tolist()})")
+        epoch_time = time.perf_counter() - t0
+        state["train_time"] += epoch_time
+        state["samples"] += samples * world
+        record["loss"] = dict(zip(("total", "bsch", "quant", "cscc"), sums.tolist()))
+        record["train"] = {"seconds": epoch_time, "samples_per_s": samples * world / epoch_time}
+
+        # ---- evaluation
+        last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.eval.every == 0 or last:
+            t0 = time.perf_counter()
+            result, codes = evaluate(model, root, meta, batch_size=cfg.eval.batch_size, device=device,
+                                     topk=cfg.eval.topk, workers=cfg.data.workers, autocast=accelerator.autocast)
+            t_eval += time.perf_counter() - t0
+            if main_proc:
+                if chance is None:
+                    chance = state["chance_map"] = chance_map(codes["query_lab"], codes["database_lab"])
+                record["eval"] = summarize(result)
+                state["history"].append({"epoch": epoch + 1, **summarize(result)})
+                if last and cfg.run.save_codes:
+                    save_codes(codes, run_dir / "codes.npz")
+                plots.plot_map_history(state["history"], run_dir / "plots" / "map.png", chance)
+
+        metrics_log.write(record, step=epoch + 1)
+        log.info(_epoch_line(record, cfg.train.epochs))
+        state["epoch"] = epoch + 1
+        state["weights"] = weights.cpu() if weights is not None else None
+        if cfg.run.checkpoint:
+            save_checkpoint(run_dir / "checkpoints" / "last.pt", accelerator.unwrap_model(model), optimizer,
+                            state, cfg, is_main=main_proc)
+        dist.barrier()
+
+    summary = {}
+    if main_proc and state["history"]:
+        if result is None:  # resumed a finished run: nothing new was evaluated
+            result_summary = state["history"][-1]
+        else:
+            result_summary = {"epoch": cfg.train.epochs, **summarize(result)}
+            plots.plot_pr_radius({"I2T": result["i2t"]["pr_radius"], "T2I": result["t2i"]["pr_radius"]},
+                                 run_dir / "plots" / "pr_radius.png",
+                                 title=f"{meta.name}, {cfg.model.bits} bits, noise {noise.name}")
+        best = max(state["history"], key=lambda h: h["avg_map"])
+        total = time.perf_counter() - t_start
+        summary = {
+            "final": result_summary,
+            "best": {"selected_by": "avg_map over evaluated epochs (the paper reports this best-over-epochs "
+                                    "test mAP; 'final' is the honest last-epoch figure)", **best},
+            "chance_map": chance,
+            "run": {"dir": str(run_dir), "dataset": meta.name, "noise": noise_info, "bits": cfg.model.bits,
+                    "epochs": cfg.train.epochs, "world_size": world, "device": str(device)},
+            "cscc": state["refreshes"][-1] if state["refreshes"] else None,
+            "timings_s": {"total": total, "data_setup": t_data, "train": state["train_time"],
+                          "refresh": t_refresh, "eval": t_eval},
+            "throughput": {"train_samples_per_s": state["samples"] / max(state["train_time"], 1e-9),
+                           "train_steps_per_s": stream.steps_per_epoch * cfg.train.epochs
+                           / max(state["train_time"], 1e-9)},
+        }
+        atomic_write_json(run_dir / "summary.json", json_safe(summary))
+        f, b = summary["final"], summary["best"]
+        log.info(f"final (epoch {f['epoch']}): I2T {f['i2t']['map']:.4f}  T2I {f['t2i']['map']:.4f}  "
+                 f"avg {f['avg_map']:.4f} (tie-aware {f['avg_map_tie_aware']:.4f}); best avg {b['avg_map']:.4f} "
+                 f"at epoch {b['epoch']}; chance {chance:.4f}; {total:.1f} s. Wrote {run_dir}/summary.json")
+    accelerator.end_training()
+    return summary
+
+
+def _record_refresh(state: dict, run_dir: Path, epoch: int, w: np.ndarray, corrupted, diag: dict) -> None:
+    state["refreshes"].append({"epoch": epoch, **diag})
+    if "first_weights" not in state:
+        state["first_weights"] = (epoch, w.copy())
+    first_epoch, first_w = state["first_weights"]
+    panels = [(f"first refresh (epoch {first_epoch})", first_w, corrupted)]
+    if epoch != first_epoch:
+        panels.append((f"latest refresh (epoch {epoch})", w, corrupted))
+    plots.plot_weight_histograms(panels, run_dir / "plots" / "cscc_weights.png")
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    loss = record["loss"]
+    parts = [f"epoch {record['epoch']}/{epochs}",
+             f"loss {loss['total']:.4f} (bsch {loss['bsch']:.4f} quant {loss['quant']:.4f} cscc {loss['cscc']:.4f})",
+             f"{record['train']['samples_per_s']:.0f} samples/s"]
+    if "cscc_weights" in record:
+        w = record["cscc_weights"]
+        parts.append(f"weights mean {w['mean']:.3f}" + (f" auc {w['auc']:.3f}" if "auc" in w else ""))
+    if "eval" in record:
+        e = record["eval"]
+        parts.append(f"mAP I2T {e['i2t']['map']:.4f} T2I {e['t2i']['map']:.4f} avg {e['avg_map']:.4f}")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
