@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     label_np, noise = training_labels(root, meta, cfg.data.noise, seed=cfg.data.noise_seed)
     clean_np = np.asarray(clean_training_labels(root, meta))
     corrupted = corrupted_rows(clean_np, label_np) if noise.kind != "none" else None
-    train_labels = torch.from_numpy(np.ascontiguousarray(label_np)).to(device)
+    train_labels = torch.from_numpy(np.array(label_np, dtype=np.uint8)).to(device)
     stream = TrainStream(root=root, meta=meta, batch_size=cfg.train.batch_size // world, seed=cfg.train.seed,
                          rank=accelerator.process_index, world=world, workers=cfg.data.workers,
                          buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last)

@@ -138,6 +138,20 @@ def check_split(root: str | Path, meta: DatasetMeta, split: str) -> list[Path]:
     return paths
 
 
+def check_tar_end(path: str | Path) -> None:
+    """A complete tar has a size that is a multiple of 512 and ends in two zero 512-byte blocks.
+
+    Python's tarfile stops silently at a header cut short, which would otherwise surface as a
+    confusing "missing field" in the last sample; this O(1) check names the real problem."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(size - 1024, 0))
+        tail = f.read(1024)
+    if size < 1024 or size % 512 or tail.count(0) != len(tail):
+        raise ShardError(f"{path}: truncated tar ({size} bytes, no end-of-archive marker)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding and validation of one tar member group
 
@@ -236,8 +250,8 @@ class SplitWriter:
 
     def __init__(self, root: Path, split: str, spec: dict[str, FieldSpec], num_classes: int,
                  *, block_size: int, samples_per_shard: int):
-        if samples_per_shard % block_size:
-            raise ValueError("samples_per_shard must be a multiple of block_size")
+        if block_size < 1 or samples_per_shard < 1:
+            raise ValueError("block_size and samples_per_shard must be positive")
         self.root, self.split, self.spec, self.num_classes = Path(root), split, spec, num_classes
         self.block_size, self.samples_per_shard = block_size, samples_per_shard
         self.info = SplitInfo(count=0)

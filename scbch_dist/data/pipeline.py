@@ -28,7 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scbch_dist.data.format import DatasetMeta, ShardError, check_split, decode_group
+from scbch_dist.data.format import DatasetMeta, ShardError, check_split, check_tar_end, decode_group
 
 Block = dict[str, np.ndarray]
 FIELDS = ("id", "img", "txt", "lab")
@@ -46,6 +46,9 @@ def _reraise_as_shard_error(exn: Exception) -> bool:
 def read_blocks(urls: list[str], meta: DatasetMeta, split: str) -> Iterator[Block]:
     """Validated blocks of the given shards, in order; checks each shard's sample count."""
     expected = dict(zip(meta.splits[split].shards, meta.splits[split].shard_counts))
+    for url in urls:
+        if Path(url).is_file():  # local shards; streamed URLs rely on the count check below
+            check_tar_end(url)
     seen = {u: 0 for u in urls}
     groups = wds.tarfile_to_samples(handler=_reraise_as_shard_error)([{"url": u} for u in urls])
     for group in groups:

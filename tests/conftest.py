@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny datasets written on the fly, and the real MIRFlickr files when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scbch_dist.config import SyntheticConfig
+from scbch_dist.data.format import write_dataset
+from scbch_dist.data.synthetic import write_synthetic
+
+SHARED = Path(os.environ.get("SCBCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+MIRFLICKR = SHARED / "data" / "mirflickr25k"
+
+
+def tiny_synthetic_config(**overrides) -> SyntheticConfig:
+    cfg = SyntheticConfig(seed=3, n_query=80, n_train=400, n_extra_database=120, img_dim=48, txt_dim=96,
+                          samples_per_shard=96)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small synthetic dataset (5 training shards, the last one partial), shared read-only."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    write_synthetic(root, tiny_synthetic_config())
+    return root
+
+
+def random_dataset(root: Path, n_train: int = 50, img_dim: int = 8, txt_dim: int = 5, classes: int = 4,
+                   seed: int = 0, **kw) -> dict:
+    """Write a dataset of random arrays; returns the arrays per split."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        lab = (rng.random((n, classes)) < 0.4).astype(np.uint8)
+        lab[np.arange(n), rng.integers(classes, size=n)] = 1
+        return (rng.normal(size=(n, img_dim)).astype(np.float32),
+                rng.normal(size=(n, txt_dim)).astype(np.float32), lab)
+
+    arrays = {"train": split(n_train), "query": split(7), "database": split(11)}
+    write_dataset(root, name="random", classes=[f"c{i}" for i in range(classes)], splits=arrays,
+                  img_dtype="float32", txt_dtype="float32", **kw)
+    return arrays
+
+
+def needs_mirflickr():
+    return pytest.mark.skipif(not (MIRFLICKR / "mirflickr25k-lall.mat").is_file(),
+                              reason=f"real MIRFlickr files not found under {MIRFLICKR}")

@@ -1,0 +1,50 @@
+"""Config: defaults, YAML, --set overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from scbch_dist.config import Config, ConfigError, load_config, parse_override
+from scbch_dist.train import DEFAULT_CONFIG
+
+
+def test_issue_keys_exist_and_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  bits: 32\ntrain:\n  lr: 0.001\n")
+    cfg = load_config(path, ["data.root=/x", "data.noise=mixed:0.2", "data.noise_seed=3", "model.hidden=256",
+                             "train.epochs=7", "train.batch_size=64", "train.lr=1e-4", "eval.every=2",
+                             "run.dir=runs/x", "eval.topk=[100, 500]"])
+    assert (cfg.data.root, cfg.data.noise, cfg.data.noise_seed) == ("/x", "mixed:0.2", 3)
+    assert (cfg.model.bits, cfg.model.hidden) == (32, 256)  # YAML, then --set
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (7, 64, 1e-4)
+    assert (cfg.eval.every, cfg.run.dir, cfg.eval.topk) == (2, "runs/x", [100, 500])
+
+
+def test_paper_defaults():
+    cfg = Config()
+    assert (cfg.model.hidden, cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size, cfg.train.epochs) == \
+        (8192, 1e-4, 1e-5, 128, 50)
+    assert (cfg.loss.bsch_weight, cfg.loss.quant_weight, cfg.loss.cscc_weight) == (0.7, 0.3, 1.0)
+    assert (cfg.cscc.k, cfg.cscc.gamma, cfg.cscc.warmup_epochs) == (20, 0.5, 5)
+
+
+def test_default_yaml_is_the_embedded_dataset():
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.data.generate == "synthetic" and cfg.data.noise == "mixed:0.5"
+
+
+def test_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'model.bitz'"):
+        load_config(None, ["model.bitz=3"])
+    with pytest.raises(ConfigError, match="'train.epochs': expected an integer"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="'run.progress': expected true/false"):
+        load_config(None, ["run.progress=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("model.bits")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  width: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'model\.width'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="batch_size must be at least 2"):
+        load_config(None, ["train.batch_size=1"])

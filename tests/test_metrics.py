@@ -1,0 +1,159 @@
+"""Ranking metrics against brute force: explicit per-query loops and averages over every tie order."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scbch_dist import metrics
+
+
+def ap_of_order(rel_in_order, k=None):
+    """AP of a ranked list: mean precision at the relevant ranks (within the first k)."""
+    h = np.asarray(rel_in_order, dtype=bool)[:k]
+    if not h.any():
+        return 0.0
+    ranks = np.flatnonzero(h) + 1
+    return float(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+
+
+def tie_orders(dist):
+    groups = [np.flatnonzero(dist == v) for v in np.unique(dist)]
+    for perms in itertools.product(*[itertools.permutations(g) for g in groups]):
+        yield np.concatenate(perms)
+
+
+def brute(qc, dc, ql, dl, k=None):
+    qc, dc = np.asarray(qc) > 0, np.asarray(dc) > 0
+    rel = (np.asarray(ql) @ np.asarray(dl).T) > 0
+    index_aps, expected_aps = [], []
+    for q in range(len(qc)):
+        if not rel[q].any():
+            continue
+        dist = (qc[q][None, :] != dc).sum(1)
+        index_aps.append(ap_of_order(rel[q][np.argsort(dist, kind="stable")], k))
+        expected_aps.append(np.mean([ap_of_order(rel[q][o], k) for o in tie_orders(dist)]))
+    return float(np.mean(index_aps)), float(np.mean(expected_aps))
+
+
+def random_case(seed, q=4, n=7, bits=3, c=4):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, (q, bits)), rng.integers(0, 2, (n, bits)),
+            rng.integers(0, 2, (q, c)), rng.integers(0, 2, (n, c)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [None, 1, 3, 5])
+def test_map_equals_brute_force_over_every_tie_order(seed, k):
+    qc, dc, ql, dl = random_case(seed)
+    if not ((ql @ dl.T) > 0).any():
+        pytest.skip("no query has a relevant item")
+    ref_index, ref_expected = brute(qc, dc, ql, dl, k)
+    assert metrics.mean_average_precision(qc, dc, ql, dl, topk=k, ties="index") == pytest.approx(ref_index, abs=1e-12)
+    assert metrics.mean_average_precision(qc, dc, ql, dl, topk=k, ties="expected") == pytest.approx(ref_expected, abs=1e-12)
+
+
+def test_map_hand_example():
+    # one query, 4 items at distances 0, 1, 1, 2 (2 bits); relevant: items 1 and 3
+    qc = np.array([[1, 1]])
+    dc = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
+    ql = np.array([[1, 0]])
+    dl = np.array([[0, 1], [1, 0], [0, 1], [1, 1]])
+    # index ties: order 0,1,2,3 -> relevant at ranks 2 and 4: AP = (1/2 + 2/4) / 2 = 0.5
+    assert metrics.mean_average_precision(qc, dc, ql, dl) == pytest.approx(0.5)
+    # tie-aware: items 1, 2 tied; item 1 at rank 2 or 3 with equal probability
+    # rank 2: (1/2 + 2/4)/2 = 0.5 ; rank 3: (1/3 + 2/4)/2 = 5/12  -> 11/24
+    assert metrics.mean_average_precision(qc, dc, ql, dl, ties="expected") == pytest.approx(11 / 24)
+    # mAP@2 with index ties: only item 1 is relevant in the top 2 -> 1/2 over the 1 found
+    assert metrics.mean_average_precision(qc, dc, ql, dl, topk=2) == pytest.approx(0.5)
+    # a query with no relevant database item is left out, not scored 0
+    ql2 = np.array([[1, 0], [0, 0]])
+    assert metrics.mean_average_precision(np.repeat(qc, 2, 0), dc, ql2, dl) == pytest.approx(0.5)
+
+
+def test_code_formats_are_equivalent():
+    qc, dc, ql, dl = random_case(7, q=5, n=20, bits=8)
+    ref = metrics.mean_average_precision(qc, dc, ql, dl)
+    assert metrics.mean_average_precision(qc * 2 - 1, dc * 2 - 1, ql, dl) == ref  # +-1 sign codes
+    assert metrics.mean_average_precision(qc.astype(bool), dc.astype(bool), ql, dl) == ref
+    assert metrics.mean_average_precision(torch.tensor(qc * 2.0 - 1), torch.tensor(dc * 2.0 - 1),
+                                          torch.tensor(ql), torch.tensor(dl)) == ref
+
+
+@pytest.mark.parametrize("bits", [256, 1024])
+def test_long_codes_distances_and_map(bits):
+    rng = np.random.default_rng(bits)
+    qc, dc = rng.integers(0, 2, (6, bits)), rng.integers(0, 2, (30, bits))
+    dist = metrics.hamming_distances(qc, dc).numpy()
+    assert (dist == (qc[:, None, :] != dc[None, :, :]).sum(2)).all()
+    ql, dl = rng.integers(0, 2, (6, 5)), rng.integers(0, 2, (30, 5))
+    rel = (ql @ dl.T) > 0
+    ref = np.mean([ap_of_order(rel[q][np.argsort(dist[q], kind="stable")]) for q in range(6) if rel[q].any()])
+    assert metrics.mean_average_precision(qc, dc, ql, dl) == pytest.approx(ref, abs=1e-12)
+
+
+def test_many_chunks_and_threads_match_single_loop():
+    # a database large enough to split the queries into many chunks
+    rng = np.random.default_rng(8)
+    qc, dc = rng.integers(0, 2, (300, 16)), rng.integers(0, 2, (9000, 16))
+    ql, dl = (rng.random((300, 6)) < 0.2), (rng.random((9000, 6)) < 0.2)
+    dist = metrics.hamming_distances(qc, dc).numpy()
+    rel = (ql.astype(int) @ dl.T.astype(int)) > 0
+    ref = np.mean([ap_of_order(rel[q][np.argsort(dist[q], kind="stable")]) for q in range(300) if rel[q].any()])
+    report = metrics.retrieval_metrics(qc, dc, ql, dl, topk=[100])
+    assert report["map"] == pytest.approx(ref, abs=1e-12)
+    assert report["map_tie_aware"] == pytest.approx(metrics.mean_average_precision(qc, dc, ql, dl, ties="expected"))
+    assert report["map_at_k"][100] == pytest.approx(metrics.mean_average_precision(qc, dc, ql, dl, topk=100))
+
+
+def test_chance_map_closed_form_equals_all_orders():
+    ql = np.array([[1, 0], [0, 1], [1, 1]])
+    dl = np.array([[1, 0], [0, 0], [1, 0], [0, 1], [0, 0]])
+    rel = (ql @ dl.T) > 0
+    ref = np.mean([np.mean([ap_of_order(rel[q][list(p)]) for p in itertools.permutations(range(5))])
+                   for q in range(3) if rel[q].any()])
+    assert metrics.chance_map(ql, dl) == pytest.approx(ref, abs=1e-12)
+
+
+def test_pr_curve_over_radius_hand_example():
+    qc = np.array([[1, 1]])
+    dc = np.array([[1, 1], [1, 0], [0, 1], [0, 0]])
+    ql, dl = np.array([[1, 0]]), np.array([[0, 1], [1, 0], [0, 1], [1, 1]])
+    pr = metrics.retrieval_metrics(qc, dc, ql, dl)["pr_radius"]
+    # radius 0: item 0 (not relevant); radius 1: items 0-2 (1 relevant); radius 2: all (2 relevant)
+    assert pr["radius"] == [0, 1, 2]
+    assert pr["precision"] == pytest.approx([0.0, 1 / 3, 2 / 4])
+    assert pr["recall"] == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_pr_precision_averages_only_queries_that_retrieve():
+    qc = np.array([[1, 1], [0, 0]])
+    dc = np.array([[1, 1], [1, 0]])
+    ql = np.array([[1], [1]])
+    dl = np.array([[1], [1]])
+    pr = metrics.retrieval_metrics(qc, dc, ql, dl)["pr_radius"]
+    # radius 0: query 0 retrieves item 0 (precision 1); query 1 retrieves nothing -> not averaged
+    assert pr["precision"][0] == pytest.approx(1.0)
+    assert pr["recall"][0] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_roc_auc_hand_values_with_ties():
+    assert metrics.roc_auc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
+    assert metrics.roc_auc([0.1, 0.3, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    # positive 0.5 ties a negative 0.5 (counts 1/2) and beats 0.2: (1 + 0.5) / 2
+    assert metrics.roc_auc([0.5, 0.5, 0.2], [1, 0, 0]) == pytest.approx(0.75)
+    assert math.isnan(metrics.roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_bad_inputs_raise():
+    qc, dc, ql, dl = random_case(9)
+    with pytest.raises(ValueError, match="ties"):
+        metrics.mean_average_precision(qc, dc, ql, dl, ties="random")
+    with pytest.raises(ValueError, match="code lengths"):
+        metrics.mean_average_precision(qc, dc[:, :2], ql, dl)
+    with pytest.raises(ValueError, match="label rows"):
+        metrics.mean_average_precision(qc, dc, ql[:2], dl)

@@ -1,0 +1,108 @@
+"""End to end: a short run learns and writes every output; resumption; the accelerate CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scbch_dist.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    settings = [f"data.root={root}", "data.generate=", "data.noise=mixed:0.5", f"run.dir={run_dir}",
+                "model.bits=16", "model.hidden=64", "train.batch_size=32", "train.epochs=6", "train.lr=3e-3",
+                "eval.every=3", "cscc.warmup_epochs=2", "cscc.k=5", "run.progress=false", "eval.topk=[50]"]
+    return [a for s in [*settings, *extra] for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "short"
+    summary = main(tiny_args(tiny_dataset, run_dir))
+    return run_dir, summary
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_every_output(short_run):
+    run_dir, summary = short_run
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["final"]["avg_map"] == pytest.approx(summary["final"]["avg_map"])
+    for key in ("final", "best"):
+        for direction in ("i2t", "t2i"):
+            assert set(on_disk[key][direction]) >= {"map", "map_tie_aware"}
+        assert "avg_map" in on_disk[key]
+    assert on_disk["best"]["avg_map"] >= on_disk["final"]["avg_map"]
+    assert "best" in on_disk["best"]["selected_by"] or "best-over-epochs" in on_disk["best"]["selected_by"]
+    # it learned: well above a random ranking of the same labels
+    assert on_disk["final"]["avg_map"] > on_disk["chance_map"] + 0.1
+    assert set(on_disk["timings_s"]) >= {"total", "train", "refresh", "eval"}
+    assert on_disk["throughput"]["train_samples_per_s"] > 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(set(r["loss"]) == {"total", "bsch", "quant", "cscc"} for r in records)
+    assert "cscc_weights" not in records[1] and "auc" in records[2]["cscc_weights"]  # refresh after warm-up
+    assert [r["epoch"] for r in records if "eval" in r] == [3, 6]
+    for name in ("config.yaml", "log.txt", "codes.npz", "checkpoints/last.pt", "plots/pr_radius.png",
+                 "plots/map.png", "plots/cscc_weights.png"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    codes = np.load(run_dir / "codes.npz")
+    assert codes["query_img"].shape == (80, 2) and int(codes["bits"]) == 16  # 16 bits packed in 2 bytes
+
+
+@pytest.mark.slow
+def test_cscc_weights_separate_corrupted_rows(short_run):
+    run_dir, _ = short_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    weights = [r["cscc_weights"] for r in records if "cscc_weights" in r]
+    assert all(w["clean_mean"] > w["corrupted_mean"] for w in weights)
+    assert weights[-1]["auc"] > 0.6
+
+
+@pytest.mark.slow
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_dataset, tmp_path):
+    full = tmp_path / "full"
+    main(tiny_args(tiny_dataset, full, "train.epochs=4", "eval.every=2", "cscc.warmup_epochs=1"))
+    part = tmp_path / "part"
+    main(tiny_args(tiny_dataset, part, "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1"))
+    summary = main(["--resume", str(part), "--set", "train.epochs=4"])  # extends the finished run
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=False)
+    assert b["state"]["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["state"]["weights"], b["state"]["weights"])
+    full_summary = json.loads((full / "summary.json").read_text())
+    assert summary["final"]["avg_map"] == full_summary["final"]["avg_map"]
+    assert [h["epoch"] for h in b["state"]["history"]] == [2, 4]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_module(tiny_dataset, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate command line not installed")
+    run_dir = tmp_path / "launched"
+    cmd = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "scbch_dist.train",
+           *tiny_args(tiny_dataset, run_dir, "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run"]["world_size"] == 1 and summary["final"]["epoch"] == 2
+
+
+def test_bad_resume_and_batch_errors(tmp_path):
+    with pytest.raises(SystemExit, match="not a run folder"):
+        main(["--resume", str(tmp_path)])
