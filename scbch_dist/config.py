@@ -87,6 +87,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
+    method: str = "SCBCH"  # the row label in report tables (name ablations and variants here)
     progress: bool = True  # tqdm progress bars on the main process
     tensorboard: bool = True  # log through Accelerate's tracker when tensorboard is installed
     checkpoint: bool = True  # write checkpoints/last.pt after every epoch

@@ -93,11 +93,17 @@ def save_codes(codes: dict, path: Path) -> None:
     atomic_save_with(path, write)
 
 
+HEADLINE = ("map", "map_tie_aware", "map_at_k", "map_at_k_tie_aware", "precision_at_k", "precision_at_k_tie_aware")
+
+
 def summarize(result: dict) -> dict:
-    """The headline numbers of one evaluation (what summary.json keeps per epoch)."""
-    out = {d: {"map": result[d]["map"], "map_tie_aware": result[d]["map_tie_aware"],
-               **({"map_at_k": result[d]["map_at_k"]} if result[d]["map_at_k"] else {})}
-           for d in ("i2t", "t2i")}
+    """The headline numbers of one evaluation (per direction, plus the I2T/T2I averages)."""
+    out = {d: {k: result[d][k] for k in HEADLINE if result[d][k] != {}} for d in ("i2t", "t2i")}
     out["avg_map"] = result["avg_map"]
     out["avg_map_tie_aware"] = result["avg_map_tie_aware"]
     return out
+
+
+def curves(result: dict) -> dict:
+    """Precision-recall over Hamming radius and over top-k, per direction."""
+    return {d: {"pr_radius": result[d]["pr_radius"], "pr_topk": result[d]["pr_topk"]} for d in ("i2t", "t2i")}

@@ -204,13 +204,16 @@ def pr_curve_radius(h: Histograms) -> dict[str, list]:
 # Index-tie (stable sort) metrics
 
 
-def _index_ap(dist: np.ndarray, rel: np.ndarray, topk: list[int | None]) -> dict[int | None, np.ndarray]:
-    """AP with ties by database order, for each cut-off in ``topk`` (None = all). (q,) each."""
+def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None],
+                   k_points: np.ndarray) -> tuple[dict[int | None, np.ndarray], np.ndarray]:
+    """Ties by database order (a stable sort). Returns the AP for each cut-off in ``topk``
+    (None = all; (q,) each, NaN where the query has no relevant item) and the number of relevant
+    items among the first k for each k in ``k_points`` ((q, len(k_points)))."""
     order = np.argsort(dist, axis=1, kind="stable")  # radix sort for <= 16-bit integers
     hits = np.take_along_axis(rel, order, axis=1)
     cum = np.cumsum(hits, axis=1, dtype=np.int32)
     num_rel = cum[:, -1]
-    out = {}
+    aps = {}
     for k in topk:
         kk = dist.shape[1] if k is None else min(k, dist.shape[1])
         h, c = hits[:, :kk], cum[:, :kk]
@@ -218,8 +221,30 @@ def _index_ap(dist: np.ndarray, rel: np.ndarray, topk: list[int | None]) -> dict
         denom = c[:, -1]
         with np.errstate(divide="ignore", invalid="ignore"):
             ap = np.where(denom > 0, prec_sum / np.maximum(denom, 1), 0.0)
-        out[k] = np.where(num_rel > 0, ap, np.nan)
-    return out
+        aps[k] = np.where(num_rel > 0, ap, np.nan)
+    return aps, cum[:, np.minimum(k_points, dist.shape[1]) - 1]
+
+
+def expected_hits_at_k(h: Histograms, k_points: np.ndarray) -> np.ndarray:
+    """(Q, len(k_points)) expected relevant items among the first k under random tie orders: the
+    groups wholly inside count fully, the straddling group in proportion (linear interpolation of
+    cumulative relevant against cumulative items)."""
+    items = np.concatenate([np.zeros((len(h.count), 1)), np.cumsum(h.count, 1)], 1)
+    relevant = np.concatenate([np.zeros((len(h.count), 1)), np.cumsum(h.relevant, 1)], 1)
+    return np.stack([np.interp(k_points, x, y) for x, y in zip(items, relevant)]) if len(items) else \
+        np.zeros((0, len(k_points)))
+
+
+def pr_points(num_db: int, points: int = 16) -> np.ndarray:
+    """The cut-offs k of the precision-recall curve over top-k: evenly spaced from 1 to N."""
+    return np.unique(np.round(np.linspace(1, num_db, points)).astype(np.int64))
+
+
+def _topk_curves(hits: np.ndarray, num_rel: np.ndarray, k_points: np.ndarray) -> dict[str, list]:
+    valid = num_rel > 0
+    precision = (hits[valid] / k_points).mean(0) if valid.any() else np.zeros(len(k_points))
+    recall = (hits[valid] / num_rel[valid][:, None]).mean(0) if valid.any() else np.zeros(len(k_points))
+    return {"k": k_points.tolist(), "precision": precision.tolist(), "recall": recall.tolist()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,26 +286,38 @@ class _Ranker:
 
 
 def retrieval_metrics(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
-                      topk: tuple[int, ...] | list[int] = (), threads: int = 2) -> dict:
+                      topk: tuple[int, ...] | list[int] = (), curve_points: int = 16, threads: int = 2) -> dict:
     """Every ranking metric from one pass over query chunks.
 
-    Returns ``{"map", "map_tie_aware", "map_at_k": {k: .}, "map_at_k_tie_aware": {k: .},
-    "pr_radius": {...}, "num_queries", "num_queries_scored"}``; means are over queries with at
-    least one relevant database item.
+    Returns ``map`` and ``map_tie_aware`` (mAP@all), per K in ``topk``: ``map_at_k``,
+    ``precision_at_k`` and their ``*_tie_aware`` twins; ``pr_radius`` (precision-recall over
+    Hamming radius 0..L) and ``pr_topk`` (over the first k items, ``curve_points`` values of k
+    from 1 to N, ties by index); ``num_queries`` and ``num_queries_scored``. Means are over
+    queries with at least one relevant database item.
     """
     ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
     cuts: list[int | None] = [None] + [int(k) for k in topk]
-    parts = ranker.map(lambda dist, rel: (_histograms(dist, rel, ranker.bits + 1), _index_ap(dist, rel, cuts)),
-                       threads)
+    curve_k = pr_points(len(db_codes), curve_points)
+    k_points = np.concatenate([curve_k, np.asarray([int(k) for k in topk], dtype=np.int64)])
+    parts = ranker.map(lambda dist, rel: (_histograms(dist, rel, ranker.bits + 1),
+                                          _index_ranking(dist, rel, cuts, k_points)), threads)
     h = Histograms(np.concatenate([p[0][0] for p in parts]), np.concatenate([p[0][1] for p in parts]))
-    index_ap = {k: np.concatenate([p[1][k] for p in parts]) for k in cuts}
-    scored = h.num_relevant > 0
+    index_ap = {k: np.concatenate([p[1][0][k] for p in parts]) for k in cuts}
+    hits = np.concatenate([p[1][1] for p in parts])
+    expected = expected_hits_at_k(h, k_points)
+    num_rel = h.num_relevant
+    scored = num_rel > 0
+    at_k = {int(k): j for j, k in enumerate(k_points) if j >= len(curve_k)}
+    n_db = len(db_codes)
     return {
         "map": _mean(index_ap[None]),
         "map_tie_aware": _mean(tie_aware_ap(h)),
-        "map_at_k": {int(k): _mean(index_ap[k]) for k in cuts[1:]},
-        "map_at_k_tie_aware": {int(k): _mean(tie_aware_ap_at_k(h, k)) for k in cuts[1:]},
+        "map_at_k": {k: _mean(index_ap[k]) for k in at_k},
+        "map_at_k_tie_aware": {k: _mean(tie_aware_ap_at_k(h, k)) for k in at_k},
+        "precision_at_k": {k: float((hits[scored, j] / min(k, n_db)).mean()) for k, j in at_k.items()},
+        "precision_at_k_tie_aware": {k: float((expected[scored, j] / min(k, n_db)).mean()) for k, j in at_k.items()},
         "pr_radius": pr_curve_radius(h),
+        "pr_topk": _topk_curves(hits[:, : len(curve_k)], num_rel, curve_k),
         "num_queries": int(len(scored)),
         "num_queries_scored": int(scored.sum()),
     }
@@ -310,7 +347,7 @@ def mean_average_precision(query_codes: Array, db_codes: Array, query_labels: Ar
         raise ValueError(f"topk must be a positive integer or None, got {topk}")
     ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
     if ties == "index":
-        parts = ranker.map(lambda dist, rel: _index_ap(dist, rel, [topk])[topk])
+        parts = ranker.map(lambda dist, rel: _index_ranking(dist, rel, [topk], np.ones(1, np.int64))[0][topk])
     else:
         def tie_aware(dist, rel):
             h = Histograms(*_histograms(dist, rel, ranker.bits + 1))

@@ -18,15 +18,22 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pr_radius(curves: dict[str, dict], path: Path, title: str = "") -> None:
-    """``curves``: {"I2T": pr_radius dict, "T2I": ...} -> one panel per direction."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, (name, c) in zip(axes[0], curves.items()):
-        prec = [np.nan if p is None else p for p in c["precision"]]
-        ax.plot(c["recall"], prec, marker="o", markersize=3)
-        ax.set(xlabel="recall", ylabel="precision", title=f"{name}: Hamming radius 0..{len(prec) - 1}",
-               xlim=(0, 1), ylim=(0, 1))
-        ax.grid(alpha=0.3)
+def plot_pr(runs: dict[str, dict], path: Path, title: str = "") -> None:
+    """Precision-recall curves; ``runs`` maps a label (a method) to ``evaluate.curves`` output.
+    Top row: over Hamming radius; bottom row: over the first k retrieved. Columns: I2T, T2I."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8), squeeze=False)
+    for col, direction in enumerate(("i2t", "t2i")):
+        for row, (kind, what) in enumerate((("pr_radius", "Hamming radius"), ("pr_topk", "top-k"))):
+            ax = axes[row][col]
+            for label, c in runs.items():
+                curve = c[direction][kind]
+                prec = [np.nan if p is None else p for p in curve["precision"]]
+                ax.plot(curve["recall"], prec, marker="o", markersize=3, label=label)
+            ax.set(xlabel="recall", ylabel="precision", title=f"{direction.upper()}: over {what}",
+                   xlim=(0, 1), ylim=(0, 1))
+            ax.grid(alpha=0.3)
+            if len(runs) > 1:
+                ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     _save(fig, path)

@@ -25,7 +25,7 @@ from scbch_dist.data.format import read_meta
 from scbch_dist.data.noise import clean_training_labels, corrupted_rows, training_labels
 from scbch_dist.data.pipeline import TrainStream, to_torch
 from scbch_dist.data.synthetic import ensure_synthetic
-from scbch_dist.evaluate import encode_split, evaluate, save_codes, summarize
+from scbch_dist.evaluate import curves, encode_split, evaluate, save_codes, summarize
 from scbch_dist.io import atomic_write_json
 from scbch_dist.losses import cscc_weights, scbch_loss
 from scbch_dist.metrics import chance_map, roc_auc
@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
                          rank=accelerator.process_index, world=world, workers=cfg.data.workers,
                          buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last)
     t_data = time.perf_counter() - t0
-    noise_info = {"spec": cfg.data.noise, "name": noise.name,
-                  "corrupted_rows": int(corrupted.sum()) if corrupted is not None else 0}
+    n_corrupted = int(corrupted.sum()) if corrupted is not None else 0
+    noise_info = {"spec": cfg.data.noise, "name": noise.name, "corrupted_rows": n_corrupted,
+                  "rate": round(n_corrupted / meta.splits["train"].count, 4)}
     log.info(f"dataset {meta.name} at {root}: train {meta.splits['train'].count}, query {meta.splits['query'].count}, "
              f"database {meta.splits['database'].count}; {meta.num_classes} classes; img {meta.dim('img')}-d, "
              f"txt {meta.dim('txt')}-d; noise {noise.name} ({noise_info['corrupted_rows']} corrupted training rows)")
@@ -147,7 +148,6 @@ def main(argv: list[str] | None = None) -> dict:
     chance = state.get("chance_map")
     weights = state["weights"].to(device) if state["weights"] is not None else None
     t_refresh = t_eval = 0.0
-    result = None
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         record: dict = {"epoch": epoch + 1}
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if chance is None:
                     chance = state["chance_map"] = chance_map(codes["query_lab"], codes["database_lab"])
                 record["eval"] = summarize(result)
-                state["history"].append({"epoch": epoch + 1, **summarize(result)})
+                state["history"].append({"epoch": epoch + 1, **summarize(result), "curves": curves(result)})
                 if last and cfg.run.save_codes:
                     save_codes(codes, run_dir / "codes.npz")
                 plots.plot_map_history(state["history"], run_dir / "plots" / "map.png", chance)
@@ -222,22 +222,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {}
     if main_proc and state["history"]:
-        if result is None:  # resumed a finished run: nothing new was evaluated
-            result_summary = state["history"][-1]
-        else:
-            result_summary = {"epoch": cfg.train.epochs, **summarize(result)}
-            plots.plot_pr_radius({"I2T": result["i2t"]["pr_radius"], "T2I": result["t2i"]["pr_radius"]},
-                                 run_dir / "plots" / "pr_radius.png",
-                                 title=f"{meta.name}, {cfg.model.bits} bits, noise {noise.name}")
+        final = state["history"][-1]
+        plots.plot_pr({cfg.run.method: final["curves"]}, run_dir / "plots" / "pr.png",
+                      title=f"{meta.name}, {cfg.model.bits} bits, noise {noise.name}, epoch {final['epoch']}")
         best = max(state["history"], key=lambda h: h["avg_map"])
         total = time.perf_counter() - t_start
         summary = {
-            "final": result_summary,
+            "final": final,
             "best": {"selected_by": "avg_map over evaluated epochs (the paper reports this best-over-epochs "
                                     "test mAP; 'final' is the honest last-epoch figure)", **best},
             "chance_map": chance,
-            "run": {"dir": str(run_dir), "dataset": meta.name, "noise": noise_info, "bits": cfg.model.bits,
-                    "epochs": cfg.train.epochs, "world_size": world, "device": str(device)},
+            "run": {"dir": str(run_dir), "method": cfg.run.method, "dataset": meta.name, "noise": noise_info,
+                    "bits": cfg.model.bits, "epochs": cfg.train.epochs, "seed": cfg.train.seed, "world_size": world,
+                    "device": str(device)},
             "cscc": state["refreshes"][-1] if state["refreshes"] else None,
             "timings_s": {"total": total, "data_setup": t_data, "train": state["train_time"],
                           "refresh": t_refresh, "eval": t_eval},

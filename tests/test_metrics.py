@@ -157,3 +157,27 @@ def test_bad_inputs_raise():
         metrics.mean_average_precision(qc, dc[:, :2], ql, dl)
     with pytest.raises(ValueError, match="label rows"):
         metrics.mean_average_precision(qc, dc, ql[:2], dl)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_precision_at_k_and_topk_curve_equal_brute_force(seed):
+    qc, dc, ql, dl = random_case(seed, q=3, n=7, bits=2)
+    rel = (ql @ dl.T) > 0
+    if not rel.any():
+        pytest.skip("no query has a relevant item")
+    out = metrics.retrieval_metrics(qc, dc, ql, dl, topk=[1, 3, 5], curve_points=4)
+    dist = metrics.hamming_distances(qc, dc).numpy()
+    scored = [q for q in range(3) if rel[q].any()]
+    for k in (1, 3, 5):
+        index = np.mean([rel[q][np.argsort(dist[q], kind="stable")][:k].sum() / k for q in scored])
+        expected = np.mean([np.mean([rel[q][o][:k].sum() / k for o in tie_orders(dist[q])]) for q in scored])
+        assert out["precision_at_k"][k] == pytest.approx(index, abs=1e-12)
+        assert out["precision_at_k_tie_aware"][k] == pytest.approx(expected, abs=1e-12)
+    curve = out["pr_topk"]
+    assert curve["k"] == [1, 3, 5, 7]
+    for j, k in enumerate(curve["k"]):
+        ranked = [rel[q][np.argsort(dist[q], kind="stable")][:k] for q in scored]
+        assert curve["precision"][j] == pytest.approx(np.mean([r.sum() / k for r in ranked]), abs=1e-12)
+        assert curve["recall"][j] == pytest.approx(np.mean([r.sum() / rel[q].sum() for r, q in zip(ranked, scored)]),
+                                                   abs=1e-12)
+    assert curve["recall"][-1] == pytest.approx(1.0)  # the whole database retrieves everything

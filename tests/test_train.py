@@ -52,7 +52,7 @@ def test_short_run_learns_and_writes_every_output(short_run):
     assert all(set(r["loss"]) == {"total", "bsch", "quant", "cscc"} for r in records)
     assert "cscc_weights" not in records[1] and "auc" in records[2]["cscc_weights"]  # refresh after warm-up
     assert [r["epoch"] for r in records if "eval" in r] == [3, 6]
-    for name in ("config.yaml", "log.txt", "codes.npz", "checkpoints/last.pt", "plots/pr_radius.png",
+    for name in ("config.yaml", "log.txt", "codes.npz", "checkpoints/last.pt", "plots/pr.png",
                  "plots/map.png", "plots/cscc_weights.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
