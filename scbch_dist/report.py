@@ -1,0 +1,144 @@
+"""Collect run summaries into the paper's tables and precision-recall figure.
+
+    python -m scbch_dist.report RUNS_DIR [--out DIR] [--which best|final] [--pr-bits 64] [--pr-noise 0.8]
+
+Tables, one per dataset: rows are methods (``run.method``), columns noise rate x code length, each
+cell the average of I2T and T2I mAP x 100 (mean +- sd over seeds when there are several), as in
+Tables 1-2 of the paper; the tie-aware table follows each. ``--which best`` (the default, the
+paper's protocol) takes each run's best evaluated epoch; ``final`` its last. Writes report.md,
+report.csv (one row per method x dataset x noise x bits, both protocols and both tie policies) and
+pr_<dataset>.png (I2T and T2I, over Hamming radius and over top-k, one curve per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from scbch_dist import plots
+from scbch_dist.io import atomic_write_text
+
+
+def collect(runs_dir: Path) -> list[dict]:
+    """One record per summary.json below ``runs_dir``."""
+    records = []
+    for path in sorted(Path(runs_dir).rglob("summary.json")):
+        s = json.loads(path.read_text())
+        if not s.get("final") or "run" not in s:
+            continue
+        run = s["run"]
+        records.append({"path": str(path.parent), "method": run.get("method", "SCBCH"), "dataset": run["dataset"],
+                        "noise": float(run["noise"].get("rate", 0.0)), "bits": int(run["bits"]),
+                        "seed": run.get("seed", 0), "best": s["best"], "final": s["final"]})
+    return records
+
+
+def _group(records: list[dict]) -> dict:
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["method"], r["noise"], r["bits"])].append(r)
+    return groups
+
+
+def _cell(values: list[float]) -> str:
+    mean = 100 * float(np.mean(values))
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
+
+
+def markdown(records: list[dict], which: str) -> str:
+    groups = _group(records)
+    out = io.StringIO()
+    label = "best test mAP over evaluated epochs" if which == "best" else "final-epoch mAP"
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = [r for r in records if r["dataset"] == dataset]
+        columns = sorted({(r["noise"], r["bits"]) for r in rows})
+        methods = sorted({r["method"] for r in rows})
+        for key, title in (("avg_map", "ties by database order"), ("avg_map_tie_aware", "tie-aware")):
+            out.write(f"### {dataset}: {label}, average of I2T and T2I x 100 ({title})\n\n")
+            out.write("| method | " + " | ".join(f"{n:g} / {b} bit" for n, b in columns) + " |\n")
+            out.write("| --- |" + " ---: |" * len(columns) + "\n")
+            for method in methods:
+                cells = []
+                for noise, bits in columns:
+                    runs = groups.get((dataset, method, noise, bits), [])
+                    cells.append(_cell([r[which][key] for r in runs]) if runs else "")
+                out.write(f"| {method} | " + " | ".join(cells) + " |\n")
+            out.write("\n")
+    return out.getvalue()
+
+
+def csv_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for (dataset, method, noise, bits), runs in sorted(_group(records).items()):
+        row = {"dataset": dataset, "method": method, "noise": noise, "bits": bits, "seeds": len(runs)}
+        for which in ("best", "final"):
+            for tie, suffix in (("map", ""), ("map_tie_aware", "_tie_aware")):
+                for d in ("i2t", "t2i"):
+                    row[f"{which}_{d}{suffix}"] = float(np.mean([r[which][d][tie] for r in runs]))
+                avg = [r[which][f"avg_{tie}"] for r in runs]
+                row[f"{which}_avg{suffix}"] = float(np.mean(avg))
+                row[f"{which}_avg{suffix}_sd"] = float(np.std(avg, ddof=1)) if len(avg) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def pr_figures(records: list[dict], out: Path, which: str, bits: int, noise: float) -> list[Path]:
+    written = []
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = [r for r in records if r["dataset"] == dataset and "curves" in r[which]]
+        chosen = [r for r in rows if r["bits"] == bits and abs(r["noise"] - noise) < 1e-9]
+        if not chosen:  # fall back to the setting with the most methods
+            if not rows:
+                continue
+            counts = defaultdict(set)
+            for r in rows:
+                counts[(r["bits"], r["noise"])].add(r["method"])
+            b, n = max(counts, key=lambda k: (len(counts[k]), k))
+            chosen = [r for r in rows if r["bits"] == b and r["noise"] == n]
+        per_method = {}
+        for r in sorted(chosen, key=lambda r: r["seed"]):
+            per_method.setdefault(r["method"], r[which]["curves"])
+        path = out / f"pr_{dataset}.png"
+        plots.plot_pr(per_method, path, title=f"{dataset}: {chosen[0]['bits']} bits, noise {chosen[0]['noise']:g} "
+                                              f"({which})")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir", type=Path)
+    p.add_argument("--out", type=Path, help="output folder (default: RUNS_DIR)")
+    p.add_argument("--which", choices=["best", "final"], default="best")
+    p.add_argument("--pr-bits", type=int, default=64)
+    p.add_argument("--pr-noise", type=float, default=0.8)
+    args = p.parse_args(argv)
+    records = collect(args.runs_dir)
+    if not records:
+        raise SystemExit(f"no summary.json with results under {args.runs_dir}")
+    out = args.out or args.runs_dir
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(records, args.which)
+    atomic_write_text(out / "report.md", text)
+    rows = csv_rows(records)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    figures = pr_figures(records, out, args.which, args.pr_bits, args.pr_noise)
+    sys.stdout.write(text)
+    print(f"wrote {out / 'report.md'}, {out / 'report.csv'} and {len(figures)} PR figure(s) from "
+          f"{len(records)} runs", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

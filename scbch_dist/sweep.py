@@ -1,0 +1,197 @@
+"""Sweeps: a grid of datasets x code lengths x noise rates x seeds, as a SLURM array job or run
+locally (one run after another, or one per GPU).
+
+    python -m scbch_dist.sweep GRID.yaml --slurm sweep.sbatch   # write the array job script
+    python -m scbch_dist.sweep GRID.yaml --local [--gpus 0,1]   # run here
+    python -m scbch_dist.sweep GRID.yaml --dry-run              # print what would run
+    python -m scbch_dist.sweep GRID.yaml --task 7               # run task 7 (what each array task does)
+
+A grid file:
+
+    name: paper                     # runs go to <runs_dir>/<dataset>/<bits>bit_<noise>_seed<seed>
+    runs_dir: runs/paper
+    datasets: [flickr, nuswide]     # configs/<name>.yaml, or paths to config files
+    bits: [16, 32, 64, 128]
+    noise: [0.2, 0.5, 0.8]          # mixed-noise rates, or full specs ("file:PATH", "none")
+    seeds: [0]
+    set: [train.epochs=50]          # overrides for every run
+    slurm: {partition: gpu, time: "04:00:00", gres: "gpu:1", cpus_per_task: 8}
+
+Every run is resumable: a run whose summary.json exists is skipped, one with a checkpoint resumes.
+Task i is the i-th combination in the order datasets, bits, noise, seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path("configs")
+
+
+@dataclass
+class Grid:
+    name: str
+    datasets: list[str]
+    bits: list[int]
+    noise: list
+    seeds: list[int] = field(default_factory=lambda: [0])
+    runs_dir: str = ""
+    set: list[str] = field(default_factory=list)
+    slurm: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.runs_dir = self.runs_dir or f"runs/{self.name}"
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"grid file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        grid = Grid(**raw)
+    except TypeError as e:
+        raise SystemExit(f"{path}: {e}") from None
+    for key in ("datasets", "bits", "noise", "seeds"):
+        if not isinstance(getattr(grid, key), list) or not getattr(grid, key):
+            raise SystemExit(f"{path}: {key!r} must be a non-empty list")
+    return grid
+
+
+def noise_spec(value) -> str:
+    return f"mixed:{value}" if isinstance(value, (int, float)) else str(value)
+
+
+def _noise_tag(value) -> str:
+    spec = noise_spec(value)
+    return spec.replace("mixed:", "noise").replace("file:", "file-").replace("/", "_")
+
+
+@dataclass
+class Run:
+    task: int
+    dataset: str
+    bits: int
+    noise: str
+    seed: int
+    run_dir: Path
+
+    def argv(self, grid: Grid) -> list[str]:
+        """Arguments of ``python -m scbch_dist.train`` for this run (fresh or resumed)."""
+        if (self.run_dir / "checkpoints" / "last.pt").is_file():
+            return ["--resume", str(self.run_dir)]
+        sets = [f"model.bits={self.bits}", f"data.noise={self.noise}", f"train.seed={self.seed}",
+                f"run.dir={self.run_dir}", "run.progress=false", *grid.set]
+        return ["--config", str(config_path(self.dataset)), *[a for s in sets for a in ("--set", s)]]
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+
+def config_path(dataset: str) -> Path:
+    """``flickr`` -> configs/flickr.yaml; a path to a .yaml file is taken as it is."""
+    return Path(dataset) if dataset.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{dataset}.yaml"
+
+
+def expand(grid: Grid) -> list[Run]:
+    runs = []
+    for i, (dataset, bits, noise, seed) in enumerate(itertools.product(grid.datasets, grid.bits, grid.noise, grid.seeds)):
+        run_dir = Path(grid.runs_dir) / Path(dataset).stem / f"{bits}bit_{_noise_tag(noise)}_seed{seed}"
+        runs.append(Run(i, dataset, int(bits), noise_spec(noise), int(seed), run_dir))
+    return runs
+
+
+def command(run: Run, grid: Grid, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "scbch_dist.train", *run.argv(grid)]
+
+
+def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
+    """An array job with one task per run; each task runs ``--task $SLURM_ARRAY_TASK_ID``."""
+    opts = {"job-name": f"scbch-{grid.name}", "array": f"0-{len(runs) - 1}",
+            "output": f"{grid.runs_dir}/slurm/%A_%a.out", "requeue": None}
+    for key, value in grid.slurm.items():
+        opts[key.replace("_", "-")] = value
+    lines = ["#!/usr/bin/env bash", f"# {len(runs)} runs of grid {grid.name!r}, written by python -m scbch_dist.sweep"]
+    lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}" for k, v in opts.items()]
+    lines += ["set -euo pipefail", "# each task is one run; a requeued task resumes from its checkpoint",
+              f"exec python -m scbch_dist.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
+    return "\n".join(lines) + "\n"
+
+
+def run_local(runs: list[Run], grid: Grid, gpus: list[str]) -> int:
+    """Run every pending run: one after another, or one per listed GPU at a time."""
+    pending = [r for r in runs if not r.done]
+    print(f"{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to go", file=sys.stderr)
+    slots = gpus or [None]
+    active: dict = {}
+    failed = 0
+    while pending or active:
+        for slot in slots:
+            if slot not in active and pending:
+                run = pending.pop(0)
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
+                print(f"[task {run.task}] {shlex.join(command(run, grid))}", file=sys.stderr)
+                active[slot] = (run, subprocess.Popen(command(run, grid), env=env))
+        for slot, (run, proc) in list(active.items()):
+            if proc.poll() is not None:
+                del active[slot]
+                if proc.returncode:
+                    failed += 1
+                    print(f"[task {run.task}] failed with exit code {proc.returncode}", file=sys.stderr)
+        time.sleep(0.2)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--slurm", metavar="OUT", help="write the SLURM array job script to OUT")
+    mode.add_argument("--local", action="store_true", help="run the grid on this machine")
+    mode.add_argument("--task", type=int, help="run one task (an array task's job)")
+    mode.add_argument("--dry-run", action="store_true", help="print every run's command and the array script")
+    p.add_argument("--gpus", default="", help="with --local: comma-separated GPU ids, one run per GPU at a time")
+    args = p.parse_args(argv)
+    grid = load_grid(args.grid)
+    runs = expand(grid)
+    missing = sorted({str(config_path(r.dataset)) for r in runs if not config_path(r.dataset).is_file()})
+    if missing:
+        raise SystemExit(f"{args.grid}: config file(s) not found: {', '.join(missing)} (run from the repository root)")
+    if args.dry_run:
+        for run in runs:
+            state = "done" if run.done else "resume" if "--resume" in run.argv(grid) else "new"
+            print(f"[task {run.task}] ({state}) {shlex.join(command(run, grid, 'python'))}")
+        print(f"\n# --slurm would write:\n{slurm_script(grid, args.grid, runs)}")
+    elif args.slurm:
+        Path(grid.runs_dir, "slurm").mkdir(parents=True, exist_ok=True)  # SLURM opens --output before the job
+        Path(args.slurm).write_text(slurm_script(grid, args.grid, runs))
+        print(f"wrote {args.slurm}: {len(runs)} array tasks; submit with: sbatch {args.slurm}", file=sys.stderr)
+    elif args.task is not None:
+        if not 0 <= args.task < len(runs):
+            raise SystemExit(f"task {args.task} out of range 0..{len(runs) - 1}")
+        run = runs[args.task]
+        if run.done:
+            print(f"[task {run.task}] done already: {run.run_dir}/summary.json", file=sys.stderr)
+            return
+        from scbch_dist.train import main as train_main
+
+        train_main(run.argv(grid))
+    else:
+        gpus = [g for g in args.gpus.split(",") if g]
+        raise SystemExit(1 if run_local(runs, grid, gpus) else 0)
+
+
+if __name__ == "__main__":
+    main()

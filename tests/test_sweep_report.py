@@ -1,0 +1,116 @@
+"""Sweeps (grid expansion, SLURM array script, local runs with skip/resume) and the paper report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scbch_dist import report, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_grid(path: Path, **fields) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def test_grid_expands_in_order_with_one_folder_per_run(tmp_path):
+    grid = sweep.load_grid(write_grid(tmp_path / "g.yaml", name="g", runs_dir=str(tmp_path / "runs"),
+                                      datasets=["flickr", "coco"], bits=[16, 64], noise=[0.2, "file:/x/n.h5"],
+                                      seeds=[0, 1], set=["train.epochs=3"]))
+    runs = sweep.expand(grid)
+    assert len(runs) == 16 and [r.task for r in runs] == list(range(16))
+    assert (runs[0].dataset, runs[0].bits, runs[0].noise, runs[0].seed) == ("flickr", 16, "mixed:0.2", 0)
+    assert (runs[3].noise, runs[3].seed) == ("file:/x/n.h5", 1)
+    assert runs[15].dataset == "coco" and runs[15].bits == 64
+    assert len({r.run_dir for r in runs}) == 16
+    argv = runs[5].argv(grid)
+    assert argv[:2] == ["--config", "configs/flickr.yaml"]
+    assert ["--set", "model.bits=64"] == argv[argv.index("model.bits=64") - 1: argv.index("model.bits=64") + 1]
+    assert "train.epochs=3" in argv and f"run.dir={runs[5].run_dir}" in argv
+    # a run with a checkpoint resumes instead of starting over
+    (runs[5].run_dir / "checkpoints").mkdir(parents=True)
+    (runs[5].run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    assert runs[5].argv(grid) == ["--resume", str(runs[5].run_dir)]
+
+
+def test_slurm_array_script_and_dry_run(tmp_path):
+    out = tmp_path / "paper.sbatch"
+    grid_path = REPO / "launch" / "grids" / "paper.yaml"
+    proc = subprocess.run([sys.executable, "-m", "scbch_dist.sweep", str(grid_path), "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("[task")]
+    assert len(lines) == 48 and "--config configs/iapr.yaml --set model.bits=128 --set data.noise=mixed:0.8" in lines[-1]
+    assert "#SBATCH --array=0-47" in proc.stdout
+    grid = sweep.load_grid(grid_path)
+    grid.runs_dir = str(tmp_path / "runs")
+    text = sweep.slurm_script(grid, grid_path, sweep.expand(grid))
+    out.write_text(text)
+    assert subprocess.run(["bash", "-n", str(out)]).returncode == 0  # valid shell
+    assert "#SBATCH --gres=gpu:1" in text and "--task \"$SLURM_ARRAY_TASK_ID\"" in text
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_skips_done_and_reports(tiny_dataset, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"data:\n  root: {tiny_dataset}\nmodel:\n  hidden: 32\ntrain:\n  epochs: 2\n  batch_size: 64\n"
+                      "eval:\n  every: 1\ncscc:\n  warmup_epochs: 1\n  k: 5\nrun:\n  tensorboard: false\n")
+    grid_path = write_grid(tmp_path / "g.yaml", name="tiny", runs_dir=str(tmp_path / "runs"), datasets=[str(config)],
+                           bits=[8, 16], noise=[0.5], seeds=[0])
+    cmd = [sys.executable, "-m", "scbch_dist.sweep", str(grid_path), "--local"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summaries = sorted((tmp_path / "runs").rglob("summary.json"))
+    assert len(summaries) == 2
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "2 of 2 runs already done; 0 to go" in again.stderr
+    report.main([str(tmp_path / "runs")])
+    text = (tmp_path / "runs" / "report.md").read_text()
+    assert "| SCBCH |" in text and "0.5 / 8 bit" in text and "0.5 / 16 bit" in text
+    assert (tmp_path / "runs" / "pr_synthetic.png").is_file()
+
+
+def fake_summary(root: Path, method, dataset, noise, bits, seed, best, final):
+    def result(avg):
+        d = {"map": avg, "map_tie_aware": avg - 0.01}
+        curve = {"pr_radius": {"radius": [0, 1], "precision": [1.0, 0.5], "recall": [0.1, 1.0]},
+                 "pr_topk": {"k": [1, 10], "precision": [1.0, 0.5], "recall": [0.1, 1.0]}}
+        return {"i2t": d, "t2i": d, "avg_map": avg, "avg_map_tie_aware": avg - 0.01, "curves": {"i2t": curve, "t2i": curve}}
+    folder = root / f"{method}-{dataset}-{noise}-{bits}-{seed}"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "run": {"method": method, "dataset": dataset, "noise": {"rate": noise}, "bits": bits, "seed": seed},
+        "best": result(best), "final": result(final)}))
+
+
+def test_report_tables_in_the_paper_layout(tmp_path):
+    for seed, delta in ((0, 0.0), (1, 0.02)):
+        fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.5, 64, seed, 0.786 + delta, 0.78 + delta)
+        fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.8, 64, seed, 0.774 + delta, 0.77)
+    fake_summary(tmp_path, "RSHNL", "mirflickr25k", 0.5, 64, 0, 0.742, 0.74)
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    header = "| method | 0.5 / 64 bit | 0.8 / 64 bit |"
+    assert header in text
+    # mean and sample sd over two seeds, x 100
+    sd = 100 * np.std([0.786, 0.806], ddof=1)
+    assert f"| SCBCH | 79.6 ± {sd:.1f} | 78.4 ± {sd:.1f} |" in text
+    assert "| RSHNL | 74.2 |  |" in text
+    assert "tie-aware" in text and f"| SCBCH | 78.6 ± {sd:.1f} |" in text  # tie-aware = avg - 0.01 here
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    scbch = next(r for r in rows if r["method"] == "SCBCH" and r["noise"] == "0.5")
+    assert float(scbch["best_avg"]) == pytest.approx(0.796) and float(scbch["final_avg"]) == pytest.approx(0.79)
+    assert scbch["seeds"] == "2"
+    assert (tmp_path / "pr_mirflickr25k.png").is_file()
+    final = report.markdown(report.collect(tmp_path), "final")
+    assert "final-epoch mAP" in final and "| RSHNL | 74.0 |" in final
