@@ -65,6 +65,7 @@ class CSCCConfig:
     k: int = 20  # neighbours per sample
     gamma: float = 0.5  # base weight
     warmup_epochs: int = 5  # epochs trained with all weights 1
+    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu (scbch_dist.bank)
 
 
 @dataclass

@@ -21,55 +21,77 @@ from scbch_dist.models import binary_codes
 
 
 @torch.no_grad()
-def encode_split(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, *, batch_size: int,
-                 device: torch.device, workers: int = 0, autocast=None) -> dict[str, torch.Tensor]:
-    """Continuous codes of every sample of ``split``, ordered by id, on ``device``.
+def encode_part(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, *, batch_size: int,
+                device: torch.device, workers: int = 0, autocast=None) -> dict[str, torch.Tensor]:
+    """This rank's part of an exactly-once pass over ``split``: ids and continuous codes.
 
-    Returns ``{"h_img": (n, L) float32, "h_txt": (n, L) float32, "lab": (n, C) uint8}``, the same
-    complete tables on every rank.
+    Returns ``{"id": (n,), "h_img": (n, L) float32, "h_txt": (n, L) float32, "lab": (n, C) uint8}``.
     """
     was_training = model.training
     model.eval()
     net = model.module if hasattr(model, "module") else model
-    ids, h_img, h_txt, labs = [], [], [], []
+    bits = net.img_classifier.shape[0]
+    parts: dict[str, list] = {"id": [], "h_img": [], "h_txt": [], "lab": []}
     for batch in pass_batches(root, meta, split, batch_size=batch_size, rank=dist.rank(),
                               world=dist.world_size(), workers=workers):
         b = to_torch(batch, device)
         with (autocast or contextlib.nullcontext)():
-            ids.append(b["id"])
-            h_img.append(net.encode("img", b["img"]).float())
-            h_txt.append(net.encode("txt", b["txt"]).float())
-            labs.append(b["lab"])
+            parts["h_img"].append(net.encode("img", b["img"]).float())
+            parts["h_txt"].append(net.encode("txt", b["txt"]).float())
+        parts["id"].append(b["id"])
+        parts["lab"].append(b["lab"])
     model.train(was_training)
-    bits = net.img_classifier.shape[0]
-    parts = {
-        "id": torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64, device=device),
-        "h_img": torch.cat(h_img) if h_img else torch.zeros(0, bits, device=device),
-        "h_txt": torch.cat(h_txt) if h_txt else torch.zeros(0, bits, device=device),
-        "lab": torch.cat(labs) if labs else torch.zeros(0, meta.num_classes, dtype=torch.uint8, device=device),
-    }
-    counts = dist.all_counts(parts["id"].shape[0], device)
-    gathered = {k: dist.gather_rows(v, counts=counts)[0] for k, v in parts.items()}
-    n = meta.splits[split].count
-    order = torch.full((n,), -1, dtype=torch.int64, device=device)
-    order[gathered["id"]] = torch.arange(gathered["id"].shape[0], device=device)
-    if (order < 0).any():
-        raise RuntimeError(f"split {split!r}: the encoding pass missed id {int((order < 0).nonzero()[0])}")
-    return {k: gathered[k][order] for k in ("h_img", "h_txt", "lab")}
+    empty = {"id": torch.zeros(0, dtype=torch.int64, device=device), "h_img": torch.zeros(0, bits, device=device),
+             "h_txt": torch.zeros(0, bits, device=device),
+             "lab": torch.zeros(0, meta.num_classes, dtype=torch.uint8, device=device)}
+    return {k: torch.cat(v) if v else empty[k] for k, v in parts.items()}
+
+
+def gather_by_id(part: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Every rank's rows, ordered by ``part["id"]`` (0..count-1, each exactly once), on every rank."""
+    counts = dist.all_counts(part["id"].shape[0], part["id"].device)
+    gathered = {k: dist.gather_rows(v, counts=counts)[0] for k, v in part.items()}
+    order = torch.full((count,), -1, dtype=torch.int64, device=part["id"].device)
+    order[gathered["id"]] = torch.arange(gathered["id"].shape[0], device=order.device)
+    if gathered["id"].shape[0] != count or (order < 0).any():
+        raise RuntimeError(f"a pass returned {gathered['id'].shape[0]} rows for {count} ids")
+    return {k: v[order] for k, v in gathered.items() if k != "id"}
+
+
+def encode_split(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, **kw) -> dict[str, torch.Tensor]:
+    """Continuous codes of every sample of ``split``, ordered by id, the same on every rank."""
+    return gather_by_id(encode_part(model, root, meta, split, **kw), meta.splits[split].count)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(n, L) bool -> (n, ceil(L/8)) uint8, most significant bit first (np.packbits' order)."""
+    n, length = bits.shape
+    padded = torch.zeros(n, -(-length // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:, :length] = bits
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (padded.view(n, padded.shape[1] // 8, 8) * weights).sum(2, dtype=torch.uint8)
 
 
 def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
              topk: list[int] = (), workers: int = 0, autocast=None) -> tuple[dict, dict]:
     """I2T (image queries against the text database) and T2I, relevance by clean labels.
 
-    Returns ``(result, codes)``: result has ``i2t`` and ``t2i`` (each as metrics.retrieval_metrics
-    returns), ``avg_map`` and ``avg_map_tie_aware``; codes holds the bool codes and labels.
+    Each rank encodes its part of query and database; the codes travel as packed bits (L/8 bytes
+    a code) and the metrics are computed once, on the main process. Returns ``(result, codes)``:
+    result has ``i2t`` and ``t2i`` (as metrics.retrieval_metrics returns), ``avg_map`` and
+    ``avg_map_tie_aware`` (empty on other ranks); codes holds bool codes and labels by id.
     """
-    enc = {s: encode_split(model, root, meta, s, batch_size=batch_size, device=device, workers=workers,
-                           autocast=autocast) for s in ("query", "database")}
-    codes = {f"{s}_{m}": binary_codes(enc[s][f"h_{m}"]).cpu().numpy() for s in enc for m in ("img", "txt")}
-    codes["query_lab"] = enc["query"]["lab"].cpu().numpy()
-    codes["database_lab"] = enc["database"]["lab"].cpu().numpy()
+    codes: dict[str, np.ndarray] = {}
+    for split in ("query", "database"):
+        part = encode_part(model, root, meta, split, batch_size=batch_size, device=device, workers=workers,
+                           autocast=autocast)
+        bits = part["h_img"].shape[1]
+        packed = {"id": part["id"], "lab": part["lab"],
+                  "img": pack_bits(binary_codes(part["h_img"])), "txt": pack_bits(binary_codes(part["h_txt"]))}
+        whole = gather_by_id(packed, meta.splits[split].count)
+        for m in ("img", "txt"):
+            codes[f"{split}_{m}"] = np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool)
+        codes[f"{split}_lab"] = whole["lab"].cpu().numpy()
     result: dict = {}
     if dist.is_main():
         result["i2t"] = metrics.retrieval_metrics(codes["query_img"], codes["database_txt"], codes["query_lab"],

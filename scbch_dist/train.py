@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from scbch_dist import dist, plots
@@ -25,9 +26,10 @@ from scbch_dist.data.format import read_meta
 from scbch_dist.data.noise import clean_training_labels, corrupted_rows, training_labels
 from scbch_dist.data.pipeline import TrainStream, to_torch
 from scbch_dist.data.synthetic import ensure_synthetic
-from scbch_dist.evaluate import curves, encode_split, evaluate, save_codes, summarize
+from scbch_dist.bank import knn
+from scbch_dist.evaluate import curves, encode_part, evaluate, gather_by_id, save_codes, summarize
 from scbch_dist.io import atomic_write_json
-from scbch_dist.losses import cscc_weights, scbch_loss
+from scbch_dist.losses import scbch_loss, weights_from_neighbors
 from scbch_dist.metrics import chance_map, roc_auc
 from scbch_dist.models import SCBCHModel
 from scbch_dist.runlog import MetricsLog, json_safe, setup_logging, tensorboard_available
@@ -72,10 +74,48 @@ def prepare_dataset(cfg: Config, log) -> tuple[Path, object]:
 
 @torch.no_grad()
 def refresh_weights(model, root: Path, meta, cfg: Config, labels: torch.Tensor, device, autocast) -> torch.Tensor:
-    """CSCC weights of every training id from a full encoding pass (model in eval mode)."""
-    enc = encode_split(model, root, meta, "train", batch_size=cfg.eval.batch_size, device=device,
+    """CSCC weights of every training id (DESIGN.md, "Distributed semantics").
+
+    Each rank encodes its part of the training set (model in eval mode); the unit-normalised
+    [u, v] rows are gathered by id into one bank on every rank; each rank searches the k nearest
+    neighbours of its own ids and computes their weights; the weights are gathered into one table
+    by id. With one process this is exactly losses.cscc_weights.
+    """
+    part = encode_part(model, root, meta, "train", batch_size=cfg.eval.batch_size, device=device,
                        workers=cfg.data.workers, autocast=autocast)
-    return cscc_weights(enc["h_img"], enc["h_txt"], labels, k=cfg.cscc.k, gamma=cfg.cscc.gamma)
+    z = torch.cat([F.normalize(part["h_img"], dim=1), F.normalize(part["h_txt"], dim=1)], dim=1)
+    n = meta.splits["train"].count
+    bank = gather_by_id({"id": part["id"], "z": z}, n)["z"]
+    sims, index = knn(z, bank, cfg.cscc.k, self_index=part["id"], backend=cfg.cscc.knn)
+    w = weights_from_neighbors(sims / 2, index, labels, own_index=part["id"], gamma=cfg.cscc.gamma)
+    return gather_by_id({"id": part["id"], "w": w}, n)["w"]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator, batch: dict[str, torch.Tensor],
+               labels: torch.Tensor, weights: torch.Tensor | None, cfg: Config) -> dict[str, torch.Tensor]:
+    """One optimisation step on this rank's rows of the global batch; returns the loss terms
+    (this rank's shares)."""
+    with accelerator.autocast():
+        out = model(batch["img"], batch["txt"])
+    terms = scbch_loss(out, labels, weights, margin=cfg.loss.margin, shift=cfg.loss.shift,
+                       bsch_weight=cfg.loss.bsch_weight, quant_weight=cfg.loss.quant_weight,
+                       cscc_weight=cfg.loss.cscc_weight)
+    optimizer.zero_grad(set_to_none=True)
+    # DDP averages gradients over ranks, while each rank's loss is its *share* of the global
+    # loss: scaling by the world size makes the average the gradient of the global loss.
+    accelerator.backward(terms["total"] * accelerator.num_processes)
+    optimizer.step()
+    return terms
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay, as the paper. The fused kernel computes the same update in one
+    pass over the parameters: 0.94 s -> 0.10 s per step at paper width on 2 CPU cores."""
+    kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    try:
+        return torch.optim.Adam(model.parameters(), fused=device.type in ("cpu", "cuda"), **kwargs)
+    except (RuntimeError, TypeError):  # a torch or device without the fused kernel
+        return torch.optim.Adam(model.parameters(), **kwargs)
 
 
 def weight_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) -> dict:
@@ -93,8 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_config(args)
     run_dir = Path(cfg.run.dir)
     use_tb = cfg.run.tensorboard and tensorboard_available()
-    accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir))
+    # Without cpu=True, Accelerate under torchrun on a machine without CUDA starts the process
+    # group yet reports one process per rank; every rank would then act as the main one.
+    accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),
+                              cpu=not torch.cuda.is_available())
     device, world, main_proc = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    if dist.world_size() != world:
+        raise SystemExit(f"Accelerate sees {world} process(es) but torch.distributed {dist.world_size()}; "
+                         "launch with accelerate launch or torchrun and a matching config")
     log = setup_logging(run_dir, main_proc)
     t_start = time.perf_counter()
 
@@ -131,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- model
     model = SCBCHModel(meta.dim("img"), meta.dim("txt"), cfg.model.bits, cfg.model.hidden, meta.num_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(model, cfg, device)
     state = {"epoch": 0, "history": [], "weights": None, "refreshes": [], "train_time": 0.0, "samples": 0}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, state)
@@ -171,17 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
                    disable=not (main_proc and cfg.run.progress), dynamic_ncols=True)
         for batch in stream.epoch(epoch):
             b = to_torch(batch, device)
-            y = train_labels[b["id"]]
-            with accelerator.autocast():
-                out = model(b["img"], b["txt"])
-            terms = scbch_loss(out, y, weights[b["id"]] if weights is not None else None, margin=cfg.loss.margin,
-                               shift=cfg.loss.shift, bsch_weight=cfg.loss.bsch_weight,
-                               quant_weight=cfg.loss.quant_weight, cscc_weight=cfg.loss.cscc_weight)
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks; each rank's loss is its share of the global
-            # loss, so the sum (world x the average) is the global gradient.
-            accelerator.backward(terms["total"] * world)
-            optimizer.step()
+            terms = train_step(model, optimizer, accelerator, b, train_labels[b["id"]],
+                               weights[b["id"]] if weights is not None else None, cfg)
             sums += torch.stack([terms[k].detach().double() for k in ("total", "bsch", "quant", "cscc")])
             samples += len(batch["id"])
             bar.update(1)

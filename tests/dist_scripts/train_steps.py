@@ -1,0 +1,37 @@
+"""Several training steps through the real train_step, on fixed global batches.
+
+    torchrun --standalone --nproc_per_node 2 train_steps.py OUT   # 2 processes x 8 rows
+    python train_steps.py OUT                                     # 1 process x 16 rows
+
+Rank 0 saves the final parameters to OUT/params.pt."""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import feature_batch  # noqa: E402
+
+from scbch_dist.config import load_config  # noqa: E402
+from scbch_dist.models import SCBCHModel  # noqa: E402
+from scbch_dist.train import make_optimizer, train_step  # noqa: E402
+
+accelerator = Accelerator(cpu=True)
+cfg = load_config(None, ["model.bits=8", "model.hidden=16", "train.lr=1e-2", "loss.margin=0.2", "loss.shift=1.0"])
+torch.manual_seed(0)
+model = SCBCHModel(12, 10, cfg.model.bits, cfg.model.hidden, 5).double()
+optimizer = make_optimizer(model, cfg, accelerator.device)
+model, optimizer = accelerator.prepare(model, optimizer)
+world, rank = accelerator.num_processes, accelerator.process_index
+for step in range(5):
+    batch = feature_batch(step)
+    rows = slice(rank * 16 // world, (rank + 1) * 16 // world)
+    local = {k: v[rows] for k, v in batch.items()}
+    weights = local["w"] if step >= 2 else None  # warm-up, then CSCC weights
+    train_step(model, optimizer, accelerator, local, local["lab"], weights, cfg)
+if accelerator.is_main_process:
+    torch.save(accelerator.unwrap_model(model).state_dict(), Path(sys.argv[1]) / "params.pt")
+accelerator.wait_for_everyone()
+accelerator.end_training()

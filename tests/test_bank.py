@@ -1,0 +1,45 @@
+"""Neighbour search backends agree with the exact torch reference, self entry included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scbch_dist.bank import _put_self_back, faiss_available, knn, knn_exact, resolve_backend
+
+BACKENDS = ["torch"] + (["faiss-cpu"] if faiss_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_match_the_exact_reference(backend):
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    own = torch.arange(100, 200)
+    ref_s, ref_i = knn_exact(z[own], z, 7, self_index=own)
+    s, i = knn(z[own], z, 7, self_index=own, backend=backend)
+    assert torch.equal(i, ref_i) and torch.allclose(s, ref_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_entry_counts_as_zero_among_negative_neighbours(backend):
+    # row 0's neighbours all have negative similarity: its own entry (0) must rank first
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [-0.9, -0.5], [-0.2, -1.0], [-0.1, 1.0]])
+    s, i = knn(z[:1], z, 3, self_index=torch.tensor([0]), backend=backend)
+    ref_s, ref_i = knn_exact(z[:1], z, 3, self_index=torch.tensor([0]))
+    assert int(i[0, 0]) == 0 and float(s[0, 0]) == 0.0
+    assert torch.equal(i, ref_i) and torch.allclose(s, ref_s)
+
+
+def test_put_self_back_cases():
+    sims = torch.tensor([[0.9, 0.5, 0.2], [0.8, 0.1, -0.3]])
+    index = torch.tensor([[3, 0, 5], [4, 6, 7]])  # row 0 found itself (id 0); row 1 did not (id 1)
+    s, i = _put_self_back(sims, index, torch.tensor([0, 1]), 2)
+    assert i.tolist() == [[3, 5], [4, 6]] and s.flatten().tolist() == pytest.approx([0.9, 0.2, 0.8, 0.1])
+    s, i = _put_self_back(sims, index, torch.tensor([0, 1]), 3)
+    assert i.tolist() == [[3, 5, 0], [4, 6, 1]] and s[1, 2] == 0.0
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="cscc.knn"):
+        resolve_backend("annoy", torch.device("cpu"))
