@@ -1,0 +1,96 @@
+"""Launch a training run from inside a SLURM allocation, on one or many nodes.
+
+    srun --ntasks-per-node=1 python -m scbch_dist.slurm --gpus-per-node 8 -- --config configs/X.yaml
+    python -m scbch_dist.slurm --dry-run --gpus-per-node 8 -- --config configs/X.yaml
+
+Each node runs one ``accelerate launch`` that starts one process per GPU. The machine rank, the
+number of machines and the main address come from SLURM (SLURM_NODEID, SLURM_NNODES, the first
+host of SLURM_JOB_NODELIST); the rendezvous port is derived from SLURM_JOB_ID, so array tasks that
+share a node never collide on a fixed port. The run folder defaults to runs/<job>_<array task>, and
+a run that already has a checkpoint there is resumed (requeue-safe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def rendezvous_port(job_id: str | int) -> int:
+    """A port in [20000, 60000) that is a function of the job id (each array task has its own)."""
+    return 20000 + int(job_id) % 40000
+
+
+def run_dir_for(env: dict) -> str:
+    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID", "local")
+    return f"runs/{job}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+
+
+def accelerate_command(env: dict, gpus_per_node: int, train_args: list[str], *, accelerate_config: str,
+                       run_dir: str | None = None, python: str = "python") -> list[str]:
+    """The command this node runs: accelerate launch ... -m scbch_dist.train ARGS."""
+    nodes = int(env.get("SLURM_NNODES", 1))
+    node = int(env.get("SLURM_NODEID", 0))
+    job = env.get("SLURM_JOB_ID", "0")
+    head = first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+    run_dir = run_dir or run_dir_for(env)
+    if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+        args = ["--resume", run_dir, *[a for a in train_args if a != "--resume"]]
+        args = _drop_config(args)
+    else:
+        args = [*train_args, "--set", f"run.dir={run_dir}", "--set", "run.progress=false"]
+    return [python, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+            "--num_machines", str(nodes), "--machine_rank", str(node), "--num_processes", str(nodes * gpus_per_node),
+            "--main_process_ip", head, "--main_process_port", str(rendezvous_port(job)),
+            "-m", "scbch_dist.train", *args]
+
+
+def _drop_config(args: list[str]) -> list[str]:
+    """A resumed run takes its own config.yaml; --config does not apply."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--config":
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.slurm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("SLURM_GPUS_ON_NODE", 1)))
+    p.add_argument("--accelerate-config", default="accelerate_config.yaml")
+    p.add_argument("--run-dir", help="default: runs/<job id>_<array task id>")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved command instead of running it")
+    args = p.parse_args(own)
+    cmd = accelerate_command(dict(os.environ), args.gpus_per_node, train_args,
+                             accelerate_config=args.accelerate_config, run_dir=args.run_dir, python=sys.executable)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

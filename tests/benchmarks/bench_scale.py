@@ -1,0 +1,129 @@
+"""Scale-out benchmarks. Prints tables; asserts nothing.
+
+    python tests/benchmarks/bench_scale.py refresh [--sizes 10000 100000 1000000] [--bits 64 128]
+    python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
+    python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
+
+refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N rows of [u, v]
+  (2L dims), per backend. Brute force costs N^2; for banks where that takes minutes, a slice of
+  the queries is timed and scaled to N (exact for brute force, which is linear in the queries).
+eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries against databases
+  of N codes, both directions.
+steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
+  global batch, through the real train_step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scbch_dist import metrics
+from scbch_dist.bank import faiss_available, knn
+
+
+def bench_refresh(sizes, bits_list, budget_pairs=2e9):
+    backends = ["torch"] + (["faiss-cpu"] if faiss_available() else []) + \
+        (["faiss-gpu"] if faiss_available(gpu=True) else [])
+    print(f"| {'bank rows':>10} | {'bits':>4} | {'backend':<9} | {'queries timed':>13} | {'refresh search (s)':>18} |")
+    print(f"|{'-' * 12}|{'-' * 6}|{'-' * 11}|{'-' * 15}|{'-' * 20}|")
+    for n in sizes:
+        for bits in bits_list:
+            g = torch.Generator().manual_seed(0)
+            bank = F.normalize(torch.randn(n, 2 * bits, generator=g), dim=1)
+            q = min(n, max(1000, int(budget_pairs // n)))
+            for backend in backends:
+                dev = torch.device("cuda" if backend == "faiss-gpu" else "cpu")
+                b = bank.to(dev)
+                t = time.perf_counter()
+                knn(b[:q], b, 20, self_index=torch.arange(q, device=dev), backend=backend)
+                seconds = (time.perf_counter() - t) * n / q
+                print(f"| {n:>10} | {bits:>4} | {backend:<9} | {q:>13} | {seconds:>18.2f} |")
+
+
+def bench_eval(sizes, bits=64, queries=2000, classes=24):
+    print(f"| {'database codes':>14} | {'queries':>7} | {'all metrics, both directions (s)':>32} |")
+    print(f"|{'-' * 16}|{'-' * 9}|{'-' * 34}|")
+    rng = np.random.default_rng(0)
+    ql = rng.random((queries, classes)) < 0.15
+    qc = rng.integers(0, 2, (queries, bits), dtype=np.uint8)
+    for n in sizes:
+        dl = rng.random((n, classes)) < 0.15
+        dc = rng.integers(0, 2, (n, bits), dtype=np.uint8)
+        t = time.perf_counter()
+        for _ in range(2):  # I2T and T2I
+            metrics.retrieval_metrics(qc, dc, ql, dl, topk=[1000])
+        print(f"| {n:>14} | {queries:>7} | {time.perf_counter() - t:>32.2f} |")
+
+
+STEP_WORKER = r"""
+import sys, time, torch
+from accelerate import Accelerator
+from scbch_dist.config import load_config
+from scbch_dist.models import SCBCHModel
+from scbch_dist.train import make_optimizer, train_step
+hidden, batch, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+acc = Accelerator(cpu=True)
+cfg = load_config(None, [f"model.hidden={hidden}"])
+torch.manual_seed(0)
+model = SCBCHModel(4096, 1386, 64, hidden, 24)
+opt = make_optimizer(model, cfg, acc.device)
+model, opt = acc.prepare(model, opt)
+local = batch // acc.num_processes
+g = torch.Generator().manual_seed(acc.process_index)
+data = {"img": torch.randn(local, 4096, generator=g), "txt": (torch.rand(local, 1386, generator=g) < 0.01).float()}
+lab = (torch.rand(local, 24, generator=g) < 0.2).to(torch.uint8)
+for i in range(steps + 3):
+    if i == 3:
+        acc.wait_for_everyone(); t = time.perf_counter()
+    train_step(model, opt, acc, data, lab, None, cfg)
+acc.wait_for_everyone()
+if acc.is_main_process:
+    print("STEPS_PER_S", steps / (time.perf_counter() - t))
+"""
+
+
+def bench_steps(hidden, batch, steps):
+    def run(cmd, threads):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        return float(next(line.split()[1] for line in out.splitlines() if line.startswith("STEPS_PER_S")))
+    args = [str(hidden), str(batch), str(steps)]
+    one = run([sys.executable, "-c", STEP_WORKER, *args], 2)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    with open("/tmp/_scbch_step_worker.py", "w") as f:
+        f.write(STEP_WORKER)
+    two = run([torchrun, "--standalone", "--nproc_per_node", "2", "/tmp/_scbch_step_worker.py", *args], 1)
+    print(f"global batch {batch}, width {hidden}, 4096-d image + 1386-d text features, 64 bits")
+    print(f"| {'processes':>9} | {'threads each':>12} | {'steps/s':>8} | {'samples/s':>9} |")
+    print(f"|{'-' * 11}|{'-' * 14}|{'-' * 10}|{'-' * 11}|")
+    for procs, threads, rate in ((1, 2, one), (2, 1, two)):
+        print(f"| {procs:>9} | {threads:>12} | {rate:>8.2f} | {rate * batch:>9.0f} |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["refresh", "eval", "steps"])
+    p.add_argument("--sizes", type=int, nargs="+")
+    p.add_argument("--bits", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    a = p.parse_args()
+    if a.what == "refresh":
+        bench_refresh(a.sizes or [10000, 100000, 1000000], a.bits)
+    elif a.what == "eval":
+        bench_eval(a.sizes or [18015, 100000, 1000000])
+    else:
+        bench_steps(a.hidden, a.batch, a.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Launchers: the SLURM command resolution (dry runs) and the 2-CPU-process accelerate config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scbch_dist.slurm import accelerate_command, first_host, rendezvous_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_first_host_of_node_lists():
+    assert first_host("gpu[03-05,07],cpu1") == "gpu03"
+    assert first_host("node17") == "node17"
+    assert first_host("a,b,c") == "a"
+
+
+def test_multi_node_command_from_the_slurm_environment(tmp_path):
+    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[10-13]"}
+    cmd = accelerate_command(env, 8, ["--config", "configs/coco.yaml"], accelerate_config="accelerate_config.yaml",
+                             run_dir=str(tmp_path / "r"))
+    text = " ".join(cmd)
+    assert "--num_machines 4 --machine_rank 2 --num_processes 32" in text
+    assert f"--main_process_ip gpu10 --main_process_port {20000 + 123456 % 40000}" in text
+    assert text.endswith(f"-m scbch_dist.train --config configs/coco.yaml --set run.dir={tmp_path / 'r'} "
+                         "--set run.progress=false")
+    # after a requeue the same command resumes the run
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "last.pt").write_bytes(b"")
+    cmd = accelerate_command(env, 8, ["--config", "configs/coco.yaml", "--set", "train.epochs=60"],
+                             accelerate_config="accelerate_config.yaml", run_dir=str(tmp_path / "r"))
+    assert cmd[cmd.index("scbch_dist.train") + 1:] == ["--resume", str(tmp_path / "r"), "--set", "train.epochs=60"]
+
+
+def test_array_tasks_get_their_own_port_and_folder():
+    a = {"SLURM_JOB_ID": "1001", "SLURM_ARRAY_JOB_ID": "1000", "SLURM_ARRAY_TASK_ID": "0"}
+    b = {"SLURM_JOB_ID": "1002", "SLURM_ARRAY_JOB_ID": "1000", "SLURM_ARRAY_TASK_ID": "1"}
+    ca, cb = (" ".join(accelerate_command(e, 1, [], accelerate_config="x.yaml")) for e in (a, b))
+    assert rendezvous_port(1001) != rendezvous_port(1002)
+    assert "run.dir=runs/1000_0" in ca and "run.dir=runs/1000_1" in cb
+
+
+def test_dry_run_prints_the_command():
+    env = {**os.environ, "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]"}
+    out = subprocess.run([sys.executable, "-m", "scbch_dist.slurm", "--dry-run", "--gpus-per-node", "4", "--",
+                          "--config", "configs/flickr.yaml"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--num_processes 8" in out.stdout and "--main_process_ip n1" in out.stdout
+    assert subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm.sbatch")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_accelerate_config_for_two_cpu_processes(tiny_dataset, tmp_path):
+    exe = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    run_dir = tmp_path / "acc2"
+    sets = [f"data.root={tiny_dataset}", "data.generate=", f"run.dir={run_dir}", "model.bits=16", "model.hidden=32",
+            "train.batch_size=64", "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1", "cscc.k=5",
+            "run.progress=false", "run.tensorboard=false"]
+    cmd = [exe, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+           "--main_process_port", "0", "-m", "scbch_dist.train", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["run"]["world_size"] == 2
