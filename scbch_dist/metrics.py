@@ -106,24 +106,36 @@ def _histograms(dist: np.ndarray, rel: np.ndarray, bins: int) -> tuple[np.ndarra
     return both.sum(2), both[:, :, 1].copy()
 
 
-def tie_aware_ap(h: Histograms) -> np.ndarray:
-    """(Q,) expected AP over random orders of tied items; NaN for queries with no relevant item.
+def _expected_precision_sum(n, r, nb, rb, harm: np.ndarray) -> np.ndarray:
+    """Expected sum of precisions at the relevant items of a group of ``n`` tied slots holding
+    ``r`` relevant items, ranked after ``nb`` items of which ``rb`` are relevant:
 
-    A group of n tied items holding r relevant ones, after N_b items and R_b relevant ones, adds
-    (r/n) [ (R_b + 1) dH + (r - 1)/(n - 1) (n - (N_b + 1) dH) ],  dH = H(N_b + n) - H(N_b),
-    to the sum of precisions (the position of a relevant item is uniform in the group, and given
-    it, the other relevant items before it are hypergeometric).
-    """
-    n = h.count.astype(np.float64)
-    r = h.relevant.astype(np.float64)
-    nb = np.cumsum(h.count, 1) - h.count
-    rb = np.cumsum(r, 1) - r
-    harm = harmonic_numbers(int(h.count[0].sum()) if len(h.count) else 0)
-    dh = harm[nb + h.count] - harm[nb]
+        (r/n) [ (rb + 1) dH + (r - 1)/(n - 1) (n - (nb + 1) dH) ],  dH = H(nb + n) - H(nb)
+
+    (a relevant item's position is uniform in the group; given it, the other relevant items
+    before it are hypergeometric). ``n`` and ``nb`` are integer arrays (they index ``harm``);
+    all arguments broadcast."""
+    dh = harm[nb + n] - harm[nb]
+    n = np.asarray(n, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         inner = np.where(n > 1, (r - 1) / (n - 1), 0.0) * (n - (nb + 1) * dh)
-        term = np.where(n > 0, r / n * ((rb + 1) * dh + inner), 0.0)
-        total_rel = r.sum(1)
+        return np.where(n > 0, r / n * ((rb + 1) * dh + inner), 0.0)
+
+
+def _group_terms(h: Histograms, harm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query and distance: the expected precision sum of the group, items before it, and
+    the relevant counts as float."""
+    r = h.relevant.astype(np.float64)
+    nb = np.cumsum(h.count, 1) - h.count
+    return _expected_precision_sum(h.count, r, nb, np.cumsum(r, 1) - r, harm), nb, r
+
+
+def tie_aware_ap(h: Histograms) -> np.ndarray:
+    """(Q,) expected AP over random orders of tied items; NaN for queries with no relevant item."""
+    harm = harmonic_numbers(int(h.count[0].sum()) if len(h.count) else 0)
+    term, _, r = _group_terms(h, harm)
+    total_rel = r.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(total_rel > 0, term.sum(1) / total_rel, np.nan)
 
 
@@ -140,41 +152,25 @@ def tie_aware_ap_at_k(h: Histograms, k: int) -> np.ndarray:
         return np.zeros(0)
     if k >= int(total.max()):
         return tie_aware_ap(h)
-    n_i = h.count
-    n = n_i.astype(np.float64)
-    r = h.relevant.astype(np.float64)
-    nb_i = np.cumsum(n_i, 1) - n_i
-    rb = np.cumsum(r, 1) - r
     harm = harmonic_numbers(int(total.max()))
-    dh = harm[nb_i + n_i] - harm[nb_i]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inner = np.where(n > 1, (r - 1) / (n - 1), 0.0) * (n - (nb_i + 1) * dh)
-        term = np.where(n > 0, r / n * ((rb + 1) * dh + inner), 0.0)
-    full = (nb_i + n_i) <= k
+    term, nb, r = _group_terms(h, harm)
+    full = (nb + h.count) <= k
     a = np.where(full, term, 0.0).sum(1)  # expected precision sum of whole groups
     r_full = np.where(full, r, 0.0).sum(1)
 
     q_idx = np.arange(len(total))
     g = np.argmin(full, axis=1)  # first group not wholly inside (exists since k < total)
-    nb_g = nb_i[q_idx, g]
-    n_g = n_i[q_idx, g]
-    r_g = h.relevant[q_idx, g]
+    nb_g, n_g, r_g = nb[q_idx, g][:, None], h.count[q_idx, g][:, None], h.relevant[q_idx, g][:, None]
     m = k - nb_g  # top-k slots inside the straddling group, 0 <= m < n_g
-
-    xmax = int(np.minimum(r_g, m).max())
-    x = np.arange(xmax + 1)[None, :].astype(np.float64)
-    n_g_f, r_g_f, m_f = n_g[:, None].astype(np.float64), r_g[:, None].astype(np.float64), m[:, None].astype(np.float64)
-    valid = (x <= np.minimum(r_g_f, m_f)) & (m_f - x <= n_g_f - r_g_f)
+    x = np.arange(int(np.minimum(r_g, m).max()) + 1)[None, :].astype(np.float64)
+    valid = (x <= np.minimum(r_g, m)) & (m - x <= n_g - r_g)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_pmf = (_log_comb(r_g_f, x) + _log_comb(n_g_f - r_g_f, m_f - x) - _log_comb(n_g_f, m_f))
+        log_pmf = _log_comb(r_g, x) + _log_comb(n_g - r_g, m - x) - _log_comb(n_g, m)
         pmf = np.where(valid, np.exp(np.where(valid, log_pmf, 0.0)), 0.0)
-        dh_m = (harm[nb_g + m] - harm[nb_g])[:, None]
-        inner_b = np.where(m_f > 1, (x - 1) / (m_f - 1), 0.0) * (m_f - (nb_g[:, None] + 1) * dh_m)
-        b = np.where(m_f > 0, x / m_f * ((r_full[:, None] + 1) * dh_m + inner_b), 0.0)
+        b = _expected_precision_sum(m, x, nb_g, r_full[:, None], harm)  # given X = x
         denom = r_full[:, None] + x
         ratio = np.where(denom > 0, (a[:, None] + b) / denom, 0.0)
-        out = (pmf * ratio).sum(1)
-    return np.where(h.relevant.sum(1) > 0, out, np.nan)
+    return np.where(h.relevant.sum(1) > 0, (pmf * ratio).sum(1), np.nan)
 
 
 def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from scbch_dist import dist, plots
@@ -29,7 +28,7 @@ from scbch_dist.data.synthetic import ensure_synthetic
 from scbch_dist.bank import knn
 from scbch_dist.evaluate import curves, encode_part, evaluate, gather_by_id, save_codes, summarize
 from scbch_dist.io import atomic_write_json
-from scbch_dist.losses import scbch_loss, weights_from_neighbors
+from scbch_dist.losses import cscc_bank_rows, scbch_loss, weights_from_neighbors
 from scbch_dist.metrics import chance_map, roc_auc
 from scbch_dist.models import SCBCHModel
 from scbch_dist.runlog import MetricsLog, json_safe, setup_logging, tensorboard_available
@@ -61,14 +60,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def prepare_dataset(cfg: Config, log) -> tuple[Path, object]:
-    """The dataset folder and its meta; the main process writes the embedded default first."""
+    """The dataset folder and its meta. With data.generate=synthetic the main process writes the
+    embedded default on first use, or checks that an existing folder matches the settings."""
     root = Path(cfg.data.root)
-    if cfg.data.generate == "synthetic" and dist.is_main() and not (root / "meta.json").is_file():
-        log.info(f"writing the embedded synthetic dataset to {root} (first use)")
+    if cfg.data.generate == "synthetic" and dist.is_main():
+        if not (root / "meta.json").is_file():
+            log.info(f"writing the embedded synthetic dataset to {root} (first use)")
         ensure_synthetic(root, cfg.synthetic)
     dist.barrier()
-    if cfg.data.generate == "synthetic":
-        ensure_synthetic(root, cfg.synthetic)  # checks an existing folder matches the settings
     return root, read_meta(root)
 
 
@@ -83,7 +82,7 @@ def refresh_weights(model, root: Path, meta, cfg: Config, labels: torch.Tensor, 
     """
     part = encode_part(model, root, meta, "train", batch_size=cfg.eval.batch_size, device=device,
                        workers=cfg.data.workers, autocast=autocast)
-    z = torch.cat([F.normalize(part["h_img"], dim=1), F.normalize(part["h_txt"], dim=1)], dim=1)
+    z = cscc_bank_rows(part["h_img"], part["h_txt"])
     n = meta.splits["train"].count
     bank = gather_by_id({"id": part["id"], "z": z}, n)["z"]
     sims, index = knn(z, bank, cfg.cscc.k, self_index=part["id"], backend=cfg.cscc.knn)

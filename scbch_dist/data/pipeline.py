@@ -19,6 +19,7 @@ order, and yields blocks with their ids; consumers write rows into tables by id.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -102,22 +103,19 @@ class TrainShuffle(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.pass_index, self.rank, worker, 1])
         window: list[Block] = []
         held = 0
-        for block in read_blocks(urls, self.meta, "train"):
-            window.append(block)
-            held += len(block["id"])
-            if held >= self.buffer:
+        for block in itertools.chain(read_blocks(urls, self.meta, "train"), [None]):
+            end = block is None
+            if not end:
+                window.append(block)
+                held += len(block["id"])
+            if held and (end or held >= self.buffer):
                 # emit whole chunks (= batches, so the main process can pass them through
-                # without copying); the permuted tail joins the next window
+                # without copying); the permuted tail joins the next window, or ends the pass
                 mixed = _take(_concat(window), rng.permutation(held))
-                whole = held - held % self.chunk
+                whole = held if end else held - held % self.chunk
                 for start in range(0, whole, self.chunk):
                     yield {f: v[start:start + self.chunk] for f, v in mixed.items()}
-                tail = {f: v[whole:] for f, v in mixed.items()}
-                window, held = ([tail], held - whole) if held > whole else ([], 0)
-        if held:
-            mixed = _take(_concat(window), rng.permutation(held))
-            for start in range(0, held, self.chunk):
-                yield {f: v[start:start + self.chunk] for f, v in mixed.items()}
+                window, held = ([{f: v[whole:] for f, v in mixed.items()}], held - whole) if held > whole else ([], 0)
 
 
 def _keep_numpy(block: Block) -> Block:

@@ -2,6 +2,7 @@
 
 from scbch_dist.losses.scbch import (
     bsch_loss,
+    cscc_bank_rows,
     cscc_loss,
     cscc_weights,
     jaccard_similarity,
@@ -10,5 +11,5 @@ from scbch_dist.losses.scbch import (
     weights_from_neighbors,
 )
 
-__all__ = ["bsch_loss", "cscc_loss", "cscc_weights", "jaccard_similarity", "quantization_loss", "scbch_loss",
+__all__ = ["bsch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "jaccard_similarity", "quantization_loss", "scbch_loss",
            "weights_from_neighbors"]

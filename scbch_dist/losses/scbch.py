@@ -129,6 +129,12 @@ def weights_from_neighbors(neighbor_sims: torch.Tensor, neighbor_index: torch.Te
     return gamma + (1 - gamma) * F.cosine_similarity(own, soft, dim=1, eps=1e-8)
 
 
+def cscc_bank_rows(h_img: torch.Tensor, h_txt: torch.Tensor) -> torch.Tensor:
+    """(n, 2L) rows z = [u, v] of unit-normalised codes: the CSCC similarity (u u^T + v v^T) / 2
+    is z z^T / 2, one inner product, which any neighbour search backend can serve."""
+    return torch.cat([F.normalize(_wide(h_img), dim=1), F.normalize(_wide(h_txt), dim=1)], dim=1)
+
+
 def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *, k: int = 20,
                  gamma: float = 0.5) -> torch.Tensor:
     """CSCC sample weights of the whole training set, (N,); in [gamma, 1] when neighbour sims are >= 0.
@@ -140,9 +146,8 @@ def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor,
     the k largest entries of each row are the neighbours, a_ik = sim_ik / (sum_k sim_ik + 1e-8);
     soft label s_i = sum_k a_ik y_k; w_i = gamma + (1 - gamma) cos(y_i, s_i) with cos as
     torch.cosine_similarity (each norm clamped at 1e-8, so an all-zero label row gets gamma).
-    The average of two inner products is one inner product of the concatenations [u, v] / 2.
     """
-    z = torch.cat([F.normalize(_wide(h_img), dim=1), F.normalize(_wide(h_txt), dim=1)], dim=1)
+    z = cscc_bank_rows(h_img, h_txt)
     n = z.shape[0]
     sims, index = knn_exact(z, z, k, self_index=torch.arange(n, device=z.device))
     return weights_from_neighbors(sims / 2, index, labels, gamma=gamma)
