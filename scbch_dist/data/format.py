@@ -8,7 +8,9 @@ A dataset is a folder::
     labels/<noise-name>.npy       noise tables: replace the training labels at load time
 
 Logical sample (one per id; ids are dense per split, 0..count-1):
-    ``img.npy`` image feature vector, ``txt.npy`` text feature vector, ``lab.npy`` multi-hot uint8.
+    ``img.npy`` image feature vector, ``txt.npy`` text feature vector, ``lab.npy`` multi-hot uint8;
+    or, for raw datasets (``fields.img.kind == "image"``, ``fields.txt.kind == "text"``), the encoded
+    image bytes (``jpg``/``png``/``webp``) and the UTF-8 caption or tags (``txt``).
 
 Physical layout. ``layout: "block"`` (what the writer produces) stores up to ``block_size``
 consecutive samples per tar member group, keyed by the first id (zero padded): members
@@ -16,7 +18,11 @@ consecutive samples per tar member group, keyed by the first id (zero padded): m
 ``<key>.lab.npy`` (n, C) uint8. Tiny feature vectors read ~100x faster this way than one tar
 member per field per sample. ``layout: "sample"`` (one sample per key, key = zero-padded id,
 vectors of shape (D,)) is read too, so shards written by other WebDataset tools work.
-Either way the reader yields *blocks*: dicts of arrays with a leading sample axis.
+Raw datasets always use the sample layout: ``<key>.<jpg|png|webp>``, ``<key>.txt``, ``<key>.lab.npy``,
+plus ``vocab.json`` beside meta.json (the words of the training texts with their counts, the one
+vocabulary that bag-of-words extraction and the word-level tokenizer share).
+Either way the reader yields *blocks*: dicts of arrays with a leading sample axis. Raw blocks hold
+object arrays (image ``bytes``, text ``str``) and ``src`` (the shard of each sample, for errors).
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -39,6 +47,9 @@ SPLITS = ("train", "query", "database")
 MODALITIES = ("img", "txt")
 KEY_DIGITS = 9
 FEATURE_DTYPES = ("float16", "float32", "uint8")
+FIELD_KINDS = {"img": ("feature", "image"), "txt": ("feature", "text")}
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VOCAB_FILE = "vocab.json"
 
 
 class ShardError(ValueError):
@@ -47,9 +58,13 @@ class ShardError(ValueError):
 
 @dataclass
 class FieldSpec:
-    dim: int
-    dtype: str = "float16"
-    kind: str = "feature"  # raw modalities (jpg, utf-8 text) come with the fine-tuning backbones
+    dim: int  # feature width; 0 for raw fields
+    dtype: str = "float16"  # features: float16 | float32 | uint8; raw fields: "bytes" / "utf-8"
+    kind: str = "feature"  # feature | image (encoded image bytes) | text (UTF-8 caption or tags)
+
+    @property
+    def raw(self) -> bool:
+        return self.kind != "feature"
 
 
 @dataclass
@@ -78,6 +93,14 @@ class DatasetMeta:
 
     def dim(self, modality: str) -> int:
         return self.fields[modality].dim
+
+    def kind(self, modality: str) -> str:
+        return self.fields[modality].kind
+
+    @property
+    def raw(self) -> bool:
+        """True when any modality is stored raw (images or texts rather than feature vectors)."""
+        return any(spec.raw for spec in self.fields.values())
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -118,8 +141,12 @@ def read_meta(root: str | Path) -> DatasetMeta:
     if meta.layout not in ("block", "sample"):
         raise ShardError(f"{path}: field 'layout' is {meta.layout!r}, expected 'block' or 'sample'")
     for m, spec in meta.fields.items():
-        if spec.dtype not in FEATURE_DTYPES:
+        if spec.kind not in FIELD_KINDS[m]:
+            raise ShardError(f"{path}: fields.{m}.kind is {spec.kind!r}, expected one of {FIELD_KINDS[m]}")
+        if not spec.raw and spec.dtype not in FEATURE_DTYPES:
             raise ShardError(f"{path}: fields.{m}.dtype is {spec.dtype!r}, expected one of {FEATURE_DTYPES}")
+    if meta.raw and meta.layout != "sample":
+        raise ShardError(f"{path}: raw fields need layout 'sample', got {meta.layout!r}")
     for s, info in meta.splits.items():
         if len(info.shards) != len(info.shard_counts) or sum(info.shard_counts) != info.count:
             raise ShardError(f"{path}: splits.{s}: shard list and counts disagree with count {info.count}")
@@ -171,6 +198,8 @@ def decode_group(group: dict[str, Any], meta: DatasetMeta, split: str) -> dict[s
     """
     url = str(group.get("__url__", "<stream>"))
     key = str(group.get("__key__", "?"))
+    if meta.raw:
+        return decode_raw_sample(group, meta, split, url, key)
     names = ("img.npy", "txt.npy", "lab.npy")
     for name in names:
         if name not in group:
@@ -217,6 +246,61 @@ def decode_group(group: dict[str, Any], meta: DatasetMeta, split: str) -> dict[s
         row = int(ids[np.argmax((lab > 1).any(axis=1) | (lab < 0).any(axis=1))])
         raise ShardError(f"{url}: sample {row:0{KEY_DIGITS}d}: field 'lab.npy' is not multi-hot (values outside 0/1)")
     return {"id": ids, "img": arrays["img"], "txt": arrays["txt"], "lab": lab.astype(np.uint8, copy=False)}
+
+
+def _sample_id(url: str, key: str, count: int, split: str) -> int:
+    try:
+        i = int(key)
+    except ValueError:
+        raise ShardError(f"{url}: sample {key}: key is not an integer id") from None
+    if not 0 <= i < count:
+        raise ShardError(f"{url}: sample {key}: id {i} outside 0..{count - 1} of split {split!r}")
+    return i
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def decode_raw_sample(group: dict[str, Any], meta: DatasetMeta, split: str, url: str, key: str) -> dict[str, np.ndarray]:
+    """One raw sample as a block of one row. Images stay encoded (they are decoded by the loader's
+    transform, after the shuffle, so the shuffle buffer holds compressed bytes)."""
+    i = _sample_id(url, key, meta.splits[split].count, split)
+    row: dict[str, Any] = {}
+    if meta.kind("img") == "image":
+        names = [e for e in IMAGE_EXTS if e in group]
+        if len(names) != 1:
+            found = "none" if not names else ", ".join(names)
+            raise ShardError(f"{url}: sample {key}: expected exactly one image field of {IMAGE_EXTS}, found {found}")
+        row["img"] = _object_array([bytes(group[names[0]])])
+    if meta.kind("txt") == "text":
+        if "txt" not in group:
+            raise ShardError(f"{url}: sample {key}: missing field 'txt'")
+        try:
+            row["txt"] = _object_array([bytes(group["txt"]).decode("utf-8")])
+        except UnicodeDecodeError as e:
+            raise ShardError(f"{url}: sample {key}: field 'txt' is not UTF-8 ({e})") from None
+    for m in MODALITIES:
+        if m not in row:  # a feature modality beside a raw one: one (D,) vector per sample
+            name = f"{m}.npy"
+            if name not in group:
+                raise ShardError(f"{url}: sample {key}: missing field {name!r}")
+            a = _load_npy(url, key, name, group[name])
+            if a.shape != (meta.dim(m),) or a.dtype.kind not in "fiub":
+                raise ShardError(f"{url}: sample {key}: field {name!r} has shape {a.shape} ({a.dtype}), "
+                                 f"expected ({meta.dim(m)},) numeric")
+            row[m] = a[None]
+    if "lab.npy" not in group:
+        raise ShardError(f"{url}: sample {key}: missing field 'lab.npy'")
+    lab = _load_npy(url, key, "lab.npy", group["lab.npy"])
+    if lab.shape != (meta.num_classes,):
+        raise ShardError(f"{url}: sample {key}: field 'lab.npy' has shape {lab.shape}, expected ({meta.num_classes},)")
+    if lab.size and (lab.min() < 0 or lab.max() > 1):
+        raise ShardError(f"{url}: sample {key}: field 'lab.npy' is not multi-hot (values outside 0/1)")
+    return {"id": np.array([i], dtype=np.int64), **row, "lab": lab.astype(np.uint8)[None],
+            "src": _object_array([url])}
 
 
 def _first_key(ids: np.ndarray) -> str:
@@ -354,3 +438,115 @@ def _check_rows(split: str, img, txt, lab, spec: dict[str, FieldSpec], num_class
         raise ValueError(f"split {split}: labels have shape {lab.shape}, expected (n, {num_classes})")
     if lab.size and not np.isin(lab, (0, 1)).all():
         raise ValueError(f"split {split}: labels are not multi-hot 0/1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw datasets (encoded images and UTF-8 texts)
+
+
+def text_words(text: str) -> list[str]:
+    """The words of a caption or tag list: lower-cased runs of letters, digits and underscores.
+    The one tokenisation rule behind vocab.json, bag-of-words extraction and the word tokenizer."""
+    return re.findall(r"\w+", text.lower())
+
+
+@dataclass
+class RawSample:
+    image: bytes  # the encoded file, exactly as read
+    ext: str  # jpg | png | webp
+    text: str
+    lab: np.ndarray  # (C,) multi-hot
+
+
+class RawSplitWriter:
+    """Append raw samples of one split (ids in call order); shards of ``samples_per_shard``,
+    each written under a temporary name and renamed when complete."""
+
+    def __init__(self, root: Path, split: str, num_classes: int, *, samples_per_shard: int):
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be positive")
+        self.root, self.split, self.num_classes = Path(root), split, num_classes
+        self.samples_per_shard = samples_per_shard
+        self.info = SplitInfo(count=0)
+        self._tar: tarfile.TarFile | None = None
+        self._in_shard = 0
+
+    def write(self, sample: RawSample) -> None:
+        ext = sample.ext.lower().lstrip(".")
+        if ext not in IMAGE_EXTS:
+            raise ValueError(f"split {self.split}: image extension {sample.ext!r} is not one of {IMAGE_EXTS}")
+        lab = np.asarray(sample.lab)
+        if lab.shape != (self.num_classes,) or not np.isin(lab, (0, 1)).all():
+            raise ValueError(f"split {self.split}: sample {self.info.count}: labels must be ({self.num_classes},) multi-hot")
+        if self._tar is None:
+            self._open()
+        key = f"{self.info.count:0{KEY_DIGITS}d}"
+        _add_member(self._tar, f"{key}.{ext}", bytes(sample.image))
+        _add_member(self._tar, f"{key}.txt", sample.text.encode("utf-8"))
+        _add_member(self._tar, f"{key}.lab.npy", _npy_bytes(lab.astype(np.uint8)))
+        self.info.count += 1
+        self._in_shard += 1
+        if self._in_shard == self.samples_per_shard:
+            self._close_shard()
+
+    def close(self) -> SplitInfo:
+        if self._tar is not None:
+            self._close_shard()
+        return self.info
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.info.shards):06d}.tar"
+        self._name, self._in_shard = name, 0
+        self._tmp = self.root / f".{name}.tmp"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        self._tmp.rename(self.root / self._name)
+        self.info.shards.append(self._name)
+        self.info.shard_counts.append(self._in_shard)
+        self._tar = None
+
+
+def write_raw_dataset(root: str | Path, *, name: str, classes: list[str], splits: dict[str, Iterable[RawSample]],
+                      source: dict | None = None, samples_per_shard: int = 1024) -> DatasetMeta:
+    """Write a raw image-text dataset folder atomically: shards, meta.json, labels/clean.npy and
+    vocab.json (word counts of the training texts). ``splits`` maps train/query/database to
+    iterables of RawSample, consumed once, in id order."""
+    from scbch_dist.io import atomic_directory
+
+    for s in SPLITS:
+        if s not in splits:
+            raise ValueError(f"write_raw_dataset: split {s!r} missing")
+    words: Counter = Counter()
+    train_labels: list[np.ndarray] = []
+    with atomic_directory(root) as tmp:
+        infos = {}
+        for s in SPLITS:
+            writer = RawSplitWriter(tmp, s, len(classes), samples_per_shard=samples_per_shard)
+            for sample in splits[s]:
+                writer.write(sample)
+                if s == "train":
+                    words.update(text_words(sample.text))
+                    train_labels.append(np.asarray(sample.lab, dtype=np.uint8))
+            infos[s] = writer.close()
+            if infos[s].count == 0:
+                raise ValueError(f"write_raw_dataset: split {s!r} has no samples")
+        spec = {"img": FieldSpec(dim=0, dtype="bytes", kind="image"), "txt": FieldSpec(dim=0, dtype="utf-8", kind="text")}
+        meta = DatasetMeta(name=name, classes=list(classes), fields=spec, splits=infos, layout="sample",
+                           block_size=1, source=source or {}, noise_tables=["clean"])
+        (tmp / "labels").mkdir()
+        atomic_save_npy(tmp / "labels" / "clean.npy", np.stack(train_labels))
+        ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))  # by count, then alphabetically
+        atomic_write_json(tmp / VOCAB_FILE, {"words": [w for w, _ in ranked], "counts": [c for _, c in ranked]})
+        atomic_write_json(meta_path(tmp), meta.to_json())
+    return meta
+
+
+def read_vocab(root: str | Path) -> tuple[list[str], list[int]]:
+    """The training-text vocabulary of a raw dataset: words by decreasing count, and the counts."""
+    path = Path(root) / VOCAB_FILE
+    if not path.is_file():
+        raise ShardError(f"{path}: not found (raw datasets written by scbch_dist carry their vocabulary)")
+    raw = json.loads(path.read_text())
+    return list(raw["words"]), list(raw["counts"])

@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scbch_dist.data.format import DatasetMeta, ShardError, check_split, check_tar_end, decode_group
 
 Block = dict[str, np.ndarray]
-FIELDS = ("id", "img", "txt", "lab")
 
 
 def _reraise_as_shard_error(exn: Exception) -> bool:
@@ -65,11 +64,11 @@ def read_blocks(urls: list[str], meta: DatasetMeta, split: str) -> Iterator[Bloc
 def _concat(blocks: list[Block]) -> Block:
     if len(blocks) == 1:
         return blocks[0]
-    return {f: np.concatenate([b[f] for b in blocks]) for f in FIELDS}
+    return {f: np.concatenate([b[f] for b in blocks]) for f in blocks[0]}
 
 
 def _take(block: Block, index) -> Block:
-    return {f: block[f][index] for f in FIELDS}
+    return {f: v[index] for f, v in block.items()}
 
 
 def _worker_info() -> tuple[int, int]:
