@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scbch_dist.data.format import DatasetMeta, ShardError, check_split, check_tar_end, decode_group
 
 Block = dict[str, np.ndarray]
+# A worker-side batch transform (data.transforms.BatchTransform): (block, rng or None) -> block.
+Transform = Callable[[Block, "np.random.Generator | None"], Block]
 
 
 def _reraise_as_shard_error(exn: Exception) -> bool:
@@ -85,9 +87,10 @@ class TrainShuffle(IterableDataset):
     """One pass of a rank's shards for (epoch, pass): shuffled chunks of samples (worker side)."""
 
     def __init__(self, urls: list[str], meta: DatasetMeta, *, seed: int, rank: int, world: int,
-                 buffer: int, chunk: int):
+                 buffer: int, chunk: int, transform: Transform | None = None):
         self.urls, self.meta, self.seed = urls, meta, seed
         self.rank, self.world, self.buffer, self.chunk = rank, world, max(buffer, 1), chunk
+        self.transform = transform
         self.epoch = 0
         self.pass_index = 0
 
@@ -100,6 +103,7 @@ class TrainShuffle(IterableDataset):
         urls = _assigned([self.urls[i] for i in order], self.rank, self.world)
         worker, _ = _worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, self.pass_index, self.rank, worker, 1])
+        augment_rng = np.random.default_rng([self.seed, self.epoch, self.pass_index, self.rank, worker, 2])
         window: list[Block] = []
         held = 0
         for block in itertools.chain(read_blocks(urls, self.meta, "train"), [None]):
@@ -113,7 +117,8 @@ class TrainShuffle(IterableDataset):
                 mixed = _take(_concat(window), rng.permutation(held))
                 whole = held if end else held - held % self.chunk
                 for start in range(0, whole, self.chunk):
-                    yield {f: v[start:start + self.chunk] for f, v in mixed.items()}
+                    chunk = {f: v[start:start + self.chunk] for f, v in mixed.items()}
+                    yield self.transform(chunk, augment_rng) if self.transform is not None else chunk
                 window, held = ([{f: v[whole:] for f, v in mixed.items()}], held - whole) if held > whole else ([], 0)
 
 
@@ -141,6 +146,7 @@ class TrainStream:
     workers: int = 0
     buffer: int = 16384
     drop_last: bool = False
+    transform: Transform | None = None  # raw datasets: decoding, augmentation, tokenisation
 
     def __post_init__(self):
         self.urls = [str(p) for p in check_split(self.root, self.meta, "train")]
@@ -154,7 +160,7 @@ class TrainStream:
                              f"of {self.batch_size} with drop_last")
         self.steps_per_epoch = steps
         self.dataset = TrainShuffle(self.urls, self.meta, seed=self.seed, rank=self.rank, world=self.world,
-                                    buffer=self.buffer, chunk=self.batch_size)
+                                    buffer=self.buffer, chunk=self.batch_size, transform=self.transform)
 
     def epoch(self, epoch: int) -> Iterator[Block]:
         want = self.steps_per_epoch * self.batch_size if self.drop_last else self.quota
@@ -198,11 +204,17 @@ def _cut(pending: list[Block], n: int) -> tuple[Block, list[Block], int]:
 class PassDataset(IterableDataset):
     """Every id of ``split`` exactly once over all (rank, worker) pairs, as blocks."""
 
-    def __init__(self, urls: list[str], meta: DatasetMeta, split: str, *, rank: int, world: int, batch_size: int):
+    def __init__(self, urls: list[str], meta: DatasetMeta, split: str, *, rank: int, world: int, batch_size: int,
+                 transform: Transform | None = None):
         self.urls, self.meta, self.split = urls, meta, split
         self.rank, self.world, self.batch_size = rank, world, batch_size
+        self.transform = transform
 
     def __iter__(self) -> Iterator[Block]:
+        for batch in self._batches():
+            yield self.transform(batch, None) if self.transform is not None else batch
+
+    def _batches(self) -> Iterator[Block]:
         pending: list[Block] = []
         held = 0
         for block in read_blocks(_assigned(self.urls, self.rank, self.world), self.meta, self.split):
@@ -216,10 +228,11 @@ class PassDataset(IterableDataset):
 
 
 def pass_batches(root: str | Path, meta: DatasetMeta, split: str, *, batch_size: int, rank: int = 0,
-                 world: int = 1, workers: int = 0) -> Iterator[Block]:
-    """This rank's part of one exactly-once pass over ``split``, as batches with ids."""
+                 world: int = 1, workers: int = 0, transform: Transform | None = None) -> Iterator[Block]:
+    """This rank's part of one exactly-once pass over ``split``, as batches with ids (``transform``,
+    deterministic, applied in the workers)."""
     urls = [str(p) for p in check_split(root, meta, split)]
-    dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size)
+    dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size, transform=transform)
     for batch in _loader(dataset, workers):
         yield {f: np.asarray(v) for f, v in batch.items()}
 
@@ -243,10 +256,13 @@ def load_split(root: str | Path, meta: DatasetMeta, split: str, *, workers: int 
 
 
 def to_torch(batch: Block, device: torch.device) -> dict[str, torch.Tensor]:
-    """Features as float32 on ``device``; ids and labels unchanged."""
-    return {
-        "id": torch.from_numpy(batch["id"]).to(device, non_blocking=True),
-        "img": torch.from_numpy(batch["img"]).to(device, non_blocking=True).float(),
-        "txt": torch.from_numpy(batch["txt"]).to(device, non_blocking=True).float(),
-        "lab": torch.from_numpy(batch["lab"]).to(device, non_blocking=True),
-    }
+    """Every numeric array on ``device``: float features as float32; integer arrays (ids, labels,
+    uint8 images and bag-of-words, token ids) unchanged, so images cross to the GPU as bytes.
+    Object arrays (raw bytes and texts, shard names) stay behind."""
+    out = {}
+    for key, value in batch.items():
+        if value.dtype == object:
+            continue
+        t = torch.from_numpy(np.ascontiguousarray(value)).to(device, non_blocking=True)
+        out[key] = t.float() if t.is_floating_point() else t
+    return out
