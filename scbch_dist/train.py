@@ -246,14 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- CSCC refresh at the start of every epoch after the warm-up
         if epoch >= cfg.cscc.warmup_epochs:
             t0 = time.perf_counter()
-            if memory is not None and memory.complete:
+            source = "memory" if memory is not None and memory.complete else "pass"
+            if source == "memory":
                 weights = refresh_from_memory(memory, train_labels, cfg)
             else:  # refresh=pass, or a memory not yet filled by a whole epoch (no warm-up)
                 weights = refresh_weights(model, root, meta, cfg, train_labels, device, accelerator.autocast,
                                           eval_transform)
-            t_refresh += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            t_refresh += seconds
             w = weights.cpu().numpy()
-            diag = weight_diagnostics(w, corrupted)
+            diag = {**weight_diagnostics(w, corrupted), "source": source, "seconds": seconds}
             record["cscc_weights"] = diag
             if main_proc:
                 _record_refresh(state, run_dir, epoch + 1, w, corrupted, diag)

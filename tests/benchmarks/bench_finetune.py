@@ -1,0 +1,186 @@
+"""Fine-tuning throughput: decode + augmentation per loader worker, and training steps.
+
+    python tests/benchmarks/bench_finetune.py [loader] [model] [--steps 10]
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml \\
+        tests/benchmarks/bench_finetune.py gpu          # ViT-B/16 + BERT-base, bf16, ZeRO-2
+
+loader: images/s of one process (= one loader worker) turning raw blocks into training tensors
+  (decode, random resized crop, flip, tokenise): the 32 px PNGs of the embedded shapes dataset
+  and 500 x 375 JPEG photographs (MIRFlickr's typical size) to 224 px.
+model: training images/s of whole optimisation steps (forward, SCBCH loss, backward, Adam) on the
+  CPU for the tiny ViT + BERT of configs/finetune-tiny.yaml and EfficientNet-Lite0 + MiniLM of
+  configs/finetune-offline.yaml.
+gpu: the same for ViT-B/16 (224 px) + BERT-base (32 tokens) at random init, bf16 autocast; run
+  plainly for DDP/one GPU, under `accelerate launch` with the ZeRO-2 config for DeepSpeed.
+Prints tables; asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+
+import numpy as np
+import torch
+
+from scbch_dist.config import Config, ShapesConfig
+from scbch_dist.data.shapes import generate_samples
+from scbch_dist.data.transforms import BatchTransform, ImageTransform, WordTokenizer
+
+
+def _photo_jpegs(n: int, rng: np.random.Generator) -> list[bytes]:
+    """Smooth random 500 x 375 colour images, JPEG quality 90 (about 40 KB, photo-like entropy)."""
+    from PIL import Image
+
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (375, 500, 3))
+        img = Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _block(images: list[bytes], texts: list[str]) -> dict:
+    img = np.empty(len(images), dtype=object)
+    img[:] = images
+    txt = np.empty(len(texts), dtype=object)
+    txt[:] = texts
+    return {"id": np.arange(len(images)), "img": img, "txt": txt, "lab": np.zeros((len(images), 11), np.uint8),
+            "src": np.array(["bench"] * len(images), dtype=object)}
+
+
+def bench_loader(reps: int) -> None:
+    torch.set_num_threads(1)
+    shapes = generate_samples(ShapesConfig(n_train=255, n_query=1, n_extra_database=0))
+    texts = [s.text for s in shapes]
+    words = sorted({w for t in texts for w in t.split()})
+    tokenizer = WordTokenizer(words, max_length=16, vocab_size=512)
+    rng = np.random.default_rng(0)
+    photos = _photo_jpegs(64, rng)
+    print(f"shapes PNG {np.mean([len(s.image) for s in shapes]) / 1024:.1f} KiB, "
+          f"photo JPEG {np.mean([len(p) for p in photos]) / 1024:.1f} KiB (means); one process, 1 thread")
+    print(f"| {'input -> output':<40} | {'images/s':>9} |")
+    print(f"|{'-' * 42}|{'-' * 11}|")
+    cases = [("shapes 32 px PNG -> 32 px, train aug", [s.image for s in shapes], 32, True),
+             ("shapes 32 px PNG -> 64 px, train aug", [s.image for s in shapes], 64, True),
+             ("photo 500x375 JPEG -> 224 px, train aug", photos, 224, True),
+             ("photo 500x375 JPEG -> 224 px, eval", photos, 224, False)]
+    for name, images, size, train in cases:
+        tf = BatchTransform(ImageTransform(size, train=train), tokenizer)
+        block = _block(images, (texts * (len(images) // len(texts) + 1))[:len(images)])
+        tf(block, np.random.default_rng(1))  # warm-up (imports, PIL plugins)
+        t = time.perf_counter()
+        for r in range(reps):
+            tf(block, np.random.default_rng(r))
+        rate = reps * len(images) / (time.perf_counter() - t)
+        print(f"| {name:<40} | {rate:>9,.0f} |")
+
+
+def _step_rate(cfg: Config, batch: int, steps: int, image_size: int, length: int, vocab: int,
+               accelerator) -> float:
+    """Training images/s of whole steps on synthetic inputs of the configured shapes."""
+    from scbch_dist.models import build_model
+    from scbch_dist.train import make_optimizer, train_step
+
+    meta = _RawMeta()
+    model = build_model(cfg.model, meta, num_classes=11, vocab_size=vocab)
+    optimizer = make_optimizer(model, cfg, accelerator.device)
+    if accelerator.state.deepspeed_plugin is not None:
+        from scbch_dist.train import configure_deepspeed
+
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, batch, accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    per_rank = batch // accelerator.num_processes
+    g = torch.Generator().manual_seed(accelerator.process_index)
+    data = {"img": torch.randint(0, 256, (per_rank, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+            "txt": torch.randint(3, vocab, (per_rank, length), generator=g),
+            "txt_mask": torch.ones(per_rank, length, dtype=torch.long)}
+    data = {k: v.to(accelerator.device) for k, v in data.items()}
+    labels = (torch.rand(per_rank, 11, generator=g) < 0.3).float().to(accelerator.device)
+    train_step(model, optimizer, accelerator, data, labels, None, cfg)  # warm-up
+    _sync(accelerator.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, accelerator, data, labels, None, cfg)
+    _sync(accelerator.device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+class _RawMeta:
+    """The parts of a raw dataset's meta that build_model reads."""
+
+    raw = True
+    num_classes = 11
+
+    def kind(self, modality: str) -> str:
+        return "image" if modality == "img" else "text"
+
+    def dim(self, modality: str) -> int:
+        return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _config(path: str, overrides: list[str]) -> Config:
+    from scbch_dist.config import load_config
+
+    return load_config(path, overrides)
+
+
+def bench_model(steps: int) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    print(f"CPU, {torch.get_num_threads()} threads; whole training steps (forward, loss, backward, Adam)")
+    print(f"| {'model':<60} | {'batch':>5} | {'images/s':>9} |")
+    print(f"|{'-' * 62}|{'-' * 7}|{'-' * 11}|")
+    for name, path, batch in (("tiny ViT (32 px) + tiny BERT (16 tokens), finetune-tiny", "configs/finetune-tiny.yaml", 64),
+                              ("EfficientNet-Lite0 (64 px) + MiniLM-L6 (16 tokens), offline",
+                               "configs/finetune-offline.yaml", 64)):
+        cfg = _config(path, [])
+        vocab = cfg.model.text.vocab_size if cfg.model.text.weights == "random" and cfg.model.text.kind == "bert" else 30522
+        rate = _step_rate(cfg, batch, steps, cfg.model.image.image_size, cfg.model.text.max_length, vocab, accelerator)
+        print(f"| {name:<60} | {batch:>5} | {rate:>9,.0f} |")
+
+
+def bench_gpu(steps: int, batch: int) -> None:
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu: no CUDA device on this machine")
+    accelerator = Accelerator(mixed_precision="bf16")
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    cfg = _config("configs/finetune-vit-bert.yaml", ["model.image.weights=random", "model.text.weights=random"])
+    rate = _step_rate(cfg, batch, steps, 224, cfg.model.text.max_length, 30522, accelerator)
+    if accelerator.is_main_process:
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        print(f"| ViT-B/16 + BERT-base, bf16, {'DeepSpeed ZeRO-2' if deepspeed else 'DDP'} | "
+              f"{accelerator.num_processes} x {torch.cuda.get_device_name()} | batch {batch} | "
+              f"{rate:,.0f} images/s | peak {mem:.1f} GiB/GPU |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="*", default=["loader", "model"], choices=["loader", "model", "gpu"])
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per model")
+    p.add_argument("--reps", type=int, default=5, help="timed passes over the loader images")
+    p.add_argument("--gpu-batch", type=int, default=256, help="global batch of the gpu benchmark")
+    a = p.parse_args()
+    if "loader" in a.what:
+        bench_loader(a.reps)
+    if "model" in a.what:
+        bench_model(a.steps)
+    if "gpu" in a.what:
+        bench_gpu(a.steps, a.gpu_batch)
+
+
+if __name__ == "__main__":
+    main()
