@@ -761,9 +761,7 @@ def main(argv: list[str] | None = None) -> None:
                        samples_per_shard=args.samples_per_shard, name=args.name)
     except (ExtractError, ShardError) as e:
         raise SystemExit(f"extract: {e}") from None
-    counts = ", ".join(f"{s} {meta.splits[s].count}" for s in ("query", "train", "database"))
-    print(f"wrote {args.out}: {counts}; img {meta.dim('img')}-d {meta.fields['img'].dtype}, "
-          f"txt {meta.dim('txt')}-d {meta.fields['txt'].dtype}, {meta.num_classes} classes", file=sys.stderr)
+    print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -161,11 +161,16 @@ def weight_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) -> dic
 
 def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     args = parse_args(argv)
     cfg = resolve_config(args)
     run_dir = Path(cfg.run.dir)
     use_tb = cfg.run.tensorboard and tensorboard_available()
+    # Accelerate keeps its state (mixed precision, ...) for the life of the process; a second run
+    # in the same process (a notebook, a test) with another train.mixed_precision must start
+    # afresh. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Without cpu=True, Accelerate under torchrun on a machine without CUDA starts the process
     # group yet reports one process per rank; every rank would then act as the main one.
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,16 @@ def random_dataset(root: Path, n_train: int = 50, img_dim: int = 8, txt_dim: int
 def needs_mirflickr():
     return pytest.mark.skipif(not (MIRFLICKR / "mirflickr25k-lall.mat").is_file(),
                               reason=f"real MIRFlickr files not found under {MIRFLICKR}")
+
+
+def rewrite_shard(path: Path, edit):
+    """Rewrite a shard through ``edit(name, bytes) -> bytes | None`` (None drops the member)."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = edit(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

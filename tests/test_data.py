@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_dataset, tiny_synthetic_config
+from conftest import random_dataset, rewrite_shard, tiny_synthetic_config
 from scbch_dist.data.format import ShardError, read_meta, write_dataset
 from scbch_dist.data.pipeline import TrainStream, load_split, pass_batches
 from scbch_dist.data.synthetic import CLASSES, ensure_synthetic, generate_arrays
@@ -138,17 +138,6 @@ def _add(tar, name, data):
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
-
-
-def rewrite_shard(path: Path, edit):
-    """Rewrite a shard through ``edit(name, bytes) -> bytes | None`` (None drops the member)."""
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            data = edit(name, data)
-            if data is not None:
-                _add(tar, name, data)
 
 
 def read_all(root, split="train"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import random_dataset
+from conftest import random_dataset, rewrite_shard
 from scbch_dist.config import ShapesConfig
 from scbch_dist.data.convert import ConvertError, convert_folder, main
 from scbch_dist.data.format import RawSample, ShardError, read_meta, read_vocab, text_words, write_raw_dataset
@@ -340,19 +340,6 @@ def test_folder_annotation_errors(tmp_path, folder):
 # Corrupt raw shards: errors name the shard, the sample key and the field
 
 
-def rewrite_members(path: Path, edit) -> None:
-    """Rewrite a tar through ``edit(name, bytes) -> bytes | None`` (None drops the member)."""
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            data = edit(name, data)
-            if data is not None:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 def raw_root(tmp_path):
     root = tmp_path / "raw"
@@ -362,13 +349,13 @@ def raw_root(tmp_path):
 
 
 def test_malformed_label_member(raw_root):
-    rewrite_members(raw_root / "train-000000.tar", lambda n, d: d[:20] if n == "000000002.lab.npy" else d)
+    rewrite_shard(raw_root / "train-000000.tar", lambda n, d: d[:20] if n == "000000002.lab.npy" else d)
     with pytest.raises(ShardError, match=r"train-000000\.tar: sample 000000002: field 'lab\.npy' is not a readable \.npy"):
         read_all(raw_root, "train")
 
 
 def test_missing_image_member(raw_root):
-    rewrite_members(raw_root / "train-000001.tar", lambda n, d: None if n == "000000004.jpg" else d)
+    rewrite_shard(raw_root / "train-000001.tar", lambda n, d: None if n == "000000004.jpg" else d)
     with pytest.raises(ShardError, match=r"train-000001\.tar: sample 000000004: expected exactly one image field .* "
                                          r"found none"):
         read_all(raw_root, "train")
@@ -377,6 +364,6 @@ def test_missing_image_member(raw_root):
 def test_label_member_of_wrong_width(raw_root):
     buf = io.BytesIO()
     np.save(buf, np.ones(5, np.uint8))
-    rewrite_members(raw_root / "query-000000.tar", lambda n, d: buf.getvalue() if n == "000000001.lab.npy" else d)
+    rewrite_shard(raw_root / "query-000000.tar", lambda n, d: buf.getvalue() if n == "000000001.lab.npy" else d)
     with pytest.raises(ShardError, match=r"query-000000\.tar: sample 000000001: field 'lab\.npy' has shape \(5,\)"):
         read_all(raw_root, "query")

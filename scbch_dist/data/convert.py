@@ -552,8 +552,7 @@ def _main_folder(args: argparse.Namespace) -> None:
         print(f"skipped: {line}", file=sys.stderr)
     if skipped > len(meta.source["skipped_examples"]):
         print(f"skipped: ... and {skipped - len(meta.source['skipped_examples'])} more", file=sys.stderr)
-    counts = ", ".join(f"{s} {meta.splits[s].count}" for s in ("query", "train", "database"))
-    print(f"wrote {args.out}: {counts}; {meta.num_classes} classes; bad rows skipped: {skipped}", file=sys.stderr)
+    print(f"wrote {args.out}: {meta.describe()}; bad rows skipped: {skipped}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -573,9 +572,7 @@ def main(argv: list[str] | None = None) -> None:
                        samples_per_shard=args.samples_per_shard)
     except ConvertError as e:
         raise SystemExit(f"convert {args.dataset}: {e}") from None
-    counts = ", ".join(f"{s} {meta.splits[s].count}" for s in ("query", "train", "database"))
-    print(f"wrote {args.out}: {counts}; img {meta.dim('img')}-d {meta.fields['img'].dtype}, "
-          f"txt {meta.dim('txt')}-d {meta.fields['txt'].dtype}, {meta.num_classes} classes", file=sys.stderr)
+    print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,13 @@ class DatasetMeta:
     def kind(self, modality: str) -> str:
         return self.fields[modality].kind
 
+    def describe(self) -> str:
+        """One line for the CLIs: split sizes, what each modality holds, classes."""
+        counts = ", ".join(f"{s} {self.splits[s].count}" for s in ("query", "train", "database"))
+        held = ", ".join(f"{m} {self.dim(m)}-d {self.fields[m].dtype}" if self.kind(m) == "feature"
+                         else f"{m} raw {self.kind(m)}" for m in ("img", "txt"))
+        return f"{counts}; {held}; {self.num_classes} classes"
+
     @property
     def raw(self) -> bool:
         """True when any modality is stored raw (images or texts rather than feature vectors)."""
