@@ -55,7 +55,8 @@ def _block(images: list[bytes], texts: list[str]) -> dict:
 
 
 def bench_loader(reps: int) -> None:
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loader worker
     shapes = generate_samples(ShapesConfig(n_train=255, n_query=1, n_extra_database=0))
     texts = [s.text for s in shapes]
     words = sorted({w for t in texts for w in t.split()})
@@ -79,6 +80,7 @@ def bench_loader(reps: int) -> None:
             tf(block, np.random.default_rng(r))
         rate = reps * len(images) / (time.perf_counter() - t)
         print(f"| {name:<40} | {rate:>9,.0f} |")
+    torch.set_num_threads(threads)
 
 
 def _step_rate(cfg: Config, batch: int, steps: int, image_size: int, length: int, vocab: int,
@@ -142,10 +144,14 @@ def bench_model(steps: int) -> None:
     print(f"CPU, {torch.get_num_threads()} threads; whole training steps (forward, loss, backward, Adam)")
     print(f"| {'model':<60} | {'batch':>5} | {'images/s':>9} |")
     print(f"|{'-' * 62}|{'-' * 7}|{'-' * 11}|")
-    for name, path, batch in (("tiny ViT (32 px) + tiny BERT (16 tokens), finetune-tiny", "configs/finetune-tiny.yaml", 64),
-                              ("EfficientNet-Lite0 (64 px) + MiniLM-L6 (16 tokens), offline",
-                               "configs/finetune-offline.yaml", 64)):
-        cfg = _config(path, [])
+    tiny, offline = "configs/finetune-tiny.yaml", "configs/finetune-offline.yaml"
+    ckpt = ["model.image.grad_checkpointing=true", "model.text.grad_checkpointing=true"]
+    for name, path, overrides in (("tiny ViT (32 px) + tiny BERT (16 tokens), finetune-tiny", tiny, []),
+                                  ("  the same, gradient checkpointing", tiny, ckpt),
+                                  ("EfficientNet-Lite0 (64 px) + MiniLM-L6 (16 tokens), offline", offline, []),
+                                  ("  the same, gradient checkpointing", offline, ckpt)):
+        cfg = _config(path, overrides)
+        batch = cfg.train.batch_size
         vocab = cfg.model.text.vocab_size if cfg.model.text.weights == "random" and cfg.model.text.kind == "bert" else 30522
         rate = _step_rate(cfg, batch, steps, cfg.model.image.image_size, cfg.model.text.max_length, vocab, accelerator)
         print(f"| {name:<60} | {batch:>5} | {rate:>9,.0f} |")
@@ -169,11 +175,14 @@ def bench_gpu(steps: int, batch: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="*", default=["loader", "model"], choices=["loader", "model", "gpu"])
+    p.add_argument("what", nargs="*", help="loader, model and/or gpu (default: loader model)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model")
     p.add_argument("--reps", type=int, default=5, help="timed passes over the loader images")
     p.add_argument("--gpu-batch", type=int, default=256, help="global batch of the gpu benchmark")
     a = p.parse_args()
+    a.what = a.what or ["loader", "model"]
+    if set(a.what) - {"loader", "model", "gpu"}:
+        p.error(f"unknown benchmark(s) {sorted(set(a.what) - {'loader', 'model', 'gpu'})}; choose loader, model, gpu")
     if "loader" in a.what:
         bench_loader(a.reps)
     if "model" in a.what:
