@@ -146,6 +146,7 @@ class CodeMemory:
     def __init__(self, count: int, width: int, device: torch.device):
         self.rows = torch.zeros(count, width, device=device)
         self.seen = torch.zeros(count, dtype=torch.bool, device=device)
+        self.coverage = 0.0  # fraction of ids the last sync updated; the rest are from earlier epochs
         self._ids: list[torch.Tensor] = []
         self._rows: list[torch.Tensor] = []
 
@@ -170,6 +171,9 @@ class CodeMemory:
         keep = last[last >= 0]
         self.rows[ids[keep]] = rows[keep]
         self.seen[ids[keep]] = True
+        updated = torch.zeros_like(self.seen)
+        updated[ids[keep]] = True
+        self.coverage = float(updated.float().mean())
         self._ids, self._rows = [], []
 
     @property
@@ -177,8 +181,9 @@ class CodeMemory:
         return bool(self.seen.all())
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows.cpu(), "seen": self.seen.cpu()}
+        return {"rows": self.rows.cpu(), "seen": self.seen.cpu(), "coverage": self.coverage}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows.copy_(state["rows"])
         self.seen.copy_(state["seen"])
+        self.coverage = float(state.get("coverage", 1.0))

@@ -112,6 +112,11 @@ def refresh_from_memory(memory: CodeMemory, labels: torch.Tensor, cfg: Config) -
     return weights_from_bank(memory.rows[own], own, memory.rows, labels, cfg)
 
 
+def training_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one rank's training epoch (63 bits)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator, batch: dict[str, torch.Tensor],
                labels: torch.Tensor, weights: torch.Tensor | None, cfg: Config) -> tuple[dict, dict]:
     """One optimisation step on this rank's rows of the global batch; returns the loss terms
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         if memory is not None and state.get("memory") is not None:
             memory.load_state_dict(state["memory"])
         log.info(f"resumed {run_dir} after epoch {state['epoch']}"
-                 + (" (DeepSpeed: Adam's moments restart)" if deepspeed else ""))
+                 + (" (DeepSpeed: from the weights as saved, bf16 under bf16 ZeRO; Adam's moments restart)" if deepspeed else ""))
     if deepspeed:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.train.batch_size, world)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -248,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         record: dict = {"epoch": epoch + 1}
+        # dropout and drop-connect draw from a stream fixed by (seed, epoch, rank), on CPU and CUDA:
+        # ranks draw different masks, and a run resumed at an epoch boundary draws what it would have
+        torch.manual_seed(training_seed(cfg.train.seed, epoch, accelerator.process_index))
         # ---- CSCC refresh at the start of every epoch after the warm-up
         if epoch >= cfg.cscc.warmup_epochs:
             t0 = time.perf_counter()
@@ -261,6 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
             t_refresh += seconds
             w = weights.cpu().numpy()
             diag = {**weight_diagnostics(w, corrupted), "source": source, "seconds": seconds}
+            if source == "memory":
+                # ids a rank skipped last epoch (uneven shards over ranks, drop_last) keep older rows
+                diag["memory_coverage"] = memory.coverage
+                if memory.coverage < 1 and main_proc:
+                    log.warning(f"epoch {epoch + 1}: CSCC memory refresh: {1 - memory.coverage:.1%} of the "
+                                f"training rows are from earlier epochs")
             record["cscc_weights"] = diag
             if main_proc:
                 _record_refresh(state, run_dir, epoch + 1, w, corrupted, diag)

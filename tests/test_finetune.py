@@ -208,11 +208,15 @@ def test_code_memory_keeps_the_latest_row_of_each_id():
     mem.record(torch.tensor([0, 1]), torch.ones(2, 3))
     mem.record(torch.tensor([2, 1]), torch.full((2, 3), 2.0))  # id 1 again: the later row wins
     mem.sync()
-    assert not mem.complete
+    assert not mem.complete and mem.coverage == 0.75
     torch.testing.assert_close(mem.rows, torch.tensor([[1.0] * 3, [2.0] * 3, [2.0] * 3, [0.0] * 3]))
     mem.record(torch.tensor([3]), torch.full((1, 3), 5.0))
     mem.sync()
-    assert mem.complete and mem.rows[3, 0] == 5 and mem.rows[0, 0] == 1
+    # complete (every id seen once), yet only id 3 is from this epoch: the rest are older rows
+    assert mem.complete and mem.coverage == 0.25 and mem.rows[3, 0] == 5 and mem.rows[0, 0] == 1
+    restored = CodeMemory(4, 3, torch.device("cpu"))
+    restored.load_state_dict(mem.state_dict())
+    assert torch.equal(restored.rows, mem.rows) and restored.complete and restored.coverage == 0.25
 
 
 def test_refresh_from_memory_equals_cscc_weights_on_the_same_codes():
@@ -257,3 +261,13 @@ def test_deepspeed_plugin_accepts_the_config():
     cfg = load_config_from_file(str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
     plugin = DeepSpeedPlugin(**{k: v for k, v in cfg.deepspeed_config.items() if k != "zero3_init_flag"})
     assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+
+
+def test_a_model_held_in_bf16_takes_uint8_images_and_float32_features():
+    """DeepSpeed bf16 casts the weights themselves and does not autocast: inputs must follow."""
+    img_backbone = TimmImage("vit_tiny_patch16_224", "random", TINY_VIT)
+    model = SCBCHModel(0, 6, 8, 16, 3, img_backbone=img_backbone).to(torch.bfloat16)
+    size = TINY_VIT.get("img_size", 224)
+    img = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    out = model(img, torch.rand(4, 6))  # float32 features, as the loader delivers them
+    assert out["h_img"].dtype == torch.bfloat16 and all(torch.isfinite(v.float()).all() for v in out.values())

@@ -45,7 +45,10 @@ class ImageTransform:
     def __call__(self, data: bytes, rng: np.random.Generator | None) -> np.ndarray:
         Image = _pil()
         img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale when it is large
+        # JPEG: decode at a reduced scale when the photo is large, yet large enough that the
+        # smallest random crop still has ``size`` pixels a side (no upscaling of a crop)
+        side = self.size if not self.train else math.ceil(self.size / math.sqrt(self.scale[0]))
+        img.draft("RGB", (side, side))
         img = img.convert("RGB")
         w, h = img.size
         if self.train and rng is not None:

@@ -46,7 +46,9 @@ class _ImageBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.features((x.float() - self.mean) / self.std)
+        x = (x.float() - self.mean) / self.std
+        # float32 here; bf16 when DeepSpeed has cast the weights themselves (it does not autocast)
+        return self.features(x.to(next(self.parameters()).dtype))
 
 
 def _weights_file(value: str, key: str) -> Path | None:
@@ -66,8 +68,8 @@ def _weights_file(value: str, key: str) -> Path | None:
 class TimmImage(_ImageBackbone):
     """A timm model with its classifier removed: pooled features (n, num_features).
 
-    Weights: a local timm / original-release checkpoint (``.pth``, ``.bin``, ``.safetensors``, ``.npz``
-    for ViT), loaded by timm's own pretrained-weight adapter so that position embeddings are resized
+    Weights: a local timm checkpoint (``.pth``, ``.bin``, ``.safetensors``), loaded by timm's own
+    pretrained-weight adapter so that position embeddings are resized
     to ``img_size`` and the classifier head is dropped, exactly as with hub weights."""
 
     def __init__(self, name: str, weights: str, kwargs: dict, grad_checkpointing: bool = False):

@@ -31,6 +31,8 @@ class HashHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, in_dim) -> (n, bits), unit length rows."""
+        # DeepSpeed bf16 holds the weights themselves in bf16 (no autocast): inputs must follow
+        x = x.to(self.mlp[0].weight.dtype)
         return F.normalize(torch.tanh(self.mlp(x)), dim=1, eps=1e-12)
 
 
