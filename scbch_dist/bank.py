@@ -168,11 +168,9 @@ class CodeMemory:
         position = torch.arange(ids.shape[0], device=ids.device)
         last = torch.full((self.rows.shape[0],), -1, dtype=torch.int64, device=ids.device)
         last.scatter_reduce_(0, ids, position, reduce="amax")
-        keep = last[last >= 0]
-        self.rows[ids[keep]] = rows[keep]
-        self.seen[ids[keep]] = True
-        updated = torch.zeros_like(self.seen)
-        updated[ids[keep]] = True
+        updated = last >= 0
+        self.rows[updated] = rows[last[updated]]
+        self.seen |= updated
         self.coverage = float(updated.float().mean())
         self._ids, self._rows = [], []
 

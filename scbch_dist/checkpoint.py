@@ -1,9 +1,9 @@
 """Checkpoints: one file per run, ``checkpoints/last.pt``, written atomically after every epoch.
 
 It holds the model and optimizer states, the run state (completed epochs, evaluation history,
-the CSCC weight table, timings), the torch RNG state and the resolved config. The data order is a
-function of (seed, epoch), so a run resumed at an epoch boundary continues exactly as an
-uninterrupted run would. Under DeepSpeed ZeRO the optimizer state is partitioned over the ranks and
+the CSCC weight table, the code memory, timings) and the resolved config; no RNG state, because the
+data order, augmentation and dropout are functions of (seed, epoch, rank), so a run resumed at an
+epoch boundary continues exactly as an uninterrupted run would. Under DeepSpeed ZeRO the optimizer state is partitioned over the ranks and
 is not kept (``optimizer=None``): a resumed run restarts Adam's moments, and says so.
 """
 
@@ -26,7 +26,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "state": state,
-        "rng": torch.get_rng_state(),
         "config": dataclasses.asdict(cfg),
     }
     atomic_save_with(path, lambda tmp: torch.save(payload, tmp))
@@ -39,5 +38,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model.load_state_dict(payload["model"])
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng"])
     return {**state, **payload["state"]}

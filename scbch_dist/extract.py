@@ -76,8 +76,8 @@ class ImageEncoder:
     dim: int  # feature width
     mean: tuple[float, float, float]  # per-channel normalisation of [0, 1] RGB input
     std: tuple[float, float, float]
-    # (weights, image_size, seed) -> (network mapping (n, 3, S, S) float32 to (n, dim), provenance)
-    build: Callable[[str | None, int, int], tuple[nn.Module, dict]]
+    # (weights, seed) -> (network mapping (n, 3, S, S) float32 to (n, dim), provenance)
+    build: Callable[[str | None, int], tuple[nn.Module, dict]]
     layer: str = ""  # what the feature is, for meta.source
 
 
@@ -104,7 +104,7 @@ def _default_vgg_weights() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
 
 
-def _vgg19_fc7(weights: str | None, image_size: int, seed: int) -> tuple[nn.Module, dict]:
+def _vgg19_fc7(weights: str | None, seed: int) -> tuple[nn.Module, dict]:
     tv = _import_torchvision()
     if weights == "random":
         # a private RNG stream: building the network leaves the caller's torch RNG untouched
@@ -145,7 +145,7 @@ class _PooledFeatures(nn.Module):
         return self.backbone.features(x)
 
 
-def _efficientnet_lite0(weights: str | None, image_size: int, seed: int) -> tuple[nn.Module, dict]:
+def _efficientnet_lite0(weights: str | None, seed: int) -> tuple[nn.Module, dict]:
     from scbch_dist.models.backbones import EfficientNetLite0Image, WeightsError, efficientnet_lite0_package_weights
 
     if weights is not None:
@@ -219,8 +219,6 @@ class BowText:
     """Binary bag of words over the ``dim`` most frequent training words: (n,) str -> (n, dim) uint8."""
 
     words: list[str]
-
-    name = "bow"
 
     @property
     def dim(self) -> int:
@@ -546,14 +544,16 @@ def _prepare_text(text: BowText | Doc2VecText, src: Path, meta: DatasetMeta, par
 # Assembly
 
 
-def _split_rows(job: _Job, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(img, txt, lab) chunks of ``split`` in id order, from the partial files."""
+def _split_rows(job: _Job, split: str, devices: set[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(img, txt, lab) chunks of ``split`` in id order, from the partial files; adds the devices
+    that computed them to ``devices``."""
     info = job.meta.splits[split]
     files = [_partial_file(job.partial, split, i) for i in range(len(info.shards))]
     ids = []
     for path in files:
         with np.load(path) as z:
             ids.append(z["id"])
+            devices.add(str(z["device"]))
     cat = np.concatenate(ids)
     if not np.array_equal(np.sort(cat), np.arange(info.count)):
         raise ExtractError(f"{job.partial}: the partial files of split {split!r} do not hold ids 0..{info.count - 1} "
@@ -571,25 +571,17 @@ def _split_rows(job: _Job, split: str) -> Iterator[tuple[np.ndarray, np.ndarray,
     yield tuple(np.concatenate([p[k] for p in parts])[order] for k in range(3))
 
 
-def _devices_used(job: _Job) -> list[str]:
-    used = set()
-    for path in sorted(job.partial.glob("*.npz")):
-        with np.load(path) as z:
-            used.add(str(z["device"]))
-    return sorted(used)
-
-
 def _assemble(job: _Job, out: Path, *, name: str, source: dict, samples_per_shard: int,
               block_size: int) -> DatasetMeta:
     """Write ``out`` from the partial files, atomically: shards, labels, noise tables, meta.json."""
     spec = {"img": FieldSpec(dim=job.img_dim, dtype=job.img_dtype), "txt": FieldSpec(dim=job.text.dim, dtype=job.txt_dtype)}
     src_labels = job.src / "labels"
     with atomic_directory(out) as tmp:
-        infos, train_labels = {}, []
+        infos, train_labels, devices = {}, [], set()
         for split in SPLITS:
             writer = SplitWriter(tmp, split, spec, job.meta.num_classes, block_size=block_size,
                                  samples_per_shard=samples_per_shard)
-            for img, txt, lab in _split_rows(job, split):
+            for img, txt, lab in _split_rows(job, split, devices):
                 writer.write(img, txt, lab)
                 if split == "train":
                     train_labels.append(lab)
@@ -606,7 +598,7 @@ def _assemble(job: _Job, out: Path, *, name: str, source: dict, samples_per_shar
                 shutil.copyfile(path, tmp / "labels" / path.name)
                 tables.append(path.stem)
         meta = DatasetMeta(name=name, classes=list(job.meta.classes), fields=spec, splits=infos, layout="block",
-                           block_size=block_size, source={**source, "devices": _devices_used(job)},
+                           block_size=block_size, source={**source, "devices": sorted(devices)},
                            noise_tables=tables)
         atomic_write_json(meta_path(tmp), meta.to_json())
     return meta
@@ -693,7 +685,7 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
                                         doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
                                         doc2vec_min_count=doc2vec_min_count, seed=seed)
     encoder = IMAGE_ENCODERS[image_encoder]
-    net, weights_info = encoder.build(vgg_weights, image_size, seed)
+    net, weights_info = encoder.build(vgg_weights, seed)
     prep = Preprocess(image_size, encoder.mean, encoder.std)
     image_settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info,
                       "image_size": image_size, "resize_shorter_side": prep.resize, "interpolation": "bilinear",

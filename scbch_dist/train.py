@@ -215,10 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_corrupted = int(corrupted.sum()) if corrupted is not None else 0
     noise_info = {"spec": cfg.data.noise, "name": noise.name, "corrupted_rows": n_corrupted,
                   "rate": round(n_corrupted / meta.splits["train"].count, 4)}
-    inputs = {m: (f"{meta.dim(m)}-d" if meta.kind(m) == "feature" else f"raw {meta.kind(m)}") for m in ("img", "txt")}
-    log.info(f"dataset {meta.name} at {root}: train {meta.splits['train'].count}, query {meta.splits['query'].count}, "
-             f"database {meta.splits['database'].count}; {meta.num_classes} classes; img {inputs['img']}, "
-             f"txt {inputs['txt']}; noise {noise.name} ({noise_info['corrupted_rows']} corrupted training rows)")
+    log.info(f"dataset {meta.name} at {root}: {meta.describe()}; noise {noise.name} "
+             f"({noise_info['corrupted_rows']} corrupted training rows)")
 
     # ---- model
     model = build_model(cfg.model, meta, vocab_size=tokenizer.vocab_size if tokenizer is not None else None)

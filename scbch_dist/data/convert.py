@@ -367,11 +367,6 @@ def encode_image(data: bytes) -> tuple[bytes, str]:
         return buf.getvalue(), "png"
 
 
-def load_image(path: Path) -> tuple[bytes, str]:
-    """``encode_image`` of the file at ``path`` (FileNotFoundError when it is missing)."""
-    return encode_image(Path(path).read_bytes())
-
-
 class Checked(NamedTuple):
     """What the check of one record found."""
 
@@ -459,7 +454,7 @@ def _samples(records: list[Record], index: list[int], checked: list[Checked], cl
     for i in index:
         rec, c = records[i], checked[i]
         try:
-            image = load_image(rec.image)[0] if c.reencoded else rec.image.read_bytes()
+            image = encode_image(rec.image.read_bytes())[0] if c.reencoded else rec.image.read_bytes()
         except Exception as e:  # changed on disk since the check
             raise ConvertError(f"{rec.where}: field 'image': {rec.image}: unreadable on the second read ({e})") from None
         lab = np.zeros(len(classes), dtype=np.uint8)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist.config import ShapesConfig
-from scbch_dist.data.format import DatasetMeta, RawSample, read_meta, write_raw_dataset
+from scbch_dist.data.format import DatasetMeta, RawSample, meta_path, read_meta, write_raw_dataset
 
 GENERATOR = "scbch_dist.data.shapes"
 SHAPES = ["circle", "square", "triangle", "cross", "star"]
@@ -190,7 +190,7 @@ def ensure_shapes(root: str | Path, cfg: ShapesConfig) -> DatasetMeta:
     """The dataset at ``root``, written on first use. A folder written from other settings, or
     holding another dataset, is an error rather than a silent mismatch."""
     root = Path(root)
-    if not (root / "meta.json").is_file():
+    if not meta_path(root).is_file():
         return write_shapes(root, cfg)
     meta = read_meta(root)
     if meta.source.get("generator") != GENERATOR:

@@ -26,15 +26,15 @@ class WeightsError(FileNotFoundError):
 
 
 class FeatureInput(nn.Module):
-    """Stored feature vectors, passed through: (n, D) -> (n, D); integer ones (uint8 bag-of-words)
-    become float32, float ones keep their dtype."""
+    """Stored feature vectors, passed through: (n, D) -> (n, D). The hash head casts them (uint8
+    bag-of-words included) to its weights' dtype."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.out_dim = dim
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return x if x.is_floating_point() else x.float()
+        return x
 
 
 class _ImageBackbone(nn.Module):
