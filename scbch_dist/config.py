@@ -5,20 +5,23 @@ A run's configuration is built in three layers, later layers winning:
   2. a YAML file (``--config configs/X.yaml``), nested like the tree;
   3. repeatable ``--set a.b=value`` overrides, values parsed as YAML scalars.
 
-Unknown keys and values of the wrong type are errors that name the key, so a typo in a sweep
-never silently trains the default.
+OmegaConf merges the layers into the structured schema and checks keys and types; unknown keys and
+values of the wrong type are errors that name the key, so a typo in a sweep never silently trains
+the default. ``validate`` adds the value rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 @dataclass
@@ -92,6 +95,11 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    name: str = "scbch"  # the training method (scbch_dist.methods); its settings live in its own sections
+
+
+@dataclass
 class LossConfig:
     margin: float = 0.15  # BSCH margin (MIRFlickr setting)
     shift: float = 0.8  # BSCH shift xi (MIRFlickr setting)
@@ -105,7 +113,7 @@ class CSCCConfig:
     k: int = 20  # neighbours per sample
     gamma: float = 0.5  # base weight
     warmup_epochs: int = 5  # epochs trained with all weights 1
-    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu (scbch_dist.bank)
+    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu (scbch_dist.knn)
     refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
 
 
@@ -144,6 +152,7 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cscc: CSCCConfig = field(default_factory=CSCCConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,63 +164,66 @@ class ConfigError(ValueError):
     pass
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Coerce ``value`` to the field's type where that is lossless; raise naming ``key`` otherwise."""
-    origin = typing.get_origin(annotation)
-    if origin in (list, typing.List):
-        (item_type,) = typing.get_args(annotation)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]  # `--set eval.topk=100` means [100]
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        annotation = next(a for a in args if a is not type(None))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-    if annotation is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
-    return value
+_KINDS = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
 
 
-def _apply(node: Any, updates: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(node))
-    names = [f.name for f in dataclasses.fields(node)]
-    for key, value in updates.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}; known keys here: {', '.join(names)}")
-        current = getattr(node, key)
-        if dataclasses.is_dataclass(current):
+def _field_kind(key: str) -> str:
+    """What the field at dotted ``key`` holds, in words ("an integer", "a list", ...)."""
+    node: Any = Config
+    annotation: Any = Config
+    for part in key.split("[")[0].split("."):
+        hints = typing.get_type_hints(node)
+        annotation = hints.get(part)
+        if annotation is None:
+            return "a value"
+        node = annotation
+    if "[" in key:  # an item of a list
+        (annotation,) = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (list, typing.List):
+        return "a list, e.g. [1, 2]"
+    if dataclasses.is_dataclass(annotation):
+        return "a section (a mapping of its keys)"
+    return _KINDS.get(annotation, "a value")
+
+
+def _known_keys(key: str) -> str:
+    node: Any = Config
+    for part in key.split(".")[:-1]:
+        node = typing.get_type_hints(node).get(part)
+        if not dataclasses.is_dataclass(node):
+            return ""
+    return ", ".join(f.name for f in dataclasses.fields(node))
+
+
+def _merge(base: DictConfig, layer: dict, source: str) -> DictConfig:
+    """``layer`` merged into ``base``; OmegaConf checks keys and types, the message names the key."""
+    try:
+        return OmegaConf.merge(base, OmegaConf.create(layer))
+    except ConfigKeyError as e:
+        key = e.full_key or "?"
+        raise ConfigError(f"{source}unknown config key {key!r}; known keys here: {_known_keys(key)}") from None
+    except OmegaConfBaseException as e:
+        if e.full_key:
+            raise ConfigError(f"{source}config key {e.full_key!r}: expected {_field_kind(e.full_key)}, "
+                              f"got {e.value!r}") from None
+        key = _section_given_a_value(layer)
+        if key:
+            raise ConfigError(f"{source}config key {key!r} is a section; give it a mapping of its keys") from None
+        raise ConfigError(f"{source}{str(e).splitlines()[0]}") from None
+
+
+def _section_given_a_value(layer: dict, node: Any = Config, prefix: str = "") -> str:
+    """The dotted key of the first section in ``layer`` set to a plain value ("" if none)."""
+    hints = typing.get_type_hints(node)
+    for key, value in layer.items():
+        annotation = hints.get(key)
+        if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {path!r} is a section; give it a mapping, not {value!r}")
-            _apply(current, value, prefix=f"{path}.")
-        elif isinstance(current, dict) and isinstance(value, dict):
-            # free-form mappings (backbone kwargs) merge, so `--set model.image.kwargs.depth=2` keeps the rest
-            setattr(node, key, {**current, **value})
-        else:
-            setattr(node, key, _check_type(path, value, hints[key]))
+                return f"{prefix}{key}"
+            found = _section_given_a_value(value, annotation, f"{prefix}{key}.")
+            if found:
+                return found
+    return ""
 
 
 def parse_override(text: str) -> dict:
@@ -222,7 +234,10 @@ def parse_override(text: str) -> dict:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set expects key=value, got {text!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     # YAML 1.1 reads "1e-4" as a string; numbers in scientific notation are common in sweeps.
     if isinstance(value, str):
         try:
@@ -239,28 +254,44 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then each ``key=value`` override in order."""
-    cfg = Config()
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override in order, merged as
+    OmegaConf structured configs (dinov2's pattern); then ``validate``."""
+    merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        try:
-            _apply(cfg, tree)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        merged = _merge(merged, tree, f"{path}: ")
     for text in overrides or []:
-        _apply(cfg, parse_override(text))
+        merged = _merge(merged, parse_override(text), "")
+    cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
 
 
+def _floats(node: Any, prefix: str = ""):
+    """(dotted key, value) of every float field."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type check cannot express."""
+    """Value rules that a type check cannot express; each error names the key."""
+    from scbch_dist.knn import BACKENDS
+
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     if cfg.model.bits < 1 or cfg.model.hidden < 1:
         raise ConfigError("model.bits and model.hidden must be positive")
     if cfg.train.batch_size < 2:
@@ -275,6 +306,7 @@ def validate(cfg: Config) -> None:
                "model.text.kind": (cfg.model.text.kind, ("features", "bert", "minilm")),
                "model.text.pooling": (cfg.model.text.pooling, ("mean", "cls")),
                "cscc.refresh": (cfg.cscc.refresh, ("pass", "memory")),
+               "cscc.knn": (cfg.cscc.knn, BACKENDS),
                "train.mixed_precision": (cfg.train.mixed_precision, ("", "no", "bf16", "fp16"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

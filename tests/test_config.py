@@ -38,8 +38,12 @@ def test_errors_name_the_key(tmp_path):
         load_config(None, ["model.bitz=3"])
     with pytest.raises(ConfigError, match="'train.epochs': expected an integer"):
         load_config(None, ["train.epochs=many"])
-    with pytest.raises(ConfigError, match="'run.progress': expected true/false"):
-        load_config(None, ["run.progress=3"])
+    with pytest.raises(ConfigError, match="'run.progress': expected true/false, got 'maybe'"):
+        load_config(None, ["run.progress=maybe"])
+    with pytest.raises(ConfigError, match=r"'eval.topk\[1\]': expected an integer"):
+        load_config(None, ["eval.topk=[10, ten]"])
+    with pytest.raises(ConfigError, match="'eval.topk': expected a list"):
+        load_config(None, ["eval.topk=10"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("model.bits")
     bad = tmp_path / "bad.yaml"
@@ -48,3 +52,28 @@ def test_errors_name_the_key(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="batch_size must be at least 2"):
         load_config(None, ["train.batch_size=1"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  bits: [32\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.margin=.nan", "loss.margin must be a finite number"),
+    ("train.lr=.inf", "train.lr must be a finite number"),
+    ("cscc.knn=annoy", "cscc.knn must be one of"),
+    ("cscc.refresh=sometimes", "cscc.refresh must be one of"),
+])
+def test_value_rules_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_free_form_mappings_merge_and_sections_take_mappings(tmp_path):
+    path = tmp_path / "vit.yaml"
+    path.write_text("model:\n  image:\n    kwargs: {depth: 4, embed_dim: 96}\n")
+    cfg = load_config(path, ["model.image.kwargs.depth=2"])
+    assert cfg.model.image.kwargs == {"depth": 2, "embed_dim": 96}  # --set keeps the other entries
+    assert isinstance(cfg.model.image.kwargs, dict) and cfg.method.name == "scbch"
+    with pytest.raises(ConfigError, match="model"):
+        load_config(None, ["model=3"])
