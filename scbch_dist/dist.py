@@ -1,4 +1,5 @@
-"""Every collective of the project lives here: rank helpers and gathers (with and without gradient).
+"""Every collective of the project lives here: rank helpers, gathers (with and without gradient),
+the gather of rows by sample id.
 
 All helpers work unchanged in a single process (no process group): they return the input.
 Gathers accept a different row count on every rank (the last batch of an epoch, the last part
@@ -94,3 +95,17 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y
+
+
+def gather_by_id(part: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Every rank's rows, ordered by ``part["id"]`` (0..count-1, each exactly once), on every rank.
+
+    ``part`` holds ``id`` (n,) int64 and any tensors with n rows; the order in which parts arrive
+    never matters (dinov2's id-indexed gather)."""
+    counts = all_counts(part["id"].shape[0], part["id"].device)
+    gathered = {k: gather_rows(v, counts=counts)[0] for k, v in part.items()}
+    order = torch.full((count,), -1, dtype=torch.int64, device=part["id"].device)
+    order[gathered["id"]] = torch.arange(gathered["id"].shape[0], device=order.device)
+    if gathered["id"].shape[0] != count or (order < 0).any():
+        raise RuntimeError(f"a pass returned {gathered['id'].shape[0]} rows for {count} ids")
+    return {k: v[order] for k, v in gathered.items() if k != "id"}

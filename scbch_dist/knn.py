@@ -1,4 +1,6 @@
-"""The CSCC feature bank: its neighbour search, and the memory of training-batch codes.
+"""Nearest-neighbour search by inner product: a leaf module (tensors in, tensors out, no training
+state, no collectives). The engine's refresh searches the gathered [u, v] bank with it
+(docs/distributed.md).
 
 Backends, chosen by ``cscc.knn``:
 - ``faiss-gpu``: brute-force inner product on the GPU (``faiss.knn_gpu``), needs FAISS-GPU and CUDA;
@@ -19,8 +21,6 @@ import importlib.util
 
 import numpy as np
 import torch
-
-from scbch_dist import dist
 
 BACKENDS = ("auto", "torch", "faiss-cpu", "faiss-gpu")
 
@@ -131,57 +131,3 @@ def _gpu_resources(device: torch.device):
     if key not in _GPU_RESOURCES:
         _GPU_RESOURCES[key] = _faiss().StandardGpuResources()
     return _GPU_RESOURCES[key]
-
-
-class CodeMemory:
-    """The latest CSCC bank row z = [u, v] of every training id, taken from the training batches
-    (``cscc.refresh: memory``), so that a refresh needs no extra encoding pass.
-
-    Each rank records the rows of its own batches; ``sync()`` gathers what every rank recorded since
-    the last sync and writes it into the full (N, 2L) table held by every rank, by id. Rows come
-    from the model in training mode (augmented inputs, parameters of the step that produced them),
-    which is the difference from the paper's refresh pass.
-    """
-
-    def __init__(self, count: int, width: int, device: torch.device):
-        self.rows = torch.zeros(count, width, device=device)
-        self.seen = torch.zeros(count, dtype=torch.bool, device=device)
-        self.coverage = 0.0  # fraction of ids the last sync updated; the rest are from earlier epochs
-        self._ids: list[torch.Tensor] = []
-        self._rows: list[torch.Tensor] = []
-
-    def record(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """ids (n,) int64, rows (n, 2L): this rank's latest rows (detached, stored as float32)."""
-        self._ids.append(ids.detach())
-        self._rows.append(rows.detach().float())
-
-    def sync(self) -> None:
-        """Collective: every rank's recorded rows into every rank's table (later rows win)."""
-        width = self.rows.shape[1]
-        ids = torch.cat(self._ids) if self._ids else torch.zeros(0, dtype=torch.int64, device=self.rows.device)
-        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, width, device=self.rows.device)
-        counts = dist.all_counts(ids.shape[0], ids.device)
-        ids, _ = dist.gather_rows(ids, counts=counts)
-        rows, _ = dist.gather_rows(rows, counts=counts)
-        # An id can arrive twice (the padding samples of a split that does not divide over the ranks);
-        # the last arrival wins, chosen explicitly because index_put with repeated ids is unordered on GPUs.
-        position = torch.arange(ids.shape[0], device=ids.device)
-        last = torch.full((self.rows.shape[0],), -1, dtype=torch.int64, device=ids.device)
-        last.scatter_reduce_(0, ids, position, reduce="amax")
-        updated = last >= 0
-        self.rows[updated] = rows[last[updated]]
-        self.seen |= updated
-        self.coverage = float(updated.float().mean())
-        self._ids, self._rows = [], []
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.seen.all())
-
-    def state_dict(self) -> dict:
-        return {"rows": self.rows.cpu(), "seen": self.seen.cpu(), "coverage": self.coverage}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rows.copy_(state["rows"])
-        self.seen.copy_(state["seen"])
-        self.coverage = float(state.get("coverage", 1.0))

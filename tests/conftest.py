@@ -67,3 +67,15 @@ def rewrite_shard(path: Path, edit):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(model state, per-id tables, run_state.json) of a run's latest checkpoint, read as files:
+    safetensors and JSON, nothing unpickled."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return (load_file(str(folder / "model.safetensors")), load_file(str(folder / "tables.safetensors")),
+            json.loads((folder / "run_state.json").read_text()))

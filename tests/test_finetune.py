@@ -18,9 +18,10 @@ PIL = pytest.importorskip("PIL.Image")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-from scbch_dist.bank import CodeMemory  # noqa: E402
-from scbch_dist.data.transforms import BatchTransform, ImageTransform, WordTokenizer  # noqa: E402
-from scbch_dist.losses import cscc_bank_rows, cscc_weights  # noqa: E402
+from scbch_dist.tables import IdTable  # noqa: E402
+from scbch_dist.data.transforms import BatchTransform, ImageTransform
+from scbch_dist.models.tokenizers import WordTokenizer  # noqa: E402
+from scbch_dist.losses import cscc_weights  # noqa: E402
 from scbch_dist.models import SCBCHModel, WeightsError  # noqa: E402
 from scbch_dist.models.backbones import EfficientNetLite0Image, HFText, TimmImage  # noqa: E402
 
@@ -186,7 +187,8 @@ def net_weights_path():
 
 def test_feature_model_state_dict_is_unchanged_by_backbones():
     model = SCBCHModel(12, 10, 8, 16, 5)
-    assert all(k.startswith(("img_head", "txt_head", "img_classifier", "txt_classifier")) for k in model.state_dict())
+    assert all(k.startswith(("img_head", "txt_head", "head.img_classifier", "head.txt_classifier"))
+               for k in model.state_dict())
     assert [g["name"] for g in model.param_groups(1e-3, 1e-5)] == ["heads"]
 
 
@@ -200,41 +202,49 @@ def test_backbones_get_their_own_learning_rate():
         p.numel() for m in (model.img_backbone, model.txt_backbone) for p in m.parameters())
 
 
-# ---- the code memory (cscc.refresh = memory)
+# ---- per-id tables and the memory refresh (cscc.refresh = memory)
 
 
-def test_code_memory_keeps_the_latest_row_of_each_id():
-    mem = CodeMemory(4, 3, torch.device("cpu"))
-    mem.record(torch.tensor([0, 1]), torch.ones(2, 3))
-    mem.record(torch.tensor([2, 1]), torch.full((2, 3), 2.0))  # id 1 again: the later row wins
+def test_id_table_keeps_the_latest_row_of_each_id():
+    mem = IdTable(4, (3,))
+    mem.update(torch.tensor([0, 1]), torch.ones(2, 3))
+    mem.update(torch.tensor([2, 1]), torch.full((2, 3), 2.0))  # id 1 again: the later row wins
     mem.sync()
     assert not mem.complete and mem.coverage == 0.75
-    torch.testing.assert_close(mem.rows, torch.tensor([[1.0] * 3, [2.0] * 3, [2.0] * 3, [0.0] * 3]))
-    mem.record(torch.tensor([3]), torch.full((1, 3), 5.0))
+    torch.testing.assert_close(mem.values, torch.tensor([[1.0] * 3, [2.0] * 3, [2.0] * 3, [0.0] * 3]))
+    mem.update(torch.tensor([3]), torch.full((1, 3), 5.0))
     mem.sync()
     # complete (every id seen once), yet only id 3 is from this epoch: the rest are older rows
-    assert mem.complete and mem.coverage == 0.25 and mem.rows[3, 0] == 5 and mem.rows[0, 0] == 1
-    restored = CodeMemory(4, 3, torch.device("cpu"))
+    assert mem.complete and mem.coverage == 0.25 and mem.values[3, 0] == 5 and mem.values[0, 0] == 1
+    restored = IdTable(4, (3,))
     restored.load_state_dict(mem.state_dict())
-    assert torch.equal(restored.rows, mem.rows) and restored.complete and restored.coverage == 0.25
+    assert torch.equal(restored.values, mem.values) and restored.complete and restored.coverage == 0.25
+    with pytest.raises(ValueError, match="shape"):
+        IdTable(5, (3,)).load_state_dict(mem.state_dict())
 
 
-def test_refresh_from_memory_equals_cscc_weights_on_the_same_codes():
-    from scbch_dist.train import refresh_from_memory
+def test_memory_refresh_equals_cscc_weights_on_the_same_codes(tmp_path):
+    from scbch_dist.engine.bank import BankSource
+    from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
+    from scbch_dist.runlog import setup_logging
 
     g = torch.Generator().manual_seed(0)
     n, bits = 50, 8
     h_img, h_txt = torch.randn(n, bits, generator=g), torch.randn(n, bits, generator=g)
     labels = (torch.rand(n, 5, generator=g) < 0.4).to(torch.uint8)
-    mem = CodeMemory(n, 2 * bits, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    source = BankSource("memory", n, bits, cpu, encode_train=None, log=setup_logging(None, True))
     perm = torch.randperm(n, generator=g)
     for part in perm.split(16):  # batches in a shuffled order, as training sees them
-        mem.record(part, cscc_bank_rows(h_img[part], h_txt[part]))
-    mem.sync()
-    cfg = load_config(None, ["cscc.k=5", "cscc.knn=torch"])
-    got = refresh_from_memory(mem, labels, cfg)
+        source.record(part, {"h_img": h_img[part], "h_txt": h_txt[part]})
+    source.memory.sync()
+    cfg = load_config(None, ["cscc.k=5", "cscc.knn=torch", f"model.bits={bits}", "cscc.warmup_epochs=0"])
+    train = TrainingSet(n, 5, labels, None, cpu)
+    method = SCBCH(cfg, train)
+    diag = method.epoch_start(EpochContext(0, 1, train, source.build, tmp_path, False))
+    assert diag["cscc_weights"]["source"] == "memory" and diag["cscc_weights"]["memory_coverage"] == 1.0
     want = cscc_weights(h_img, h_txt, labels, k=5, gamma=cfg.cscc.gamma)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(method.weights.values, want, rtol=1e-6, atol=1e-6)
 
 
 # ---- DeepSpeed
@@ -243,7 +253,7 @@ def test_refresh_from_memory_equals_cscc_weights_on_the_same_codes():
 def test_deepspeed_zero2_accelerate_config():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from scbch_dist.train import configure_deepspeed
+    from scbch_dist.engine.setup import configure_deepspeed
 
     cfg = load_config_from_file(str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
     assert cfg.distributed_type == "DEEPSPEED" and cfg.mixed_precision == "bf16"

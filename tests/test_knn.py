@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scbch_dist.bank import _put_self_back, faiss_available, knn, knn_exact, resolve_backend
+from scbch_dist.knn import _put_self_back, faiss_available, knn, knn_exact, resolve_backend
 
 BACKENDS = ["torch"] + (["faiss-cpu"] if faiss_available() else [])
 
@@ -43,3 +43,15 @@ def test_backend_resolution():
     assert resolve_backend("auto", torch.device("cpu")) == ("faiss-cpu" if faiss_available() else "torch")
     with pytest.raises(ValueError, match="cscc.knn"):
         resolve_backend("annoy", torch.device("cpu"))
+
+
+def test_knn_exact_chunking_and_self_entry():
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    s_all, i_all = knn_exact(x, x, 4, self_index=torch.arange(50))
+    s_chunk, i_chunk = knn_exact(x, x, 4, self_index=torch.arange(50), chunk=7)
+    assert torch.equal(i_all, i_chunk) and torch.allclose(s_all, s_chunk)
+    full = x @ x.T
+    full.fill_diagonal_(0)  # the self entry is 0, not removed
+    ref_s, ref_i = torch.topk(full, 4, dim=1)
+    assert torch.equal(i_all, ref_i) and torch.allclose(s_all, ref_s)

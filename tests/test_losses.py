@@ -1,4 +1,4 @@
-"""Each SCBCH term against float64 references written entry by entry, as DESIGN.md states them."""
+"""Each SCBCH term against float64 references written entry by entry, as docs/objective.md states them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scbch_dist.bank import knn_exact
-from scbch_dist.losses import (bsch_loss, cscc_loss, cscc_weights, jaccard_similarity, quantization_loss,
+from scbch_dist.losses import (Columns, bsch_loss, cscc_loss, cscc_weights, jaccard_similarity, quantization_loss,
                                scbch_loss, weights_from_neighbors)
 
 
@@ -27,7 +26,7 @@ def labels(n, c, seed, p=0.35):
 
 
 def reference_bsch(u, v, y, margin, shift):
-    """Entry-by-entry float64 transcription of DESIGN.md's BSCH definition."""
+    """Entry-by-entry float64 transcription of the BSCH definition in docs/objective.md."""
     n = len(u)
     total_rep, total_att, diag = 0.0, 0.0, 0.0
     for i in range(n):
@@ -198,18 +197,6 @@ def test_weights_from_neighbors_with_own_index():
     assert float(w[0]) == pytest.approx(0.5 / math.sqrt(1.25), abs=1e-6)
 
 
-def test_knn_exact_chunking_and_self_entry():
-    g = torch.Generator().manual_seed(18)
-    x = torch.randn(50, 8, generator=g, dtype=torch.float64)
-    s_all, i_all = knn_exact(x, x, 4, self_index=torch.arange(50))
-    s_chunk, i_chunk = knn_exact(x, x, 4, self_index=torch.arange(50), chunk=7)
-    assert torch.equal(i_all, i_chunk) and torch.allclose(s_all, s_chunk)
-    full = x @ x.T
-    full.fill_diagonal_(0)  # the self entry is 0, not removed
-    ref_s, ref_i = torch.topk(full, 4, dim=1)
-    assert torch.equal(i_all, ref_i) and torch.allclose(s_all, ref_s)
-
-
 def test_scbch_loss_weights_terms_07_03_10():
     u, v, y = unit_rows(6, 4, 19), unit_rows(6, 4, 20), labels(6, 3, 21)
     p = torch.sigmoid(u[:, :3])
@@ -218,3 +205,28 @@ def test_scbch_loss_weights_terms_07_03_10():
     expected = 0.7 * terms["bsch"] + 0.3 * terms["quant"] + 1.0 * terms["cscc"]
     assert float(terms["total"]) == pytest.approx(float(expected), abs=1e-12)
     assert float(terms["bsch"]) == pytest.approx(reference_bsch(u, v, y, 0.15, 0.8), abs=1e-12)
+
+
+def test_shares_of_a_split_batch_sum_to_the_whole_batch_loss_and_gradient():
+    """The data-parallel form in one process: rows 0..3 and 4..8 scored against the whole batch
+    (Columns) give shares that add up to the loss of the whole batch, gradients included."""
+    u, v, y = unit_rows(9, 5, 30), unit_rows(9, 5, 31), labels(9, 4, 32)
+    p_img, p_txt = torch.sigmoid(u[:, :4]), torch.sigmoid(v[:, :4])
+    w = torch.linspace(0.5, 1.0, 9, dtype=torch.float64)
+
+    def total(parts):
+        leaves = [x.clone().requires_grad_() for x in (u, v)]
+        loss = 0.0
+        for rows in parts:
+            cols = Columns(leaves[0], leaves[1], y, rows.start)
+            out = {"h_img": leaves[0][rows], "h_txt": leaves[1][rows], "p_img": p_img[rows], "p_txt": p_txt[rows]}
+            loss = loss + scbch_loss(out, y[rows], w[rows], margin=0.2, shift=1.0, columns=cols)["total"]
+        loss.backward()
+        return loss.item(), leaves[0].grad, leaves[1].grad
+
+    whole, gu, gv = total([slice(0, 9)])
+    split, su, sv = total([slice(0, 4), slice(4, 9)])
+    assert split == pytest.approx(whole, abs=1e-12)
+    assert torch.allclose(su, gu, atol=1e-12) and torch.allclose(sv, gv, atol=1e-12)
+    unweighted = scbch_loss({"h_img": u, "h_txt": v, "p_img": p_img, "p_txt": p_txt}, y, w, margin=0.2, shift=1.0)
+    assert float(unweighted["total"]) == pytest.approx(whole, abs=1e-12)

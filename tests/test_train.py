@@ -15,6 +15,8 @@ import torch
 
 from scbch_dist.train import main
 
+from conftest import read_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,8 +54,9 @@ def test_short_run_learns_and_writes_every_output(short_run):
     assert all(set(r["loss"]) == {"total", "bsch", "quant", "cscc"} for r in records)
     assert "cscc_weights" not in records[1] and "auc" in records[2]["cscc_weights"]  # refresh after warm-up
     assert [r["epoch"] for r in records if "eval" in r] == [3, 6]
-    for name in ("config.yaml", "log.txt", "codes.npz", "checkpoints/last.pt", "plots/pr.png",
-                 "plots/map.png", "plots/cscc_weights.png"):
+    for name in ("config.yaml", "log.txt", "codes.npz", "checkpoints/latest", "checkpoints/epoch-0006/model.safetensors",
+                 "checkpoints/epoch-0006/optimizer.bin", "checkpoints/epoch-0006/tables.safetensors",
+                 "checkpoints/epoch-0006/run_state.json", "plots/pr.png", "plots/map.png", "plots/cscc_weights.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     codes = np.load(run_dir / "codes.npz")
@@ -76,15 +79,19 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_dataset, tmp_path):
     part = tmp_path / "part"
     main(tiny_args(tiny_dataset, part, "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1"))
     summary = main(["--resume", str(part), "--set", "train.epochs=4"])  # extends the finished run
-    a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(part / "checkpoints" / "last.pt", weights_only=False)
-    assert b["state"]["epoch"] == 4
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert torch.equal(a["state"]["weights"], b["state"]["weights"])
+    model_a, tables_a, state_a = read_checkpoint(full)
+    model_b, tables_b, state_b = read_checkpoint(part)
+    assert state_b["state"]["epoch"] == 4
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]), k
+    for k in tables_a:  # CSCC weights (and the first refresh's) included
+        assert torch.equal(tables_a[k], tables_b[k]), k
     full_summary = json.loads((full / "summary.json").read_text())
     assert summary["final"]["avg_map"] == full_summary["final"]["avg_map"]
-    assert [h["epoch"] for h in b["state"]["history"]] == [2, 4]
+    assert [h["epoch"] for h in state_b["state"]["history"]] == [2, 4]
+    untimed = [{k: v for k, v in d["cscc_weights"].items() if k != "seconds"} for d in state_a["state"]["diagnostics"]]
+    assert untimed == [{k: v for k, v in d["cscc_weights"].items() if k != "seconds"}
+                       for d in state_b["state"]["diagnostics"]]
 
 
 @pytest.mark.slow
@@ -110,7 +117,7 @@ def test_bad_resume_and_batch_errors(tmp_path):
 
 @pytest.mark.parametrize("bits", [12, 256, 1024])
 def test_pack_bits_matches_numpy(bits):
-    from scbch_dist.evaluate import pack_bits
+    from scbch_dist.engine.evaluate import pack_bits
 
     b = torch.rand(7, bits, generator=torch.Generator().manual_seed(bits)) > 0.5
     assert np.array_equal(pack_bits(b).numpy(), np.packbits(b.numpy(), axis=1))
@@ -135,20 +142,32 @@ def test_long_codes_train_evaluate_and_pack(tiny_dataset, tmp_path, bits):
         pytest.approx(summary["final"]["i2t"]["map"], abs=1e-12)
 
 
-def test_refresh_path_equals_the_cscc_weights_reference(tiny_dataset):
+def test_refresh_path_equals_the_cscc_weights_reference(tiny_dataset, tmp_path):
+    """The engine's pass refresh and SCBCH's epoch_start (kNN backend, gathered bank, weights by id)
+    give losses.cscc_weights, the whole-set reference."""
     from scbch_dist.config import load_config
     from scbch_dist.data.format import read_meta
-    from scbch_dist.evaluate import encode_split
+    from scbch_dist.engine.bank import BankSource
+    from scbch_dist.engine.encode import encode_part, encode_split
     from scbch_dist.losses import cscc_weights
+    from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
     from scbch_dist.models import SCBCHModel
-    from scbch_dist.train import refresh_weights
+    from scbch_dist.runlog import setup_logging
 
     meta = read_meta(tiny_dataset)
-    cfg = load_config(None, ["cscc.k=7", "cscc.gamma=0.3"])
+    cfg = load_config(None, ["cscc.k=7", "cscc.gamma=0.3", "model.bits=16", "cscc.warmup_epochs=1"])
     torch.manual_seed(0)
     model = SCBCHModel(meta.dim("img"), meta.dim("txt"), 16, 32, meta.num_classes)
     labels = torch.from_numpy(np.load(tiny_dataset / "labels" / "clean.npy"))
-    got = refresh_weights(model, tiny_dataset, meta, cfg, labels, torch.device("cpu"), None)
-    enc = encode_split(model, tiny_dataset, meta, "train", batch_size=100, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    train = TrainingSet(400, meta.num_classes, labels, None, cpu)
+    source = BankSource("pass", 400, 16, cpu, log=setup_logging(None, True),
+                        encode_train=lambda: encode_part(model, tiny_dataset, meta, "train", batch_size=64, device=cpu))
+    method = SCBCH(cfg, train)
+    assert method.epoch_start(EpochContext(0, 3, train, source.build, tmp_path, False)) == {}  # warm-up
+    diag = method.epoch_start(EpochContext(1, 3, train, source.build, tmp_path, False))
+    assert diag["cscc_weights"]["source"] == "pass"
+    enc = encode_split(model, tiny_dataset, meta, "train", batch_size=100, device=cpu)
     ref = cscc_weights(enc["h_img"], enc["h_txt"], labels, k=7, gamma=0.3)
+    got = method.weights.values
     assert got.shape == (400,) and torch.allclose(got, ref, atol=1e-5)

@@ -38,53 +38,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from scbch_dist.data.format import DatasetMeta, RawSample, sha256_file, text_words, write_dataset, write_raw_dataset
-from scbch_dist.data.synthetic import CLASSES as MIRFLICKR_CLASSES
+from scbch_dist.data.releases import RELEASES, Release
 
 
 class ConvertError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class Part:
-    """One block of rows: the file and key of each modality."""
-
-    img: tuple[str, str]
-    txt: tuple[str, str]
-    lab: tuple[str, str]
-
-
-@dataclass(frozen=True)
-class Release:
-    name: str
-    parts: tuple[Part, ...]  # concatenated in this order
-    classes: int
-    query: int  # the first `query` rows
-    train: int  # the next `train` rows; the database is every row but the query rows
-    class_names: tuple[str, ...] = ()
-
-
-RELEASES = {
-    "mirflickr": Release("mirflickr25k", (Part(("mirflickr25k-iall-vgg.mat", "XAll"), ("mirflickr25k-yall.mat", "YAll"),
-                                               ("mirflickr25k-lall.mat", "LAll")),),
-                         classes=24, query=2000, train=10000, class_names=tuple(MIRFLICKR_CLASSES)),
-    "nuswide": Release("nuswide21", (Part(("nus-wide-tc21-xall-vgg-clean.mat", "XAll"),
-                                          ("nus-wide-tc21-yall-clean.mat", "YAll"),
-                                          ("nus-wide-tc21-lall-clean.mat", "LAll")),),
-                       classes=21, query=2100, train=10500),
-    "coco": Release("mscoco", (Part(("MSCOCO_deep_doc2vec_data.h5py", "train_imgs_deep"),
-                                    ("MSCOCO_deep_doc2vec_data.h5py", "train_text"),
-                                    ("MSCOCO_deep_doc2vec_data.h5py", "train_imgs_labels")),
-                               Part(("MSCOCO_deep_doc2vec_data.h5py", "test_imgs_deep"),
-                                    ("MSCOCO_deep_doc2vec_data.h5py", "test_text"),
-                                    ("MSCOCO_deep_doc2vec_data.h5py", "test_imgs_labels"))),
-                    classes=80, query=5000, train=10000),
-    "iapr": Release("iaprtc12", (Part(("iapr-tc12-rand.mat", "VDatabase"), ("iapr-tc12-rand.mat", "YDatabase"),
-                                      ("iapr-tc12-rand.mat", "databaseL")),
-                                 Part(("iapr-tc12-rand.mat", "VTest"), ("iapr-tc12-rand.mat", "YTest"),
-                                      ("iapr-tc12-rand.mat", "testL"))),
-                    classes=255, query=2000, train=10000),
-}
 
 
 def _is_hdf5(path: Path) -> bool:

@@ -22,12 +22,9 @@ import numpy as np
 
 from scbch_dist.config import SyntheticConfig
 from scbch_dist.data.format import DatasetMeta, read_meta, write_dataset
+from scbch_dist.data.releases import MIRFLICKR_CLASSES
 
-CLASSES = [
-    "animals", "baby", "bird", "car", "clouds", "dog", "female", "flower", "food", "indoor", "lake",
-    "male", "night", "people", "plant_life", "portrait", "river", "sea", "sky", "structures",
-    "sunset", "transport", "tree", "water",
-]
+CLASSES = list(MIRFLICKR_CLASSES)
 
 # Scenes: (classes switched on with high probability). They overlap, which creates co-occurrence.
 TOPICS = [

@@ -1,4 +1,5 @@
-"""Loader-side transforms for raw datasets: image decoding and augmentation, tokenisation.
+"""Loader-side transforms for raw datasets: image decoding and augmentation, tokenisation (by the
+tokenizer of the text encoder, models.tokenizers).
 
 They run in the loader workers, after the shuffle (so the shuffle buffer holds compressed bytes),
 on whole batches. A raw block ``{"id", "img": bytes objects, "txt": str objects, "lab", "src"}``
@@ -12,15 +13,16 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
-from scbch_dist.data.format import ShardError, read_vocab, text_words
+from scbch_dist.data.format import ShardError
 
 Block = dict[str, np.ndarray]
+# A text encoder's tokenizer (models.tokenizers): texts -> (ids, attention mask), each (n, T) int64.
+Tokenizer = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def _pil():
@@ -74,54 +76,6 @@ class ImageTransform:
         return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
 
 
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-PAD, UNK, CLS = 0, 1, 2
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]")
-
-
-class WordTokenizer:
-    """Word-level tokenizer over the most frequent words of the training texts (vocab.json),
-    for randomly initialised text encoders: [CLS] w1 w2 ... padded with [PAD]; unknown words [UNK].
-    Uses the same word rule as bag-of-words features (format.text_words)."""
-
-    def __init__(self, words: list[str], max_length: int, vocab_size: int):
-        kept = words[: max(vocab_size - len(SPECIAL_TOKENS), 0)]
-        self.index = {w: i + len(SPECIAL_TOKENS) for i, w in enumerate(kept)}
-        self.vocab_size = len(kept) + len(SPECIAL_TOKENS)
-        self.max_length = max_length
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(texts), self.max_length), PAD, dtype=np.int64)
-        for row, text in enumerate(texts):
-            tokens = [CLS] + [self.index.get(w, UNK) for w in text_words(text)]
-            tokens = tokens[: self.max_length]
-            ids[row, : len(tokens)] = tokens
-        return ids, (ids != PAD).astype(np.int64)
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer loaded from a local model directory (never from the hub)."""
-
-    def __init__(self, directory: str | Path, max_length: int):
-        # Fork-safety: workers fork after the tokenizer may have used its thread pool.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        self.vocab_size = len(self.tokenizer)
-        self.max_length = max_length
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="np")
-        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-
-
 class BatchTransform:
     """Raw block -> model-ready block (see the module docstring); modalities stored as features
     pass through. Errors name the shard, the sample key and the field."""
@@ -146,32 +100,17 @@ class BatchTransform:
                              f"({type(e).__name__}: {e})") from None
 
 
-def make_tokenizer(text_cfg, root: str | Path) -> Tokenizer:
-    """The tokenizer that matches ``model.text``: the model directory's own for pretrained
-    encoders, a word-level one over the dataset's training vocabulary for random ones."""
-    from scbch_dist.models.backbones import text_source
-
-    directory, _ = text_source(text_cfg)
-    if directory is None:
-        words, _ = read_vocab(root)
-        return WordTokenizer(words, text_cfg.max_length, text_cfg.vocab_size)
-    return HFTokenizer(directory, text_cfg.max_length)
-
-
-def make_transforms(model_cfg, root: str | Path, meta) -> tuple[Callable | None, Callable | None, Tokenizer | None]:
-    """(train transform, eval transform, tokenizer) for ``model_cfg`` on dataset ``meta``;
-    (None, None, None) when both modalities are stored as features."""
-    check_backbones_fit(model_cfg, meta, root)
+def make_transforms(image_cfg, meta, tokenizer: Tokenizer | None) -> tuple[Callable | None, Callable | None]:
+    """(train transform, eval transform) for dataset ``meta`` with ``model.image`` = ``image_cfg``
+    and the text encoder's tokenizer; (None, None) when both modalities are stored as features."""
     if not meta.raw:
-        return None, None, None
-    image = model_cfg.image
-    tokenizer = make_tokenizer(model_cfg.text, root) if meta.kind("txt") == "text" else None
+        return None, None
     if meta.kind("img") == "image":
-        train = ImageTransform(image.image_size, train=image.augment)
-        evaluation = ImageTransform(image.image_size, train=False)
+        train = ImageTransform(image_cfg.image_size, train=image_cfg.augment)
+        evaluation = ImageTransform(image_cfg.image_size, train=False)
     else:
         train = evaluation = None
-    return BatchTransform(train, tokenizer), BatchTransform(evaluation, tokenizer), tokenizer
+    return BatchTransform(train, tokenizer), BatchTransform(evaluation, tokenizer)
 
 
 def check_backbones_fit(model_cfg, meta, root) -> None:

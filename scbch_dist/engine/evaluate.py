@@ -1,4 +1,5 @@
-"""Encode query and database splits, compute the ranking metrics, write codes and plots.
+"""Evaluation (docs/evaluation.md): encode query and database, compute the ranking metrics, write
+the codes.
 
 Each rank encodes a disjoint part of a split (the exactly-once pass); rows are gathered with
 their ids and written into tables by id, so the order in which parts arrive never matters.
@@ -7,7 +8,6 @@ Metrics are computed once, from the complete tables.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -15,53 +15,9 @@ import torch
 
 from scbch_dist import dist, metrics
 from scbch_dist.data.format import DatasetMeta
-from scbch_dist.data.pipeline import pass_batches, to_torch
+from scbch_dist.engine.encode import encode_part
 from scbch_dist.io import atomic_save_with
 from scbch_dist.models import binary_codes
-
-
-@torch.no_grad()
-def encode_part(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, *, batch_size: int,
-                device: torch.device, workers: int = 0, autocast=None, transform=None) -> dict[str, torch.Tensor]:
-    """This rank's part of an exactly-once pass over ``split``: ids and continuous codes.
-    ``transform``: the deterministic loader transform of raw datasets (data.transforms).
-
-    Returns ``{"id": (n,), "h_img": (n, L) float32, "h_txt": (n, L) float32, "lab": (n, C) uint8}``.
-    """
-    was_training = model.training
-    model.eval()
-    net = model.module if hasattr(model, "module") else model
-    bits = net.img_classifier.shape[0]
-    parts: dict[str, list] = {"id": [], "h_img": [], "h_txt": [], "lab": []}
-    for batch in pass_batches(root, meta, split, batch_size=batch_size, rank=dist.rank(),
-                              world=dist.world_size(), workers=workers, transform=transform):
-        b = to_torch(batch, device)
-        with (autocast or contextlib.nullcontext)():
-            parts["h_img"].append(net.encode("img", b["img"]).float())
-            parts["h_txt"].append(net.encode("txt", b["txt"], b.get("txt_mask")).float())
-        parts["id"].append(b["id"])
-        parts["lab"].append(b["lab"])
-    model.train(was_training)
-    empty = {"id": torch.zeros(0, dtype=torch.int64, device=device), "h_img": torch.zeros(0, bits, device=device),
-             "h_txt": torch.zeros(0, bits, device=device),
-             "lab": torch.zeros(0, meta.num_classes, dtype=torch.uint8, device=device)}
-    return {k: torch.cat(v) if v else empty[k] for k, v in parts.items()}
-
-
-def gather_by_id(part: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Every rank's rows, ordered by ``part["id"]`` (0..count-1, each exactly once), on every rank."""
-    counts = dist.all_counts(part["id"].shape[0], part["id"].device)
-    gathered = {k: dist.gather_rows(v, counts=counts)[0] for k, v in part.items()}
-    order = torch.full((count,), -1, dtype=torch.int64, device=part["id"].device)
-    order[gathered["id"]] = torch.arange(gathered["id"].shape[0], device=order.device)
-    if gathered["id"].shape[0] != count or (order < 0).any():
-        raise RuntimeError(f"a pass returned {gathered['id'].shape[0]} rows for {count} ids")
-    return {k: v[order] for k, v in gathered.items() if k != "id"}
-
-
-def encode_split(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, **kw) -> dict[str, torch.Tensor]:
-    """Continuous codes of every sample of ``split``, ordered by id, the same on every rank."""
-    return gather_by_id(encode_part(model, root, meta, split, **kw), meta.splits[split].count)
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -89,7 +45,7 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
         bits = part["h_img"].shape[1]
         packed = {"id": part["id"], "lab": part["lab"],
                   "img": pack_bits(binary_codes(part["h_img"])), "txt": pack_bits(binary_codes(part["h_txt"]))}
-        whole = gather_by_id(packed, meta.splits[split].count)
+        whole = dist.gather_by_id(packed, meta.splits[split].count)
         for m in ("img", "txt"):
             codes[f"{split}_{m}"] = np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool)
         codes[f"{split}_lab"] = whole["lab"].cpu().numpy()

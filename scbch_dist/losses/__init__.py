@@ -1,6 +1,8 @@
-"""SCBCH's objective as pure functions of tensors (see DESIGN.md, "SCBCH: the exact objective")."""
+"""Training objectives as pure functions of tensors (docs/objective.md): no training state, no
+collectives; batch-coupled terms take the gathered global batch as ``Columns``."""
 
 from scbch_dist.losses.scbch import (
+    Columns,
     bsch_loss,
     cscc_bank_rows,
     cscc_loss,
@@ -9,7 +11,8 @@ from scbch_dist.losses.scbch import (
     quantization_loss,
     scbch_loss,
     weights_from_neighbors,
+    wide,
 )
 
-__all__ = ["bsch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "jaccard_similarity", "quantization_loss", "scbch_loss",
-           "weights_from_neighbors"]
+__all__ = ["Columns", "bsch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "jaccard_similarity",
+           "quantization_loss", "scbch_loss", "weights_from_neighbors", "wide"]

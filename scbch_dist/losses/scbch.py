@@ -1,25 +1,38 @@
-"""The SCBCH terms. Where the paper and its published code differ, these follow the code, because
-the code produced the paper's tables (README, "Paper and code").
+"""The SCBCH terms as pure functions of tensors (docs/objective.md). Where the paper and its
+published code differ, these follow the code, because the code produced the paper's tables.
 
-Distributed semantics: under a process group of world size W, each function called with one
-rank's local rows returns that rank's *share* of the loss of the global batch (all ranks' rows
-together); the shares sum to the global loss, and backward leaves on every rank's inputs the
-gradient of the global loss with respect to its rows. With one process the share is the loss.
-All terms are computed in float32 (or the inputs' wider dtype): the exp() terms overflow
-easily in half precision.
+Data parallelism (docs/distributed.md): a batch-coupled term is the loss of the *global* batch.
+Called with one rank's rows and ``columns`` (every rank's rows, gathered with gradient by the
+caller) it returns that rank's *share*: the shares over ranks sum to the global loss, and backward
+leaves on each rank's rows the gradient of the global loss. Per-sample terms take ``n_total``, the
+global batch size. Without ``columns`` / ``n_total`` the local rows are the whole batch. Nothing
+here talks to other processes.
+All terms are computed in float32 (or the inputs' wider dtype): the exp() terms overflow easily in
+half precision.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from scbch_dist import dist
-from scbch_dist.bank import knn_exact
 
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 unless it is float32 or float64 already (the dtype every loss computes in)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+@dataclass
+class Columns:
+    """The global batch a rank's rows are scored against: every rank's rows in rank order (the
+    codes gathered with gradient), their labels, and the first row of this rank's part."""
+
+    h_img: torch.Tensor  # (n, L)
+    h_txt: torch.Tensor  # (n, L)
+    labels: torch.Tensor  # (n, C)
+    offset: int
 
 
 def jaccard_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,28 +43,30 @@ def jaccard_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def bsch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *, margin: float,
-              shift: float) -> torch.Tensor:
+              shift: float, columns: Columns | None = None) -> torch.Tensor:
     """Bidirectional Soft Contrastive Hashing loss (repulsion + attraction), a scalar.
 
     Args:
         h_img, h_txt: (b, L) unit-length continuous codes of this rank's pairs.
         labels: (b, C) multi-hot training labels.
         margin, shift: the per-dataset BSCH settings (m and xi).
+        columns: the global batch (n rows, this rank's b among them) under data parallelism;
+            None when these b rows are the whole batch.
     Over the global batch of n pairs, with S = h_img h_txt^T and d_i = S_ii:
       te_ij = S_ij if S_ij >= d_i - margin else S_ij - shift   (row threshold)
       im_ij = S_ij if S_ij >= d_j - margin else S_ij - shift   (column threshold)
       te_ii = im_ii = max(d_i, 0)
       repulsion  = mean_ij [exp(te_ij (1 - R_ij)) + exp(im_ij (1 - R_ij))]
       attraction = mean_ij [M_ij exp(shift - S_ij)] - mean_i d_i,  M_ij = [i != j and R_ij > 0]
-    All means run over the n^2 entries, diagonal included. This rank computes only its b rows
-    against the n gathered columns.
+    All means run over the n^2 entries, diagonal included. Only this rank's b rows are computed,
+    against the n columns.
     """
-    h_img, h_txt = _wide(h_img), _wide(h_txt)
+    h_img, h_txt = wide(h_img), wide(h_txt)
     labels = labels.to(h_img.dtype)
-    counts = dist.all_counts(h_img.shape[0], h_img.device) if dist.is_distributed() else None
-    img_all, offset = dist.gather_rows(h_img, with_grad=True, counts=counts)
-    txt_all, _ = dist.gather_rows(h_txt, with_grad=True, counts=counts)
-    lab_all, _ = dist.gather_rows(labels, counts=counts)
+    if columns is None:
+        columns = Columns(h_img, h_txt, labels, 0)
+    img_all, txt_all, offset = columns.h_img, columns.h_txt, columns.offset
+    lab_all = columns.labels.to(h_img.dtype)
     b, n = h_img.shape[0], txt_all.shape[0]
 
     sim = h_img @ txt_all.T  # (b, n): local image rows against every text
@@ -76,20 +91,17 @@ def bsch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *,
     return repulsion + attraction
 
 
-def _global_rows(n_local: int, device: torch.device) -> int:
-    return sum(dist.all_counts(n_local, device)) if dist.is_distributed() else n_local
-
-
-def quantization_loss(h_img: torch.Tensor, h_txt: torch.Tensor) -> torch.Tensor:
-    """mean |h_img - sign(h_img)| + mean |h_txt - sign(h_txt)|, means over all n x L entries."""
-    h_img, h_txt = _wide(h_img), _wide(h_txt)
-    n = _global_rows(h_img.shape[0], h_img.device)
+def quantization_loss(h_img: torch.Tensor, h_txt: torch.Tensor, *, n_total: int | None = None) -> torch.Tensor:
+    """mean |h_img - sign(h_img)| + mean |h_txt - sign(h_txt)|, means over all n x L entries of the
+    global batch of ``n_total`` rows (default: these rows are the whole batch)."""
+    h_img, h_txt = wide(h_img), wide(h_txt)
+    n = n_total if n_total is not None else h_img.shape[0]
     total = (h_img - h_img.sign()).abs().sum() + (h_txt - h_txt.sign()).abs().sum()
     return total / (n * h_img.shape[1])
 
 
 def cscc_loss(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.Tensor,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
+              weights: torch.Tensor | None = None, *, n_total: int | None = None) -> torch.Tensor:
     """Sample-weighted classification loss of both modalities.
 
     Args:
@@ -97,16 +109,16 @@ def cscc_loss(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.Tensor,
         labels: (b, C) multi-hot training labels.
         weights: (b,) CSCC sample weights; None means all 1 (the warm-up).
     Per sample: (mean_c BCE(p_img, y) + mean_c BCE(p_txt, y)) / 2; then the mean over the global
-    batch of w_i times that. BCE clamps log(p) at -100 (torch's guard), so a saturated sigmoid
+    batch (``n_total`` rows; default these) of w_i times that. BCE clamps log(p) at -100 (torch's guard), so a saturated sigmoid
     gives a large finite loss, never inf.
     """
-    p_img, p_txt = _wide(p_img), _wide(p_txt)
+    p_img, p_txt = wide(p_img), wide(p_txt)
     y = labels.to(p_img.dtype)
     per_sample = (F.binary_cross_entropy(p_img, y, reduction="none").mean(1)
                   + F.binary_cross_entropy(p_txt, y, reduction="none").mean(1)) / 2
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.dtype)
-    return per_sample.sum() / _global_rows(p_img.shape[0], p_img.device)
+    return per_sample.sum() / (n_total if n_total is not None else p_img.shape[0])
 
 
 def weights_from_neighbors(neighbor_sims: torch.Tensor, neighbor_index: torch.Tensor, labels: torch.Tensor,
@@ -132,7 +144,7 @@ def weights_from_neighbors(neighbor_sims: torch.Tensor, neighbor_index: torch.Te
 def cscc_bank_rows(h_img: torch.Tensor, h_txt: torch.Tensor) -> torch.Tensor:
     """(n, 2L) rows z = [u, v] of unit-normalised codes: the CSCC similarity (u u^T + v v^T) / 2
     is z z^T / 2, one inner product, which any neighbour search backend can serve."""
-    return torch.cat([F.normalize(_wide(h_img), dim=1), F.normalize(_wide(h_txt), dim=1)], dim=1)
+    return torch.cat([F.normalize(wide(h_img), dim=1), F.normalize(wide(h_txt), dim=1)], dim=1)
 
 
 def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *, k: int = 20,
@@ -149,23 +161,34 @@ def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor,
     """
     z = cscc_bank_rows(h_img, h_txt)
     n = z.shape[0]
-    sims, index = knn_exact(z, z, k, self_index=torch.arange(n, device=z.device))
-    return weights_from_neighbors(sims / 2, index, labels, gamma=gamma)
+    if k > n:
+        raise ValueError(f"k={k} neighbours requested from {n} samples")
+    sims, index = [], []
+    for start in range(0, n, 4096):  # 4096 x N similarities at a time
+        s = z[start:start + 4096] @ z.T
+        rows = torch.arange(s.shape[0], device=s.device)
+        s[rows, start + rows] = 0.0  # the self similarity counts as 0, it is not removed
+        v, i = torch.topk(s, k, dim=1)
+        sims.append(v)
+        index.append(i)
+    return weights_from_neighbors(torch.cat(sims) / 2, torch.cat(index), labels, gamma=gamma)
 
 
 def scbch_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, weights: torch.Tensor | None, *, margin: float,
-               shift: float, bsch_weight: float = 0.7, quant_weight: float = 0.3,
-               cscc_weight: float = 1.0) -> dict[str, torch.Tensor]:
+               shift: float, bsch_weight: float = 0.7, quant_weight: float = 0.3, cscc_weight: float = 1.0,
+               columns: Columns | None = None) -> dict[str, torch.Tensor]:
     """The total objective 0.7 L_bsch + 0.3 L_q + 1.0 L_cscc and its terms.
 
     Args:
         out: the model's outputs (h_img, h_txt, p_img, p_txt), each with b rows.
         labels: (b, C) training labels; weights: (b,) CSCC weights or None (warm-up).
+        columns: the gathered global batch under data parallelism (see bsch_loss).
     Returns:
         ``{"total", "bsch", "quant", "cscc"}`` (this rank's shares under a process group).
     """
-    bsch = bsch_loss(out["h_img"], out["h_txt"], labels, margin=margin, shift=shift)
-    quant = quantization_loss(out["h_img"], out["h_txt"])
-    cscc = cscc_loss(out["p_img"], out["p_txt"], labels, weights)
+    n_total = columns.h_img.shape[0] if columns is not None else None
+    bsch = bsch_loss(out["h_img"], out["h_txt"], labels, margin=margin, shift=shift, columns=columns)
+    quant = quantization_loss(out["h_img"], out["h_txt"], n_total=n_total)
+    cscc = cscc_loss(out["p_img"], out["p_txt"], labels, weights, n_total=n_total)
     total = bsch_weight * bsch + quant_weight * quant + cscc_weight * cscc
     return {"total": total, "bsch": bsch, "quant": quant, "cscc": cscc}

@@ -1,13 +1,16 @@
-"""Hash heads and classifiers (DESIGN.md, "Network"), on stored features or on backbones.
+"""Hash towers and the heads methods put on them (docs/objective.md, "Network").
 
-Image head: D_img -> hidden -> ReLU -> hidden -> ReLU -> L. Text head: D_txt -> hidden -> ReLU -> L.
-D is the stored feature width, or the pooled width of a fine-tuned backbone (models.backbones).
-h = tanh(f(x)) / ||tanh(f(x))||_2, unit length; the binary code is sign(h).
-Classifier per modality: p = sigmoid(h W), W (L x C) orthogonally initialised, no bias.
-Both towers and both classifiers live in one nn.Module, so DDP and DeepSpeed see one model.
+A tower is a backbone (stored features or a fine-tuned encoder, models.backbones) and a hash head:
+an MLP, then h = tanh(f(x)) / ||tanh(f(x))||_2 (unit length); the binary code is sign(h).
+SCBCH's layout: image D -> hidden -> ReLU -> hidden -> ReLU -> L, text D -> hidden -> ReLU -> L.
+A method may ask for another layout (``TowerSpec``) and adds its own trainable modules as the
+model's ``head`` (SCBCH: one classifier per modality). Towers and head live in one nn.Module, so
+DDP and DeepSpeed see one model.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -16,17 +19,28 @@ import torch.nn.functional as F
 from scbch_dist.models.backbones import FeatureInput
 
 
+@dataclass(frozen=True)
+class TowerSpec:
+    """The hash heads' layout: hidden layers per modality, their width (None: model.hidden) and
+    whether the last layer has a bias."""
+
+    img_depth: int = 2
+    txt_depth: int = 1
+    hidden: int | None = None
+    last_bias: bool = True
+
+
 class HashHead(nn.Module):
     """An MLP with ``depth`` hidden layers of ``hidden`` units, then tanh and L2 normalisation."""
 
-    def __init__(self, in_dim: int, bits: int, hidden: int, depth: int):
+    def __init__(self, in_dim: int, bits: int, hidden: int, depth: int, last_bias: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
             width = hidden
-        layers.append(nn.Linear(width, bits))
+        layers.append(nn.Linear(width, bits, bias=last_bias))
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,31 +50,49 @@ class HashHead(nn.Module):
         return F.normalize(torch.tanh(self.mlp(x)), dim=1, eps=1e-12)
 
 
-class SCBCHModel(nn.Module):
-    """Both towers and both classifiers. Without backbones the inputs are stored feature vectors of
-    width img_dim / txt_dim (and the state dict is exactly the heads', as before backbones existed)."""
+class NoHead(nn.Module):
+    """A method without extra modules."""
 
-    def __init__(self, img_dim: int, txt_dim: int, bits: int, hidden: int, num_classes: int, *,
-                 img_backbone: nn.Module | None = None, txt_backbone: nn.Module | None = None):
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class Classifiers(nn.Module):
+    """One linear classifier per modality on the codes: p = sigmoid(h W), W (L x C) orthogonally
+    initialised, no bias (SCBCH's CSCC term; NACD's classifier pair)."""
+
+    def __init__(self, bits: int, num_classes: int):
         super().__init__()
-        self.img_backbone = img_backbone if img_backbone is not None else FeatureInput(img_dim)
-        self.txt_backbone = txt_backbone if txt_backbone is not None else FeatureInput(txt_dim)
-        self.img_head = HashHead(self.img_backbone.out_dim, bits, hidden, depth=2)
-        self.txt_head = HashHead(self.txt_backbone.out_dim, bits, hidden, depth=1)
         self.img_classifier = nn.Parameter(nn.init.orthogonal_(torch.empty(bits, num_classes)))
         self.txt_classifier = nn.Parameter(nn.init.orthogonal_(torch.empty(bits, num_classes)))
 
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """h_img, h_txt (n, L) -> p_img, p_txt (n, C)."""
+        return {"p_img": torch.sigmoid(out["h_img"] @ self.img_classifier),
+                "p_txt": torch.sigmoid(out["h_txt"] @ self.txt_classifier)}
+
+
+class HashingModel(nn.Module):
+    """Both towers and the method's head. ``head`` maps the codes {h_img, h_txt} to the method's
+    extra outputs; it is set after the towers are built, so that a seeded run draws the towers'
+    initial weights first whatever the method."""
+
+    def __init__(self, img_backbone: nn.Module, txt_backbone: nn.Module, bits: int, hidden: int,
+                 spec: TowerSpec = TowerSpec(), head: nn.Module | None = None):
+        super().__init__()
+        self.bits = bits
+        self.img_backbone, self.txt_backbone = img_backbone, txt_backbone
+        width = spec.hidden or hidden
+        self.img_head = HashHead(img_backbone.out_dim, bits, width, spec.img_depth, spec.last_bias)
+        self.txt_head = HashHead(txt_backbone.out_dim, bits, width, spec.txt_depth, spec.last_bias)
+        self.head = head if head is not None else NoHead()
+
     def forward(self, img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Inputs (features (n, D), or images (n, 3, S, S) uint8 and token ids + mask (n, T))
-        -> h_img, h_txt (n, L) and p_img, p_txt (n, C)."""
-        h_img = self.encode("img", img)
-        h_txt = self.encode("txt", txt, txt_mask)
-        return {
-            "h_img": h_img,
-            "h_txt": h_txt,
-            "p_img": torch.sigmoid(h_img @ self.img_classifier),
-            "p_txt": torch.sigmoid(h_txt @ self.txt_classifier),
-        }
+        -> h_img, h_txt (n, L) and the head's outputs."""
+        out = {"h_img": self.encode("img", img), "h_txt": self.encode("txt", txt, txt_mask)}
+        out.update(self.head(out))
+        return out
 
     def encode(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Continuous codes h (n, L) of one modality ('img' or 'txt')."""
@@ -69,13 +101,24 @@ class SCBCHModel(nn.Module):
         return self.txt_head(self.txt_backbone(x, mask))
 
     def param_groups(self, lr: float, backbone_lr: float) -> list[dict]:
-        """Optimizer groups: heads and classifiers at ``lr``, fine-tuned backbones at ``backbone_lr``."""
+        """Optimizer groups: heads and the method's modules at ``lr``, fine-tuned backbones at ``backbone_lr``."""
         backbone = [p for m in (self.img_backbone, self.txt_backbone) for p in m.parameters()]
         ids = {id(p) for p in backbone}
         groups = [{"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr, "name": "heads"}]
         if backbone:
             groups.append({"params": backbone, "lr": backbone_lr, "name": "backbones"})
         return groups
+
+
+class SCBCHModel(HashingModel):
+    """The SCBCH network (NACD's too): SCBCH's towers and the two classifiers. Without backbones the
+    inputs are stored feature vectors of width img_dim / txt_dim."""
+
+    def __init__(self, img_dim: int, txt_dim: int, bits: int, hidden: int, num_classes: int, *,
+                 img_backbone: nn.Module | None = None, txt_backbone: nn.Module | None = None):
+        super().__init__(img_backbone if img_backbone is not None else FeatureInput(img_dim),
+                         txt_backbone if txt_backbone is not None else FeatureInput(txt_dim), bits, hidden)
+        self.head = Classifiers(bits, num_classes)
 
 
 def binary_codes(h: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch
 
 from scbch_dist.config import Config, ShapesConfig
 from scbch_dist.data.shapes import generate_samples
-from scbch_dist.data.transforms import BatchTransform, ImageTransform, WordTokenizer
+from scbch_dist.data.transforms import BatchTransform, ImageTransform
+from scbch_dist.models.tokenizers import WordTokenizer
 
 
 def _photo_jpegs(n: int, rng: np.random.Generator) -> list[bytes]:
@@ -86,35 +87,34 @@ def bench_loader(reps: int) -> None:
 def _step_rate(cfg: Config, batch: int, steps: int, image_size: int, length: int, vocab: int,
                accelerator) -> float:
     """Training images/s of whole steps on synthetic inputs of the configured shapes."""
+    from scbch_dist.engine.loop import train_step
+    from scbch_dist.engine.setup import make_optimizer, prepare
+    from scbch_dist.methods import SCBCH, Step, TrainingSet
     from scbch_dist.models import build_model
-    from scbch_dist.train import make_optimizer, train_step
 
-    meta = _RawMeta()
-    model = build_model(cfg.model, meta, num_classes=11, vocab_size=vocab)
-    optimizer = make_optimizer(model, cfg, accelerator.device)
-    if accelerator.state.deepspeed_plugin is not None:
-        from scbch_dist.train import configure_deepspeed
-
-        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, batch, accelerator.num_processes)
-    model, optimizer = accelerator.prepare(model, optimizer)
     per_rank = batch // accelerator.num_processes
+    cfg.train.batch_size = batch
+    method = SCBCH(cfg, TrainingSet(per_rank, 11, torch.zeros(per_rank, 11, dtype=torch.uint8), None, accelerator.device))
+    model = build_model(cfg.model, _RawMeta(), spec=method.tower_spec(), make_head=method.build_head, vocab_size=vocab)
+    model, optimizer = prepare(accelerator, model, make_optimizer(model, cfg, accelerator.device), cfg)
     g = torch.Generator().manual_seed(accelerator.process_index)
     data = {"img": torch.randint(0, 256, (per_rank, 3, image_size, image_size), dtype=torch.uint8, generator=g),
             "txt": torch.randint(3, vocab, (per_rank, length), generator=g),
             "txt_mask": torch.ones(per_rank, length, dtype=torch.long)}
     data = {k: v.to(accelerator.device) for k, v in data.items()}
-    labels = (torch.rand(per_rank, 11, generator=g) < 0.3).float().to(accelerator.device)
-    train_step(model, optimizer, accelerator, data, labels, None, cfg)  # warm-up
+    labels = (torch.rand(per_rank, 11, generator=g) < 0.3).to(torch.uint8).to(accelerator.device)
+    step = Step(0, torch.arange(per_rank, device=accelerator.device), labels)  # epoch 0: the warm-up, no weights
+    train_step(model, optimizer, accelerator, data, method, step)  # warm-up
     _sync(accelerator.device)
     t = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, accelerator, data, labels, None, cfg)
+        train_step(model, optimizer, accelerator, data, method, step)
     _sync(accelerator.device)
     return steps * batch / (time.perf_counter() - t)
 
 
 class _RawMeta:
-    """The parts of a raw dataset's meta that build_model reads."""
+    """The parts of a raw dataset's meta that the model builder reads."""
 
     raw = True
     num_classes = 11

@@ -31,10 +31,14 @@ from scbch_dist.config import load_config
 from scbch_dist.data.format import read_meta
 from scbch_dist.data.noise import training_labels
 from scbch_dist.data.pipeline import TrainStream, load_split, to_torch
-from scbch_dist.evaluate import evaluate
+from scbch_dist.engine.evaluate import evaluate
 from scbch_dist.losses import scbch_loss
 from scbch_dist.models import SCBCHModel
-from scbch_dist.train import make_optimizer, refresh_weights
+from scbch_dist.engine.bank import BankSource
+from scbch_dist.engine.encode import encode_part
+from scbch_dist.engine.setup import make_optimizer
+from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
+from scbch_dist.runlog import setup_logging
 
 
 def time_steps(step, batches, warmup=2):
@@ -114,14 +118,17 @@ def main():
         return step
 
     ours_step = time_steps(make_step([make_optimizer(model, cfg, device)]), batches)
-    img_params = list(model.img_head.parameters()) + [model.img_classifier]
-    txt_params = list(model.txt_head.parameters()) + [model.txt_classifier]
+    img_params = list(model.img_head.parameters()) + [model.head.img_classifier]
+    txt_params = list(model.txt_head.parameters()) + [model.head.txt_classifier]
     published_opt = [torch.optim.Adam(img_params, lr=1e-4, weight_decay=1e-5),
                      torch.optim.Adam(txt_params, lr=1e-4, weight_decay=1e-5)]
     published_step = time_steps(make_step(published_opt), batches)
 
     t = time.perf_counter()
-    refresh_weights(model, root, meta, cfg, labels, device, None)
+    train = TrainingSet(meta.splits["train"].count, meta.num_classes, labels, None, device)
+    bank = BankSource("pass", train.count, a.bits, device, log=setup_logging(None, True),
+                      encode_train=lambda: encode_part(model, root, meta, "train", batch_size=2048, device=device))
+    SCBCH(cfg, train).epoch_start(EpochContext(cfg.cscc.warmup_epochs, a.epochs, train, bank.build, Path("."), False))
     refresh = time.perf_counter() - t
     t = time.perf_counter()
     _, codes = evaluate(model, root, meta, batch_size=2048, device=device)

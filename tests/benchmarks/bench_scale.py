@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from scbch_dist import metrics
-from scbch_dist.bank import faiss_available, knn
+from scbch_dist.knn import faiss_available, knn
 
 
 def bench_refresh(sizes, bits_list, budget_pairs=2e9):
@@ -67,8 +67,10 @@ STEP_WORKER = r"""
 import sys, time, torch
 from accelerate import Accelerator
 from scbch_dist.config import load_config
+from scbch_dist.engine.loop import train_step
+from scbch_dist.engine.setup import make_optimizer
+from scbch_dist.methods import SCBCH, Step, TrainingSet
 from scbch_dist.models import SCBCHModel
-from scbch_dist.train import make_optimizer, train_step
 hidden, batch, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 acc = Accelerator(cpu=True)
 cfg = load_config(None, [f"model.hidden={hidden}"])
@@ -80,10 +82,12 @@ local = batch // acc.num_processes
 g = torch.Generator().manual_seed(acc.process_index)
 data = {"img": torch.randn(local, 4096, generator=g), "txt": (torch.rand(local, 1386, generator=g) < 0.01).float()}
 lab = (torch.rand(local, 24, generator=g) < 0.2).to(torch.uint8)
+method = SCBCH(cfg, TrainingSet(local, 24, lab, None, acc.device))
+step = Step(0, torch.arange(local), lab)
 for i in range(steps + 3):
     if i == 3:
         acc.wait_for_everyone(); t = time.perf_counter()
-    train_step(model, opt, acc, data, lab, None, cfg)
+    train_step(model, opt, acc, data, method, step)
 acc.wait_for_everyone()
 if acc.is_main_process:
     print("STEPS_PER_S", steps / (time.perf_counter() - t))

@@ -1,0 +1,52 @@
+"""The [u, v] bank of the whole training set, which refreshes search (docs/distributed.md, "The
+refresh").
+
+``cscc.refresh: pass`` (the paper): each rank encodes a disjoint part of the training set with the
+model in eval mode, the rows are gathered by id into one bank on every rank, and each rank
+searches the neighbours of the ids it encoded.
+``cscc.refresh: memory``: the latest rows of every id from the training batches (an ``IdTable``
+recorded after every step and exchanged after every epoch); no encoding pass. Until every id has
+been recorded once (the first epoch), a pass is made instead. Rank r searches ids r, r + W, ...
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from scbch_dist import dist
+from scbch_dist.losses import cscc_bank_rows
+from scbch_dist.methods import Bank
+from scbch_dist.tables import IdTable
+
+
+class BankSource:
+    """Builds the bank on request. ``encode_train()`` is this rank's part of a training-set pass
+    (engine.encode.encode_part); ``record`` keeps a batch's rows when the refresh is memory."""
+
+    def __init__(self, refresh: str, count: int, bits: int, device: torch.device,
+                 encode_train: Callable[[], dict[str, torch.Tensor]], log: logging.Logger):
+        self.count, self.encode_train, self.log = count, encode_train, log
+        self.memory = IdTable(count, (2 * bits,), device=device) if refresh == "memory" else None
+
+    def record(self, ids: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        if self.memory is not None:
+            self.memory.update(ids, cscc_bank_rows(out["h_img"].detach(), out["h_txt"].detach()))
+
+    def build(self) -> Bank:
+        """A collective: every rank must call it at the same point."""
+        t0 = time.perf_counter()
+        if self.memory is not None and self.memory.complete:
+            own = torch.arange(dist.rank(), self.count, dist.world_size(), device=self.memory.values.device)
+            if self.memory.coverage < 1 and dist.is_main():
+                # ids a rank skipped last epoch (uneven shards over ranks, drop_last) keep older rows
+                self.log.warning(f"CSCC memory refresh: {1 - self.memory.coverage:.1%} of the training rows "
+                                 "are from earlier epochs")
+            return Bank(self.memory.values, own, "memory", time.perf_counter() - t0, self.memory.coverage)
+        part = self.encode_train()
+        z = cscc_bank_rows(part["h_img"], part["h_txt"])
+        rows = dist.gather_by_id({"id": part["id"], "z": z}, self.count)["z"]
+        return Bank(rows, part["id"], "pass", time.perf_counter() - t0)

@@ -1,0 +1,234 @@
+"""The training loop (docs/engine.md): per epoch, the method's start hook, the steps, the exchange of
+per-id tables, the end hook, evaluation, the metrics record and a checkpoint.
+
+Each epoch's data order, augmentation and dropout are functions of (seed, epoch, rank), so a run
+resumed at an epoch boundary continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from scbch_dist import dist, plots
+from scbch_dist.config import Config
+from scbch_dist.data.pipeline import to_torch
+from scbch_dist.engine.bank import BankSource
+from scbch_dist.engine.checkpoint import save_checkpoint
+from scbch_dist.engine.evaluate import curves, evaluate, save_codes, summarize
+from scbch_dist.engine.setup import TrainingData
+from scbch_dist.engine.state import RunState
+from scbch_dist.methods import EpochContext, Method, Step
+from scbch_dist.metrics import chance_map
+from scbch_dist.runlog import MetricsLog
+
+
+@dataclass
+class Run:
+    """The objects one training run works with."""
+
+    cfg: Config
+    accelerator: object
+    data: TrainingData
+    model: torch.nn.Module  # prepared (DDP / DeepSpeed as launched)
+    optimizer: torch.optim.Optimizer
+    method: Method
+    bank: BankSource
+    run_dir: Path
+    log: logging.Logger
+    metrics: MetricsLog
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def training_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one rank's training epoch (63 bits)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator, batch: dict[str, torch.Tensor],
+               method: Method, step: Step) -> tuple[dict, dict]:
+    """One optimisation step on this rank's rows of the global batch; returns the loss terms
+    (this rank's shares) and the model outputs."""
+    with accelerator.autocast():
+        out = model(batch["img"], batch["txt"], batch.get("txt_mask"))
+    terms = method.loss(out, step)
+    optimizer.zero_grad(set_to_none=True)
+    # DDP averages gradients over ranks, while each rank's loss is its *share* of the global
+    # loss: scaling by the world size makes the average the gradient of the global loss.
+    accelerator.backward(terms["total"] * accelerator.num_processes)
+    optimizer.step()
+    return terms, out
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """This epoch's steps; returns the epoch's record entries (mean loss terms of the global batch,
+    seconds, samples/s) and, under ``"samples"``, the samples all ranks trained on."""
+    cfg, method, stream = run.cfg, run.method, run.data.stream
+    t0 = time.perf_counter()
+    run.model.train()
+    sums = torch.zeros(len(method.terms), dtype=torch.float64, device=run.accelerator.device)
+    samples = 0
+    bar = tqdm(total=stream.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+               disable=not (run.is_main and cfg.run.progress), dynamic_ncols=True)
+    for batch in stream.epoch(epoch):
+        b = to_torch(batch, run.accelerator.device)
+        step = Step(epoch, b["id"], run.data.train.labels[b["id"]])
+        terms, out = train_step(run.model, run.optimizer, run.accelerator, b, method, step)
+        detached = {k: v.detach() for k, v in out.items()}
+        method.after_batch(detached, step)
+        run.bank.record(b["id"], detached)
+        sums += torch.stack([terms[k].detach().double() for k in method.terms])
+        samples += len(batch["id"])
+        bar.update(1)
+    bar.close()
+    for table in [*method.tables().values(), *([run.bank.memory] if run.bank.memory is not None else [])]:
+        table.sync()
+    sums = dist.all_reduce_sum(sums) / stream.steps_per_epoch  # shares summed: global per-step loss
+    if not torch.isfinite(sums).all():
+        raise FloatingPointError(f"epoch {epoch + 1}: the loss is not finite ({dict(zip(method.terms, sums.tolist()))})")
+    seconds = time.perf_counter() - t0
+    world = run.accelerator.num_processes
+    return {"loss": dict(zip(method.terms, sums.tolist())),
+            "train": {"seconds": seconds, "samples_per_s": samples * world / seconds}, "samples": samples * world}
+
+
+def epoch_context(run: Run, epoch: int) -> EpochContext:
+    return EpochContext(epoch=epoch, epochs=run.cfg.train.epochs, train=run.data.train, bank=run.bank.build,
+                        run_dir=run.run_dir, is_main=run.is_main)
+
+
+def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
+    """Query against database in both directions; on the main process, the history, the mAP plot
+    and (after the last epoch) the codes. Returns the record's "eval" entry (main process)."""
+    cfg, data = run.cfg, run.data
+    t0 = time.perf_counter()
+    result, codes = evaluate(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size,
+                             device=run.accelerator.device, topk=cfg.eval.topk, workers=cfg.data.workers,
+                             autocast=run.accelerator.autocast, transform=data.eval_transform)
+    state.eval_seconds += time.perf_counter() - t0
+    if not run.is_main:
+        return None
+    if state.chance_map is None:
+        state.chance_map = chance_map(codes["query_lab"], codes["database_lab"])
+    state.history.append({"epoch": epoch + 1, **summarize(result), "curves": curves(result)})
+    if epoch + 1 == cfg.train.epochs and cfg.run.save_codes:
+        save_codes(codes, run.run_dir / "codes.npz")
+    plots.plot_map_history(state.history, run.run_dir / "plots" / "map.png", state.chance_map)
+    return summarize(result)
+
+
+def checkpoint_tables(run: Run) -> dict[str, torch.Tensor]:
+    """Every per-id table, flattened for one safetensors file."""
+    tables = {f"method.{name}": t for name, t in run.method.tables().items()}
+    if run.bank.memory is not None:
+        tables["memory"] = run.bank.memory
+    return {f"{name}.{k}": v for name, t in tables.items() for k, v in t.state_dict().items()}
+
+
+def restore_tables(run: Run, flat: dict[str, torch.Tensor]) -> None:
+    tables = {f"method.{name}": t for name, t in run.method.tables().items()}
+    if run.bank.memory is not None:
+        tables["memory"] = run.bank.memory
+    for name, table in tables.items():
+        state = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + ".")}
+        if state:
+            table.load_state_dict(state)
+
+
+def fit(run: Run, state: RunState, config: dict) -> RunState:
+    """Train from ``state.epoch`` to train.epochs; ``config`` (the resolved config) goes into every
+    checkpoint."""
+    cfg, method = run.cfg, run.method
+    for epoch in range(state.epoch, cfg.train.epochs):
+        record: dict = {"epoch": epoch + 1}
+        # dropout and drop-connect draw from a stream fixed by (seed, epoch, rank), on CPU and CUDA:
+        # ranks draw different masks, and a run resumed at an epoch boundary draws what it would have
+        torch.manual_seed(training_seed(cfg.train.seed, epoch, run.accelerator.process_index))
+        t0 = time.perf_counter()
+        diagnostics = method.epoch_start(epoch_context(run, epoch))
+        state.hook_seconds += time.perf_counter() - t0
+
+        result = train_one_epoch(run, epoch)
+        state.samples += result.pop("samples")
+        state.train_seconds += result["train"]["seconds"]
+        record.update(diagnostics)
+        record.update(result)
+
+        t0 = time.perf_counter()
+        record.update(method.epoch_end(epoch_context(run, epoch)))
+        state.hook_seconds += time.perf_counter() - t0
+        if any(k not in ("epoch", "loss", "train") for k in record):
+            state.diagnostics.append({k: v for k, v in record.items() if k not in ("loss", "train")})
+
+        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
+            evaluation = evaluate_epoch(run, state, epoch)
+            if evaluation is not None:
+                record["eval"] = evaluation
+        run.metrics.write(record, step=epoch + 1)
+        run.log.info(epoch_line(record, cfg.train.epochs, method))
+        state.epoch = epoch + 1
+        if cfg.run.checkpoint:
+            save_checkpoint(run.accelerator, run.run_dir, state, checkpoint_tables(run), config)
+        dist.barrier()
+    return state
+
+
+def epoch_line(record: dict, epochs: int, method: Method) -> str:
+    loss = record["loss"]
+    terms = " ".join(f"{k} {v:.4f}" for k, v in loss.items() if k != "total")
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {loss['total']:.4f}" + (f" ({terms})" if terms else ""),
+             f"{record['train']['samples_per_s']:.0f} samples/s"]
+    described = method.describe(record)
+    if described:
+        parts.append(described)
+    if "eval" in record:
+        e = record["eval"]
+        parts.append(f"mAP I2T {e['i2t']['map']:.4f} T2I {e['t2i']['map']:.4f} avg {e['avg_map']:.4f}")
+    return " | ".join(parts)
+
+
+def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data: float) -> dict:
+    """summary.json (main process): final and best evaluations, chance, the method's last
+    diagnostics, timings and throughput; the PR plot of the final evaluation."""
+    from scbch_dist.io import atomic_write_json
+    from scbch_dist.runlog import json_safe
+
+    cfg, data = run.cfg, run.data
+    if not (run.is_main and state.history):
+        return {}
+    final = state.history[-1]
+    plots.plot_pr({cfg.run.method: final["curves"]}, run.run_dir / "plots" / "pr.png",
+                  title=f"{data.meta.name}, {cfg.model.bits} bits, noise {data.noise.name}, epoch {final['epoch']}")
+    best = max(state.history, key=lambda h: h["avg_map"])
+    steps = data.stream.steps_per_epoch * state.epoch
+    summary = {
+        "final": final,
+        "best": {"selected_by": "avg_map over evaluated epochs (the paper reports this best-over-epochs "
+                                "test mAP; 'final' is the honest last-epoch figure)", **best},
+        "chance_map": state.chance_map,
+        "run": {"dir": str(run.run_dir), "method": cfg.run.method, "method_name": cfg.method.name,
+                "dataset": data.meta.name, "noise": data.noise_info(), "bits": cfg.model.bits,
+                "epochs": cfg.train.epochs, "seed": cfg.train.seed, "world_size": run.accelerator.num_processes,
+                "device": str(run.accelerator.device)},
+        "diagnostics": state.diagnostics[-1] if state.diagnostics else None,
+        "timings_s": {"total": seconds_total, "data_setup": seconds_data, "train": state.train_seconds,
+                      "refresh": state.hook_seconds, "eval": state.eval_seconds},
+        "throughput": {"train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
+                       "train_steps_per_s": steps / max(state.train_seconds, 1e-9)},
+    }
+    atomic_write_json(run.run_dir / "summary.json", json_safe(summary))
+    f, b = summary["final"], summary["best"]
+    run.log.info(f"final (epoch {f['epoch']}): I2T {f['i2t']['map']:.4f}  T2I {f['t2i']['map']:.4f}  "
+                 f"avg {f['avg_map']:.4f} (tie-aware {f['avg_map_tie_aware']:.4f}); best avg {b['avg_map']:.4f} "
+                 f"at epoch {b['epoch']}; chance {state.chance_map:.4f}; {seconds_total:.1f} s. "
+                 f"Wrote {run.run_dir}/summary.json")
+    return summary

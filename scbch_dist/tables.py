@@ -1,0 +1,90 @@
+"""Per-id training state: one row per training id, held whole by every rank (docs/distributed.md,
+"Per-id state").
+
+Methods declare their tables (SCBCH's sample weights, NACD's confidences); the engine also keeps
+one for ``cscc.refresh: memory`` (the latest [u, v] rows of the training batches). The engine calls
+``sync`` on every table at the end of every epoch and checkpoints ``state_dict``.
+
+Why whole tables on every rank: each id is trained by exactly one rank per epoch, so a rank reads
+only rows it wrote itself this epoch or rows every rank agreed on at the last sync; writing locally
+at once and exchanging at the epoch's end therefore gives every rank the table one process would
+hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scbch_dist import dist
+
+
+class IdTable:
+    """A table of ``count`` rows of shape ``row_shape``.
+
+    ``update`` writes this rank's rows at once and remembers them; ``sync`` (a collective) writes
+    every rank's remembered rows into every rank's table, the last write of an id winning, so that
+    all ranks hold the same table again. ``assign`` sets the whole table from values already equal
+    on every rank. ``seen`` marks ids ever written; ``coverage`` is the fraction of ids the last
+    sync or assign wrote (rows of ids nobody wrote since keep their older values).
+    """
+
+    def __init__(self, count: int, row_shape: tuple[int, ...] = (), *, dtype: torch.dtype = torch.float32,
+                 fill: float = 0.0, device: torch.device | str = "cpu"):
+        self.values = torch.full((count, *row_shape), fill, dtype=dtype, device=device)
+        self.seen = torch.zeros(count, dtype=torch.bool, device=device)
+        self.coverage = 0.0
+        self._ids: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.values[ids]
+
+    @property
+    def complete(self) -> bool:
+        """Every id has been written at least once."""
+        return bool(self.seen.all())
+
+    def update(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """ids (n,) int64, rows (n, *row_shape): this rank's new rows (stored detached)."""
+        rows = rows.detach().to(self.values.dtype)
+        self.values[ids] = rows
+        self._ids.append(ids.detach())
+        self._rows.append(rows)
+
+    def assign(self, values: torch.Tensor) -> None:
+        """The whole table at once, from values that are the same on every rank."""
+        self.values.copy_(values)
+        self.seen.fill_(True)
+        self.coverage = 1.0
+        self._ids, self._rows = [], []
+
+    def sync(self) -> None:
+        """Collective: every rank's rows written since the last sync into every rank's table."""
+        device = self.values.device
+        ids = torch.cat(self._ids) if self._ids else torch.zeros(0, dtype=torch.int64, device=device)
+        rows = torch.cat(self._rows) if self._rows else self.values.new_zeros((0, *self.values.shape[1:]))
+        counts = dist.all_counts(ids.shape[0], device)
+        ids, _ = dist.gather_rows(ids, counts=counts)
+        rows, _ = dist.gather_rows(rows, counts=counts)
+        # An id can arrive twice (the padding samples of a split that does not divide over the ranks);
+        # the last arrival wins, chosen explicitly because index_put with repeated ids is unordered on GPUs.
+        position = torch.arange(ids.shape[0], device=device)
+        last = torch.full((self.values.shape[0],), -1, dtype=torch.int64, device=device)
+        last.scatter_reduce_(0, ids, position, reduce="amax")
+        updated = last >= 0
+        self.values[updated] = rows[last[updated]]
+        self.seen |= updated
+        self.coverage = float(updated.float().mean())
+        self._ids, self._rows = [], []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.cpu(), "seen": self.seen.cpu(),
+                "coverage": torch.tensor(self.coverage, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["values"].shape != self.values.shape:
+            raise ValueError(f"table of shape {tuple(state['values'].shape)}, expected {tuple(self.values.shape)}")
+        self.values.copy_(state["values"])
+        self.seen.copy_(state["seen"])
+        self.coverage = float(state["coverage"])
+        self._ids, self._rows = [], []
