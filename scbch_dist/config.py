@@ -142,7 +142,7 @@ class RunConfig:
     method: str = "SCBCH"  # the row label in report tables (name ablations and variants here)
     progress: bool = True  # tqdm progress bars on the main process
     tensorboard: bool = True  # log through Accelerate's tracker when tensorboard is installed
-    checkpoint: bool = True  # write checkpoints/last.pt after every epoch
+    checkpoint: bool = True  # write a checkpoint (checkpoints/latest names it) after every epoch
     save_codes: bool = True  # write the final query/database codes (packed bits)
 
 

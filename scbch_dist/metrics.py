@@ -1,6 +1,6 @@
 """Hamming-ranking retrieval metrics: pure functions of codes and labels.
 
-Conventions (DESIGN.md, "Evaluation protocol"):
+Conventions (docs/evaluation.md):
 - codes are (n, L) arrays of any real or bool dtype; a bit is set where the value is > 0, so
   sign codes (+-1) and {0, 1} codes both work;
 - a database item is relevant to a query when they share at least one (clean) label;

@@ -19,6 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from scbch_dist.engine.checkpoint import has_checkpoint
+
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: 'gpu[03-05,07],cpu1' -> 'gpu03'."""
@@ -49,7 +51,7 @@ def accelerate_command(env: dict, gpus_per_node: int, train_args: list[str], *, 
     job = env.get("SLURM_JOB_ID", "0")
     head = first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
     run_dir = run_dir or run_dir_for(env)
-    if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+    if has_checkpoint(run_dir):
         args = ["--resume", run_dir, *[a for a in train_args if a != "--resume"]]
         args = _drop_config(args)
     else:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from scbch_dist.engine.checkpoint import has_checkpoint
+
 CONFIG_DIR = Path("configs")
 
 
@@ -88,7 +90,7 @@ class Run:
 
     def argv(self, grid: Grid) -> list[str]:
         """Arguments of ``python -m scbch_dist.train`` for this run (fresh or resumed)."""
-        if (self.run_dir / "checkpoints" / "last.pt").is_file():
+        if has_checkpoint(self.run_dir):
             return ["--resume", str(self.run_dir)]
         sets = [f"model.bits={self.bits}", f"data.noise={self.noise}", f"train.seed={self.seed}",
                 f"run.dir={self.run_dir}", "run.progress=false", *grid.set]

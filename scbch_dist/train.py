@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = resolve_config(args)
     run_dir = Path(cfg.run.dir)
+    method_class = setup.method_class(cfg)
     accelerator = setup.make_accelerator(cfg, run_dir)
     log = setup_logging(run_dir, accelerator.is_main_process)
     setup.prepare_run_dir(run_dir, cfg, resume=bool(args.resume), is_main=accelerator.is_main_process, log=log)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_data = time.perf_counter()
     data = setup.build_data(cfg, accelerator, log)
     t_data = time.perf_counter() - t_data
-    method = setup.build_method(cfg, data)
+    method = method_class(cfg, data.train)
     model = setup.build_network(cfg, data, method)
     model, optimizer = setup.prepare(accelerator, model, setup.make_optimizer(model, cfg, accelerator.device), cfg)
     portable_model_files(accelerator)

@@ -79,3 +79,11 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
     folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     return (load_file(str(folder / "model.safetensors")), load_file(str(folder / "tables.safetensors")),
             json.loads((folder / "run_state.json").read_text()))
+
+
+def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Command-line arguments of a short run on ``tiny_dataset`` (16 bits, width 64, 6 epochs)."""
+    settings = [f"data.root={root}", "data.generate=", "data.noise=mixed:0.5", f"run.dir={run_dir}",
+                "model.bits=16", "model.hidden=64", "train.batch_size=32", "train.epochs=6", "train.lr=3e-3",
+                "eval.every=3", "cscc.warmup_epochs=2", "cscc.k=5", "run.progress=false", "eval.topk=[50]"]
+    return [a for s in [*settings, *extra] for a in ("--set", s)]

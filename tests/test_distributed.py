@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) against one: the global-batch semantics of DESIGN.md."""
+"""Two CPU processes (gloo) against one: the global-batch semantics of docs/distributed.md."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def torchrun(script: str, out: Path, nproc: int = 2) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_loss_shares_sum_to_the_global_loss_and_gradients_match(tmp_path):
     torchrun("loss_shares.py", tmp_path)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

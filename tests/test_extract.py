@@ -84,6 +84,7 @@ def bow(raw, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_output_is_a_feature_dataset_with_the_source_ids_labels_and_tables(raw, d2v):
     meta, src_meta = read_meta(d2v), read_meta(raw)
     assert not meta.raw and meta.layout == "block"
@@ -116,6 +117,7 @@ def test_output_is_a_feature_dataset_with_the_source_ids_labels_and_tables(raw, 
     assert not ex.partial_dir(d2v).exists()
 
 
+@pytest.mark.slow
 def test_two_runs_give_identical_bytes(raw, d2v, tmp_path):
     out = tmp_path / "again"
     run(raw, out)
@@ -123,6 +125,7 @@ def test_two_runs_give_identical_bytes(raw, d2v, tmp_path):
         assert (out / name).read_bytes() == (d2v / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_bag_of_words_equals_a_hand_count(raw, bow, d2v):
     meta = read_meta(bow)
     assert (meta.fields["txt"].dim, meta.fields["txt"].dtype) == (7, "uint8")
@@ -140,12 +143,14 @@ def test_bag_of_words_equals_a_hand_count(raw, bow, d2v):
     np.testing.assert_array_equal(got["train"]["img"], splits_of(d2v)["train"]["img"])
 
 
+@pytest.mark.slow
 def test_bag_of_words_wider_than_the_vocabulary_shrinks_to_it(raw, tmp_path, capsys):
     meta = run(raw, tmp_path / "out", text_encoder="bow", bow_dim=1386)
     assert meta.dim("txt") == len(read_vocab(raw)[0]) < 1386
     assert "fewer than --bow-dim 1386" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fc7_equals_a_direct_torchvision_computation(raw, tmp_path):
     import torchvision
     import torchvision.transforms.functional as F
@@ -205,6 +210,7 @@ D2V_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_doc2vec_is_identical_across_processes(raw, d2v, tmp_path):
     """Different PYTHONHASHSEED values (Python's str hash) give the same vectors, equal to the pipeline's."""
     results = []
@@ -217,6 +223,7 @@ def test_doc2vec_is_identical_across_processes(raw, d2v, tmp_path):
     np.testing.assert_array_equal(results[0].astype(np.float16), splits_of(d2v)["query"]["txt"])
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_for_bit(raw, d2v, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real_save = ex._save_shard
@@ -246,6 +253,7 @@ def test_interrupted_run_resumes_bit_for_bit(raw, d2v, tmp_path, monkeypatch):
     assert read_meta(out).source == read_meta(d2v).source
 
 
+@pytest.mark.slow
 def test_partial_results_of_other_settings_are_refused(raw, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
@@ -284,6 +292,7 @@ def test_a_feature_dataset_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_undecodable_image_names_shard_sample_and_field(tmp_path):
     good = make_samples(3, seed=5)
     broken = RawSample(b"not a png", "png", "a dog", good[0].lab)
@@ -294,6 +303,7 @@ def test_an_undecodable_image_names_shard_sample_and_field(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_with_loader_workers_matches_the_api(raw, bow, tmp_path, capsys):
     out = tmp_path / "cli"
     ex.main(["--src", str(raw), "--out", str(out), "--vgg-weights", "random", "--image-size", "32", "--text-encoder",

@@ -20,6 +20,7 @@ from conftest import read_checkpoint
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SHAPES = ["shapes.n_train=640", "shapes.n_query=64", "shapes.n_extra_database=64", "shapes.samples_per_shard=160"]
@@ -87,7 +88,6 @@ def test_pass_refresh_and_bf16_autocast_on_cpu(shapes_root, tmp_path):
     assert 0 < summary["final"]["avg_map"] <= 1
 
 
-@pytest.mark.slow
 def test_two_processes_fine_tune_with_loader_workers_and_the_memory_refresh(shapes_root, memory_run, tmp_path):
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if exe is None:
@@ -106,7 +106,6 @@ def test_two_processes_fine_tune_with_loader_workers_and_the_memory_refresh(shap
     assert recs[-1]["loss"]["total"] < recs[0]["loss"]["total"] and 0 < summary["final"]["avg_map"] <= 1
 
 
-@pytest.mark.slow
 def test_pretrained_offline_weights_beat_random_init(shapes_root, tmp_path):
     """configs/finetune-offline.yaml, shortened: EfficientNet-Lite0 (ImageNet) + MiniLM against the
     same networks and heads from random initialisation, everything else equal."""
@@ -125,7 +124,6 @@ def test_pretrained_offline_weights_beat_random_init(shapes_root, tmp_path):
     assert result["package"] > summary["chance_map"] + 0.04, (result, summary["chance_map"])
 
 
-@pytest.mark.slow
 def test_extracted_features_train_with_the_feature_trainer(shapes_root, memory_run, tmp_path):
     """The paper-parity path: raw shards -> extract (EfficientNet-Lite0 + bag of words) -> train."""
     pytest.importorskip("efficientnet_lite_pytorch")

@@ -33,7 +33,7 @@ def test_multi_node_command_from_the_slurm_environment(tmp_path):
                          "--set run.progress=false")
     # after a requeue the same command resumes the run
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "r" / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "r" / "checkpoints" / "latest").write_text("epoch-0001\n")
     cmd = accelerate_command(env, 8, ["--config", "configs/coco.yaml", "--set", "train.epochs=60"],
                              accelerate_config="accelerate_config.yaml", run_dir=str(tmp_path / "r"))
     assert cmd[cmd.index("scbch_dist.train") + 1:] == ["--resume", str(tmp_path / "r"), "--set", "train.epochs=60"]

@@ -39,7 +39,7 @@ def test_grid_expands_in_order_with_one_folder_per_run(tmp_path):
     assert "train.epochs=3" in argv and f"run.dir={runs[5].run_dir}" in argv
     # a run with a checkpoint resumes instead of starting over
     (runs[5].run_dir / "checkpoints").mkdir(parents=True)
-    (runs[5].run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    (runs[5].run_dir / "checkpoints" / "latest").write_text("epoch-0001\n")
     assert runs[5].argv(grid) == ["--resume", str(runs[5].run_dir)]
 
 

@@ -15,16 +15,9 @@ import torch
 
 from scbch_dist.train import main
 
-from conftest import read_checkpoint
+from conftest import read_checkpoint, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    settings = [f"data.root={root}", "data.generate=", "data.noise=mixed:0.5", f"run.dir={run_dir}",
-                "model.bits=16", "model.hidden=64", "train.batch_size=32", "train.epochs=6", "train.lr=3e-3",
-                "eval.every=3", "cscc.warmup_epochs=2", "cscc.k=5", "run.progress=false", "eval.topk=[50]"]
-    return [a for s in [*settings, *extra] for a in ("--set", s)]
 
 
 @pytest.fixture(scope="module")

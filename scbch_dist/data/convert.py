@@ -5,8 +5,8 @@
         [--skip-bad] [--query N] [--database-extra N] [--seed S] [--samples-per-shard N]
 
 Standard releases (feature vectors): reads MATLAB v5 and v7.3 .mat files and HDF5, concatenates
-the release's parts in file order, applies the standard split (DESIGN.md, "Standard releases and
-splits") and writes shards, ``meta.json`` (counts, dimensions, classes, sha256 of every source
+the release's parts in file order, applies the standard split (docs/data.md, "Standard releases";
+data/releases.py) and writes shards, ``meta.json`` (counts, dimensions, classes, sha256 of every source
 file) and ``labels/clean.npy``. A missing or wrong file, key or shape is an error that names it.
 
 Image folders (``folder``): a raw dataset (encoded images and texts, as they are) from a folder of

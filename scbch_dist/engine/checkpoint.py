@@ -81,6 +81,11 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[st
     return target
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume (sweeps and SLURM requeues resume then)."""
+    return (Path(run_dir) / "checkpoints" / "latest").is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     """The folder ``checkpoints/latest`` names; a clear error for every way it can be missing."""
     root = run_dir / "checkpoints"

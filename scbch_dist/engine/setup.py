@@ -123,9 +123,10 @@ def build_data(cfg: Config, accelerator, log: logging.Logger) -> TrainingData:
     return data
 
 
-def build_method(cfg: Config, data: TrainingData) -> Method:
+def method_class(cfg: Config) -> type[Method]:
+    """The class ``method.name`` names; checked before any data is read."""
     try:
-        return get_method(cfg.method.name)(cfg, data.train)
+        return get_method(cfg.method.name)
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
 

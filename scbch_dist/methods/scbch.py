@@ -60,9 +60,11 @@ class SCBCH(Method):
                 "seconds": time.perf_counter() - t0}
         if bank.coverage is not None:
             diag["memory_coverage"] = bank.coverage
-        if not self.first_weights.complete:
+        first = not self.first_weights.complete
+        if first:
             self.first_weights.assign(self.weights.values.cpu())
-        if ctx.is_main:
+        # drawn with the evaluations (a figure costs about as much as a refresh of 6000 rows)
+        if ctx.is_main and (first or (ctx.epoch + 1) % self.cfg.eval.every == 0 or ctx.epoch + 1 == ctx.epochs):
             self._plot(ctx, weights)
         return {"cscc_weights": diag}
 
