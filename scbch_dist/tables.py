@@ -5,10 +5,12 @@ Methods declare their tables (SCBCH's sample weights, NACD's confidences); the e
 one for ``cscc.refresh: memory`` (the latest [u, v] rows of the training batches). The engine calls
 ``sync`` on every table at the end of every epoch and checkpoints ``state_dict``.
 
-Why whole tables on every rank: each id is trained by exactly one rank per epoch, so a rank reads
-only rows it wrote itself this epoch or rows every rank agreed on at the last sync; writing locally
-at once and exchanging at the epoch's end therefore gives every rank the table one process would
-hold.
+Why whole tables on every rank: when the training shards divide evenly over the ranks, each id is
+trained by exactly one rank per epoch, so a rank reads only rows it wrote itself this epoch or rows
+every rank agreed on at the last sync; writing locally at once and exchanging at the epoch's end
+then gives every rank the table one process would hold. When they do not, a rank that runs short
+re-reads shards (data.pipeline), an id may be trained twice in an epoch, possibly on two ranks, and
+the later write in rank order wins: the tables still agree on every rank.
 """
 
 from __future__ import annotations

@@ -16,9 +16,7 @@ from pathlib import Path
 
 from scbch_dist.config import Config, flat_dict, load_config, to_dict
 from scbch_dist.engine import setup
-from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.checkpoint import CheckpointError, load_checkpoint, portable_model_files
-from scbch_dist.engine.encode import encode_part
 from scbch_dist.engine.loop import Run, fit, restore_tables, write_summary
 from scbch_dist.engine.state import RunState
 from scbch_dist.runlog import MetricsLog, setup_logging
@@ -66,11 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = setup.build_network(cfg, data, method)
     model, optimizer = setup.prepare(accelerator, model, setup.make_optimizer(model, cfg, accelerator.device), cfg)
     portable_model_files(accelerator)
-    bank = BankSource(cfg.cscc.refresh, data.train.count, cfg.model.bits, accelerator.device, log=log,
-                      encode_train=lambda: encode_part(model, data.root, data.meta, "train",
-                                                       batch_size=cfg.eval.batch_size, device=accelerator.device,
-                                                       workers=cfg.data.workers, autocast=accelerator.autocast,
-                                                       transform=data.eval_transform))
+    bank = setup.build_bank(cfg, data, model, accelerator, log)
     run = Run(cfg, accelerator, data, model, optimizer, method, bank, run_dir, log,
               MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process))
 
@@ -78,9 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:
         try:
             state, tables, _ = load_checkpoint(accelerator, run_dir)
+            restore_tables(run, tables)
         except CheckpointError as e:
             raise SystemExit(f"--resume {run_dir}: {e}") from None
-        restore_tables(run, tables)
         log.info(f"resumed {run_dir} after epoch {state.epoch}")
     setup.log_model(run)
     if accelerator.log_with:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import toy_method  # noqa: F401  (registers contrast-only)
-from conftest import read_checkpoint, tiny_args
+from conftest import read_checkpoint, tiny_args, tiny_synthetic_config
+from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.config import ConfigError
 from scbch_dist.methods import METHODS, SCBCH, get_method
 from scbch_dist.train import main
@@ -64,19 +65,24 @@ def test_a_method_from_outside_the_package_trains_and_resumes(tiny_dataset, tmp_
 
 
 @pytest.mark.slow
-def test_a_method_from_outside_the_package_on_two_processes(tiny_dataset, tmp_path):
+def test_a_method_from_outside_the_package_on_two_processes(tmp_path):
+    """4 training shards of 100 over 2 ranks: each rank trains its 200 ids once per epoch, so after
+    every exchange both ranks hold the table one process would: every id visited once per epoch."""
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if exe is None:
         pytest.skip("torchrun not installed")
+    root = tmp_path / "even"
+    write_synthetic(root, tiny_synthetic_config(samples_per_shard=100))
     run_dir = tmp_path / "two"
     cmd = [exe, "--standalone", "--nproc_per_node", "2", str(SCRIPTS / "toy_train.py"),
-           *tiny_args(tiny_dataset, run_dir, *TOY, "train.epochs=3", "eval.every=3", "cscc.refresh=memory")]
+           *tiny_args(root, run_dir, *TOY, "train.epochs=3", "eval.every=3", "cscc.refresh=memory")]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = records(run_dir)
-    # each rank takes ceil(400 / 2) samples a step-aligned epoch; after every exchange both ranks
-    # hold the same table, which counts every sample both ranks trained on
-    assert [r["toy"]["visits_total"] for r in recs] == [400.0, 800.0, 1200.0]
+    assert [(r["toy"]["visits_min"], r["toy"]["visits_max"], r["toy"]["visits_total"]) for r in recs] == \
+        [(1.0, 1.0, 400.0), (2.0, 2.0, 800.0), (3.0, 3.0, 1200.0)]
     assert all(r["toy"]["ranks_agree"] for r in recs)
+    # the memory held every id after epoch 1: the epoch-end banks came from it, no encoding pass
+    assert [r["toy"]["bank_source"] for r in recs] == ["memory"] * 3
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run"]["world_size"] == 2 and summary["final"]["avg_map"] > summary["chance_map"]

@@ -20,13 +20,15 @@ from scbch_dist import dist, plots
 from scbch_dist.config import Config
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
-from scbch_dist.engine.checkpoint import save_checkpoint
+from scbch_dist.engine.checkpoint import CheckpointError, save_checkpoint
 from scbch_dist.engine.evaluate import curves, evaluate, save_codes, summarize
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.methods import EpochContext, Method, Step
+from scbch_dist.io import atomic_write_json
 from scbch_dist.metrics import chance_map
-from scbch_dist.runlog import MetricsLog
+from scbch_dist.runlog import MetricsLog, json_safe
+from scbch_dist.tables import IdTable
 
 
 @dataclass
@@ -90,7 +92,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         samples += len(batch["id"])
         bar.update(1)
     bar.close()
-    for table in [*method.tables().values(), *([run.bank.memory] if run.bank.memory is not None else [])]:
+    for table in run_tables(run).values():
         table.sync()
     sums = dist.all_reduce_sum(sums) / stream.steps_per_epoch  # shares summed: global per-step loss
     if not torch.isfinite(sums).all():
@@ -126,22 +128,28 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
     return summarize(result)
 
 
-def checkpoint_tables(run: Run) -> dict[str, torch.Tensor]:
-    """Every per-id table, flattened for one safetensors file."""
+def run_tables(run: Run) -> dict[str, IdTable]:
+    """Every per-id table of the run by checkpoint name: the method's, and the memory bank."""
     tables = {f"method.{name}": t for name, t in run.method.tables().items()}
     if run.bank.memory is not None:
         tables["memory"] = run.bank.memory
-    return {f"{name}.{k}": v for name, t in tables.items() for k, v in t.state_dict().items()}
+    return tables
+
+
+def checkpoint_tables(run: Run) -> dict[str, torch.Tensor]:
+    """Every per-id table, flattened for one safetensors file."""
+    return {f"{name}.{k}": v for name, t in run_tables(run).items() for k, v in t.state_dict().items()}
 
 
 def restore_tables(run: Run, flat: dict[str, torch.Tensor]) -> None:
-    tables = {f"method.{name}": t for name, t in run.method.tables().items()}
-    if run.bank.memory is not None:
-        tables["memory"] = run.bank.memory
-    for name, table in tables.items():
+    """The tables of a checkpoint. The method's must be there; the memory fills itself again
+    (a refresh encodes the training set until it holds every id)."""
+    for name, table in run_tables(run).items():
         state = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + ".")}
         if state:
             table.load_state_dict(state)
+        elif name.startswith("method."):
+            raise CheckpointError(f"the checkpoint holds no table {name!r} (written by another method?)")
 
 
 def fit(run: Run, state: RunState, config: dict) -> RunState:
@@ -199,9 +207,6 @@ def epoch_line(record: dict, epochs: int, method: Method) -> str:
 def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data: float) -> dict:
     """summary.json (main process): final and best evaluations, chance, the method's last
     diagnostics, timings and throughput; the PR plot of the final evaluation."""
-    from scbch_dist.io import atomic_write_json
-    from scbch_dist.runlog import json_safe
-
     cfg, data = run.cfg, run.data
     if not (run.is_main and state.history):
         return {}

@@ -16,6 +16,8 @@ from scbch_dist.data.format import DatasetMeta, read_meta
 from scbch_dist.data.noise import NoiseSpec, clean_training_labels, corrupted_rows, training_labels
 from scbch_dist.data.pipeline import TrainStream
 from scbch_dist.data.transforms import check_backbones_fit, make_transforms
+from scbch_dist.engine.bank import BankSource
+from scbch_dist.engine.encode import encode_part
 from scbch_dist.methods import Method, TrainingSet, get_method
 from scbch_dist.models import HashingModel
 from scbch_dist.models.tokenizers import make_tokenizer
@@ -136,6 +138,17 @@ def build_network(cfg: Config, data: TrainingData, method: Method) -> HashingMod
     torch.manual_seed(cfg.train.seed)
     return models.build_model(cfg.model, data.meta, spec=method.tower_spec(), make_head=method.build_head,
                               vocab_size=data.vocab_size)
+
+
+def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelerator, log: logging.Logger) -> BankSource:
+    """The training-set bank refreshes search: a pass of ``model`` over the training split, or the
+    memory of the training batches (cscc.refresh)."""
+    def encode_train() -> dict[str, torch.Tensor]:
+        return encode_part(model, data.root, data.meta, "train", batch_size=cfg.eval.batch_size,
+                           device=accelerator.device, workers=cfg.data.workers, autocast=accelerator.autocast,
+                           transform=data.eval_transform)
+
+    return BankSource(cfg.cscc.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log)
 
 
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -29,7 +29,7 @@ class SCBCH(Method):
         super().__init__(cfg, train)
         self.weights = IdTable(train.count, fill=1.0, device=train.device)
         # the first refresh's weights, kept for the before/after histogram (the paper's Fig. 6)
-        self.first_weights = IdTable(train.count, fill=1.0, device="cpu")
+        self.first_weights = IdTable(train.count, fill=1.0, device=train.device)
 
     def build_head(self) -> nn.Module:
         return Classifiers(self.cfg.model.bits, self.train.num_classes)
@@ -62,7 +62,7 @@ class SCBCH(Method):
             diag["memory_coverage"] = bank.coverage
         first = not self.first_weights.complete
         if first:
-            self.first_weights.assign(self.weights.values.cpu())
+            self.first_weights.assign(self.weights.values)
         # drawn with the evaluations (a figure costs about as much as a refresh of 6000 rows)
         if ctx.is_main and (first or (ctx.epoch + 1) % self.cfg.eval.every == 0 or ctx.epoch + 1 == ctx.epochs):
             self._plot(ctx, weights)
@@ -70,7 +70,7 @@ class SCBCH(Method):
 
     def _plot(self, ctx: EpochContext, weights: np.ndarray) -> None:
         first_epoch = self.cfg.cscc.warmup_epochs + 1  # 1-based: the first epoch after the warm-up
-        panels = [(f"first refresh (epoch {first_epoch})", self.first_weights.values.numpy(), self.train.corrupted)]
+        panels = [(f"first refresh (epoch {first_epoch})", self.first_weights.values.cpu().numpy(), self.train.corrupted)]
         if first_epoch != ctx.epoch + 1:
             panels.append((f"latest refresh (epoch {ctx.epoch + 1})", weights, self.train.corrupted))
         plots.plot_weight_histograms(panels, ctx.run_dir / "plots" / "cscc_weights.png")
