@@ -96,11 +96,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "scbch"  # the training method (scbch_dist.methods); its settings live in its own sections
+    name: str = "scbch"  # scbch | nacd | rshnl (scbch_dist.methods); each method's settings are its own section
 
 
 @dataclass
 class LossConfig:
+    """SCBCH's loss (docs/objective.md)."""
+
     margin: float = 0.15  # BSCH margin (MIRFlickr setting)
     shift: float = 0.8  # BSCH shift xi (MIRFlickr setting)
     bsch_weight: float = 0.7  # alpha
@@ -110,17 +112,55 @@ class LossConfig:
 
 @dataclass
 class CSCCConfig:
+    """SCBCH's sample weights (docs/objective.md)."""
+
     k: int = 20  # neighbours per sample
     gamma: float = 0.5  # base weight
     warmup_epochs: int = 5  # epochs trained with all weights 1
+
+
+@dataclass
+class BankConfig:
+    """The [u, v] bank of the training set that refreshes search: SCBCH's weights, NACD's
+    reconstruction (docs/distributed.md, "The refresh")."""
+
     knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu (scbch_dist.knn)
     refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
+
+
+@dataclass
+class NACDConfig:
+    """NACD (Su et al., NeurIPS 2025) as its published code sets it (docs/methods.md, "NACD")."""
+
+    alpha: float = 0.3  # weight of the contrastive term on reliable labels (CRCH)
+    beta: float = 0.7  # weight of the quantisation term
+    margin: float = 0.2  # CRCH margin m
+    shift: float = 1.0  # CRCH shift s
+    k: int = 20  # neighbours of the confidence reconstruction
+    mix: float = 0.2  # lambda: share of the reconstruction in the new confidences
+    warmup_epochs: int = 10  # epochs without reconstruction (the first follows epoch index 10)
+    omega_start: float = 0.95  # EMA weight of the old confidence at epoch 0, moving linearly ...
+    omega_end: float = 0.80  # ... to this at epoch E
+    threshold: float = 0.5  # class thresholds until the first reconstruction
+
+
+@dataclass
+class RSHNLConfig:
+    """RSHNL (Pu et al., AAAI 2025) as its published code sets it (docs/methods.md, "RSHNL")."""
+
+    q: float = 0.01  # of the GCE-MAE loss l_q
+    gamma: float = 5.0  # self-paced threshold: samples with loss above it get weight 0
+    self_paced_from: int = 5  # tp: the first epoch (0-based) with self-paced weights
+    tau: float = 1.0  # temperature of the contrastive term
+    cal_weight: float = 1.0  # lamda: centre aggregation (CAL)
+    chl_weight: float = 0.1  # alpha: contrastive hashing (CHL)
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 50
     batch_size: int = 128  # global batch (all ranks together)
+    optimizer: str = "adam"  # adam (SCBCH, RSHNL) | rmsprop (NACD)
     lr: float = 1e-4
     backbone_lr: float = 1e-5  # learning rate of fine-tuned backbones (heads and classifiers use lr)
     weight_decay: float = 1e-5
@@ -139,7 +179,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    method: str = "SCBCH"  # the row label in report tables (name ablations and variants here)
+    method: str = ""  # the row label in report tables: "" for the method's own (SCBCH, NACD, RSHNL); name variants here
     progress: bool = True  # tqdm progress bars on the main process
     tensorboard: bool = True  # log through Accelerate's tracker when tensorboard is installed
     checkpoint: bool = True  # write a checkpoint (checkpoints/latest names it) after every epoch
@@ -155,6 +195,9 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cscc: CSCCConfig = field(default_factory=CSCCConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    nacd: NACDConfig = field(default_factory=NACDConfig)
+    rshnl: RSHNLConfig = field(default_factory=RSHNLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -305,12 +348,20 @@ def validate(cfg: Config) -> None:
     choices = {"model.image.kind": (cfg.model.image.kind, ("features", "timm", "efficientnet-lite0")),
                "model.text.kind": (cfg.model.text.kind, ("features", "bert", "minilm")),
                "model.text.pooling": (cfg.model.text.pooling, ("mean", "cls")),
-               "cscc.refresh": (cfg.cscc.refresh, ("pass", "memory")),
-               "cscc.knn": (cfg.cscc.knn, BACKENDS),
+               "bank.refresh": (cfg.bank.refresh, ("pass", "memory")),
+               "bank.knn": (cfg.bank.knn, BACKENDS),
                "train.mixed_precision": (cfg.train.mixed_precision, ("", "no", "bf16", "fp16"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    positive = {"nacd.k": cfg.nacd.k, "rshnl.q": cfg.rshnl.q, "rshnl.gamma": cfg.rshnl.gamma, "rshnl.tau": cfg.rshnl.tau}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in {"nacd.mix": cfg.nacd.mix, "nacd.omega_start": cfg.nacd.omega_start,
+                       "nacd.omega_end": cfg.nacd.omega_end, "nacd.threshold": cfg.nacd.threshold}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be positive, got {cfg.eval.topk}")
 

@@ -2,7 +2,7 @@
 state, no collectives). The engine's refresh searches the gathered [u, v] bank with it
 (docs/distributed.md).
 
-Backends, chosen by ``cscc.knn``:
+Backends, chosen by ``bank.knn``:
 - ``faiss-gpu``: brute-force inner product on the GPU (``faiss.knn_gpu``), needs FAISS-GPU and CUDA;
 - ``faiss-cpu``: exact ``IndexFlatIP`` on the CPU;
 - ``torch``: exact matmul + topk in row chunks on the bank's device: the reference, and the
@@ -70,14 +70,14 @@ def faiss_available(gpu: bool = False) -> bool:
 
 def resolve_backend(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"cscc.knn must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"bank.knn must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         if device.type == "cuda":
             return "faiss-gpu" if faiss_available(gpu=True) else "torch"
         return "faiss-cpu" if faiss_available() else "torch"
     if name.startswith("faiss") and not faiss_available(gpu=name == "faiss-gpu"):
-        raise RuntimeError(f"cscc.knn={name} but {'FAISS-GPU with CUDA' if name == 'faiss-gpu' else 'faiss'} "
-                           f"is not available; install the 'faiss' or 'gpu' extra or use cscc.knn=torch")
+        raise RuntimeError(f"bank.knn={name} but {'FAISS-GPU with CUDA' if name == 'faiss-gpu' else 'faiss'} "
+                           f"is not available; install the 'faiss' or 'gpu' extra or use bank.knn=torch")
     return name
 
 

@@ -54,17 +54,19 @@ def plot_map_history(history: list[dict], path: Path, chance: float | None = Non
     _save(fig, path)
 
 
-def plot_weight_histograms(panels: list[tuple[str, np.ndarray, np.ndarray | None]], path: Path) -> None:
-    """CSCC weights of clean and corrupted samples (the paper's Fig. 6); one panel per
-    (title, weights, corrupted-mask or None)."""
+def plot_weight_histograms(panels: list[tuple[str, np.ndarray, np.ndarray | None]], path: Path, *,
+                           xlabel: str = "sample weight", names: tuple[str, str] = ("clean", "corrupted")) -> None:
+    """Histograms of a per-sample (or per-label) score split into two groups: the CSCC weights of
+    clean and corrupted rows (the paper's Fig. 6), NACD's confidences of true and false candidate
+    labels, RSHNL's self-paced weights. One panel per (title, scores, mask of the second group or None)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (title, w, corrupted) in zip(axes[0], panels):
-        bins = np.linspace(min(float(w.min()), 0.5), 1.0, 41)
-        if corrupted is None:
+    for ax, (title, w, second) in zip(axes[0], panels):
+        bins = np.linspace(min(float(w.min()), 0.5), max(float(w.max()), 1.0), 41)
+        if second is None:
             ax.hist(w, bins=bins, color="tab:blue", alpha=0.8, label="all")
         else:
-            ax.hist(w[~corrupted], bins=bins, color="tab:green", alpha=0.6, label="clean")
-            ax.hist(w[corrupted], bins=bins, color="tab:red", alpha=0.6, label="corrupted")
-        ax.set(title=title, xlabel="sample weight", ylabel="samples")
+            ax.hist(w[~second], bins=bins, color="tab:green", alpha=0.6, label=names[0])
+            ax.hist(w[second], bins=bins, color="tab:red", alpha=0.6, label=names[1])
+        ax.set(title=title, xlabel=xlabel, ylabel="count")
         ax.legend()
     _save(fig, path)

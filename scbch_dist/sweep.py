@@ -1,5 +1,5 @@
-"""Sweeps: a grid of datasets x code lengths x noise rates x seeds, as a SLURM array job or run
-locally (one run after another, or one per GPU).
+"""Sweeps: a grid of datasets x methods x code lengths x noise settings x seeds, as a SLURM array
+job or run locally (one run after another, or one per GPU).
 
     python -m scbch_dist.sweep GRID.yaml --slurm sweep.sbatch   # write the array job script
     python -m scbch_dist.sweep GRID.yaml --local [--gpus 0,1]   # run here
@@ -11,14 +11,17 @@ A grid file:
     name: paper                     # runs go to <runs_dir>/<dataset>/<bits>bit_<noise>_seed<seed>
     runs_dir: runs/paper
     datasets: [flickr, nuswide]     # configs/<name>.yaml, or paths to config files
+    methods: [scbch, nacd, rshnl]   # optional; runs then go to <runs_dir>/<dataset>/<method>/...
     bits: [16, 32, 64, 128]
-    noise: [0.2, 0.5, 0.8]          # mixed-noise rates, or full specs ("file:PATH", "none")
+    noise: [0.2, 0.5, 0.8]          # mixed-noise rates, or full specs ("redundant:1.0", "file:PATH", "none")
     seeds: [0]
     set: [train.epochs=50]          # overrides for every run
     slurm: {partition: gpu, time: "04:00:00", gres: "gpu:1", cpus_per_task: 8}
 
+With ``methods``, a method other than scbch starts from configs/<method>-<dataset>.yaml (its
+published settings) when that file exists, else from the dataset's config, with method.name set.
 Every run is resumable: a run whose summary.json exists is skipped, one with a checkpoint resumes.
-Task i is the i-th combination in the order datasets, bits, noise, seeds.
+Task i is the i-th combination in the order datasets, methods, bits, noise, seeds.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Grid:
     bits: list[int]
     noise: list
     seeds: list[int] = field(default_factory=lambda: [0])
+    methods: list[str] | None = None  # None: the dataset configs' own method, no method level in run folders
     runs_dir: str = ""
     set: list[str] = field(default_factory=list)
     slurm: dict = field(default_factory=dict)
@@ -64,7 +68,7 @@ def load_grid(path: str | Path) -> Grid:
         grid = Grid(**raw)
     except TypeError as e:
         raise SystemExit(f"{path}: {e}") from None
-    for key in ("datasets", "bits", "noise", "seeds"):
+    for key in ("datasets", "bits", "noise", "seeds") + (("methods",) if grid.methods is not None else ()):
         if not isinstance(getattr(grid, key), list) or not getattr(grid, key):
             raise SystemExit(f"{path}: {key!r} must be a non-empty list")
     return grid
@@ -76,13 +80,14 @@ def noise_spec(value) -> str:
 
 def _noise_tag(value) -> str:
     spec = noise_spec(value)
-    return spec.replace("mixed:", "noise").replace("file:", "file-").replace("/", "_")
+    return spec.replace("mixed:", "noise").replace(":", "-").replace("/", "_")
 
 
 @dataclass
 class Run:
     task: int
     dataset: str
+    method: str | None
     bits: int
     noise: str
     seed: int
@@ -94,23 +99,31 @@ class Run:
             return ["--resume", str(self.run_dir)]
         sets = [f"model.bits={self.bits}", f"data.noise={self.noise}", f"train.seed={self.seed}",
                 f"run.dir={self.run_dir}", "run.progress=false", *grid.set]
-        return ["--config", str(config_path(self.dataset)), *[a for s in sets for a in ("--set", s)]]
+        if self.method is not None:
+            sets.insert(0, f"method.name={self.method}")
+        return ["--config", str(config_path(self.dataset, self.method)), *[a for s in sets for a in ("--set", s)]]
 
     @property
     def done(self) -> bool:
         return (self.run_dir / "summary.json").is_file()
 
 
-def config_path(dataset: str) -> Path:
-    """``flickr`` -> configs/flickr.yaml; a path to a .yaml file is taken as it is."""
-    return Path(dataset) if dataset.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{dataset}.yaml"
+def config_path(dataset: str, method: str | None = None) -> Path:
+    """``flickr`` -> configs/flickr.yaml, or configs/<method>-flickr.yaml when it exists; a path to
+    a .yaml file is taken as it is."""
+    if dataset.endswith((".yaml", ".yml")):
+        return Path(dataset)
+    own = CONFIG_DIR / f"{method}-{dataset}.yaml"
+    return own if method is not None and own.is_file() else CONFIG_DIR / f"{dataset}.yaml"
 
 
 def expand(grid: Grid) -> list[Run]:
     runs = []
-    for i, (dataset, bits, noise, seed) in enumerate(itertools.product(grid.datasets, grid.bits, grid.noise, grid.seeds)):
-        run_dir = Path(grid.runs_dir) / Path(dataset).stem / f"{bits}bit_{_noise_tag(noise)}_seed{seed}"
-        runs.append(Run(i, dataset, int(bits), noise_spec(noise), int(seed), run_dir))
+    combos = itertools.product(grid.datasets, grid.methods or [None], grid.bits, grid.noise, grid.seeds)
+    for i, (dataset, method, bits, noise, seed) in enumerate(combos):
+        folder = Path(grid.runs_dir) / Path(dataset).stem / (method or "")
+        run_dir = folder / f"{bits}bit_{_noise_tag(noise)}_seed{seed}"
+        runs.append(Run(i, dataset, method, int(bits), noise_spec(noise), int(seed), run_dir))
     return runs
 
 
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     grid = load_grid(args.grid)
     runs = expand(grid)
-    missing = sorted({str(config_path(r.dataset)) for r in runs if not config_path(r.dataset).is_file()})
+    missing = sorted({str(p) for r in runs if not (p := config_path(r.dataset, r.method)).is_file()})
     if missing:
         raise SystemExit(f"{args.grid}: config file(s) not found: {', '.join(missing)} (run from the repository root)")
     if args.dry_run:

@@ -2,7 +2,7 @@
 "Per-id state").
 
 Methods declare their tables (SCBCH's sample weights, NACD's confidences); the engine also keeps
-one for ``cscc.refresh: memory`` (the latest [u, v] rows of the training batches). The engine calls
+one for ``bank.refresh: memory`` (the latest [u, v] rows of the training batches). The engine calls
 ``sync`` on every table at the end of every epoch and checkpoints ``state_dict``.
 
 Why whole tables on every rank: when the training shards divide evenly over the ranks, each id is
@@ -47,11 +47,21 @@ class IdTable:
         return bool(self.seen.all())
 
     def update(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        """ids (n,) int64, rows (n, *row_shape): this rank's new rows (stored detached)."""
+        """ids (n,) int64, rows (n, *row_shape): this rank's new rows (stored detached); an id given
+        twice keeps its later row."""
         rows = rows.detach().to(self.values.dtype)
-        self.values[ids] = rows
+        updated, last = self._last_writes(ids)
+        self.values[updated] = rows[last[updated]]
         self._ids.append(ids.detach())
         self._rows.append(rows)
+
+    def _last_writes(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids written, position of each id's last write): explicit, because index_put with repeated
+        ids is unordered on GPUs."""
+        position = torch.arange(ids.shape[0], device=ids.device)
+        last = torch.full((self.values.shape[0],), -1, dtype=torch.int64, device=ids.device)
+        last.scatter_reduce_(0, ids, position, reduce="amax")
+        return last >= 0, last
 
     def assign(self, values: torch.Tensor) -> None:
         """The whole table at once, from values that are the same on every rank."""
@@ -68,12 +78,8 @@ class IdTable:
         counts = dist.all_counts(ids.shape[0], device)
         ids, _ = dist.gather_rows(ids, counts=counts)
         rows, _ = dist.gather_rows(rows, counts=counts)
-        # An id can arrive twice (the padding samples of a split that does not divide over the ranks);
-        # the last arrival wins, chosen explicitly because index_put with repeated ids is unordered on GPUs.
-        position = torch.arange(ids.shape[0], device=device)
-        last = torch.full((self.values.shape[0],), -1, dtype=torch.int64, device=device)
-        last.scatter_reduce_(0, ids, position, reduce="amax")
-        updated = last >= 0
+        # an id can arrive twice (a rank that re-read shards, or two ranks): the last arrival wins
+        updated, last = self._last_writes(ids)
         self.values[updated] = rows[last[updated]]
         self.seen |= updated
         self.coverage = float(updated.float().mean())

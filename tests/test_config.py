@@ -61,8 +61,8 @@ def test_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("loss.margin=.nan", "loss.margin must be a finite number"),
     ("train.lr=.inf", "train.lr must be a finite number"),
-    ("cscc.knn=annoy", "cscc.knn must be one of"),
-    ("cscc.refresh=sometimes", "cscc.refresh must be one of"),
+    ("bank.knn=annoy", "bank.knn must be one of"),
+    ("bank.refresh=sometimes", "bank.refresh must be one of"),
 ])
 def test_value_rules_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

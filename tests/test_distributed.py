@@ -47,25 +47,37 @@ def test_loss_shares_sum_to_the_global_loss_and_gradients_match(tmp_path):
         assert torch.allclose(got, leaf.grad, atol=1e-12, rtol=0), k
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_process_with_twice_the_batch(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "train_steps.py"), str(one)], capture_output=True, text=True,
+@pytest.fixture(scope="module")
+def method_steps(tmp_path_factory):
+    """Every method's steps on 1 process x 16 rows and on 2 processes x 8 rows (one run each)."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "method_steps.py"), str(one)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    torchrun("train_steps.py", two)
-    a, b = torch.load(one / "params.pt"), torch.load(two / "params.pt")
-    init = {}
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-10, rtol=0), k
-    # and the steps did move the parameters (the comparison is not between two initialisations)
-    torch.manual_seed(0)
-    from scbch_dist.models import SCBCHModel
+    torchrun("method_steps.py", two)
+    return one, two
 
-    init = SCBCHModel(12, 10, 8, 16, 5).double().state_dict()
-    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["scbch", "nacd", "rshnl"])
+def test_two_processes_train_like_one_process_with_twice_the_batch(method_steps, name):
+    """The loss of every step (the shares summed), the parameters after five DDP steps, the tables
+    after their exchange and the epoch hooks (SCBCH's refresh, NACD's reconstruction) all equal the
+    one-process run."""
+    one, two = method_steps
+    a, b = torch.load(one / f"{name}.pt", weights_only=False), torch.load(two / f"{name}.pt", weights_only=False)
+    assert torch.allclose(a["losses"], b["losses"], atol=1e-10, rtol=0), (a["losses"], b["losses"])
+    for k in a["params"]:
+        assert torch.allclose(a["params"][k], b["params"][k], atol=1e-10, rtol=0), k
+    for k in a["tables"]:
+        assert torch.allclose(a["tables"][k], b["tables"][k], atol=1e-6, rtol=0), k
+    assert a["records"].keys() == b["records"].keys()
+    # the comparison is not between two initialisations: the steps moved the parameters
+    assert max(float((a["params"][k] - a["initial"][k]).abs().max()) for k in a["params"]) > 1e-3
+    if name == "nacd":
+        assert not torch.equal(a["tables"]["thresholds"], torch.full((5,), 0.5))  # the reconstruction ran
+    if name == "scbch":
+        assert a["records"]["cscc_weights"]["source"] == "pass"
 
 
 @pytest.mark.slow

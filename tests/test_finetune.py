@@ -202,7 +202,7 @@ def test_backbones_get_their_own_learning_rate():
         p.numel() for m in (model.img_backbone, model.txt_backbone) for p in m.parameters())
 
 
-# ---- per-id tables and the memory refresh (cscc.refresh = memory)
+# ---- per-id tables and the memory refresh (bank.refresh = memory)
 
 
 def test_id_table_keeps_the_latest_row_of_each_id():
@@ -238,7 +238,7 @@ def test_memory_refresh_equals_cscc_weights_on_the_same_codes(tmp_path):
     for part in perm.split(16):  # batches in a shuffled order, as training sees them
         source.record(part, {"h_img": h_img[part], "h_txt": h_txt[part]})
     source.memory.sync()
-    cfg = load_config(None, ["cscc.k=5", "cscc.knn=torch", f"model.bits={bits}", "cscc.warmup_epochs=0"])
+    cfg = load_config(None, ["cscc.k=5", "bank.knn=torch", f"model.bits={bits}", "cscc.warmup_epochs=0"])
     train = TrainingSet(n, 5, labels, None, cpu)
     method = SCBCH(cfg, train)
     diag = method.epoch_start(EpochContext(0, 1, train, source.build, tmp_path, False))

@@ -41,7 +41,7 @@ def test_put_self_back_cases():
 
 def test_backend_resolution():
     assert resolve_backend("auto", torch.device("cpu")) == ("faiss-cpu" if faiss_available() else "torch")
-    with pytest.raises(ValueError, match="cscc.knn"):
+    with pytest.raises(ValueError, match="bank.knn"):
         resolve_backend("annoy", torch.device("cpu"))
 
 

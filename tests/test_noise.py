@@ -1,4 +1,5 @@
-"""The mixed noise protocol, on the real MIRFlickr labels and against the published noisy files."""
+"""The noise models: the mixed protocol on the real MIRFlickr labels and against the published noisy
+files; NACD's redundant annotations and RSHNL's replacement, with their statistics; exported files."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 from conftest import MIRFLICKR, needs_mirflickr, random_dataset
 from scbch_dist.data.format import read_meta, write_dataset
-from scbch_dist.data.noise import NoiseError, mixed_noise, parse_noise, training_labels
+from scbch_dist.data.noise import (NoiseError, mixed_noise, noise_statistics, parse_noise, redundant_noise,
+                                   replacement_noise, training_labels)
+from scbch_dist.data.noise import main as noise_main
 
 
 def mirflickr_training_labels():
@@ -114,3 +117,71 @@ def test_cached_mixed_table_and_noise_spellings(tmp_path):
             parse_noise(bad)
     with pytest.raises(NoiseError, match="not found"):
         training_labels(tmp_path / "d", meta, "file:/nonexistent.h5", seed=0)
+
+
+# ---- the peer methods' noise models (docs/data.md, "Noise")
+
+
+@needs_mirflickr()
+@pytest.mark.parametrize("rate, added, all_positive", [(1.0, 3.78, None), (2.5, 9.08, 965)])
+def test_redundant_noise_on_real_labels(rate, added, all_positive):
+    clean = mirflickr_training_labels()
+    noisy = redundant_noise(clean, rate, seed=0)
+    stats = noise_statistics(clean, noisy)
+    assert stats["labels_added_per_row"] == pytest.approx(added, abs=0.005)  # the published examples
+    assert stats["true_labels_per_row"] == pytest.approx(3.78, abs=0.005) and stats["labels_removed_per_row"] == 0
+    assert ((noisy >= clean).all()) and stats["rows_changed"] == len(clean)  # true labels kept, every row corrupted
+    n_pos = clean.sum(1)
+    expected = np.minimum(np.round(rate * n_pos), 24 - n_pos)  # round half to even, at most the negatives
+    assert np.array_equal(noisy.sum(1) - n_pos, expected)
+    if all_positive is not None:
+        assert stats["rows_all_positive"] == all_positive
+    assert np.array_equal(noisy, redundant_noise(clean, rate, seed=0))
+    assert not np.array_equal(noisy, redundant_noise(clean, rate, seed=1))
+    assert np.array_equal(clean, mirflickr_training_labels())  # input untouched
+
+
+@needs_mirflickr()
+@pytest.mark.parametrize("rate", [0.2, 0.5, 0.8])
+def test_replacement_noise_on_real_labels(rate):
+    clean = mirflickr_training_labels()
+    noisy = replacement_noise(clean, rate, seed=0)
+    assert np.array_equal(noisy.sum(1), clean.sum(1))  # every row keeps its cardinality
+    changed = (noisy != clean).any(1).sum()
+    assert changed <= math.floor(rate * len(clean))  # a drawn set may equal the true one
+    assert changed > 0.95 * math.floor(rate * len(clean))  # ... rarely: 24 choose ~4 sets
+    assert np.array_equal(noisy, replacement_noise(clean, rate, seed=0))
+
+
+def test_redundant_and_replacement_edge_rows():
+    y = np.array([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]], np.uint8)
+    # R n_i rounded half to even: 1.5 x 1 -> 2, 1.5 x 2 -> 3 but only 2 negatives; an empty row gains none
+    noisy = redundant_noise(y, 1.5, seed=0)
+    assert noisy.sum(1).tolist() == [4, 0, 3, 4]
+    assert redundant_noise(y, 2.5, seed=0).sum(1).tolist() == [4, 0, 3, 4]  # 2.5 -> 2
+    assert np.array_equal(redundant_noise(y, 0.0, seed=0), y)
+    replaced = replacement_noise(y, 1.0, seed=0)
+    assert replaced.sum(1).tolist() == y.sum(1).tolist()
+    assert np.array_equal(replacement_noise(y, 0.0, seed=0), y)
+    with pytest.raises(NoiseError):
+        replacement_noise(y, 1.5, seed=0)
+    with pytest.raises(NoiseError):
+        redundant_noise(y, -1.0, seed=0)
+
+
+def test_peer_noise_spellings_caches_and_exported_files(tmp_path):
+    random_dataset(tmp_path / "d", n_train=40)
+    root, meta = tmp_path / "d", read_meta(tmp_path / "d")
+    for spec, name in (("redundant:1.0", "redundant-1"), ("replace:0.5", "replace-0.5")):
+        table, noise = training_labels(root, meta, spec, seed=3)
+        assert noise.name == name and (root / "labels" / f"{name}-seed3.npy").is_file()
+        # exported in the published format, the table comes back through file:
+        out = tmp_path / f"{name}.h5"
+        noise_main(["--root", str(root), "--noise", spec, "--seed", "3", "--out", str(out)])
+        again, file_noise = training_labels(root, meta, f"file:{out}", seed=0)
+        assert file_noise.kind == "file" and np.array_equal(again, table)
+    for bad in ("redundant:-1", "replace:1.5", "replace:x", "redundant:"):
+        with pytest.raises(NoiseError, match="expected"):
+            parse_noise(bad)
+    with pytest.raises(SystemExit, match="generated model"):
+        noise_main(["--root", str(root), "--noise", "none", "--out", str(tmp_path / "x.h5")])

@@ -76,41 +76,56 @@ def test_local_sweep_runs_skips_done_and_reports(tiny_dataset, tmp_path):
     assert "2 of 2 runs already done; 0 to go" in again.stderr
     report.main([str(tmp_path / "runs")])
     text = (tmp_path / "runs" / "report.md").read_text()
-    assert "| SCBCH |" in text and "0.5 / 8 bit" in text and "0.5 / 16 bit" in text
+    assert "| SCBCH |" in text and "0.5 / 8 bit" in text and "0.5 / 16 bit" in text and "mixed noise" in text
     assert (tmp_path / "runs" / "pr_synthetic.png").is_file()
 
 
-def fake_summary(root: Path, method, dataset, noise, bits, seed, best, final):
+def fake_summary(root: Path, method, dataset, noise, bits, seed, best, final, spec=None, per_epoch=2.0):
     def result(avg):
         d = {"map": avg, "map_tie_aware": avg - 0.01}
         curve = {"pr_radius": {"radius": [0, 1], "precision": [1.0, 0.5], "recall": [0.1, 1.0]},
                  "pr_topk": {"k": [1, 10], "precision": [1.0, 0.5], "recall": [0.1, 1.0]}}
         return {"i2t": d, "t2i": d, "avg_map": avg, "avg_map_tie_aware": avg - 0.01, "curves": {"i2t": curve, "t2i": curve}}
-    folder = root / f"{method}-{dataset}-{noise}-{bits}-{seed}"
+    folder = root / f"{method}-{dataset}-{spec or noise}-{bits}-{seed}"
     folder.mkdir(parents=True)
+    noise_info = {"rate": noise, **({"spec": spec} if spec else {})}  # summaries before noise models had no spec
     (folder / "summary.json").write_text(json.dumps({
-        "run": {"method": method, "dataset": dataset, "noise": {"rate": noise}, "bits": bits, "seed": seed},
-        "best": result(best), "final": result(final)}))
+        "run": {"method": method, "dataset": dataset, "noise": noise_info, "bits": bits, "seed": seed},
+        "best": result(best), "final": result(final), "timings_s": {"per_epoch": per_epoch}}))
 
 
-def test_report_tables_in_the_paper_layout(tmp_path):
+def test_report_tables_per_noise_model_with_best_final_and_cost(tmp_path):
     for seed, delta in ((0, 0.0), (1, 0.02)):
         fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.5, 64, seed, 0.786 + delta, 0.78 + delta)
         fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.8, 64, seed, 0.774 + delta, 0.77)
-    fake_summary(tmp_path, "RSHNL", "mirflickr25k", 0.5, 64, 0, 0.742, 0.74)
+    fake_summary(tmp_path, "RSHNL", "mirflickr25k", 0.5, 64, 0, 0.742, 0.74, spec="mixed:0.5", per_epoch=5.0)
+    fake_summary(tmp_path, "NACD", "mirflickr25k", 1.0, 64, 0, 0.70, 0.69, spec="redundant:2.0", per_epoch=3.0)
     report.main([str(tmp_path)])
     text = (tmp_path / "report.md").read_text()
-    header = "| method | 0.5 / 64 bit | 0.8 / 64 bit |"
-    assert header in text
-    # mean and sample sd over two seeds, x 100
+    assert "### mirflickr25k, mixed noise: best / final mAP" in text and "### mirflickr25k, redundant noise" in text
+    assert "| method | 0.5 / 64 bit | 0.8 / 64 bit | s / epoch |" in text
+    # mean and sample sd over two seeds, x 100, best then final; the cost column
     sd = 100 * np.std([0.786, 0.806], ddof=1)
-    assert f"| SCBCH | 79.6 ± {sd:.1f} | 78.4 ± {sd:.1f} |" in text
-    assert "| RSHNL | 74.2 |  |" in text
-    assert "tie-aware" in text and f"| SCBCH | 78.6 ± {sd:.1f} |" in text  # tie-aware = avg - 0.01 here
+    assert f"| SCBCH | 79.6 ± {sd:.1f} / 79.0 ± {sd:.1f} | 78.4 ± {sd:.1f} / 77.0 ± 0.0 | 2.0 |" in text
+    assert "| RSHNL | 74.2 / 74.0 |  | 5.0 |" in text
+    # the redundant table holds NACD alone, at the spec's rate (2.0), not the corrupted fraction (1.0)
+    assert "| method | 2 / 64 bit | s / epoch |" in text and "| NACD | 70.0 / 69.0 | 3.0 |" in text
+    assert "tie-aware" in text and f"| SCBCH | 78.6 ± {sd:.1f} / 78.0 ± {sd:.1f} |" in text  # tie-aware = avg - 0.01
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     scbch = next(r for r in rows if r["method"] == "SCBCH" and r["noise"] == "0.5")
     assert float(scbch["best_avg"]) == pytest.approx(0.796) and float(scbch["final_avg"]) == pytest.approx(0.79)
-    assert scbch["seeds"] == "2"
+    assert scbch["seeds"] == "2" and scbch["noise_model"] == "mixed" and float(scbch["seconds_per_epoch"]) == 2.0
     assert (tmp_path / "pr_mirflickr25k.png").is_file()
-    final = report.markdown(report.collect(tmp_path), "final")
-    assert "final-epoch mAP" in final and "| RSHNL | 74.0 |" in final
+
+
+def test_grid_with_a_method_axis(tmp_path):
+    grid = sweep.load_grid(REPO / "launch" / "grids" / "methods.yaml")
+    grid.runs_dir = str(tmp_path / "runs")
+    runs = sweep.expand(grid)
+    assert len(runs) == 3 * 6 * 3 and len({r.run_dir for r in runs}) == 54
+    nacd = next(r for r in runs if r.method == "nacd" and r.noise == "redundant:2.0" and r.bits == 64)
+    argv = nacd.argv(grid)
+    assert argv[:2] == ["--config", "configs/nacd-flickr.yaml"] and "method.name=nacd" in argv
+    assert nacd.run_dir == tmp_path / "runs" / "flickr" / "nacd" / "64bit_redundant-2.0_seed0"
+    scbch = next(r for r in runs if r.method == "scbch")
+    assert scbch.argv(grid)[:2] == ["--config", "configs/flickr.yaml"]

@@ -1,10 +1,10 @@
 """The [u, v] bank of the whole training set, which refreshes search (docs/distributed.md, "The
 refresh").
 
-``cscc.refresh: pass`` (the paper): each rank encodes a disjoint part of the training set with the
+``bank.refresh: pass`` (the paper): each rank encodes a disjoint part of the training set with the
 model in eval mode, the rows are gathered by id into one bank on every rank, and each rank
 searches the neighbours of the ids it encoded.
-``cscc.refresh: memory``: the latest rows of every id from the training batches (an ``IdTable``
+``bank.refresh: memory``: the latest rows of every id from the training batches (an ``IdTable``
 recorded after every step and exchanged after every epoch); no encoding pass. Until every id has
 been recorded once (the first epoch), a pass is made instead. Rank r searches ids r, r + W, ...
 """

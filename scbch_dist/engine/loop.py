@@ -211,7 +211,8 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
     if not (run.is_main and state.history):
         return {}
     final = state.history[-1]
-    plots.plot_pr({cfg.run.method: final["curves"]}, run.run_dir / "plots" / "pr.png",
+    label = cfg.run.method or run.method.label
+    plots.plot_pr({label: final["curves"]}, run.run_dir / "plots" / "pr.png",
                   title=f"{data.meta.name}, {cfg.model.bits} bits, noise {data.noise.name}, epoch {final['epoch']}")
     best = max(state.history, key=lambda h: h["avg_map"])
     steps = data.stream.steps_per_epoch * state.epoch
@@ -220,13 +221,15 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
         "best": {"selected_by": "avg_map over evaluated epochs (the paper reports this best-over-epochs "
                                 "test mAP; 'final' is the honest last-epoch figure)", **best},
         "chance_map": state.chance_map,
-        "run": {"dir": str(run.run_dir), "method": cfg.run.method, "method_name": cfg.method.name,
+        "run": {"dir": str(run.run_dir), "method": label, "method_name": cfg.method.name,
                 "dataset": data.meta.name, "noise": data.noise_info(), "bits": cfg.model.bits,
                 "epochs": cfg.train.epochs, "seed": cfg.train.seed, "world_size": run.accelerator.num_processes,
                 "device": str(run.accelerator.device)},
         "diagnostics": state.diagnostics[-1] if state.diagnostics else None,
         "timings_s": {"total": seconds_total, "data_setup": seconds_data, "train": state.train_seconds,
-                      "refresh": state.hook_seconds, "eval": state.eval_seconds},
+                      "refresh": state.hook_seconds, "eval": state.eval_seconds,
+                      # the method's cost: its steps and epoch hooks, without the evaluations
+                      "per_epoch": (state.train_seconds + state.hook_seconds) / max(state.epoch, 1)},
         "throughput": {"train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
                        "train_steps_per_s": steps / max(state.train_seconds, 1e-9)},
     }

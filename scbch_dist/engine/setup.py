@@ -13,7 +13,8 @@ import torch
 from scbch_dist import dist, models
 from scbch_dist.config import Config, ConfigError
 from scbch_dist.data.format import DatasetMeta, read_meta
-from scbch_dist.data.noise import NoiseSpec, clean_training_labels, corrupted_rows, training_labels
+from scbch_dist.data.noise import (NoiseSpec, clean_training_labels, corrupted_rows, noise_statistics,
+                                   training_labels)
 from scbch_dist.data.pipeline import TrainStream
 from scbch_dist.data.transforms import check_backbones_fit, make_transforms
 from scbch_dist.engine.bank import BankSource
@@ -98,9 +99,13 @@ class TrainingData:
     vocab_size: int | None  # the tokenizer's, for randomly initialised text encoders
 
     def noise_info(self) -> dict:
+        """The noise model, its parameter, and what it did to the clean labels (noise_statistics)."""
         corrupted = int(self.train.corrupted.sum()) if self.train.corrupted is not None else 0
-        return {"spec": self.noise_spec, "name": self.noise.name,
+        info = {"spec": self.noise_spec, "name": self.noise.name, "model": self.noise.kind, "parameter": self.noise.rate,
                 "corrupted_rows": corrupted, "rate": round(corrupted / self.train.count, 4)}
+        if self.noise.kind != "none":
+            info["statistics"] = noise_statistics(self.train.clean, self.train.labels.cpu().numpy())
+        return info
 
 
 def build_data(cfg: Config, accelerator, log: logging.Logger) -> TrainingData:
@@ -117,11 +122,14 @@ def build_data(cfg: Config, accelerator, log: logging.Logger) -> TrainingData:
                          rank=accelerator.process_index, world=world, workers=cfg.data.workers,
                          buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last, transform=train_transform)
     train = TrainingSet(count=meta.splits["train"].count, num_classes=meta.num_classes, labels=labels,
-                        corrupted=corrupted, device=accelerator.device)
+                        corrupted=corrupted, device=accelerator.device, clean=clean_np)
     data = TrainingData(root, meta, cfg.data.noise, noise, train, stream, eval_transform,
                         tokenizer.vocab_size if tokenizer is not None else None)
-    log.info(f"dataset {meta.name} at {root}: {meta.describe()}; noise {noise.name} "
-             f"({data.noise_info()['corrupted_rows']} corrupted training rows)")
+    info = data.noise_info()
+    log.info(f"dataset {meta.name} at {root}: {meta.describe()}; noise {noise.name} ({info['corrupted_rows']} "
+             f"corrupted training rows" + ("; {labels_added_per_row:.2f} labels added and {labels_removed_per_row:.2f} "
+                                           "removed per row, {false_candidate_fraction:.1%} of the candidate labels "
+                                           "false".format(**info["statistics"]) if "statistics" in info else "") + ")")
     return data
 
 
@@ -142,21 +150,24 @@ def build_network(cfg: Config, data: TrainingData, method: Method) -> HashingMod
 
 def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelerator, log: logging.Logger) -> BankSource:
     """The training-set bank refreshes search: a pass of ``model`` over the training split, or the
-    memory of the training batches (cscc.refresh)."""
+    memory of the training batches (bank.refresh)."""
     def encode_train() -> dict[str, torch.Tensor]:
         return encode_part(model, data.root, data.meta, "train", batch_size=cfg.eval.batch_size,
                            device=accelerator.device, workers=cfg.data.workers, autocast=accelerator.autocast,
                            transform=data.eval_transform)
 
-    return BankSource(cfg.cscc.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log)
+    return BankSource(cfg.bank.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log)
 
 
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """Adam with L2 weight decay, as the paper; fine-tuned backbones at train.backbone_lr. The fused
-    kernel computes the same update in one pass over the parameters: 0.94 s -> 0.10 s per step at
-    paper width on 2 CPU cores."""
+    """train.optimizer with L2 weight decay: Adam (SCBCH, RSHNL) or RMSprop (NACD), torch's defaults
+    otherwise, as the published code; fine-tuned backbones at train.backbone_lr. The fused Adam kernel
+    computes the same update in one pass over the parameters: 0.94 s -> 0.10 s per step at paper
+    width on 2 CPU cores."""
     groups = model.param_groups(cfg.train.lr, cfg.train.backbone_lr)
     kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, **kwargs)
     try:
         return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
     except (RuntimeError, TypeError):  # a torch or device without the fused kernel
@@ -191,4 +202,4 @@ def log_model(run) -> None:
                  f"{run.accelerator.num_processes} process(es) on {run.accelerator.device}, precision "
                  f"{run.accelerator.mixed_precision}; global batch {cfg.train.batch_size}, "
                  f"{run.data.stream.steps_per_epoch} steps per epoch; method {cfg.method.name}, "
-                 f"refresh {cfg.cscc.refresh}")
+                 f"refresh {cfg.bank.refresh}")

@@ -1,6 +1,17 @@
-"""Training objectives as pure functions of tensors (docs/objective.md): no training state, no
-collectives; batch-coupled terms take the gathered global batch as ``Columns``."""
+"""Training objectives as pure functions of tensors (docs/objective.md, docs/methods.md): no training
+state, no collectives; batch-coupled terms take the gathered global batch as ``Columns``."""
 
+from scbch_dist.losses.nacd import (
+    class_thresholds,
+    confidence_bce,
+    confidence_from_neighbors,
+    crch_loss,
+    ema_confidence,
+    ema_weight,
+    reconstruct_confidence,
+    reliable_labels,
+)
+from scbch_dist.losses.rshnl import center_terms, chl_loss, gce_mae, self_paced
 from scbch_dist.losses.scbch import (
     Columns,
     bsch_loss,
@@ -14,5 +25,7 @@ from scbch_dist.losses.scbch import (
     wide,
 )
 
-__all__ = ["Columns", "bsch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "jaccard_similarity",
-           "quantization_loss", "scbch_loss", "weights_from_neighbors", "wide"]
+__all__ = ["Columns", "bsch_loss", "center_terms", "chl_loss", "class_thresholds", "confidence_bce",
+           "confidence_from_neighbors", "crch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "ema_confidence",
+           "ema_weight", "gce_mae", "jaccard_similarity", "quantization_loss", "reconstruct_confidence",
+           "reliable_labels", "scbch_loss", "self_paced", "weights_from_neighbors", "wide"]

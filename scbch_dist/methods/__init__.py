@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from scbch_dist.methods.base import Bank, EpochContext, Method, Step, TrainingSet, global_columns
+from scbch_dist.methods.nacd import NACD
+from scbch_dist.methods.rshnl import RSHNL
 from scbch_dist.methods.scbch import SCBCH
 
-METHODS: dict[str, type[Method]] = {SCBCH.name: SCBCH}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SCBCH, NACD, RSHNL)}
 
-__all__ = ["Bank", "EpochContext", "METHODS", "Method", "SCBCH", "Step", "TrainingSet", "get_method", "global_columns",
+__all__ = ["Bank", "EpochContext", "METHODS", "Method", "NACD", "RSHNL", "SCBCH", "Step", "TrainingSet", "get_method", "global_columns",
            "register"]
 
 

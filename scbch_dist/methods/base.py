@@ -37,13 +37,14 @@ from scbch_dist.tables import IdTable
 class TrainingSet:
     """What a method may know of the training set. ``labels`` are the (possibly noisy) training
     labels, the only ones training may use; ``corrupted`` (rows whose labels differ from the
-    clean ones, None without noise) is for diagnostics only."""
+    clean ones, None without noise) and ``clean`` are for diagnostics only."""
 
     count: int  # N, ids 0..N-1
     num_classes: int  # C
     labels: torch.Tensor  # (N, C) uint8 on the training device
     corrupted: np.ndarray | None  # (N,) bool
     device: torch.device
+    clean: np.ndarray | None = None  # (N, C) uint8 clean labels
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Method:
     override what they need."""
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # the report's row label unless run.method names a variant
     terms: ClassVar[tuple[str, ...]] = ("total",)
 
     def __init__(self, cfg: Config, train: TrainingSet):

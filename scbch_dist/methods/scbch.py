@@ -23,6 +23,7 @@ from scbch_dist.tables import IdTable
 
 class SCBCH(Method):
     name = "scbch"
+    label = "SCBCH"
     terms = ("total", "bsch", "quant", "cscc")
 
     def __init__(self, cfg, train: TrainingSet):
@@ -51,7 +52,7 @@ class SCBCH(Method):
         bank = ctx.bank()
         with torch.no_grad():
             sims, index = knn(bank.rows[bank.own_ids], bank.rows, self.cfg.cscc.k, self_index=bank.own_ids,
-                              backend=self.cfg.cscc.knn)
+                              backend=self.cfg.bank.knn)
             w = weights_from_neighbors(sims / 2, index, self.train.labels, own_index=bank.own_ids,
                                        gamma=self.cfg.cscc.gamma)
             self.weights.assign(dist.gather_by_id({"id": bank.own_ids, "w": w}, self.train.count)["w"])

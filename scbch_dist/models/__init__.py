@@ -5,9 +5,9 @@ from typing import Callable
 import torch.nn as nn
 
 from scbch_dist.models.backbones import WeightsError, image_backbone, text_backbone
-from scbch_dist.models.heads import Classifiers, HashHead, HashingModel, NoHead, SCBCHModel, TowerSpec, binary_codes
+from scbch_dist.models.heads import ClassCentres, Classifiers, HashHead, HashingModel, NoHead, SCBCHModel, TowerSpec, binary_codes
 
-__all__ = ["Classifiers", "HashHead", "HashingModel", "NoHead", "SCBCHModel", "TowerSpec", "WeightsError",
+__all__ = ["ClassCentres", "Classifiers", "HashHead", "HashingModel", "NoHead", "SCBCHModel", "TowerSpec", "WeightsError",
            "binary_codes", "build_model"]
 
 

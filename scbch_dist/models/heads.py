@@ -72,6 +72,27 @@ class Classifiers(nn.Module):
                 "p_txt": torch.sigmoid(out["h_txt"] @ self.txt_classifier)}
 
 
+class ClassCentres(nn.Module):
+    """RSHNL's class-centre generator: the C x C identity through C -> hidden -> hidden -> L (ReLU
+    between), tanh and L2 normalisation give one unit centre per class, W (C, L); each modality's
+    class probabilities are p = softmax(h W^T) (no temperature)."""
+
+    def __init__(self, num_classes: int, hidden: int, bits: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(num_classes, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, bits))
+        self.register_buffer("identity", torch.eye(num_classes), persistent=False)
+
+    def centres(self) -> torch.Tensor:
+        """(C, L) unit-length class centres."""
+        return F.normalize(torch.tanh(self.mlp(self.identity.to(self.mlp[0].weight.dtype))), dim=1, eps=1e-12)
+
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """h_img, h_txt (n, L) -> p_img, p_txt (n, C)."""
+        w = self.centres()
+        return {"p_img": torch.softmax(out["h_img"] @ w.T, dim=1), "p_txt": torch.softmax(out["h_txt"] @ w.T, dim=1)}
+
+
 class HashingModel(nn.Module):
     """Both towers and the method's head. ``head`` maps the codes {h_img, h_txt} to the method's
     extra outputs; it is set after the towers are built, so that a seeded run draws the towers'
