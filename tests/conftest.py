@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from scbch_dist.config import SyntheticConfig
 from scbch_dist.data.format import write_dataset
@@ -87,3 +89,17 @@ def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
                 "model.bits=16", "model.hidden=64", "train.batch_size=32", "train.epochs=6", "train.lr=3e-3",
                 "eval.every=3", "cscc.warmup_epochs=2", "cscc.k=5", "run.progress=false", "eval.topk=[50]"]
     return [a for s in [*settings, *extra] for a in ("--set", s)]
+
+
+def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """(n, d) float64 unit-length codes (tanh, then L2), as the towers make them."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.tanh(torch.randn(n, d, generator=g, dtype=torch.float64)), dim=1)
+
+
+def labels(n: int, c: int, seed: int, p: float = 0.35) -> torch.Tensor:
+    """(n, c) float64 multi-hot labels, at least one per row."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(n, c, generator=g) < p).double()
+    y[torch.arange(n), torch.randint(c, (n,), generator=g)] = 1
+    return y

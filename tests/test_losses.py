@@ -9,20 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import labels, unit_rows
 from scbch_dist.losses import (Columns, bsch_loss, cscc_loss, cscc_weights, jaccard_similarity, quantization_loss,
                                scbch_loss, weights_from_neighbors)
-
-
-def unit_rows(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.tanh(torch.randn(n, d, generator=g, dtype=torch.float64)), dim=1)
-
-
-def labels(n, c, seed, p=0.35):
-    g = torch.Generator().manual_seed(seed)
-    y = (torch.rand(n, c, generator=g) < p).double()
-    y[torch.arange(n), torch.randint(c, (n,), generator=g)] = 1
-    return y
 
 
 def reference_bsch(u, v, y, margin, shift):

@@ -8,22 +8,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import labels, unit_rows
 from scbch_dist.losses import (Columns, center_terms, chl_loss, class_thresholds, confidence_bce, crch_loss,
                                ema_confidence, ema_weight, gce_mae, reconstruct_confidence, self_paced)
-
-
-def unit_rows(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.tanh(torch.randn(n, d, generator=g, dtype=torch.float64)), dim=1)
-
-
-def labels(n, c, seed, p=0.35):
-    g = torch.Generator().manual_seed(seed)
-    y = (torch.rand(n, c, generator=g) < p).double()
-    y[torch.arange(n), torch.randint(c, (n,), generator=g)] = 1
-    return y
 
 
 def probabilities(n, c, seed):
