@@ -28,8 +28,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 class DataConfig:
     root: str = "shards/synthetic"  # a dataset folder: meta.json + tar shards + labels/
     generate: str = ""  # synthetic | shapes: write that embedded dataset at data.root when it is missing
-    noise: str = "none"  # none | mixed:RATE | file:PATH (HDF5 with `result` and `True`)
-    noise_seed: int = 0  # seed of the mixed noise protocol
+    noise: str = "none"  # none | mixed:RATE | redundant:R | replace:R | file:PATH (HDF5 with `result` and `True`)
+    noise_seed: int = 0  # seed of the generated noise models (mixed, redundant, replace)
     workers: int = 0  # loader worker processes; 0 reads in the training process (fastest for feature shards)
     shuffle_buffer: int = 16384  # samples held by the training shuffle buffer
 
@@ -350,11 +350,16 @@ def validate(cfg: Config) -> None:
                "model.text.pooling": (cfg.model.text.pooling, ("mean", "cls")),
                "bank.refresh": (cfg.bank.refresh, ("pass", "memory")),
                "bank.knn": (cfg.bank.knn, BACKENDS),
+               "train.optimizer": (cfg.train.optimizer, ("adam", "rmsprop")),
                "train.mixed_precision": (cfg.train.mixed_precision, ("", "no", "bf16", "fp16"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     positive = {"nacd.k": cfg.nacd.k, "rshnl.q": cfg.rshnl.q, "rshnl.gamma": cfg.rshnl.gamma, "rshnl.tau": cfg.rshnl.tau}
+    for key, value in {"cscc.warmup_epochs": cfg.cscc.warmup_epochs, "nacd.warmup_epochs": cfg.nacd.warmup_epochs,
+                       "rshnl.self_paced_from": cfg.rshnl.self_paced_from}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")

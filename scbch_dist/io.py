@@ -1,5 +1,5 @@
-"""Atomic file output: everything is written to a temporary name beside its target and renamed
-when complete, so a crash never leaves a half-written file under the final name."""
+"""Atomic file output: everything is written to a temporary name beside its target, flushed to
+disk and renamed when complete, so a crash never leaves a half-written file under the final name."""
 
 from __future__ import annotations
 
@@ -25,10 +25,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_tree(tmp_path)  # the content is on disk before the name says it is complete
         os.replace(tmp_path, path)
+        fsync_tree(path.parent, recursive=False)  # the new name itself
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_tree(path: str | Path, *, recursive: bool = True) -> None:
+    """Flush ``path`` to disk: a file, or a folder (with ``recursive``, every file and folder below
+    it too), so that a rename or a pointer written afterwards never names lost data."""
+    path = Path(path)
+    targets = [*path.rglob("*"), path] if path.is_dir() and recursive else [path]
+    for target in targets:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

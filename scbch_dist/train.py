@@ -5,7 +5,7 @@
 
 With no --config, configs/default.yaml (the embedded synthetic dataset) is used. A run writes
 run.dir/: config.yaml, log.txt, metrics.jsonl, summary.json, plots/, checkpoints/, codes.npz and
-tensorboard/ (when tensorboard is installed); docs/runs.md describes each.
+tensorboard/ (when tensorboard is installed); docs/configuration.md describes each.
 """
 
 from __future__ import annotations

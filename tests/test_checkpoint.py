@@ -129,6 +129,18 @@ def test_the_earlier_single_file_format_is_refused_unopened(tmp_path):
         main(["--resume", str(run_dir)])
 
 
+def test_a_fresh_run_into_a_run_folder_leaves_nothing_of_the_earlier_run_to_resume(tmp_path):
+    from scbch_dist.engine.setup import prepare_run_dir
+    from scbch_dist.runlog import setup_logging
+
+    run_dir, _, _ = saved_run(tmp_path)
+    for name in ("metrics.jsonl", "summary.json", "codes.npz"):
+        (run_dir / name).write_text("{}")
+    prepare_run_dir(run_dir, load_config(None, [f"run.dir={run_dir}"]), resume=False, is_main=True,
+                    log=setup_logging(None, True))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
 @pytest.mark.slow
 def test_resuming_a_crafted_run_fails_without_running_the_payload(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"

@@ -63,8 +63,16 @@ def test_errors_name_the_key(tmp_path):
     ("train.lr=.inf", "train.lr must be a finite number"),
     ("bank.knn=annoy", "bank.knn must be one of"),
     ("bank.refresh=sometimes", "bank.refresh must be one of"),
+    ("train.optimizer=RMSprop", "train.optimizer must be one of"),
+    ("method.name=nacd", None),
+    ("nacd.mix=1.5", "nacd.mix must be in"),
+    ("rshnl.gamma=0", "rshnl.gamma must be positive"),
+    ("nacd.warmup_epochs=-1", "nacd.warmup_epochs must be >= 0"),
 ])
 def test_value_rules_name_the_key(override, message):
+    if message is None:  # a valid value (checked against the registry later, before any data is read)
+        assert load_config(None, [override]).method.name == "nacd"
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 

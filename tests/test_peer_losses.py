@@ -181,6 +181,16 @@ def test_center_terms_reference():
     torch.testing.assert_close(center_terms(pu, pv, y, q=0.01), ref_center_terms(pu, pv, y, 0.01), atol=1e-10, rtol=0)
 
 
+def test_a_row_without_labels_has_a_finite_loss_and_gradient():
+    y = labels(4, 3, 41)
+    y[2] = 0  # no labels: no probability mass on labelled classes
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    terms = center_terms(torch.softmax(logits, 1), torch.softmax(logits, 1), y, q=0.01)
+    assert terms[2].item() == pytest.approx(2 * ref_gce_mae(0.0, 0.01), abs=1e-12)
+    self_paced(terms, gamma=5.0)[0].backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[2] == 0).all()
+
+
 def test_self_paced_reference():
     losses = torch.tensor([0.5, 2.0, 4.9, 5.0, 7.5], dtype=torch.float64)
     loss, weights = self_paced(losses, gamma=5.0)

@@ -1,4 +1,4 @@
-"""Checkpoints through Accelerate, written after every epoch (docs/checkpoints.md).
+"""Checkpoints through Accelerate, written after every epoch (docs/engine.md, "Checkpoints").
 
     run_dir/checkpoints/
       latest                 the name of the newest complete checkpoint, written last
@@ -12,8 +12,9 @@
 
 Nothing is unpickled as code: model and tables are safetensors, the run state JSON, and every
 pickle Accelerate wrote is first opened with ``weights_only=True`` (plain tensors and containers
-only), so a crafted file is refused by name before anything loads it. A checkpoint counts once
-``latest`` names it, so a crash mid-write leaves the previous one in force.
+only), so a crafted file is refused by name before anything loads it. The exception is DeepSpeed,
+which reads its own pytorch_model/ files itself. A checkpoint counts once ``latest`` names it, and
+its files are on disk (fsynced) before that, so a crash mid-write leaves the previous one in force.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from scbch_dist.engine.state import RunState
-from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text
+from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree
 from scbch_dist.runlog import json_safe
 
 FORMAT = 2  # 1: the single pickled checkpoints/last.pt of scbch_dist 0.1
@@ -74,6 +75,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[st
                           json_safe({"format": FORMAT, "state": state.to_dict(), "config": config}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_tree(target)  # every rank's files on disk before latest names the folder
         atomic_write_text(root / "latest", target.name + "\n")
         for old in root.glob("epoch-*"):
             if old != target:

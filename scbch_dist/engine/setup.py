@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,6 +49,9 @@ def make_accelerator(cfg: Config, run_dir: Path):
     return accelerator
 
 
+EARLIER_RUN = ("metrics.jsonl", "summary.json", "codes.npz", "checkpoints")  # what a fresh run replaces
+
+
 def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, is_main: bool, log: logging.Logger) -> None:
     """Refuse a resume without a checkpoint before any work; write the resolved config.yaml."""
     from scbch_dist.config import save_config
@@ -60,9 +64,14 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, is_main: bool, 
             raise SystemExit(f"--resume {run_dir}: {e}") from None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and (run_dir / "metrics.jsonl").exists():
-            log.warning(f"{run_dir} holds an earlier run; starting afresh (use --resume {run_dir} to continue it)")
-            (run_dir / "metrics.jsonl").unlink()
+        earlier = [p for p in (run_dir / n for n in EARLIER_RUN) if p.exists()]
+        if not resume and earlier:
+            # the earlier run's results and checkpoints go, so that nothing of it mixes with this one
+            # (a later --resume, a sweep or a SLURM requeue would otherwise continue its checkpoint)
+            log.warning(f"{run_dir} holds an earlier run; starting afresh and removing its "
+                        f"{', '.join(p.name for p in earlier)} (use --resume {run_dir} to continue it)")
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         save_config(cfg, run_dir / "config.yaml")
 
 

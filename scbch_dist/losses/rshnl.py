@@ -23,7 +23,15 @@ def center_terms(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.Tensor,
     puts on the labelled classes (a multi-label row sums over its positives)."""
     p_img, p_txt = wide(p_img), wide(p_txt)
     y = labels.to(p_img.dtype)
-    return gce_mae((y * p_img).sum(1), q) + gce_mae((y * p_txt).sum(1), q)
+    return _gce_mae_of_mass((y * p_img).sum(1), q) + _gce_mae_of_mass((y * p_txt).sum(1), q)
+
+
+def _gce_mae_of_mass(mass: torch.Tensor, q: float) -> torch.Tensor:
+    """l_q of a probability mass; a row without labels has mass 0, where p^q has an infinite slope:
+    it gets the value l_q(0) and no gradient, instead of a NaN gradient."""
+    some = mass > 0
+    value = gce_mae(torch.where(some, mass, torch.ones_like(mass)), q)
+    return torch.where(some, value, torch.full_like(mass, (1 - q) / q + q))
 
 
 def self_paced(per_sample: torch.Tensor, *, gamma: float = 5.0,
