@@ -210,17 +210,20 @@ class ConfigError(ValueError):
 _KINDS = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
 
 
+def _annotation(parts: list[str]) -> Any:
+    """The type of the config field at the path ``parts`` (Config for none), or None if unknown."""
+    node: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node
+
+
 def _field_kind(key: str) -> str:
     """What the field at dotted ``key`` holds, in words ("an integer", "a list", ...)."""
-    node: Any = Config
-    annotation: Any = Config
-    for part in key.split("[")[0].split("."):
-        hints = typing.get_type_hints(node)
-        annotation = hints.get(part)
-        if annotation is None:
-            return "a value"
-        node = annotation
-    if "[" in key:  # an item of a list
+    annotation = _annotation(key.split("[")[0].split("."))
+    if annotation is not None and "[" in key:  # an item of a list
         (annotation,) = typing.get_args(annotation)
     if typing.get_origin(annotation) in (list, typing.List):
         return "a list, e.g. [1, 2]"
@@ -230,12 +233,8 @@ def _field_kind(key: str) -> str:
 
 
 def _known_keys(key: str) -> str:
-    node: Any = Config
-    for part in key.split(".")[:-1]:
-        node = typing.get_type_hints(node).get(part)
-        if not dataclasses.is_dataclass(node):
-            return ""
-    return ", ".join(f.name for f in dataclasses.fields(node))
+    section = _annotation(key.split(".")[:-1])
+    return ", ".join(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else ""
 
 
 def _merge(base: DictConfig, layer: dict, source: str) -> DictConfig:

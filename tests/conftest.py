@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from scbch_dist.config import SyntheticConfig
 from scbch_dist.data.format import write_dataset
 from scbch_dist.data.synthetic import write_synthetic
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCBCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 MIRFLICKR = SHARED / "data" / "mirflickr25k"
 
@@ -103,3 +107,15 @@ def labels(n: int, c: int, seed: int, p: float = 0.35) -> torch.Tensor:
     y = (torch.rand(n, c, generator=g) < p).double()
     y[torch.arange(n), torch.randint(c, (n,), generator=g)] = 1
     return y
+
+
+def torchrun(*args: str, nproc: int = 2) -> None:
+    """``torchrun --standalone --nproc_per_node N ARGS`` (a script and its arguments, or ``-m`` and a
+    module) from the repository root, one thread per process; skipped where torchrun is missing,
+    failed with the tail of its stderr."""
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if exe is None:
+        pytest.skip("torchrun not installed")
+    proc = subprocess.run([exe, "--standalone", "--nproc_per_node", str(nproc), *args], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +14,12 @@ from scbch_dist.losses import bsch_loss, cscc_loss, quantization_loss
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 from common import code_batch  # noqa: E402
-
-
-def torchrun(script: str, out: Path, nproc: int = 2) -> None:
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not installed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([exe, "--standalone", "--nproc_per_node", str(nproc), str(SCRIPTS / script), str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+from conftest import torchrun  # noqa: E402
 
 
 @pytest.mark.slow
 def test_loss_shares_sum_to_the_global_loss_and_gradients_match(tmp_path):
-    torchrun("loss_shares.py", tmp_path)
+    torchrun(str(SCRIPTS / "loss_shares.py"), str(tmp_path))
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     batch = code_batch()
     leaves = {k: batch[k].clone().requires_grad_() for k in ("h_img", "h_txt", "p_img", "p_txt")}
@@ -54,7 +43,7 @@ def method_steps(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(SCRIPTS / "method_steps.py"), str(one)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    torchrun("method_steps.py", two)
+    torchrun(str(SCRIPTS / "method_steps.py"), str(two))
     return one, two
 
 
@@ -85,14 +74,11 @@ def test_trainer_runs_with_two_processes_and_two_workers_each(tiny_dataset, tmp_
     """5 training shards over 2 ranks x 2 workers: uneven, yet every rank takes the same number
     of steps, and the refresh and evaluation passes see every id exactly once (gather_by_id
     raises otherwise)."""
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     run_dir = tmp_path / "two"
     sets = [f"data.root={tiny_dataset}", "data.generate=", "data.workers=2", f"run.dir={run_dir}", "model.bits=16",
             "model.hidden=32", "train.batch_size=64", "train.epochs=3", "eval.every=3", "cscc.warmup_epochs=1",
             "cscc.k=5", "run.progress=false", "run.tensorboard=false"]
-    cmd = [exe, "--standalone", "--nproc_per_node", "2", "-m", "scbch_dist.train", *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("-m", "scbch_dist.train", *[a for s in sets for a in ("--set", s)])
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())

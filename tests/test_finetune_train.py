@@ -5,10 +5,6 @@ feeds the feature trainer."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 
 from scbch_dist.train import main
 
-from conftest import read_checkpoint
+from conftest import read_checkpoint, torchrun
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
@@ -89,15 +85,8 @@ def test_pass_refresh_and_bf16_autocast_on_cpu(shapes_root, tmp_path):
 
 
 def test_two_processes_fine_tune_with_loader_workers_and_the_memory_refresh(shapes_root, memory_run, tmp_path):
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not installed")
     run_dir = tmp_path / "two"
-    cmd = [exe, "--standalone", "--nproc_per_node", "2", "-m", "scbch_dist.train",
-           *raw_args(shapes_root, run_dir, "data.workers=1", "train.epochs=6", "eval.every=6")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("-m", "scbch_dist.train", *raw_args(shapes_root, run_dir, "data.workers=1", "train.epochs=6", "eval.every=6"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run"]["world_size"] == 2
     # each rank recorded its own batches' codes; the sync made the memory whole on both ranks

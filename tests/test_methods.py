@@ -5,17 +5,13 @@ reading the bank) trains through the engine unchanged, on one process, resumed, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import toy_method  # noqa: F401  (registers contrast-only)
-from conftest import read_checkpoint, tiny_args, tiny_synthetic_config
+from conftest import read_checkpoint, tiny_args, tiny_synthetic_config, torchrun
 from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.config import ConfigError
 from scbch_dist.methods import METHODS, SCBCH, get_method
@@ -68,16 +64,11 @@ def test_a_method_from_outside_the_package_trains_and_resumes(tiny_dataset, tmp_
 def test_a_method_from_outside_the_package_on_two_processes(tmp_path):
     """4 training shards of 100 over 2 ranks: each rank trains its 200 ids once per epoch, so after
     every exchange both ranks hold the table one process would: every id visited once per epoch."""
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not installed")
     root = tmp_path / "even"
     write_synthetic(root, tiny_synthetic_config(samples_per_shard=100))
     run_dir = tmp_path / "two"
-    cmd = [exe, "--standalone", "--nproc_per_node", "2", str(SCRIPTS / "toy_train.py"),
-           *tiny_args(root, run_dir, *TOY, "train.epochs=3", "eval.every=3", "bank.refresh=memory")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(str(SCRIPTS / "toy_train.py"), *tiny_args(root, run_dir, *TOY, "train.epochs=3", "eval.every=3",
+                                                        "bank.refresh=memory"))
     recs = records(run_dir)
     assert [(r["toy"]["visits_min"], r["toy"]["visits_max"], r["toy"]["visits_total"]) for r in recs] == \
         [(1.0, 1.0, 400.0), (2.0, 2.0, 800.0), (3.0, 3.0, 1200.0)]
@@ -166,15 +157,10 @@ def test_a_resumed_nacd_run_ends_where_the_uninterrupted_run_ends(tiny_dataset, 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nacd", "rshnl"])
 def test_the_peer_methods_on_two_processes(tiny_dataset, tmp_path, name):
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if exe is None:
-        pytest.skip("torchrun not installed")
     run_dir = tmp_path / name
-    cmd = [exe, "--standalone", "--nproc_per_node", "2", "-m", "scbch_dist.train",
-           *tiny_args(tiny_dataset, run_dir, f"method.name={name}", f"data.noise={PEERS[name][0]}", "train.epochs=3",
-                      "eval.every=3", "nacd.warmup_epochs=1", "rshnl.self_paced_from=1", "run.tensorboard=false")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("-m", "scbch_dist.train",
+             *tiny_args(tiny_dataset, run_dir, f"method.name={name}", f"data.noise={PEERS[name][0]}", "train.epochs=3",
+                        "eval.every=3", "nacd.warmup_epochs=1", "rshnl.self_paced_from=1", "run.tensorboard=false"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run"]["world_size"] == 2 and summary["run"]["method_name"] == name
     recs = records(run_dir)

@@ -103,9 +103,14 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             "train": {"seconds": seconds, "samples_per_s": samples * world / seconds}, "samples": samples * world}
 
 
+def evaluates(cfg: Config, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with an evaluation: every eval.every epochs and the last."""
+    return (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs
+
+
 def epoch_context(run: Run, epoch: int) -> EpochContext:
     return EpochContext(epoch=epoch, epochs=run.cfg.train.epochs, train=run.data.train, bank=run.bank.build,
-                        run_dir=run.run_dir, is_main=run.is_main)
+                        run_dir=run.run_dir, is_main=run.is_main, evaluates=evaluates(run.cfg, epoch))
 
 
 def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
@@ -121,11 +126,12 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
         return None
     if state.chance_map is None:
         state.chance_map = chance_map(codes["query_lab"], codes["database_lab"])
-    state.history.append({"epoch": epoch + 1, **summarize(result), "curves": curves(result)})
+    headline = summarize(result)
+    state.history.append({"epoch": epoch + 1, **headline, "curves": curves(result)})
     if epoch + 1 == cfg.train.epochs and cfg.run.save_codes:
         save_codes(codes, run.run_dir / "codes.npz")
     plots.plot_map_history(state.history, run.run_dir / "plots" / "map.png", state.chance_map)
-    return summarize(result)
+    return headline
 
 
 def run_tables(run: Run) -> dict[str, IdTable]:
@@ -177,7 +183,7 @@ def fit(run: Run, state: RunState, config: dict) -> RunState:
         if any(k not in ("epoch", "loss", "train") for k in record):
             state.diagnostics.append({k: v for k, v in record.items() if k not in ("loss", "train")})
 
-        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs:
+        if evaluates(cfg, epoch):
             evaluation = evaluate_epoch(run, state, epoch)
             if evaluation is not None:
                 record["eval"] = evaluation

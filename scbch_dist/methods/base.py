@@ -78,6 +78,7 @@ class EpochContext:
     bank: Callable[[], Bank]  # builds (or reads) the bank on every rank: a collective
     run_dir: Path
     is_main: bool
+    evaluates: bool = False  # whether this epoch ends with an evaluation: draw the method's figures then
 
 
 class Method:

@@ -78,8 +78,7 @@ class NACD(Method):
         confidence = self.confidence.values.cpu().numpy()
         diag.update(confidence_diagnostics(confidence, self.train.labels.cpu().numpy(), self.train.clean),
                     threshold_mean=float(self.thresholds.values.mean()))
-        if ctx.is_main and self.train.clean is not None and (
-                (ctx.epoch + 1) % self.cfg.eval.every == 0 or ctx.epoch + 1 == ctx.epochs):
+        if ctx.is_main and ctx.evaluates and self.train.clean is not None:
             candidates = self.train.labels.cpu().numpy() > 0
             plots.plot_weight_histograms(
                 [(f"epoch {ctx.epoch + 1}", confidence[candidates], ~(self.train.clean > 0)[candidates])],

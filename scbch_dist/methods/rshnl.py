@@ -62,7 +62,7 @@ class RSHNL(Method):
     def epoch_end(self, ctx: EpochContext) -> dict:
         weights = self.weights.values.cpu().numpy()
         diag = {**self_paced_diagnostics(weights, self.train.corrupted), "active": self.self_paced(ctx.epoch)}
-        if ctx.is_main and ((ctx.epoch + 1) % self.cfg.eval.every == 0 or ctx.epoch + 1 == ctx.epochs):
+        if ctx.is_main and ctx.evaluates:
             plots.plot_weight_histograms([(f"epoch {ctx.epoch + 1}", weights, self.train.corrupted)],
                                          ctx.run_dir / "plots" / "rshnl_weights.png", xlabel="self-paced weight")
         return {"rshnl": diag}

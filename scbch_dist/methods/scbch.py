@@ -65,7 +65,7 @@ class SCBCH(Method):
         if first:
             self.first_weights.assign(self.weights.values)
         # drawn with the evaluations (a figure costs about as much as a refresh of 6000 rows)
-        if ctx.is_main and (first or (ctx.epoch + 1) % self.cfg.eval.every == 0 or ctx.epoch + 1 == ctx.epochs):
+        if ctx.is_main and (first or ctx.evaluates):
             self._plot(ctx, weights)
         return {"cscc_weights": diag}
 
