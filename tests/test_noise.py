@@ -183,5 +183,5 @@ def test_peer_noise_spellings_caches_and_exported_files(tmp_path):
     for bad in ("redundant:-1", "replace:1.5", "replace:x", "redundant:"):
         with pytest.raises(NoiseError, match="expected"):
             parse_noise(bad)
-    with pytest.raises(SystemExit, match="generated model"):
+    with pytest.raises(NoiseError, match="generated model"):
         noise_main(["--root", str(root), "--noise", "none", "--out", str(tmp_path / "x.h5")])

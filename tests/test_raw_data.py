@@ -252,7 +252,7 @@ def test_folder_jsonl_with_split_field_and_classes_file(tmp_path, folder, capsys
     assert {n.split(".", 1)[1] for n in members} == {"png", "jpg", "txt", "lab.npy"}
     assert meta.source["kind"] == "folder" and meta.source["skipped"] == 0 and meta.source["split"]["rule"] == "field"
     assert "wrote" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(ConvertError, match="exists"):
         main(["folder", "--images", str(root), "--annotations", str(ann), "--out", str(out)])
 
 
@@ -295,8 +295,8 @@ def test_folder_bad_images_are_errors_naming_file_line_and_path(tmp_path, folder
     with pytest.raises(ConvertError, match=rf"ann\.jsonl: line 3: field 'image': .*{records[2]['image']}: file not found"):
         convert_folder(root, ann, tmp_path / "out")
     (root / records[2]["image"]).write_bytes(b"")  # an empty file: not an image
-    with pytest.raises(SystemExit, match=rf"convert folder: .*ann\.jsonl: line 3: field 'image': .*img02\.bmp: "
-                                         rf"not a readable image"):
+    with pytest.raises(ConvertError, match=rf"ann\.jsonl: line 3: field 'image': .*img02\.bmp: "
+                                           rf"not a readable image"):
         main(["folder", "--images", str(root), "--annotations", str(ann), "--out", str(tmp_path / "out")])
     records[2]["image"] = "sub0/img00.png"  # fine again: the truncated JPEG is next
     ann = write_jsonl(tmp_path / "ann.jsonl", records)

@@ -25,6 +25,7 @@ skipped and counted with ``--skip-bad``. The full rules: FOLDER_HELP, printed by
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import io
 import json
@@ -37,12 +38,36 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from scbch_dist import cli
 from scbch_dist.data.format import DatasetMeta, RawSample, sha256_file, text_words, write_dataset, write_raw_dataset
 from scbch_dist.data.releases import RELEASES, Release
+from scbch_dist.errors import ScbchError
 
 
-class ConvertError(ValueError):
-    pass
+class ConvertError(ScbchError, ValueError):
+    """Bad conversion input or setting; the message names the file, line and field (or the option)."""
+
+
+def _check_samples_per_shard(n: int) -> None:
+    # checked before any file is read, so a typo does not cost a full image check first
+    if n < 1:
+        raise ConvertError(f"--samples-per-shard must be at least 1, got {n}")
+
+
+def _not_utf8(path: Path) -> ConvertError:
+    """The error for a text file that is not UTF-8, naming the first bad line, byte and column
+    (1-based, in characters, as an editor counts them)."""
+    data = Path(path).read_bytes()
+    # a multi-byte UTF-8 sequence never contains the byte of "\n", so lines can be split as bytes
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if n == 1 and line.startswith(codecs.BOM_UTF8):  # a byte order mark is allowed, and no column
+            line = line[len(codecs.BOM_UTF8):]
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            column = len(line[:e.start].decode("utf-8")) + 1
+            return ConvertError(f"{path}: line {n} is not UTF-8 (byte 0x{line[e.start]:02x} at column {column})")
+    return ConvertError(f"{path}: not UTF-8")  # not reached: some line fails when the whole file does
 
 
 def _is_hdf5(path: Path) -> bool:
@@ -131,6 +156,7 @@ def convert(dataset: str, src: Path, out: Path, *, img_dtype: str = "float16", t
     """Convert one standard release; returns the written DatasetMeta."""
     if dataset not in RELEASES:
         raise ConvertError(f"unknown release {dataset!r}; known: {', '.join(RELEASES)}")
+    _check_samples_per_shard(samples_per_shard)
     release = RELEASES[dataset]
     data, sources = load_release(release, src)
     q, t = release.query, release.train
@@ -273,12 +299,12 @@ def read_annotations(path: Path, images: Path) -> list[Record]:
     if not path.is_file():
         raise ConvertError(f"{path}: annotation file not found")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        records = _read_jsonl(path, images)
-    elif suffix == ".csv":
-        records = _read_csv(path, images)
-    else:
+    if suffix not in (".jsonl", ".json", ".csv"):
         raise ConvertError(f"{path}: unknown annotation format {suffix!r}; expected .jsonl, .json or .csv")
+    try:
+        records = _read_csv(path, images) if suffix == ".csv" else _read_jsonl(path, images)
+    except UnicodeDecodeError:  # raised while reading the file: find the line for the message
+        raise _not_utf8(path) from None
     if not records:
         raise ConvertError(f"{path}: no records")
     with_split = [r for r in records if r.split is not None]
@@ -293,8 +319,12 @@ def read_classes(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: classes file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     names: dict[str, int] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         name = line.strip()
         if name in names:
             raise ConvertError(f"{path}: line {n}: class {name!r} repeats line {names[name]}")
@@ -428,6 +458,7 @@ def convert_folder(images: Path, annotations: Path, out: Path, *, classes_file: 
     """Convert an image folder and its annotation file (rules: FOLDER_HELP) into a raw dataset at
     ``out``, atomically. Skipped rows are counted in ``meta.source["skipped"]``."""
     images, annotations, out = Path(images), Path(annotations), Path(out)
+    _check_samples_per_shard(samples_per_shard)
     if not images.is_dir():
         raise ConvertError(f"{images}: image folder not found")
     records = read_annotations(annotations, images)
@@ -516,17 +547,15 @@ def main(argv: list[str] | None = None) -> None:
         _release_parser(sub, name)
     _folder_parser(sub)
     args = p.parse_args(argv)
+    _check_samples_per_shard(args.samples_per_shard)
     if args.out.exists():
-        raise SystemExit(f"{args.out} exists; remove it or choose another --out")
-    try:
-        if args.dataset == "folder":
-            return _main_folder(args)
-        meta = convert(args.dataset, args.src, args.out, img_dtype=args.img_dtype, txt_dtype=args.txt_dtype,
-                       samples_per_shard=args.samples_per_shard)
-    except ConvertError as e:
-        raise SystemExit(f"convert {args.dataset}: {e}") from None
+        raise ConvertError(f"{args.out}: exists; remove it or choose another --out")
+    if args.dataset == "folder":
+        return _main_folder(args)
+    meta = convert(args.dataset, args.src, args.out, img_dtype=args.img_dtype, txt_dtype=args.txt_dtype,
+                   samples_per_shard=args.samples_per_shard)
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.data.convert")

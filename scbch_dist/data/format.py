@@ -3,6 +3,7 @@
 A dataset is a folder::
 
     meta.json                     counts, dimensions, classes, source checksums, shard list
+                                  with per-shard counts and sha256
     train-000000.tar ...          WebDataset tar shards per split (train, query, database)
     labels/clean.npy              the training labels as the shards hold them (N_train x C, uint8)
     labels/<noise-name>.npy       noise tables: replace the training labels at load time
@@ -39,6 +40,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from scbch_dist.errors import ScbchError
 from scbch_dist.io import atomic_save_npy, atomic_write_json
 
 FORMAT_NAME = "scbch_dist-shards"
@@ -50,9 +52,10 @@ FEATURE_DTYPES = ("float16", "float32", "uint8")
 FIELD_KINDS = {"img": ("feature", "image"), "txt": ("feature", "text")}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VOCAB_FILE = "vocab.json"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-class ShardError(ValueError):
+class ShardError(ScbchError, ValueError):
     """Bad input in a dataset: the message names the file, the sample key and the field."""
 
 
@@ -72,6 +75,9 @@ class SplitInfo:
     count: int
     shards: list[str] = field(default_factory=list)
     shard_counts: list[int] = field(default_factory=list)
+    # hex sha256 of each shard, in shard order; empty for datasets written before checksums
+    # existed (add them with ``python -m scbch_dist.data.verify ROOT --add-checksums``)
+    sha256: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,33 +123,113 @@ def meta_path(root: str | Path) -> Path:
     return Path(root) / "meta.json"
 
 
+def _json_kind(value: Any) -> str:
+    """How JSON would call ``value``'s type, for error messages ("got a list")."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _object(path: Path, where: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ShardError(f"{path}: {where} is {_json_kind(value)}, expected a JSON object")
+    return value
+
+
+def _list_of(path: Path, where: str, value: Any, kind: type) -> list:
+    # bool is an int in Python; a count of true/false is a mistake all the same
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ShardError(f"{path}: {where} must be a list of {kind.__name__}, got {value!r:.80}")
+    return value
+
+
+def _split_info(path: Path, split: str, entry: Any) -> SplitInfo:
+    """One ``splits.<split>`` entry, with the types of its fields checked."""
+    where = f"splits.{split}"
+    entry = _object(path, where, entry)
+    unknown = sorted(set(entry) - {"count", "shards", "shard_counts", "sha256"})
+    if unknown:
+        raise ShardError(f"{path}: {where} has unknown field {unknown[0]!r}")
+    if "count" not in entry:
+        raise ShardError(f"{path}: missing field '{where}.count'")
+    count = entry["count"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ShardError(f"{path}: {where}.count is {count!r}, expected a non-negative integer")
+    info = SplitInfo(count=count,
+                     shards=list(_list_of(path, f"{where}.shards", entry.get("shards", []), str)),
+                     shard_counts=list(_list_of(path, f"{where}.shard_counts", entry.get("shard_counts", []), int)),
+                     sha256=[h.lower() for h in _list_of(path, f"{where}.sha256", entry.get("sha256", []), str)])
+    if len(info.shards) != len(info.shard_counts) or sum(info.shard_counts) != info.count:
+        raise ShardError(f"{path}: {where}: shard list and counts disagree with count {info.count}")
+    # an empty list means "written before checksums existed"; otherwise one per shard
+    if info.sha256 and len(info.sha256) != len(info.shards):
+        raise ShardError(f"{path}: {where}.sha256 has {len(info.sha256)} entries for {len(info.shards)} shards")
+    for i, digest in enumerate(info.sha256):
+        if not SHA256_HEX.fullmatch(digest):
+            raise ShardError(f"{path}: {where}.sha256[{i}] = {digest!r:.80} is not a sha256 (64 hex digits)")
+    return info
+
+
+def _check_confined(path: Path, root: Path, split: str, names: list[str]) -> None:
+    """Every shard name must name a file inside the dataset folder: meta.json is data, and a
+    copied or downloaded one must not make the readers open files elsewhere."""
+    top = root.resolve()
+    for i, name in enumerate(names):
+        where = f"splits.{split}.shards[{i}] = {name!r}"
+        if not name.strip():
+            raise ShardError(f"{path}: {where} is not a file name")
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not (root / name).resolve().is_relative_to(top):
+            raise ShardError(f"{path}: {where} points outside the dataset folder")
+
+
 def read_meta(root: str | Path) -> DatasetMeta:
     """Read and check ``root/meta.json``; errors name the file and the offending entry."""
     path = meta_path(root)
     if not path.is_file():
         raise ShardError(f"{path}: not found (is {root} a dataset folder written by scbch_dist?)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    if not isinstance(raw, dict):
+        raise ShardError(f"{path}: expected a JSON object at the top level, got {_json_kind(raw)}")
     if raw.get("format") != FORMAT_NAME:
         raise ShardError(f"{path}: field 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}")
     if raw.get("version") != FORMAT_VERSION:
         raise ShardError(f"{path}: format version {raw.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("name", "classes", "fields", "splits"):
+        if key not in raw:
+            raise ShardError(f"{path}: missing field {key!r}")
+    fields, splits = _object(path, "fields", raw["fields"]), _object(path, "splits", raw["splits"])
+    for group, names in (("fields", MODALITIES), ("splits", SPLITS)):
+        for name in names:
+            if name not in raw[group]:
+                raise ShardError(f"{path}: missing field '{group}.{name}'")
     try:
         meta = DatasetMeta(
             name=raw["name"],
-            classes=list(raw["classes"]),
-            fields={m: FieldSpec(**raw["fields"][m]) for m in MODALITIES},
-            splits={s: SplitInfo(**raw["splits"][s]) for s in SPLITS},
+            classes=list(_list_of(path, "classes", raw["classes"], str)),
+            fields={m: FieldSpec(**_object(path, f"fields.{m}", fields[m])) for m in MODALITIES},
+            splits={s: _split_info(path, s, splits[s]) for s in SPLITS},
             layout=raw.get("layout", "block"),
             block_size=int(raw.get("block_size", 256)),
             source=raw.get("source", {}),
             noise_tables=list(raw.get("noise_tables", [])),
         )
-    except KeyError as e:
-        raise ShardError(f"{path}: missing field {e}") from None
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown key in fields.<m>, a block_size that is no number
+        if isinstance(e, ShardError):
+            raise
         raise ShardError(f"{path}: malformed entry ({e})") from None
     if meta.layout not in ("block", "sample"):
         raise ShardError(f"{path}: field 'layout' is {meta.layout!r}, expected 'block' or 'sample'")
@@ -155,8 +241,7 @@ def read_meta(root: str | Path) -> DatasetMeta:
     if meta.raw and meta.layout != "sample":
         raise ShardError(f"{path}: raw fields need layout 'sample', got {meta.layout!r}")
     for s, info in meta.splits.items():
-        if len(info.shards) != len(info.shard_counts) or sum(info.shard_counts) != info.count:
-            raise ShardError(f"{path}: splits.{s}: shard list and counts disagree with count {info.count}")
+        _check_confined(path, Path(root), s, info.shards)
     return meta
 
 
@@ -332,6 +417,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks of ``chunk`` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 class SplitWriter:
     """Append rows of one split; cuts shards of ``samples_per_shard`` and blocks of ``block_size``.
 
@@ -386,18 +480,12 @@ class SplitWriter:
                 for m in MODALITIES:
                     _add_member(tar, f"{key}.{m}.npy", _npy_bytes(rows[m][start:stop].astype(self.spec[m].dtype)))
                 _add_member(tar, f"{key}.lab.npy", _npy_bytes(rows["lab"][start:stop].astype(np.uint8)))
+        digest = sha256_file(tmp)  # of the complete file: what the name will stand for after the rename
         tmp.rename(path)
         self.info.shards.append(name)
         self.info.shard_counts.append(n)
+        self.info.sha256.append(digest)
         self.info.count += n
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_dataset(root: str | Path, *, name: str, classes: list[str], splits: dict[str, tuple],
@@ -509,9 +597,11 @@ class RawSplitWriter:
 
     def _close_shard(self) -> None:
         self._tar.close()
+        digest = sha256_file(self._tmp)  # of the complete file, before the rename makes it visible
         self._tmp.rename(self.root / self._name)
         self.info.shards.append(self._name)
         self.info.shard_counts.append(self._in_shard)
+        self.info.sha256.append(digest)
         self._tar = None
 
 
@@ -555,5 +645,13 @@ def read_vocab(root: str | Path) -> tuple[list[str], list[int]]:
     path = Path(root) / VOCAB_FILE
     if not path.is_file():
         raise ShardError(f"{path}: not found (raw datasets written by scbch_dist carry their vocabulary)")
-    raw = json.loads(path.read_text())
-    return list(raw["words"]), list(raw["counts"])
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    raw = _object(path, "the top level", raw)
+    words = _list_of(path, "words", raw.get("words"), str)
+    counts = _list_of(path, "counts", raw.get("counts"), int)
+    if len(words) != len(counts):
+        raise ShardError(f"{path}: {len(words)} words but {len(counts)} counts")
+    return list(words), list(counts)

@@ -17,12 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from scbch_dist import cli
 from scbch_dist.data.format import DatasetMeta
+from scbch_dist.errors import ScbchError
 from scbch_dist.io import atomic_save_npy
 
+# Label tables are checked by scbch_dist.data.verify (check_label_table, ...), which imports this
+# module: the functions below import it when called, not at the top.
 
-class NoiseError(ValueError):
-    pass
+
+class NoiseError(ScbchError, ValueError):
+    """A bad noise setting, noise file or label table; the message names the file or setting."""
 
 
 def mixed_noise(labels: np.ndarray, rate: float, *, seed: int) -> np.ndarray:
@@ -175,12 +180,13 @@ def load_noise_file(path: str | Path, clean: np.ndarray) -> np.ndarray:
             true = np.asarray(f["True"][()])
     except OSError as e:
         raise NoiseError(f"{path}: not a readable HDF5 file ({e})") from None
+    from scbch_dist.data.verify import check_label_values
+
     if noisy.shape != clean.shape or true.shape != clean.shape:
         raise NoiseError(f"{path}: 'result' {noisy.shape} / 'True' {true.shape} do not match the "
                          f"dataset's training labels {clean.shape}")
     for key, a in (("result", noisy), ("True", true)):
-        if not np.isin(a, (0, 1)).all():
-            raise NoiseError(f"{path}: {key!r} is not multi-hot 0/1")
+        check_label_values(f"{path}: dataset {key!r}", a)  # published files hold float64 0.0/1.0
     mismatch = np.flatnonzero((true.astype(np.uint8) != clean).any(axis=1))
     if len(mismatch):
         raise NoiseError(f"{path}: its clean labels ('True') differ from the dataset's training labels in "
@@ -224,14 +230,32 @@ def parse_noise(spec: str) -> NoiseSpec:
 
 
 def clean_training_labels(root: str | Path, meta: DatasetMeta) -> np.ndarray:
+    """labels/clean.npy, memory-mapped: (N_train, C) 0/1. A missing, unreadable or truncated file,
+    a wrong shape or dtype, or a value other than 0/1 is a NoiseError naming the file."""
+    from scbch_dist.data.verify import check_label_table, load_label_file
+
     path = Path(root) / "labels" / "clean.npy"
     if not path.is_file():
         raise NoiseError(f"{path}: missing (every dataset folder carries its clean training labels)")
-    clean = np.load(path, mmap_mode="r")
-    want = (meta.splits["train"].count, meta.num_classes)
-    if clean.shape != want:
-        raise NoiseError(f"{path}: shape {clean.shape}, expected {want} (meta.json)")
+    clean = load_label_file(path)
+    check_label_table(path, clean, meta)
     return clean
+
+
+def _cached_table(path: Path, meta: DatasetMeta) -> np.ndarray | None:
+    """A generated noise table from its cache file, or None when there is none or it is unusable
+    (truncated by a full disk, unreadable, wrong shape, values outside 0/1): the cache is a pure
+    function of (clean labels, model, rate, seed), so the caller rebuilds it rather than failing."""
+    from scbch_dist.data.verify import check_label_table, load_label_file
+
+    if not path.is_file():
+        return None
+    try:
+        table = load_label_file(path)
+        check_label_table(path, table, meta)
+    except NoiseError:
+        return None
+    return table
 
 
 def training_labels(root: str | Path, meta: DatasetMeta, spec: str, *, seed: int) -> tuple[np.ndarray, NoiseSpec]:
@@ -247,10 +271,9 @@ def training_labels(root: str | Path, meta: DatasetMeta, spec: str, *, seed: int
     if noise.kind == "file":
         return load_noise_file(noise.path, np.asarray(clean)), noise
     cache = Path(root) / "labels" / f"{noise.name}-seed{seed}.npy"
-    if cache.is_file():
-        table = np.load(cache, mmap_mode="r")
-        if table.shape == clean.shape:
-            return table, noise
+    table = _cached_table(cache, meta)
+    if table is not None:
+        return table, noise
     table = NOISE_MODELS[noise.kind](np.asarray(clean), noise.rate, seed=seed)
     try:
         atomic_save_npy(cache, table)
@@ -278,17 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="as data.noise_seed")
     p.add_argument("--out", required=True, help="HDF5 file to write (result = noisy, True = clean)")
     args = p.parse_args(argv)
-    try:
-        if parse_noise(args.noise).kind not in NOISE_MODELS:
-            raise NoiseError(f"--noise {args.noise!r}: give a generated model (mixed:RATE, redundant:R, replace:R)")
-        meta = read_meta(args.root)
-        noisy, _ = training_labels(args.root, meta, args.noise, seed=args.seed)
-        clean = np.asarray(clean_training_labels(args.root, meta))
-    except NoiseError as e:
-        raise SystemExit(str(e)) from None
+    if parse_noise(args.noise).kind not in NOISE_MODELS:
+        raise NoiseError(f"--noise {args.noise!r}: give a generated model (mixed:RATE, redundant:R, replace:R)")
+    meta = read_meta(args.root)
+    noisy, _ = training_labels(args.root, meta, args.noise, seed=args.seed)
+    clean = np.asarray(clean_training_labels(args.root, meta))
     save_noise_file(args.out, noisy, clean)
     print(json.dumps({"wrote": args.out, **noise_statistics(clean, noisy)}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.data.noise")

@@ -1,0 +1,21 @@
+"""The known errors: bad input, a refused setting, a run that cannot go on as asked.
+
+Every such error derives from ``ScbchError`` and carries a one-line message that names the file,
+config key or sample at fault; the entry points (scbch_dist.cli) print it as that one line and
+exit with status 2. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ScbchError(Exception):
+    """A known error whose message says everything the user needs (file, key or sample)."""
+
+
+class RunDirError(ScbchError):
+    """The run folder cannot be used as asked (held by another run, holds a different run, ...)."""
+
+
+class Preempted(ScbchError):
+    """The run stopped on request (SIGTERM, SIGUSR1 or a STOP file) after writing a checkpoint;
+    it continues with ``--resume``. Entry points exit with status 75 (EX_TEMPFAIL) for it."""
