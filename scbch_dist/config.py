@@ -23,6 +23,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from scbch_dist.errors import ScbchError
+
 
 @dataclass
 class DataConfig:
@@ -32,6 +34,7 @@ class DataConfig:
     noise_seed: int = 0  # seed of the generated noise models (mixed, redundant, replace)
     workers: int = 0  # loader worker processes; 0 reads in the training process (fastest for feature shards)
     shuffle_buffer: int = 16384  # samples held by the training shuffle buffer
+    verify: bool = True  # read every shard before the first step: sha256, ids, labels (docs/engine.md, "Preflight")
 
 
 @dataclass
@@ -203,7 +206,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(ScbchError, ValueError):
     pass
 
 
@@ -334,8 +337,20 @@ def validate(cfg: Config) -> None:
     for key, value in _floats(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
-    if cfg.model.bits < 1 or cfg.model.hidden < 1:
-        raise ConfigError("model.bits and model.hidden must be positive")
+    at_least = {"model.bits": (cfg.model.bits, 1), "model.hidden": (cfg.model.hidden, 1),
+                "eval.batch_size": (cfg.eval.batch_size, 1), "data.shuffle_buffer": (cfg.data.shuffle_buffer, 1),
+                "data.workers": (cfg.data.workers, 0), "model.image.image_size": (cfg.model.image.image_size, 1),
+                "model.text.max_length": (cfg.model.text.max_length, 1),
+                "model.text.vocab_size": (cfg.model.text.vocab_size, 1)}
+    for section, names in (("synthetic", ("n_query", "n_train", "img_dim", "txt_dim", "topics", "samples_per_shard")),
+                           ("shapes", ("n_query", "n_train", "image_size", "max_shapes", "samples_per_shard"))):
+        at_least.update({f"{section}.{n}": (getattr(getattr(cfg, section), n), 1) for n in names})
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key} must be at least {low}, got {value}")
+    if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.lr must be positive and train.backbone_lr, train.weight_decay >= 0, got "
+                          f"{cfg.train.lr}, {cfg.train.backbone_lr}, {cfg.train.weight_decay}")
     if cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 (the contrastive term needs pairs)")
     if cfg.train.epochs < 1 or cfg.eval.every < 1:

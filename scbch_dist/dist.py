@@ -97,6 +97,37 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+_cpu_group = None  # a gloo group for small host-side agreements when the default group is NCCL
+
+
+def _host_group():
+    global _cpu_group
+    if dist.get_backend() == "gloo":
+        return None  # the default group already reduces CPU tensors
+    if _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")  # collective: every rank reaches here at the same step
+    return _cpu_group
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank gets the same answer). A CPU reduction, so
+    asking after every step never waits for the GPU."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    return bool(t.item())
+
+
+def sum_host(x: "np.ndarray") -> "np.ndarray":
+    """Elementwise sum over ranks of a host (numpy) integer array, e.g. per-id counts."""
+    if not is_distributed():
+        return x
+    t = torch.from_numpy(x.astype("int64", copy=True))
+    dist.all_reduce(t, group=_host_group())
+    return t.numpy()
+
+
 def gather_by_id(part: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
     """Every rank's rows, ordered by ``part["id"]`` (0..count-1, each exactly once), on every rank.
 

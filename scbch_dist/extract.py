@@ -50,6 +50,8 @@ from scbch_dist.data.format import (
     read_vocab, sha256_file, text_words,
 )
 from scbch_dist.data.pipeline import read_blocks
+from scbch_dist import cli
+from scbch_dist.errors import ScbchError
 from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
 
 EXTRACT_VERSION = 1  # part of the settings fingerprint: bump when a change alters the features
@@ -62,7 +64,7 @@ VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 FLOAT16_MAX = 65504.0
 
 
-class ExtractError(ValueError):
+class ExtractError(ScbchError, ValueError):
     """A bad input or setting; the message names the file, sample or option."""
 
 
@@ -752,9 +754,9 @@ def main(argv: list[str] | None = None) -> None:
                        workers=args.workers, device=args.device, progress=not args.no_progress,
                        samples_per_shard=args.samples_per_shard, name=args.name)
     except (ExtractError, ShardError) as e:
-        raise SystemExit(f"extract: {e}") from None
+        raise ExtractError(f"extract: {e}") from None
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.extract")

@@ -1,5 +1,10 @@
 """Atomic file output: everything is written to a temporary name beside its target, flushed to
-disk and renamed when complete, so a crash never leaves a half-written file under the final name."""
+disk and renamed when complete, so a crash never leaves a half-written file under the final name.
+
+Temporary names start with "." and end in ".tmp" (TMP_GLOB), so what a killed process left behind
+can be found and removed. The files and folders made here get the modes the umask gives any
+other file (0644 / 0755 under umask 022): mkstemp and mkdtemp alone would give 0600 / 0700, and
+teammates on a shared filesystem could not read the results."""
 
 from __future__ import annotations
 
@@ -15,6 +20,27 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
+TMP_GLOB = ".*.tmp"  # the names of unfinished atomic writes
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, *, folder: bool = False) -> None:
+    """Give ``path`` the mode an ordinary open() or mkdir() would have given it."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` on success."""
@@ -23,6 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    honour_umask(tmp_path)  # savers that replace the file (np.savez, savefig) keep the new mode too
     try:
         yield tmp_path
         fsync_tree(tmp_path)  # the content is on disk before the name says it is complete
@@ -65,6 +92,15 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the unfinished atomic writes (files or folders named TMP_GLOB) anywhere under
+    ``folder``, left by a process killed mid-write; returns what was removed."""
+    removed = sorted(Path(folder).rglob(TMP_GLOB)) if Path(folder).is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return removed
+
+
 def atomic_save_with(path: str | Path, save: Callable[[Path], None]) -> None:
     """Atomic write through any saver that takes a path (torch.save, savefig, np.savez)."""
     with atomic_path(path) as tmp:
@@ -83,8 +119,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        honour_umask(tmp, folder=True)
+        fsync_tree(tmp)  # every file of the folder on disk before its name says it is complete
         try:
             os.rename(tmp, path)
+            fsync_tree(path.parent, recursive=False)
         except OSError:
             if not path.exists():
                 raise

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scbch_dist import plots
+from scbch_dist import cli, plots
+from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
 from scbch_dist.io import atomic_write_text
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     records = collect(args.runs_dir)
     if not records:
-        raise SystemExit(f"no summary.json with results under {args.runs_dir}")
+        raise ScbchError(f"{args.runs_dir}: no summary.json with results under it")
     out = args.out or args.runs_dir
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(records)
@@ -158,4 +159,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.report")

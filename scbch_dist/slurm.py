@@ -8,6 +8,11 @@ number of machines and the main address come from SLURM (SLURM_NODEID, SLURM_NNO
 host of SLURM_JOB_NODELIST); the rendezvous port is derived from SLURM_JOB_ID, so array tasks that
 share a node never collide on a fixed port. The run folder defaults to runs/<job>_<array task>, and
 a run that already has a checkpoint there is resumed (requeue-safe).
+
+Preemption (docs/distributed.md, "SLURM"): launch/slurm.sbatch asks SLURM for SIGUSR1 three
+minutes before the time limit and passes it on to this launcher, which writes RUN_DIR/STOP; the
+trainer finishes its step, writes a checkpoint and exits with status 75; the launcher of node 0
+then requeues the job (``scontrol requeue``), and the requeued job resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import argparse
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
-from scbch_dist.engine.checkpoint import has_checkpoint
+from scbch_dist import cli
+from scbch_dist.engine.rundir import launch_state
+from scbch_dist.engine.stop import STOP_FILE
 
 
 def first_host(nodelist: str) -> str:
@@ -51,15 +60,56 @@ def accelerate_command(env: dict, gpus_per_node: int, train_args: list[str], *, 
     job = env.get("SLURM_JOB_ID", "0")
     head = first_host(env.get("SLURM_JOB_NODELIST", "localhost"))
     run_dir = run_dir or run_dir_for(env)
-    if has_checkpoint(run_dir):
-        args = ["--resume", run_dir, *[a for a in train_args if a != "--resume"]]
+    state = launch_state(run_dir)
+    if state == "resume":
+        args = ["--resume", run_dir, *[a for a in train_args if a not in ("--resume", "--overwrite")]]
         args = _drop_config(args)
-    else:
-        args = [*train_args, "--set", f"run.dir={run_dir}", "--set", "run.progress=false"]
+    else:  # a run killed before its first checkpoint starts afresh
+        args = [*train_args, "--set", f"run.dir={run_dir}", "--set", "run.progress=false",
+                *(["--overwrite"] if state == "restart" else [])]
     return [python, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
             "--num_machines", str(nodes), "--machine_rank", str(node), "--num_processes", str(nodes * gpus_per_node),
             "--main_process_ip", head, "--main_process_port", str(rendezvous_port(job)),
             "-m", "scbch_dist.train", *args]
+
+
+def requeue_command(env: dict) -> list[str] | None:
+    """``scontrol requeue`` for this job (or array task); None outside SLURM."""
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return ["scontrol", "requeue", f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"]
+    if "SLURM_JOB_ID" in env:
+        return ["scontrol", "requeue", env["SLURM_JOB_ID"]]
+    return None
+
+
+def requeue(env: dict) -> None:
+    """Put this job back in the queue (node 0 only: one request per job)."""
+    cmd = requeue_command(env)
+    if cmd is not None and env.get("SLURM_NODEID", "0") == "0":
+        print(f"scbch_dist.slurm: preempted; {shlex.join(cmd)}", file=sys.stderr)
+        subprocess.run(cmd, check=False)
+
+
+def supervise(cmd: list[str], run_dir: str, env: dict) -> int:
+    """Run ``cmd``; on SIGUSR1 or SIGTERM ask the run to stop (RUN_DIR/STOP) and wait for its
+    checkpoint; requeue the job when the run stopped for preemption. Returns the exit status."""
+    asked = []
+
+    def ask_to_stop(signum, frame):
+        asked.append(signum)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        Path(run_dir, STOP_FILE).touch()
+
+    # the launcher and its workers in their own session: the stop goes through the file, so a
+    # signal to this task does not kill the accelerate launcher before the checkpoint is written
+    child = subprocess.Popen(cmd, start_new_session=True)
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, ask_to_stop)
+    status = child.wait()
+    if status == cli.EXIT_PREEMPTED or (asked and status != 0):
+        requeue(env)
+        return cli.EXIT_PREEMPTED
+    return status
 
 
 def _drop_config(args: list[str]) -> list[str]:
@@ -86,13 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", help="default: runs/<job id>_<array task id>")
     p.add_argument("--dry-run", action="store_true", help="print the resolved command instead of running it")
     args = p.parse_args(own)
-    cmd = accelerate_command(dict(os.environ), args.gpus_per_node, train_args,
-                             accelerate_config=args.accelerate_config, run_dir=args.run_dir, python=sys.executable)
+    env = dict(os.environ)
+    run_dir = args.run_dir or run_dir_for(env)
+    if launch_state(run_dir) == "done":
+        print(f"scbch_dist.slurm: {run_dir}/summary.json exists; the run is finished", file=sys.stderr)
+        return
+    cmd = accelerate_command(env, args.gpus_per_node, train_args, accelerate_config=args.accelerate_config,
+                             run_dir=run_dir, python=sys.executable)
     if args.dry_run:
         print(shlex.join(cmd))
         return
-    os.execvp(cmd[0], cmd)
+    sys.exit(supervise(cmd, run_dir, env))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.slurm")

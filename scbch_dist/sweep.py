@@ -20,7 +20,10 @@ A grid file:
 
 With ``methods``, a method other than scbch starts from configs/<method>-<dataset>.yaml (its
 published settings) when that file exists, else from the dataset's config, with method.name set.
-Every run is resumable: a run whose summary.json exists is skipped, one with a checkpoint resumes.
+Every run is resumable: a run whose summary.json exists is skipped, one with a checkpoint resumes,
+and one killed before its first checkpoint starts afresh (--overwrite). Array tasks are
+preemption-safe: SLURM sends SIGUSR1 three minutes before the time limit, the run checkpoints
+after its current step and the task requeues itself.
 Task i is the i-th combination in the order datasets, methods, bits, noise, seeds.
 """
 
@@ -38,7 +41,10 @@ from pathlib import Path
 
 import yaml
 
-from scbch_dist.engine.checkpoint import has_checkpoint
+from scbch_dist import cli
+from scbch_dist.config import ConfigError
+from scbch_dist.engine.rundir import launch_state
+from scbch_dist.errors import Preempted
 
 CONFIG_DIR = Path("configs")
 
@@ -62,15 +68,15 @@ class Grid:
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"grid file not found: {path}")
+        raise ConfigError(f"grid file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     try:
         grid = Grid(**raw)
     except TypeError as e:
-        raise SystemExit(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
     for key in ("datasets", "bits", "noise", "seeds") + (("methods",) if grid.methods is not None else ()):
         if not isinstance(getattr(grid, key), list) or not getattr(grid, key):
-            raise SystemExit(f"{path}: {key!r} must be a non-empty list")
+            raise ConfigError(f"{path}: {key!r} must be a non-empty list")
     return grid
 
 
@@ -95,17 +101,19 @@ class Run:
 
     def argv(self, grid: Grid) -> list[str]:
         """Arguments of ``python -m scbch_dist.train`` for this run (fresh or resumed)."""
-        if has_checkpoint(self.run_dir):
+        state = launch_state(self.run_dir)
+        if state == "resume":
             return ["--resume", str(self.run_dir)]
         sets = [f"model.bits={self.bits}", f"data.noise={self.noise}", f"train.seed={self.seed}",
                 f"run.dir={self.run_dir}", "run.progress=false", *grid.set]
         if self.method is not None:
             sets.insert(0, f"method.name={self.method}")
-        return ["--config", str(config_path(self.dataset, self.method)), *[a for s in sets for a in ("--set", s)]]
+        return ["--config", str(config_path(self.dataset, self.method)), *[a for s in sets for a in ("--set", s)],
+                *(["--overwrite"] if state == "restart" else [])]
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        return launch_state(self.run_dir) == "done"
 
 
 def config_path(dataset: str, method: str | None = None) -> Path:
@@ -134,7 +142,9 @@ def command(run: Run, grid: Grid, python: str = sys.executable) -> list[str]:
 def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
     """An array job with one task per run; each task runs ``--task $SLURM_ARRAY_TASK_ID``."""
     opts = {"job-name": f"scbch-{grid.name}", "array": f"0-{len(runs) - 1}",
-            "output": f"{grid.runs_dir}/slurm/%A_%a.out", "requeue": None}
+            "output": f"{grid.runs_dir}/slurm/%A_%a.out", "requeue": None,
+            # SIGUSR1 to the task itself (exec below) 3 minutes before the time limit: checkpoint, requeue
+            "signal": "B:USR1@180"}
     for key, value in grid.slurm.items():
         opts[key.replace("_", "-")] = value
     lines = ["#!/usr/bin/env bash", f"# {len(runs)} runs of grid {grid.name!r}, written by python -m scbch_dist.sweep"]
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = expand(grid)
     missing = sorted({str(p) for r in runs if not (p := config_path(r.dataset, r.method)).is_file()})
     if missing:
-        raise SystemExit(f"{args.grid}: config file(s) not found: {', '.join(missing)} (run from the repository root)")
+        raise ConfigError(f"{args.grid}: config file(s) not found: {', '.join(missing)} (run from the repository root)")
     if args.dry_run:
         for run in runs:
             state = "done" if run.done else "resume" if "--resume" in run.argv(grid) else "new"
@@ -195,18 +205,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.slurm}: {len(runs)} array tasks; submit with: sbatch {args.slurm}", file=sys.stderr)
     elif args.task is not None:
         if not 0 <= args.task < len(runs):
-            raise SystemExit(f"task {args.task} out of range 0..{len(runs) - 1}")
+            raise ConfigError(f"--task {args.task} out of range 0..{len(runs) - 1}")
         run = runs[args.task]
         if run.done:
             print(f"[task {run.task}] done already: {run.run_dir}/summary.json", file=sys.stderr)
             return
+        from scbch_dist.slurm import requeue
         from scbch_dist.train import main as train_main
 
-        train_main(run.argv(grid))
+        try:
+            train_main(run.argv(grid))
+        except Preempted:
+            requeue(dict(os.environ))
+            raise
     else:
         gpus = [g for g in args.gpus.split(",") if g]
         raise SystemExit(1 if run_local(runs, grid, gpus) else 0)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.sweep")

@@ -1,7 +1,11 @@
 """Train a cross-modal hashing method: the entry point.
 
-    python -m scbch_dist.train [--config configs/X.yaml] [--set key=value ...] [--resume RUN_DIR]
+    python -m scbch_dist.train [--config configs/X.yaml] [--set key=value ...] [--overwrite]
+    python -m scbch_dist.train --resume RUN_DIR [--set train.epochs=N ...]
     accelerate launch -m scbch_dist.train --config configs/X.yaml
+
+Known errors (config, data, run folder, checkpoint) print one line and exit 2; a run stopped by
+SIGTERM, SIGUSR1 or RUN_DIR/STOP writes a checkpoint and exits 75 (resume it with --resume).
 
 With no --config, configs/default.yaml (the embedded synthetic dataset) is used. A run writes
 run.dir/: config.yaml, log.txt, metrics.jsonl, summary.json, plots/, checkpoints/, codes.npz and
@@ -14,11 +18,15 @@ import argparse
 import time
 from pathlib import Path
 
+from scbch_dist import cli
 from scbch_dist.config import Config, flat_dict, load_config, to_dict
-from scbch_dist.engine import setup
-from scbch_dist.engine.checkpoint import CheckpointError, load_checkpoint, portable_model_files
-from scbch_dist.engine.loop import Run, fit, restore_tables, write_summary
+from scbch_dist.engine import rundir, setup
+from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files
+from scbch_dist.engine.loop import EpochProgress, Run, fit, restore_tables, run_tables, write_summary
+from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
+from scbch_dist.engine.stop import StopRequest
+from scbch_dist.errors import RunDirError
 from scbch_dist.runlog import MetricsLog, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -31,15 +39,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.bits=32 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint (its config, then --set)")
+                   help="continue the run in RUN_DIR from its last checkpoint (its config; --set may change "
+                        "only train.epochs, eval.every, eval.topk and run.* output settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run.dir that holds another run, deleting that run's results")
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     if args.resume:
         run_dir = Path(args.resume)
+        if args.config:
+            raise RunDirError(f"--resume {run_dir} takes the run's own config.yaml; drop --config {args.config} "
+                              "(a new config is a new run: give it another run.dir)")
+        if args.overwrite:
+            raise RunDirError("--resume and --overwrite contradict each other: continue the run, or start afresh")
         if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"--resume {run_dir}: no config.yaml there (not a run folder)")
+            raise RunDirError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
         return load_config(run_dir / "config.yaml", [*args.set, f"run.dir={run_dir}"])
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
@@ -54,37 +70,48 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(cfg.run.dir)
     method_class = setup.method_class(cfg)
     accelerator = setup.make_accelerator(cfg, run_dir)
-    log = setup_logging(run_dir, accelerator.is_main_process)
-    setup.prepare_run_dir(run_dir, cfg, resume=bool(args.resume), is_main=accelerator.is_main_process, log=log)
+    is_main = accelerator.is_main_process
+    log = setup_logging(None, is_main)  # the console only, until the folder is ours
+    lock = rundir.claim(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
+                        safe=rundir.safe_keys(method_class), log=log) if is_main else None
+    try:
+        log = setup_logging(run_dir, is_main)
+        with StopRequest(run_dir, is_main=is_main) as stop:
+            return _train(args, cfg, run_dir, method_class, accelerator, log, stop, t_start)
+    finally:
+        accelerator.end_training()
+        if lock is not None:
+            lock.release()
 
+
+def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float) -> dict:
     t_data = time.perf_counter()
     data = setup.build_data(cfg, accelerator, log)
-    t_data = time.perf_counter() - t_data
     method = method_class(cfg, data.train)
+    preflight(cfg, data, method, accelerator, log)
+    t_data = time.perf_counter() - t_data
     model = setup.build_network(cfg, data, method)
     model, optimizer = setup.prepare(accelerator, model, setup.make_optimizer(model, cfg, accelerator.device), cfg)
     portable_model_files(accelerator)
     bank = setup.build_bank(cfg, data, model, accelerator, log)
     run = Run(cfg, accelerator, data, model, optimizer, method, bank, run_dir, log,
-              MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process))
+              MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process), stop)
 
-    state = RunState()
+    state, resumed = RunState(), None
     if args.resume:
-        try:
-            state, tables, _ = load_checkpoint(accelerator, run_dir)
-            restore_tables(run, tables)
-        except CheckpointError as e:
-            raise SystemExit(f"--resume {run_dir}: {e}") from None
-        log.info(f"resumed {run_dir} after epoch {state.epoch}")
+        state, tables, rank_state = load_checkpoint(accelerator, run_dir)
+        restore_tables(run, tables)
+        if rank_state is not None:
+            resumed = EpochProgress.resumed(state.partial, rank_state, run_tables(run), accelerator.device)
+        log.info(f"resumed {run_dir} after epoch {state.epoch}"
+                 + (f" and step {state.partial['step']} of epoch {state.epoch + 1}" if state.partial else ""))
     setup.log_model(run)
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
 
-    state = fit(run, state, to_dict(cfg))
-    summary = write_summary(run, state, time.perf_counter() - t_start, t_data)
-    accelerator.end_training()
-    return summary
+    state = fit(run, state, to_dict(cfg), resumed)
+    return write_summary(run, state, time.perf_counter() - t_start, t_data)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "python -m scbch_dist.train")

@@ -272,7 +272,7 @@ def test_missing_vgg_weights_is_a_clear_error_and_writes_nothing(raw, tmp_path, 
     out = tmp_path / "out"
     with pytest.raises(ExtractError, match=r"nope\.pth.*vgg19-dcbb9e9d\.pth.*download\.pytorch\.org"):
         extract(raw, out, vgg_weights=str(tmp_path / "nope.pth"), progress=False)
-    with pytest.raises(SystemExit, match="VGG-19 weights not found"):
+    with pytest.raises(ExtractError, match="VGG-19 weights not found"):
         ex.main(["--src", str(raw), "--out", str(out), "--vgg-weights", str(tmp_path / "nope.pth")])
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -311,7 +311,7 @@ def test_cli_with_loader_workers_matches_the_api(raw, bow, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().err
     for name in sorted(p.name for p in bow.glob("*.tar")):
         assert (out / name).read_bytes() == (bow / name).read_bytes(), name
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(ExtractError, match="exists"):
         ex.main(["--src", str(raw), "--out", str(out), "--vgg-weights", "random"])
 
 

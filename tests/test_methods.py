@@ -134,10 +134,10 @@ def test_a_resumed_nacd_run_ends_where_the_uninterrupted_run_ends(tiny_dataset, 
     part = tmp_path / "part"
     train_one_epoch = loop.train_one_epoch
 
-    def killed_in_epoch_3(run, epoch):
-        if epoch == 2:
+    def killed_in_epoch_3(run, progress):
+        if progress.epoch == 2:
             raise KeyboardInterrupt
-        return train_one_epoch(run, epoch)
+        return train_one_epoch(run, progress)
 
     monkeypatch.setattr(loop, "train_one_epoch", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

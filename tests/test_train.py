@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from scbch_dist.errors import RunDirError
 from scbch_dist.train import main
 
 from conftest import read_checkpoint, tiny_args
@@ -104,7 +105,7 @@ def test_accelerate_launch_runs_the_module(tiny_dataset, tmp_path):
 
 
 def test_bad_resume_and_batch_errors(tmp_path):
-    with pytest.raises(SystemExit, match="not a run folder"):
+    with pytest.raises(RunDirError, match="not a run folder"):
         main(["--resume", str(tmp_path)])
 
 

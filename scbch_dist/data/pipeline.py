@@ -129,8 +129,11 @@ def _keep_numpy(block: Block) -> Block:
 def _loader(dataset: IterableDataset, workers: int) -> DataLoader:
     # Blocks travel from workers as pickled numpy arrays: for a few large arrays per message
     # that is several times faster than torch's per-tensor shared-memory handles.
+    # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG at
+    # every iterator otherwise, which would move the training RNG (dropout) by one draw per epoch
+    # and pass, and a run resumed inside an epoch could not continue it exactly.
     return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_numpy,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
 
 
 @dataclass

@@ -9,6 +9,9 @@
         random_states_R.pkl  each rank's RNG state (Accelerate's; training reseeds per epoch anyway)
         tables.safetensors   the per-id tables: the method's, and the memory bank's
         run_state.json       the run state, the config, the format version
+      epoch-0012-step-000040/  a checkpoint taken inside epoch 13 (preemption), as above plus
+        rank-R.safetensors   each rank's part of the unfinished epoch: its loss sums and the
+                             table rows it wrote since the last exchange
 
 Nothing is unpickled as code: model and tables are safetensors, the run state JSON, and every
 pickle Accelerate wrote is first opened with ``weights_only=True`` (plain tensors and containers
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 from scbch_dist.engine.state import RunState
+from scbch_dist.errors import ScbchError
 from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree
 from scbch_dist.runlog import json_safe
 
@@ -34,7 +38,7 @@ FORMAT = 2  # 1: the single pickled checkpoints/last.pt of scbch_dist 0.1
 MODEL_FILE = "model.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ScbchError, RuntimeError):
     pass
 
 
@@ -56,18 +60,29 @@ def portable_model_files(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[str, torch.Tensor], config: dict) -> Path:
-    """Collective: every rank calls it (DeepSpeed writes each rank's optimizer partition)."""
+def checkpoint_name(state: RunState) -> str:
+    """epoch-0012 after 12 epochs; epoch-0012-step-000040 after 40 steps of the 13th."""
+    name = f"epoch-{state.epoch:04d}"
+    return name if state.partial is None else f"{name}-step-{state.partial['step']:06d}"
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[str, torch.Tensor], config: dict,
+                    rank_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it (DeepSpeed writes each rank's optimizer partition).
+    ``rank_state``: this rank's part of an unfinished epoch (with ``state.partial``)."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
-    target = root / f"epoch-{state.epoch:04d}"
+    target = root / checkpoint_name(state)
     if accelerator.is_main_process:
         if target.exists():  # the unfinished write of a run killed before it named this checkpoint
             shutil.rmtree(target)
         target.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(target))
+    if rank_state is not None:
+        atomic_save_with(target / f"rank-{accelerator.process_index}.safetensors",
+                         lambda tmp: save_file({k: v.contiguous() for k, v in rank_state.items()}, str(tmp)))
     if accelerator.is_main_process:
         atomic_save_with(target / "tables.safetensors",
                          lambda tmp: save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp)))
@@ -118,18 +133,34 @@ def refuse_code_pickles(folder: Path) -> None:
             raise CheckpointError(f"{path}: not a plain tensor file, refused without loading it ({first})") from None
 
 
-def load_checkpoint(accelerator, run_dir: Path) -> tuple[RunState, dict[str, torch.Tensor], dict]:
+def read_run_state(run_dir: Path) -> tuple[Path, RunState, dict]:
+    """The latest checkpoint's folder, run state and config, without loading any tensor."""
+    folder = latest_checkpoint(run_dir)
+    path = folder / "run_state.json"
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {record.get('format')!r}, this version reads format {FORMAT}")
+        return folder, RunState.from_dict(record["state"]), record["config"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable run state ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(accelerator, run_dir: Path) -> tuple[RunState, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Restore model, optimizer and RNG (after accelerator.prepare); returns the run state, the
-    tables and the config the checkpoint was written with."""
+    tables and, for a checkpoint taken inside an epoch, this rank's part of that epoch."""
     from safetensors.torch import load_file
 
-    folder = latest_checkpoint(run_dir)
-    record = json.loads((folder / "run_state.json").read_text())
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / 'run_state.json'}: checkpoint format {record.get('format')!r}, "
-                              f"this version reads format {FORMAT}")
+    folder, state, _ = read_run_state(run_dir)
+    if state.partial is not None and state.partial["world"] != accelerator.num_processes:
+        raise CheckpointError(f"{folder}: written inside epoch {state.partial['epoch'] + 1} by {state.partial['world']} "
+                              f"process(es); resume it with {state.partial['world']} (the data order of an epoch "
+                              "depends on the number of processes; checkpoints at an epoch's end resume under any)")
     # DeepSpeed reads its own pytorch_model/ files (optimizer partitions) itself
     refuse_code_pickles(folder)
     accelerator.load_state(str(folder))
     tables = load_file(str(folder / "tables.safetensors"))
-    return RunState.from_dict(record["state"]), tables, record["config"]
+    rank_state = None
+    if state.partial is not None:
+        rank_state = load_file(str(folder / f"rank-{accelerator.process_index}.safetensors"))
+    return state, tables, rank_state

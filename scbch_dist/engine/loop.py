@@ -2,7 +2,8 @@
 per-id tables, the end hook, evaluation, the metrics record and a checkpoint.
 
 Each epoch's data order, augmentation and dropout are functions of (seed, epoch, rank), so a run
-resumed at an epoch boundary continues exactly as an uninterrupted one.
+resumed at an epoch boundary continues exactly as an uninterrupted one; a checkpoint taken inside
+an epoch (preemption) skips the batches already trained and restores the RNG state after them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from scbch_dist.engine.checkpoint import CheckpointError, save_checkpoint
 from scbch_dist.engine.evaluate import curves, evaluate, save_codes, summarize
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
+from scbch_dist.engine.stop import StopRequest
+from scbch_dist.errors import Preempted
 from scbch_dist.methods import EpochContext, Method, Step
 from scbch_dist.io import atomic_write_json
 from scbch_dist.metrics import chance_map
@@ -45,6 +48,7 @@ class Run:
     run_dir: Path
     log: logging.Logger
     metrics: MetricsLog
+    stop: StopRequest
 
     @property
     def is_main(self) -> bool:
@@ -71,36 +75,74 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     return terms, out
 
 
-def train_one_epoch(run: Run, epoch: int) -> dict:
-    """This epoch's steps; returns the epoch's record entries (mean loss terms of the global batch,
-    seconds, samples/s) and, under ``"samples"``, the samples all ranks trained on."""
-    cfg, method, stream = run.cfg, run.method, run.data.stream
+@dataclass
+class EpochProgress:
+    """How far this rank is into an epoch: what a checkpoint taken inside it carries."""
+
+    epoch: int  # 0-based
+    record: dict  # the epoch_start hook's record entries
+    sums: torch.Tensor  # (terms,) float64: this rank's loss shares summed over its steps
+    step: int = 0  # steps done
+    samples: int = 0  # this rank's samples
+    seconds: float = 0.0
+
+    def shared(self, world: int) -> dict:
+        """What every rank agrees on: RunState.partial."""
+        return {"epoch": self.epoch, "step": self.step, "record": self.record, "seconds": self.seconds, "world": world}
+
+    def rank_state(self, tables: dict[str, IdTable]) -> dict[str, torch.Tensor]:
+        """This rank's own part: its sums and samples, and the table rows it wrote this epoch."""
+        out = {"progress.sums": self.sums.cpu(), "progress.samples": torch.tensor(self.samples)}
+        for name, table in tables.items():
+            out.update({f"{name}.pending.{k}": v for k, v in table.pending_state().items()})
+        return out
+
+    @classmethod
+    def resumed(cls, partial: dict, rank_state: dict[str, torch.Tensor], tables: dict[str, IdTable],
+                device: torch.device) -> "EpochProgress":
+        for name, table in tables.items():
+            table.load_pending({k: rank_state[f"{name}.pending.{k}"] for k in ("ids", "rows")})
+        return cls(partial["epoch"], dict(partial["record"]), rank_state["progress.sums"].to(device),
+                   partial["step"], int(rank_state["progress.samples"]), partial["seconds"])
+
+
+def train_one_epoch(run: Run, progress: EpochProgress) -> dict | None:
+    """The epoch's steps from ``progress.step`` on. Returns its record entries (mean loss terms of
+    the global batch, seconds, samples/s) and, under ``"samples"``, the samples all ranks trained
+    on; or None when a stop request ended it after a step inside the epoch."""
+    cfg, method, stream, epoch = run.cfg, run.method, run.data.stream, progress.epoch
     t0 = time.perf_counter()
     run.model.train()
-    sums = torch.zeros(len(method.terms), dtype=torch.float64, device=run.accelerator.device)
-    samples = 0
-    bar = tqdm(total=stream.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-               disable=not (run.is_main and cfg.run.progress), dynamic_ncols=True)
-    for batch in stream.epoch(epoch):
+    bar = tqdm(total=stream.steps_per_epoch, initial=progress.step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               leave=False, disable=not (run.is_main and cfg.run.progress), dynamic_ncols=True)
+    for index, batch in enumerate(stream.epoch(epoch)):
+        if index < progress.step:
+            continue  # trained before the checkpoint: the order is a function of (seed, epoch, rank)
         b = to_torch(batch, run.accelerator.device)
         step = Step(epoch, b["id"], run.data.train.labels[b["id"]])
         terms, out = train_step(run.model, run.optimizer, run.accelerator, b, method, step)
         detached = {k: v.detach() for k, v in out.items()}
         method.after_batch(detached, step)
         run.bank.record(b["id"], detached)
-        sums += torch.stack([terms[k].detach().double() for k in method.terms])
-        samples += len(batch["id"])
+        progress.sums += torch.stack([terms[k].detach().double() for k in method.terms])
+        progress.samples += len(batch["id"])
+        progress.step += 1
         bar.update(1)
+        if progress.step < stream.steps_per_epoch and run.stop.agreed():
+            bar.close()
+            progress.seconds += time.perf_counter() - t0
+            return None
     bar.close()
     for table in run_tables(run).values():
         table.sync()
-    sums = dist.all_reduce_sum(sums) / stream.steps_per_epoch  # shares summed: global per-step loss
+    sums = dist.all_reduce_sum(progress.sums) / stream.steps_per_epoch  # shares summed: global per-step loss
     if not torch.isfinite(sums).all():
         raise FloatingPointError(f"epoch {epoch + 1}: the loss is not finite ({dict(zip(method.terms, sums.tolist()))})")
-    seconds = time.perf_counter() - t0
+    seconds = progress.seconds + time.perf_counter() - t0
     world = run.accelerator.num_processes
     return {"loss": dict(zip(method.terms, sums.tolist())),
-            "train": {"seconds": seconds, "samples_per_s": samples * world / seconds}, "samples": samples * world}
+            "train": {"seconds": seconds, "samples_per_s": progress.samples * world / seconds},
+            "samples": progress.samples * world}
 
 
 def evaluates(cfg: Config, epoch: int) -> bool:
@@ -158,24 +200,36 @@ def restore_tables(run: Run, flat: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"the checkpoint holds no table {name!r} (written by another method?)")
 
 
-def fit(run: Run, state: RunState, config: dict) -> RunState:
-    """Train from ``state.epoch`` to train.epochs; ``config`` (the resolved config) goes into every
-    checkpoint."""
+def fit(run: Run, state: RunState, config: dict, resumed: EpochProgress | None = None) -> RunState:
+    """Train from ``state.epoch`` (and ``resumed``, an epoch begun before a checkpoint) to
+    train.epochs; ``config`` (the resolved config) goes into every checkpoint. A stop request
+    (run.stop) ends the run with a checkpoint and errors.Preempted."""
     cfg, method = run.cfg, run.method
     for epoch in range(state.epoch, cfg.train.epochs):
-        record: dict = {"epoch": epoch + 1}
-        # dropout and drop-connect draw from a stream fixed by (seed, epoch, rank), on CPU and CUDA:
-        # ranks draw different masks, and a run resumed at an epoch boundary draws what it would have
-        torch.manual_seed(training_seed(cfg.train.seed, epoch, run.accelerator.process_index))
-        t0 = time.perf_counter()
-        diagnostics = method.epoch_start(epoch_context(run, epoch))
-        state.hook_seconds += time.perf_counter() - t0
+        progress = resumed if resumed is not None and resumed.epoch == epoch else None
+        if progress is None:
+            # dropout and drop-connect draw from a stream fixed by (seed, epoch, rank), on CPU and CUDA:
+            # ranks draw different masks, and a run resumed at an epoch boundary draws what it would
+            # have (inside an epoch, the checkpoint's RNG state continues it)
+            torch.manual_seed(training_seed(cfg.train.seed, epoch, run.accelerator.process_index))
+            t0 = time.perf_counter()
+            diagnostics = method.epoch_start(epoch_context(run, epoch))
+            state.hook_seconds += time.perf_counter() - t0
+            progress = EpochProgress(epoch, diagnostics, torch.zeros(len(method.terms), dtype=torch.float64,
+                                                                     device=run.accelerator.device))
+        else:
+            run.log.info(f"continuing epoch {epoch + 1} after step {progress.step} of {run.data.stream.steps_per_epoch}")
 
-        result = train_one_epoch(run, epoch)
+        result = train_one_epoch(run, progress)
+        if result is None:
+            state.partial = progress.shared(run.accelerator.num_processes)
+            save(run, state, config, progress.rank_state(run_tables(run)))
+            raise Preempted(f"stopped by {run.stop.describe()} after step {progress.step} of epoch {epoch + 1}; "
+                            f"checkpoint written; continue with --resume {run.run_dir}")
+        state.partial = None
         state.samples += result.pop("samples")
         state.train_seconds += result["train"]["seconds"]
-        record.update(diagnostics)
-        record.update(result)
+        record: dict = {"epoch": epoch + 1, **progress.record, **result}
 
         t0 = time.perf_counter()
         record.update(method.epoch_end(epoch_context(run, epoch)))
@@ -191,9 +245,22 @@ def fit(run: Run, state: RunState, config: dict) -> RunState:
         run.log.info(epoch_line(record, cfg.train.epochs, method))
         state.epoch = epoch + 1
         if cfg.run.checkpoint:
-            save_checkpoint(run.accelerator, run.run_dir, state, checkpoint_tables(run), config)
+            save(run, state, config)
         dist.barrier()
+        if state.epoch < cfg.train.epochs and run.stop.agreed():
+            if not cfg.run.checkpoint:
+                save(run, state, config)
+            raise Preempted(f"stopped by {run.stop.describe()} after epoch {state.epoch}; checkpoint written; "
+                            f"continue with --resume {run.run_dir}")
     return state
+
+
+def save(run: Run, state: RunState, config: dict, rank_state: dict[str, torch.Tensor] | None = None) -> None:
+    """A checkpoint of the run as it stands (collective); it records how long log.txt was, so a
+    resume cuts the log back to it."""
+    log_file = run.run_dir / "log.txt"
+    state.log_bytes = log_file.stat().st_size if run.is_main and log_file.is_file() else None
+    save_checkpoint(run.accelerator, run.run_dir, state, checkpoint_tables(run), config, rank_state)
 
 
 def epoch_line(record: dict, epochs: int, method: Method) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,37 +41,11 @@ def make_accelerator(cfg: Config, run_dir: Path):
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),
                               cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision or None)
     if dist.world_size() != accelerator.num_processes:
-        raise SystemExit(f"Accelerate sees {accelerator.num_processes} process(es) but torch.distributed "
+        raise ConfigError(f"Accelerate sees {accelerator.num_processes} process(es) but torch.distributed "
                          f"{dist.world_size()}; launch with accelerate launch or torchrun and a matching config")
     if cfg.train.batch_size % accelerator.num_processes:
-        raise SystemExit(f"train.batch_size={cfg.train.batch_size} must divide over {accelerator.num_processes} processes")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide over {accelerator.num_processes} processes")
     return accelerator
-
-
-EARLIER_RUN = ("metrics.jsonl", "summary.json", "codes.npz", "checkpoints")  # what a fresh run replaces
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, is_main: bool, log: logging.Logger) -> None:
-    """Refuse a resume without a checkpoint before any work; write the resolved config.yaml."""
-    from scbch_dist.config import save_config
-    from scbch_dist.engine.checkpoint import CheckpointError, latest_checkpoint
-
-    if resume:
-        try:
-            latest_checkpoint(run_dir)
-        except CheckpointError as e:
-            raise SystemExit(f"--resume {run_dir}: {e}") from None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        earlier = [p for p in (run_dir / n for n in EARLIER_RUN) if p.exists()]
-        if not resume and earlier:
-            # the earlier run's results and checkpoints go, so that nothing of it mixes with this one
-            # (a later --resume, a sweep or a SLURM requeue would otherwise continue its checkpoint)
-            log.warning(f"{run_dir} holds an earlier run; starting afresh and removing its "
-                        f"{', '.join(p.name for p in earlier)} (use --resume {run_dir} to continue it)")
-            for path in earlier:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        save_config(cfg, run_dir / "config.yaml")
 
 
 def prepare_dataset(cfg: Config, log: logging.Logger) -> tuple[Path, DatasetMeta]:

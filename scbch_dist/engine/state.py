@@ -16,6 +16,10 @@ class RunState:
     train_seconds: float = 0.0
     hook_seconds: float = 0.0  # the method's epoch hooks (refreshes)
     eval_seconds: float = 0.0
+    # a checkpoint taken inside an epoch (preemption): {"epoch" (0-based), "step" (steps done),
+    # "record" (the epoch_start hook's entries), "seconds", "world"}; None at an epoch's end
+    partial: dict | None = None
+    log_bytes: int | None = None  # the size of log.txt when the checkpoint was written
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -89,6 +89,11 @@ class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # the report's row label unless run.method names a variant
     terms: ClassVar[tuple[str, ...]] = ("total",)
+    # settings the engine checks for the method: the config key of its neighbour count (must be
+    # below the training count), and the keys outside its section that shape its training, which
+    # a resume may therefore not change (NACD's EMA schedule follows train.epochs)
+    knn_key: ClassVar[str | None] = None
+    schedule_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Config, train: TrainingSet):
         self.cfg, self.train = cfg, train

@@ -27,6 +27,8 @@ class NACD(Method):
     name = "nacd"
     label = "NACD"
     terms = ("total", "cls", "crch", "quant")
+    knn_key = "nacd.k"
+    schedule_keys = ("train.epochs",)
 
     def __init__(self, cfg, train: TrainingSet):
         super().__init__(cfg, train)

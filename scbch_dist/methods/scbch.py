@@ -25,6 +25,7 @@ class SCBCH(Method):
     name = "scbch"
     label = "SCBCH"
     terms = ("total", "bsch", "quant", "cscc")
+    knn_key = "cscc.k"
 
     def __init__(self, cfg, train: TrainingSet):
         super().__init__(cfg, train)

@@ -20,8 +20,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from scbch_dist.errors import ScbchError
 
-class WeightsError(FileNotFoundError):
+
+class WeightsError(ScbchError, FileNotFoundError):
     """A backbone's weights are missing or do not fit the architecture."""
 
 

@@ -1,0 +1,82 @@
+"""Checks before the first step (docs/engine.md, "Preflight"): what would otherwise fail hours
+into a run (a neighbour count above the training count, a missing search backend, a corrupt or
+inconsistent evaluation shard) fails now, in one line.
+
+With ``data.verify`` (the default) every shard of every split is read once, its sha256 compared
+with meta.json, its blocks validated, and the ids of each split counted over all ranks (dense,
+unique); the training labels are compared with labels/clean.npy. Each rank reads its share of the
+shards (rank r takes shards r, r + W, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from scbch_dist import dist
+from scbch_dist.config import Config, ConfigError
+from scbch_dist.data.format import SPLITS, ShardError, check_split
+from scbch_dist.errors import ScbchError
+from scbch_dist.methods import Method
+
+
+def check_settings(cfg: Config, method: Method, count: int, device: torch.device) -> None:
+    """The settings that depend on the data or the machine: the method's neighbour count below
+    the training count, and its search backend loaded (a tiny search, so FAISS is imported now)."""
+    from scbch_dist import knn
+
+    key = type(method).knn_key
+    if key is None:
+        return
+    section, name = key.split(".")
+    k = getattr(getattr(cfg, section), name)
+    if k >= count:
+        raise ConfigError(f"{key}={k} must be below the training count ({count} samples: each sample's "
+                          f"neighbours exclude itself)")
+    try:
+        backend = knn.resolve_backend(cfg.bank.knn, device)
+        rows = torch.eye(3, 4, device=device)
+        knn.knn(rows, rows, 1, self_index=torch.arange(3, device=device), backend=backend)
+    except (RuntimeError, ImportError, ValueError) as e:
+        raise ConfigError(f"bank.knn={cfg.bank.knn}: {str(e).splitlines()[0]}") from None
+
+
+def check_data(root, meta, clean: np.ndarray, *, rank: int, world: int) -> dict:
+    """Collective: every split read and checked, each rank its share of the shards. Raises the
+    same error on every rank; returns {split: shards} counts for the log."""
+    from scbch_dist.data.verify import check_id_counts, verify_shards
+
+    error: ScbchError | None = None
+    counts = {}
+    try:
+        for split in SPLITS:
+            check_split(root, meta, split)
+            mine = meta.splits[split].shards[rank::world]
+            counts[split] = verify_shards(root, meta, split, mine, clean=clean if split == "train" else None)
+    except ScbchError as e:
+        error = e
+    if dist.any_rank(error is not None):
+        raise error or ShardError("preflight: another process found a problem in the dataset (its message is above)")
+    for split in SPLITS:
+        check_id_counts(root, meta, split, dist.sum_host(counts[split]))
+    return {split: len(meta.splits[split].shards) for split in SPLITS}
+
+
+def preflight(cfg: Config, data, method: Method, accelerator, log: logging.Logger) -> None:
+    """Everything checked before the model is built; a problem is one line naming key, file or sample."""
+    t0 = time.perf_counter()
+    check_settings(cfg, method, data.train.count, accelerator.device)
+    if not cfg.data.verify:
+        for split in SPLITS:
+            check_split(data.root, data.meta, split)
+        log.info("preflight: settings checked; shards not read (data.verify=false)")
+        return
+    shards = check_data(data.root, data.meta, np.asarray(data.train.clean), rank=accelerator.process_index,
+                        world=accelerator.num_processes)
+    sums = "sha256 checked" if all(data.meta.splits[s].sha256 for s in SPLITS) else \
+        "no sha256 in meta.json (add them: python -m scbch_dist.data.verify ROOT --add-checksums)"
+    log.info(f"preflight: {sum(shards.values())} shards of {', '.join(SPLITS)} read, ids dense and unique, "
+             f"labels match labels/clean.npy, {sums}; {time.perf_counter() - t0:.1f} s")

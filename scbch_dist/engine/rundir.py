@@ -1,0 +1,255 @@
+"""The run folder belongs to one run (docs/engine.md, "The run folder").
+
+    run.lock        who holds the folder: pid, host, SLURM job, start time; removed at exit
+    config.yaml     the resolved config
+    log.txt, metrics.jsonl, summary.json, codes.npz, plots/, tensorboard/, checkpoints/
+
+A fresh run refuses a folder that holds another run unless told to overwrite it; a resumed run
+may change only the keys that cannot change what is trained (SAFE_ON_RESUME), and its outputs
+are cut back to its checkpoint, so that no record of an epoch appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from scbch_dist.errors import RunDirError
+from scbch_dist.io import remove_leftovers
+
+LOCK_FILE = "run.lock"
+# what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
+RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard",
+               "config.yaml")
+# keys a resume may change: evaluation and output settings, and the length of the run
+SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
+                  "run.tensorboard", "run.checkpoint", "run.save_codes")
+
+
+def safe_keys(method_class) -> tuple[str, ...]:
+    """SAFE_ON_RESUME less the keys that shape the method's training (Method.schedule_keys)."""
+    return tuple(k for k in SAFE_ON_RESUME if k not in method_class.schedule_keys)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a live pid from a reused one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _slurm_job() -> str | None:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    return f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_") if job else None
+
+
+def _holder_gone(holder: dict) -> bool:
+    """Whether the process named in a lock no longer runs: same host and pid dead (or reused), or
+    an earlier incarnation of this very SLURM job (a requeue, maybe on another node)."""
+    if holder.get("slurm_job") and holder.get("slurm_job") == _slurm_job():
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = int(holder.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return holder.get("start_ticks") is not None and holder.get("start_ticks") != _start_ticks(pid)
+
+
+class RunLock:
+    """``run_dir/run.lock``, created exclusively; stale locks (their process is gone) are replaced."""
+
+    def __init__(self, run_dir: Path, log: logging.Logger | None = None):
+        self.path, self.log, self.held = Path(run_dir) / LOCK_FILE, log, False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": _slurm_job(),
+              "start_ticks": _start_ticks(os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or _holder_gone(holder):
+                    if self.log is not None:
+                        self.log.warning(f"{self.path}: removing the stale lock of {_describe(holder)} (no longer running)")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunDirError(f"{self.path.parent} is in use by {_describe(holder)}; wait for that run, or "
+                                  f"remove {self.path} if it is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunDirError(f"{self.path}: could not take the lock (another process keeps taking it)")
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            # being written this instant, or garbage: only a lock older than a minute counts as stale
+            try:
+                fresh = time.time() - self.path.stat().st_mtime < 60
+            except OSError:
+                return None
+            return {"pid": "?", "host": "?", "started": "just now"} if fresh else None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe(holder: dict | None) -> str:
+    if holder is None:
+        return "an unreadable lock"
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}, started {holder.get('started')}"
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The outputs of a run in ``run_dir`` (empty: the folder is free for a new run)."""
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def clear(run_dir: Path, log: logging.Logger) -> None:
+    """--overwrite: remove every output of the earlier run, summary.json first."""
+    removed = holds_run(run_dir)
+    for name in removed:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        log.warning(f"--overwrite: removed the earlier run's {', '.join(removed)} from {run_dir}")
+
+
+def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for every flattened key whose value differs and is not in ``safe``."""
+    a, b = _flatten(stored), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in safe or a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        out.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key not in ("kwargs",):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
+    """Cut metrics.jsonl back to the records of epochs <= ``epoch`` and log.txt back to
+    ``log_bytes`` (their state when the checkpoint was written); returns what was cut."""
+    notes = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _record_epoch(line) <= epoch]
+        if len(kept) != len(lines):
+            from scbch_dist.io import atomic_write_text
+
+            atomic_write_text(metrics, "".join(kept))
+            notes.append(f"metrics.jsonl: {len(lines) - len(kept)} record(s) after epoch {epoch} removed")
+    logfile = run_dir / "log.txt"
+    if log_bytes is not None and logfile.is_file() and logfile.stat().st_size > log_bytes:
+        notes.append(f"log.txt: {logfile.stat().st_size - log_bytes} bytes after the checkpoint removed")
+        os.truncate(logfile, log_bytes)
+    return notes
+
+
+def _record_epoch(line: str) -> float:
+    try:
+        return float(json.loads(line).get("epoch", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a line cut short by a kill: after the checkpoint by definition
+
+
+def tidy(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left: unfinished atomic writes, checkpoint folders that
+    checkpoints/latest does not name, and a served STOP request."""
+    from scbch_dist.engine.stop import STOP_FILE
+
+    removed = remove_leftovers(run_dir)
+    root = run_dir / "checkpoints"
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    for folder in sorted(root.glob("epoch-*")) if root.is_dir() else []:
+        if folder.name != latest:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if (run_dir / STOP_FILE).exists():
+        (run_dir / STOP_FILE).unlink()
+        removed.append(run_dir / STOP_FILE)
+    return removed
+
+
+def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str, ...], log: logging.Logger) -> RunLock:
+    """Main process, before anything is written: lock the folder for this run; for a resume, refuse
+    changed settings and cut the outputs back to the checkpoint; for a fresh run, refuse a folder
+    that holds another run unless ``overwrite``. Then tidy the folder and write config.yaml.
+    Returns the held lock (release it when the run ends)."""
+    from scbch_dist.config import save_config, to_dict
+    from scbch_dist.engine.checkpoint import read_run_state
+
+    lock = RunLock(run_dir, log)
+    lock.acquire()
+    try:
+        if resume:
+            _, state, stored = read_run_state(run_dir)
+            changes = changed_keys(stored, to_dict(cfg), safe)
+            if changes:
+                raise RunDirError(f"--resume {run_dir}: the run was trained with other settings ({'; '.join(changes)}); "
+                                  f"a resume may change only {', '.join(safe)}; start a new run in another run.dir")
+            for note in cut_back(run_dir, state.epoch, state.log_bytes):
+                log.info(f"{run_dir}: {note} (written after the checkpoint)")
+        else:
+            held = holds_run(run_dir)
+            if held and not overwrite:
+                raise RunDirError(f"{run_dir} holds another run ({', '.join(held)}); continue it with --resume "
+                                  f"{run_dir}, give this run another run.dir, or delete that run with --overwrite")
+            clear(run_dir, log)
+        for path in tidy(run_dir):
+            log.info(f"removed {path} (left by an interrupted run)")
+        save_config(cfg, run_dir / "config.yaml")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def launch_state(run_dir: str | Path) -> str:
+    """What a launcher (sweep, SLURM requeue) does with ``run_dir``: "done" (summary.json: skip),
+    "resume" (a checkpoint), "restart" (outputs of a run killed before its first checkpoint:
+    start afresh with --overwrite) or "new"."""
+    from scbch_dist.engine.checkpoint import has_checkpoint
+
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    if has_checkpoint(run_dir):
+        return "resume"
+    return "restart" if holds_run(run_dir) else "new"

@@ -1,0 +1,109 @@
+"""Preemption (docs/engine.md, "Preemption"): SIGTERM, SIGUSR1 or a STOP file ends a run after
+its current step with a checkpoint inside the epoch, and the resumed run ends exactly where an
+uninterrupted one ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_checkpoint, tiny_args, torchrun
+from scbch_dist.engine import loop, stop
+from scbch_dist.errors import Preempted
+from scbch_dist.train import main
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = ("train.epochs=4", "eval.every=2", "cscc.warmup_epochs=1", "run.tensorboard=false")
+CASES = {"scbch-memory": ("bank.refresh=memory",),  # the memory bank: rows written by every step
+         "nacd": ("method.name=nacd", "data.noise=redundant:1.0", "nacd.warmup_epochs=1")}  # per-batch EMA table
+
+
+def stop_after_step(monkeypatch, n: int, how: str, run_dir: Path) -> None:
+    """Ask the run to stop right after its n-th step (counted over the whole run)."""
+    train_step, count = loop.train_step, [0]
+
+    def step(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM) if how == "SIGTERM" else (run_dir / "STOP").touch()
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(stop, "POLL_SECONDS", 0.0)  # look for the STOP file after every step
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    model_a, tables_a, state_a = read_checkpoint(a)
+    model_b, tables_b, state_b = read_checkpoint(b)
+    for k in model_a:
+        torch.testing.assert_close(model_b[k], model_a[k], rtol=0, atol=1e-6, msg=k)
+    for k in tables_a:
+        torch.testing.assert_close(tables_b[k], tables_a[k], rtol=0, atol=1e-6, msg=k)
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]  # no epoch recorded twice
+    full = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    for r, f in zip(records, full):  # the interrupted epoch's mean loss included
+        assert r["loss"] == pytest.approx(f["loss"], abs=1e-9)
+
+
+@pytest.mark.parametrize("case, how", [("scbch-memory", "SIGTERM"), ("nacd", "STOP")])
+def test_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, case, how):
+    full, part = tmp_path / "full", tmp_path / "part"
+    summary = main(tiny_args(tiny_dataset, full, *SETTINGS, *CASES[case]))
+    stop_after_step(monkeypatch, 20, how, part)  # 13 steps per epoch: step 7 of epoch 2
+    with pytest.raises(Preempted, match=rf"^stopped by {'SIGTERM' if how == 'SIGTERM' else part / 'STOP'} after step 7 "
+                                        rf"of epoch 2; checkpoint written; continue with --resume {part}$"):
+        main(tiny_args(tiny_dataset, part, *SETTINGS, *CASES[case]))
+    assert (part / "checkpoints" / "latest").read_text().strip() == "epoch-0001-step-000007"
+    assert not (part / "run.lock").exists()
+    monkeypatch.undo()
+    resumed = main(["--resume", str(part)])
+    assert_same_run(full, part)
+    assert resumed["final"]["avg_map"] == summary["final"]["avg_map"]
+    assert "continuing epoch 2 after step 7 of 13" in (part / "log.txt").read_text()
+
+
+def test_sigterm_stops_the_command_with_status_75_and_it_resumes(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scbch_dist.train", *tiny_args(tiny_dataset, run_dir, "train.epochs=200",
+                                                                 "eval.every=100", "run.tensorboard=false")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m scbch_dist.train: stopped by SIGTERM after ") and last.endswith(
+        f"checkpoint written; continue with --resume {run_dir}")
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = main(["--resume", str(run_dir), "--set", f"train.epochs={epochs[-1] + 1}"])
+    assert summary["final"]["epoch"] == epochs[-1] + 1
+    records = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records == list(range(1, epochs[-1] + 2))
+
+
+def test_two_processes_stopped_on_one_rank_resume_exactly(tiny_dataset, tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step, each writes its part of
+    the epoch, and the resumed pair ends where an uninterrupted pair ends."""
+    script = str(REPO / "tests" / "dist_scripts" / "preempted_train.py")
+    settings = (*SETTINGS, *CASES["nacd"])
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun(script, "0", "0", *tiny_args(tiny_dataset, full, *settings))
+    torchrun(script, "20", "1", *tiny_args(tiny_dataset, part, *settings))  # 13 steps per epoch per rank
+    assert (part / "checkpoints" / "latest").read_text().strip() == "epoch-0001-step-000007"
+    assert {p.name for p in (part / "checkpoints" / "epoch-0001-step-000007").glob("rank-*")} == {
+        "rank-0.safetensors", "rank-1.safetensors"}
+    torchrun(script, "0", "0", "--resume", str(part))
+    assert_same_run(full, part)

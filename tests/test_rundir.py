@@ -1,0 +1,209 @@
+"""A run folder belongs to one run (docs/engine.md, "The run folder"): the lock, the refusals of
+a fresh run into a used folder and of a resume with other settings, the cut-back of the outputs
+to the checkpoint, the removal of crash leftovers, and output modes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scbch_dist.config import load_config, save_config, to_dict
+from scbch_dist.engine import rundir
+from scbch_dist.engine.checkpoint import FORMAT
+from scbch_dist.errors import RunDirError
+from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_write_text
+
+LOG = logging.getLogger("test_rundir")
+
+
+def fake_run(run_dir: Path, *sets: str, epoch: int = 2, log_bytes: int | None = None) -> dict:
+    """A run folder as a finished run leaves it: config.yaml, outputs and a checkpoint's run state."""
+    cfg = load_config(None, [f"run.dir={run_dir}", *sets])
+    save_config(cfg, run_dir / "config.yaml")
+    folder = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+    folder.mkdir(parents=True)
+    state = {"epoch": epoch, "log_bytes": log_bytes}
+    (folder / "run_state.json").write_text(json.dumps({"format": FORMAT, "state": state, "config": to_dict(cfg)}))
+    (run_dir / "checkpoints" / "latest").write_text(folder.name + "\n")
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epoch + 1)))
+    return to_dict(cfg)
+
+
+def lock_of(pid: int, host: str | None = None, **extra) -> str:
+    return json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "earlier", **extra})
+
+
+def test_a_live_lock_is_refused_naming_its_holder(tmp_path):
+    (tmp_path / "run.lock").write_text(lock_of(os.getppid(), slurm_job=None))  # a process that runs
+    with pytest.raises(RunDirError, match=rf"^{tmp_path} is in use by pid {os.getppid()} on {socket.gethostname()}, "
+                                          rf"started earlier; wait for that run, or remove {tmp_path}/run.lock if it is gone$"):
+        rundir.RunLock(tmp_path).acquire()
+    other_host = lock_of(1, "gpu-node-17")
+    (tmp_path / "run.lock").write_text(other_host)  # pid 1 elsewhere: this machine cannot tell, so it waits
+    with pytest.raises(RunDirError, match="in use by pid 1 on gpu-node-17"):
+        rundir.RunLock(tmp_path).acquire()
+
+
+def test_a_stale_lock_is_replaced_and_named(tmp_path, caplog):
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    (tmp_path / "run.lock").write_text(lock_of(dead))
+    with caplog.at_level(logging.WARNING, logger="test_rundir"):
+        with rundir.RunLock(tmp_path, LOG) as lock:
+            assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert f"removing the stale lock of pid {dead} on {socket.gethostname()}" in caplog.text
+    assert not (tmp_path / "run.lock").exists()  # released
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    (tmp_path / "run.lock").write_text(lock_of(1, "gpu-node-17", slurm_job="4242"))
+    with rundir.RunLock(tmp_path, LOG):
+        pass
+    (tmp_path / "run.lock").write_text(lock_of(1, "gpu-node-17", slurm_job="4243"))  # another job
+    with pytest.raises(RunDirError, match="SLURM job 4243"):
+        rundir.RunLock(tmp_path).acquire()
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    cfg = load_config(None, [f"run.dir={run_dir}", "model.bits=32"])
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(RunDirError, match=rf"^{run_dir} holds another run \(summary.json, checkpoints, metrics.jsonl, "
+                                          rf"config.yaml\); continue it with --resume {run_dir}, give this run another "
+                                          r"run.dir, or delete that run with --overwrite$"):
+        rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # untouched, and the lock released
+    assert load_config(run_dir / "config.yaml").model.bits == 64
+    lock = rundir.claim(run_dir, cfg, resume=False, overwrite=True, safe=rundir.SAFE_ON_RESUME, log=LOG)
+    lock.release()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    assert load_config(run_dir / "config.yaml").model.bits == 32
+
+
+@pytest.mark.parametrize("sets, changed", [
+    (["data.noise=mixed:0.2"], "data.noise: 'none' -> 'mixed:0.2'"),
+    (["train.seed=3", "loss.margin=0.2"], "loss.margin: 0.15 -> 0.2; train.seed: 0 -> 3"),
+    (["model.bits=32"], "model.bits: 64 -> 32"),
+])
+def test_a_resume_with_other_settings_is_refused_naming_each_key(tmp_path, sets, changed):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    cfg = load_config(run_dir / "config.yaml", sets)
+    with pytest.raises(RunDirError, match=rf"^--resume {run_dir}: the run was trained with other settings "
+                                          rf"\({changed}\); a resume may change only train.epochs, "):
+        rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_resume_may_change_the_safe_keys_but_nacd_keeps_its_schedule(tmp_path):
+    from scbch_dist.methods import get_method
+
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    cfg = load_config(run_dir / "config.yaml", ["train.epochs=80", "eval.every=2", "eval.topk=[10]",
+                                                "run.progress=false", "run.method=SCBCH-long"])
+    rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("scbch")), log=LOG).release()
+    assert load_config(run_dir / "config.yaml").train.epochs == 80
+    with pytest.raises(RunDirError, match=r"\(train.epochs: 50 -> 80\)"):
+        rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("nacd")), log=LOG)
+
+
+def test_a_resume_cuts_metrics_and_log_back_to_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / "log.txt").write_text("epoch 1\nepoch 2\n")
+    fake_run(run_dir, epoch=2, log_bytes=len("epoch 1\nepoch 2\n"))
+    with open(run_dir / "metrics.jsonl", "a") as f:  # epoch 3 recorded, killed before its checkpoint
+        f.write(json.dumps({"epoch": 3}) + "\n" + '{"epoch": 4, "lo')
+    with open(run_dir / "log.txt", "a") as f:
+        f.write("epoch 3\n")
+    cfg = load_config(run_dir / "config.yaml")
+    rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run_dir / "log.txt").read_text() == "epoch 1\nepoch 2\n"
+
+
+def test_crash_leftovers_are_removed(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    leftovers = [run_dir / "checkpoints" / ".model.safetensors.x1.tmp", run_dir / ".summary.json.y2.tmp",
+                 run_dir / "checkpoints" / "epoch-0003", run_dir / "checkpoints" / "epoch-0002-step-000010",
+                 run_dir / "STOP"]
+    for path in leftovers:
+        path.mkdir() if "epoch" in path.name else path.write_bytes(b"\0" * 100)
+    assert sorted(rundir.tidy(run_dir)) == sorted(leftovers)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002", "latest"]
+
+
+def test_launchers_know_what_a_folder_needs(tmp_path):
+    assert rundir.launch_state(tmp_path / "none") == "new"
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    assert rundir.launch_state(run_dir) == "done"
+    (run_dir / "summary.json").unlink()
+    assert rundir.launch_state(run_dir) == "resume"
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")
+    assert rundir.launch_state(run_dir) == "restart"  # killed before its first checkpoint
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_save_npy(tmp_path / "b.npy", np.zeros(3))
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+        assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "b.npy").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_the_data_loader_leaves_the_training_rng_alone(tiny_dataset):
+    """A resume inside an epoch restores the RNG after the last step; the loader must not draw from it."""
+    from scbch_dist.data.format import read_meta
+    from scbch_dist.data.pipeline import TrainStream
+
+    stream = TrainStream(root=tiny_dataset, meta=read_meta(tiny_dataset), batch_size=64, seed=0)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    assert sum(1 for _ in stream.epoch(0)) == stream.steps_per_epoch
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_table_checkpointed_inside_an_epoch_gives_back_each_ranks_view():
+    """The agreed table plus this rank's own writes, replayed, is exactly the rank's table."""
+    from scbch_dist.tables import IdTable
+
+    table = IdTable(6, (2,), fill=1.0)
+    table.assign(torch.arange(12.0).view(6, 2))
+    agreed = table.values.clone()
+    table.update(torch.tensor([4, 1, 4]), torch.full((3, 2), -1.0))
+    table.update(torch.tensor([1, 5]), torch.tensor([[7.0, 7.0], [8.0, 8.0]]))
+    assert torch.equal(table.state_dict()["values"], agreed)  # this rank's writes undone
+    restored = IdTable(6, (2,))
+    restored.load_state_dict(table.state_dict())
+    restored.load_pending(table.pending_state())
+    assert torch.equal(restored.values, table.values)
+    assert torch.equal(restored.pending_state()["ids"], torch.tensor([4, 1, 4, 1, 5]))
