@@ -381,6 +381,12 @@ def validate(cfg: Config) -> None:
                        "nacd.omega_end": cfg.nacd.omega_end, "nacd.threshold": cfg.nacd.threshold}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    from scbch_dist.data.noise import parse_noise
+
+    try:
+        parse_noise(cfg.data.noise)
+    except ScbchError as e:
+        raise ConfigError(str(e)) from None
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be positive, got {cfg.eval.topk}")
 

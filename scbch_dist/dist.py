@@ -119,6 +119,13 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def raise_together(error: Exception | None, elsewhere: str) -> None:
+    """Collective: when any rank holds an error, raise it there and, on the other ranks, a
+    RuntimeError saying ``elsewhere``, so that no rank waits forever in its next collective."""
+    if any_rank(error is not None):
+        raise error if error is not None else RuntimeError(elsewhere)
+
+
 def sum_host(x: "np.ndarray") -> "np.ndarray":
     """Elementwise sum over ranks of a host (numpy) integer array, e.g. per-id counts."""
     if not is_distributed():

@@ -103,9 +103,12 @@ def supervise(cmd: list[str], run_dir: str, env: dict) -> int:
     # the launcher and its workers in their own session: the stop goes through the file, so a
     # signal to this task does not kill the accelerate launcher before the checkpoint is written
     child = subprocess.Popen(cmd, start_new_session=True)
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, ask_to_stop)
-    status = child.wait()
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if status == cli.EXIT_PREEMPTED or (asked and status != 0):
         requeue(env)
         return cli.EXIT_PREEMPTED

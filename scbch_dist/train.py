@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from scbch_dist import cli
+from scbch_dist import cli, dist
 from scbch_dist.config import Config, flat_dict, load_config, to_dict
 from scbch_dist.engine import rundir, setup
 from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files
@@ -26,7 +26,7 @@ from scbch_dist.engine.loop import EpochProgress, Run, fit, restore_tables, run_
 from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
-from scbch_dist.errors import RunDirError
+from scbch_dist.errors import RunDirError, ScbchError
 from scbch_dist.runlog import MetricsLog, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -72,8 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = setup.make_accelerator(cfg, run_dir)
     is_main = accelerator.is_main_process
     log = setup_logging(None, is_main)  # the console only, until the folder is ours
-    lock = rundir.claim(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
-                        safe=rundir.safe_keys(method_class), log=log) if is_main else None
+    lock, refused = None, None
+    if is_main:
+        try:
+            lock = rundir.claim(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
+                                safe=rundir.safe_keys(method_class), log=log)
+        except ScbchError as e:
+            refused = e
+    dist.raise_together(refused, f"the main process refused {run_dir} (its message is above)")
     try:
         log = setup_logging(run_dir, is_main)
         with StopRequest(run_dir, is_main=is_main) as stop:

@@ -68,6 +68,11 @@ def test_errors_name_the_key(tmp_path):
     ("nacd.mix=1.5", "nacd.mix must be in"),
     ("rshnl.gamma=0", "rshnl.gamma must be positive"),
     ("nacd.warmup_epochs=-1", "nacd.warmup_epochs must be >= 0"),
+    ("eval.batch_size=0", "^eval.batch_size must be at least 1, got 0$"),  # hung, memory growing
+    ("data.shuffle_buffer=0", "^data.shuffle_buffer must be at least 1, got 0$"),
+    ("data.workers=-1", "^data.workers must be at least 0, got -1$"),
+    ("synthetic.n_train=0", "^synthetic.n_train must be at least 1, got 0$"),
+    ("train.lr=0", "^train.lr must be positive"),
 ])
 def test_value_rules_name_the_key(override, message):
     if message is None:  # a valid value (checked against the registry later, before any data is read)

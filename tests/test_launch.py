@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scbch_dist import slurm
 from scbch_dist.slurm import accelerate_command, first_host, rendezvous_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,40 @@ def test_dry_run_prints_the_command():
     assert out.returncode == 0, out.stderr
     assert "--num_processes 8" in out.stdout and "--main_process_ip n1" in out.stdout
     assert subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm.sbatch")]).returncode == 0
+
+
+def test_the_batch_script_asks_for_a_warning_signal_and_passes_it_on():
+    text = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
+    assert "trap 'kill -USR1 \"$SRUN\"" in text  # the batch shell hands the signal to srun
+
+
+CHILD = """
+import pathlib, sys, time
+stop = pathlib.Path(sys.argv[1]) / "STOP"
+while not stop.exists():
+    time.sleep(0.01)
+sys.exit(75)  # what the trainer does: a checkpoint, then 75
+"""
+
+
+def test_the_launcher_turns_a_signal_into_a_stop_and_requeues(tmp_path, monkeypatch):
+    """SIGUSR1 to the launcher writes RUN_DIR/STOP (the run's own process tree is left alone: a
+    signal would kill the accelerate launcher before the checkpoint); status 75 requeues the task."""
+    import signal
+    import threading
+
+    calls = []
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    env = {"SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "503", "SLURM_NODEID": "0"}
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+    before = signal.getsignal(signal.SIGUSR1)
+    status = slurm.supervise([sys.executable, "-c", CHILD, str(tmp_path)], str(tmp_path), env)
+    assert status == 75 and (tmp_path / "STOP").exists()
+    assert calls == [["scontrol", "requeue", "500_3"]]
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handlers are put back
+    assert slurm.requeue_command({"SLURM_JOB_ID": "77"}) == ["scontrol", "requeue", "77"]
+    assert slurm.requeue_command({}) is None
 
 
 @pytest.mark.slow

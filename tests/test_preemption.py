@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO, read_checkpoint, tiny_args, torchrun
 from scbch_dist.engine import loop, stop
-from scbch_dist.errors import Preempted
+from scbch_dist.errors import Preempted, RunDirError
 from scbch_dist.train import main
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,9 @@ def test_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_dataset, tmp_path, m
     assert "continuing epoch 2 after step 7 of 13" in (part / "log.txt").read_text()
 
 
-def test_sigterm_stops_the_command_with_status_75_and_it_resumes(tiny_dataset, tmp_path):
+def test_sigusr1_stops_the_command_with_status_75_and_a_second_run_is_refused_meanwhile(tiny_dataset, tmp_path):
+    """SLURM's warning signal ends the command with a checkpoint and status 75; while it runs, the
+    folder is locked (two runs on one run.dir interleaved their metrics before)."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "scbch_dist.train", *tiny_args(tiny_dataset, run_dir, "train.epochs=200",
                                                                  "eval.every=100", "run.tensorboard=false")]
@@ -81,17 +83,49 @@ def test_sigterm_stops_the_command_with_status_75_and_it_resumes(tiny_dataset, t
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    with pytest.raises(RunDirError, match=rf"^{run_dir} is in use by pid {proc.pid} on "):
+        main(tiny_args(tiny_dataset, run_dir, "train.epochs=2"))
+    with pytest.raises(RunDirError, match=rf"^{run_dir} is in use by pid {proc.pid} on "):
+        main(["--resume", str(run_dir)])
+    proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m scbch_dist.train: stopped by SIGTERM after ") and last.endswith(
+    assert last.startswith("python -m scbch_dist.train: stopped by SIGUSR1 after ") and last.endswith(
         f"checkpoint written; continue with --resume {run_dir}")
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = main(["--resume", str(run_dir), "--set", f"train.epochs={epochs[-1] + 1}"])
     assert summary["final"]["epoch"] == epochs[-1] + 1
     records = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records == list(range(1, epochs[-1] + 2))
+
+
+def test_a_crash_between_the_records_and_the_checkpoint_repeats_no_epoch(tiny_dataset, tmp_path, monkeypatch):
+    """Killed after epoch 3 was recorded (metrics.jsonl, log.txt) but before its checkpoint counted,
+    and in the middle of writing a checkpoint file: the resume cuts the records back and removes
+    the unfinished files."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    main(tiny_args(tiny_dataset, full, *SETTINGS))
+    save_checkpoint = loop.save_checkpoint
+
+    def killed_while_writing_epoch_3(accelerator, run_dir, state, *args):
+        if state.epoch == 3:
+            folder = run_dir / "checkpoints" / "epoch-0003"
+            folder.mkdir()
+            (folder / ".model.safetensors.x.tmp").write_bytes(b"\0" * 1000)
+            raise KeyboardInterrupt
+        return save_checkpoint(accelerator, run_dir, state, *args)
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_while_writing_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args(tiny_dataset, part, *SETTINGS))
+    monkeypatch.undo()
+    assert [json.loads(x)["epoch"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    main(["--resume", str(part)])
+    assert_same_run(full, part)
+    log = (part / "log.txt").read_text()
+    assert log.count("| epoch 3/4 |") == 1 and log.count("| epoch 2/4 |") == 1
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["epoch-0004", "latest"]
 
 
 def test_two_processes_stopped_on_one_rank_resume_exactly(tiny_dataset, tmp_path):

@@ -83,8 +83,8 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     fake_run(run_dir)
     cfg = load_config(None, [f"run.dir={run_dir}", "model.bits=32"])
     before = sorted(p.name for p in run_dir.iterdir())
-    with pytest.raises(RunDirError, match=rf"^{run_dir} holds another run \(summary.json, checkpoints, metrics.jsonl, "
-                                          rf"config.yaml\); continue it with --resume {run_dir}, give this run another "
+    with pytest.raises(RunDirError, match=rf"^{run_dir} holds another run \(summary.json, checkpoints, metrics.jsonl\); "
+                                          rf"continue it with --resume {run_dir}, give this run another "
                                           r"run.dir, or delete that run with --overwrite$"):
         rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert sorted(p.name for p in run_dir.iterdir()) == before  # untouched, and the lock released
@@ -93,6 +93,10 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     lock.release()
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
     assert load_config(run_dir / "config.yaml").model.bits == 32
+    # what a run that failed before its first epoch leaves (config.yaml, log.txt) is no run to keep
+    (run_dir / "log.txt").write_text("refused: cscc.k too large\n")
+    rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
 
 
 @pytest.mark.parametrize("sets, changed", [
@@ -108,6 +112,7 @@ def test_a_resume_with_other_settings_is_refused_naming_each_key(tmp_path, sets,
                                           rf"\({changed}\); a resume may change only train.epochs, "):
         rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert not (run_dir / "run.lock").exists()
+    assert load_config(run_dir / "config.yaml") == load_config(None, [f"run.dir={run_dir}"])  # not rewritten
 
 
 def test_a_resume_may_change_the_safe_keys_but_nacd_keeps_its_schedule(tmp_path):

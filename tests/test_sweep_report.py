@@ -37,6 +37,10 @@ def test_grid_expands_in_order_with_one_folder_per_run(tmp_path):
     assert argv[:2] == ["--config", "configs/flickr.yaml"]
     assert ["--set", "model.bits=64"] == argv[argv.index("model.bits=64") - 1: argv.index("model.bits=64") + 1]
     assert "train.epochs=3" in argv and f"run.dir={runs[5].run_dir}" in argv
+    # a run killed before its first checkpoint starts afresh, deleting what it left (never a finished run)
+    runs[5].run_dir.mkdir(parents=True)
+    (runs[5].run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert runs[5].argv(grid)[-1] == "--overwrite" and not runs[5].done
     # a run with a checkpoint resumes instead of starting over
     (runs[5].run_dir / "checkpoints").mkdir(parents=True)
     (runs[5].run_dir / "checkpoints" / "latest").write_text("epoch-0001\n")
@@ -58,6 +62,8 @@ def test_slurm_array_script_and_dry_run(tmp_path):
     out.write_text(text)
     assert subprocess.run(["bash", "-n", str(out)]).returncode == 0  # valid shell
     assert "#SBATCH --gres=gpu:1" in text and "--task \"$SLURM_ARRAY_TASK_ID\"" in text
+    # preemption: the warning signal goes to the task itself (exec), which checkpoints and requeues
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text and "\nexec python" in text
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch
 
 from scbch_dist import dist
 from scbch_dist.config import Config, ConfigError
-from scbch_dist.data.format import SPLITS, ShardError, check_split
+from scbch_dist.data.format import SPLITS, check_split
 from scbch_dist.errors import ScbchError
 from scbch_dist.methods import Method
 
@@ -58,8 +58,7 @@ def check_data(root, meta, clean: np.ndarray, *, rank: int, world: int) -> dict:
             counts[split] = verify_shards(root, meta, split, mine, clean=clean if split == "train" else None)
     except ScbchError as e:
         error = e
-    if dist.any_rank(error is not None):
-        raise error or ShardError("preflight: another process found a problem in the dataset (its message is above)")
+    dist.raise_together(error, "preflight: another process found a problem in the dataset (its message is above)")
     for split in SPLITS:
         check_id_counts(root, meta, split, dist.sum_host(counts[split]))
     return {split: len(meta.splits[split].shards) for split in SPLITS}

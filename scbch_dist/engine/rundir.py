@@ -26,6 +26,9 @@ LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
 RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard",
                "config.yaml")
+# the outputs that record training: a folder holding one of them holds a run (config.yaml and
+# log.txt alone are what a run that failed before its first epoch leaves)
+RESULTS = RUN_OUTPUTS[:4]
 # keys a resume may change: evaluation and output settings, and the length of the run
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
                   "run.tensorboard", "run.checkpoint", "run.save_codes")
@@ -127,18 +130,18 @@ def _describe(holder: dict | None) -> str:
 
 
 def holds_run(run_dir: Path) -> list[str]:
-    """The outputs of a run in ``run_dir`` (empty: the folder is free for a new run)."""
-    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    """The results of a run in ``run_dir`` (empty: the folder is free for a new run)."""
+    return [name for name in RESULTS if (run_dir / name).exists()]
 
 
 def clear(run_dir: Path, log: logging.Logger) -> None:
-    """--overwrite: remove every output of the earlier run, summary.json first."""
-    removed = holds_run(run_dir)
+    """Before a fresh run: remove every output of an earlier one, summary.json first."""
+    removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if removed:
-        log.warning(f"--overwrite: removed the earlier run's {', '.join(removed)} from {run_dir}")
+        log.warning(f"{run_dir}: removed the earlier run's {', '.join(removed)}")
 
 
 def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:

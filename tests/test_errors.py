@@ -1,0 +1,120 @@
+"""Failing early and in one line (docs/engine.md, "Preflight" and "Errors and exit codes"): every
+entry point prints a known error as one line naming the key, file or sample and exits 2; the
+preflight finds what would otherwise fail hours into a run before the first step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_args
+from scbch_dist import cli
+from scbch_dist.config import ConfigError
+from scbch_dist.data.format import ShardError
+from scbch_dist.train import main
+
+
+def one_line_exit(capsys, entry, argv: list[str]) -> str:
+    """Run ``entry(argv)`` as its command line does; returns the error line (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: entry(argv), "prog")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("prog: error: ")
+    return err[-1][len("prog: error: "):]
+
+
+def test_train_errors_are_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [2\n")
+    cases = {
+        ("--config", str(bad)): f"{bad}: not valid YAML",
+        ("--set", "model.bits=[1"): "--set 'model.bits=[1': the value is not valid YAML",
+        ("--set", "modle.bits=8"): "unknown config key 'modle'",
+        ("--set", "data.noise=mixed:2"): "data.noise",
+        ("--resume", str(tmp_path / "nowhere")): f"--resume {tmp_path / 'nowhere'}: no config.yaml there",
+        ("--set", f"data.root={tmp_path / 'nodata'}", "--set", "data.generate=",
+         "--set", f"run.dir={tmp_path / 'r'}"): f"{tmp_path / 'nodata' / 'meta.json'}: not found",
+    }
+    for argv, start in cases.items():
+        assert one_line_exit(capsys, main, list(argv)).startswith(start), argv
+
+
+def test_the_other_entry_points_print_one_line(capsys, tmp_path):
+    from scbch_dist import extract, report, sweep
+    from scbch_dist.data import convert, noise
+
+    assert one_line_exit(capsys, sweep.main, [str(tmp_path / "grid.yaml"), "--dry-run"]) == \
+        f"grid file not found: {tmp_path / 'grid.yaml'}"
+    assert one_line_exit(capsys, report.main, [str(tmp_path)]) == f"{tmp_path}: no summary.json with results under it"
+    assert one_line_exit(capsys, extract.main, ["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "o")]) \
+        .startswith(f"extract: {tmp_path / 'raw' / 'meta.json'}: not found")
+    assert one_line_exit(capsys, convert.main, ["folder", "--images", str(tmp_path), "--annotations",
+                                                str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"),
+                                                "--samples-per-shard", "0"]).startswith("--samples-per-shard")
+    assert one_line_exit(capsys, noise.main, ["--root", str(tmp_path), "--noise", "bogus:1", "--out",
+                                              str(tmp_path / "n.h5")]).startswith("data.noise='bogus:1': expected")
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_exactly_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scbch_dist.train", "--set", "eval.batch_size=0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == "python -m scbch_dist.train: error: eval.batch_size must be at least 1, got 0\n"
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_neighbour_count_above_the_training_set_fails_before_training(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^cscc.k=400 must be below the training count \(400 samples"):
+        main(tiny_args(tiny_dataset, run_dir, "cscc.k=400"))
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "run.lock").exists()
+    with pytest.raises(ConfigError, match=r"^nacd.k=500 must be below"):
+        main(tiny_args(tiny_dataset, tmp_path / "nacd", "method.name=nacd", "nacd.k=500"))
+
+
+def test_a_missing_search_backend_fails_before_training(tiny_dataset, tmp_path, monkeypatch):
+    from scbch_dist import knn
+
+    monkeypatch.setattr(knn, "faiss_available", lambda gpu=False: False)
+    with pytest.raises(ConfigError, match=r"^bank.knn=faiss-cpu: bank.knn=faiss-cpu but faiss is not available"):
+        main(tiny_args(tiny_dataset, tmp_path / "run", "bank.knn=faiss-cpu"))
+
+
+def flip_byte(path: Path, offset_from_end: int = 3000) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_evaluation_shard_fails_before_the_first_step(tiny_dataset, tmp_path):
+    """The query and database shards are read at the first evaluation otherwise: hours in."""
+    root = copy_dataset(tiny_dataset, tmp_path / "data")
+    flip_byte(root / "query-000000.tar")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ShardError, match=rf"^{root / 'query-000000.tar'}: sha256 \w+\.\.\. differs from meta.json"):
+        main(tiny_args(root, run_dir))
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_duplicate_ids_fail_before_the_first_step(tiny_dataset, tmp_path):
+    """They passed during the warm-up and failed at the first refresh with an unclear error."""
+    root = copy_dataset(tiny_dataset, tmp_path / "data")
+    meta = json.loads((root / "meta.json").read_text())
+    meta["splits"]["train"]["sha256"] = []  # a rewritten shard: its checksum would catch it first
+    (root / "meta.json").write_text(json.dumps(meta))
+
+    shutil.copyfile(root / "train-000000.tar", root / "train-000001.tar")  # ids 0..95 twice, 96..191 missing
+    with pytest.raises(ShardError, match=r"split 'train': sample 000000000 occurs 2 times"):
+        main(tiny_args(root, tmp_path / "run"))
