@@ -42,6 +42,13 @@ def test_train_errors_are_one_line(capsys, tmp_path):
         ("--set", f"data.root={tmp_path / 'nodata'}", "--set", "data.generate=",
          "--set", f"run.dir={tmp_path / 'r'}"): f"{tmp_path / 'nodata' / 'meta.json'}: not found",
     }
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model:\n  bits: 16\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("model:\n  bits: 64\n")
+    cases[("--resume", str(run_dir), "--config", str(other))] = (  # the other config was ignored silently
+        f"--resume {run_dir} takes the run's own config.yaml; drop --config {other}")
     for argv, start in cases.items():
         assert one_line_exit(capsys, main, list(argv)).startswith(start), argv
 

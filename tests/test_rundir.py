@@ -185,6 +185,23 @@ def test_outputs_honour_the_umask(tmp_path):
         os.umask(old)
 
 
+def test_a_dataset_folder_is_on_disk_before_its_name_appears(tmp_path, monkeypatch):
+    """Every file of a folder written with atomic_directory (a dataset: shards, meta.json) is
+    fsynced before the rename that makes the folder visible."""
+    import scbch_dist.io as io_module
+
+    synced, renamed = [], []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(io_module.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(io_module.os, "rename", lambda a, b: renamed.append((len(synced), str(a))) or real_rename(a, b))
+    with atomic_directory(tmp_path / "data") as tmp:
+        (tmp / "train-000000.tar").write_bytes(b"x" * 10)
+        (tmp / "meta.json").write_text("{}")
+    (count, tmp_name), = renamed
+    before = synced[:count]
+    assert {f"{tmp_name}/train-000000.tar", f"{tmp_name}/meta.json", tmp_name} <= set(before)
+
+
 def test_the_data_loader_leaves_the_training_rng_alone(tiny_dataset):
     """A resume inside an epoch restores the RNG after the last step; the loader must not draw from it."""
     from scbch_dist.data.format import read_meta
