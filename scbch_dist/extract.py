@@ -745,16 +745,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=2048)
     p.add_argument("--name", default=None, help="dataset name in meta.json (default: the source's)")
     args = p.parse_args(argv)
-    try:
-        meta = extract(args.src, args.out, image_encoder=args.image_encoder, vgg_weights=args.vgg_weights,
-                       image_size=args.image_size, text_encoder=args.text_encoder, bow_dim=args.bow_dim,
-                       doc2vec_dim=args.doc2vec_dim, doc2vec_epochs=args.doc2vec_epochs,
-                       doc2vec_window=args.doc2vec_window, doc2vec_min_count=args.doc2vec_min_count, seed=args.seed,
-                       img_dtype=args.img_dtype, txt_dtype=args.txt_dtype, batch_size=args.batch_size,
-                       workers=args.workers, device=args.device, progress=not args.no_progress,
-                       samples_per_shard=args.samples_per_shard, name=args.name)
-    except (ExtractError, ShardError) as e:
-        raise ExtractError(f"extract: {e}") from None
+    meta = extract(args.src, args.out, image_encoder=args.image_encoder, vgg_weights=args.vgg_weights,
+                   image_size=args.image_size, text_encoder=args.text_encoder, bow_dim=args.bow_dim,
+                   doc2vec_dim=args.doc2vec_dim, doc2vec_epochs=args.doc2vec_epochs,
+                   doc2vec_window=args.doc2vec_window, doc2vec_min_count=args.doc2vec_min_count, seed=args.seed,
+                   img_dtype=args.img_dtype, txt_dtype=args.txt_dtype, batch_size=args.batch_size,
+                   workers=args.workers, device=args.device, progress=not args.no_progress,
+                   samples_per_shard=args.samples_per_shard, name=args.name)
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 

@@ -61,7 +61,7 @@ def test_the_other_entry_points_print_one_line(capsys, tmp_path):
         f"grid file not found: {tmp_path / 'grid.yaml'}"
     assert one_line_exit(capsys, report.main, [str(tmp_path)]) == f"{tmp_path}: no summary.json with results under it"
     assert one_line_exit(capsys, extract.main, ["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "o")]) \
-        .startswith(f"extract: {tmp_path / 'raw' / 'meta.json'}: not found")
+        .startswith(f"{tmp_path / 'raw' / 'meta.json'}: not found")
     assert one_line_exit(capsys, convert.main, ["folder", "--images", str(tmp_path), "--annotations",
                                                 str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"),
                                                 "--samples-per-shard", "0"]).startswith("--samples-per-shard")

@@ -229,3 +229,10 @@ def test_a_table_checkpointed_inside_an_epoch_gives_back_each_ranks_view():
     restored.load_pending(table.pending_state())
     assert torch.equal(restored.values, table.values)
     assert torch.equal(restored.pending_state()["ids"], torch.tensor([4, 1, 4, 1, 5]))
+
+
+def test_a_run_of_an_earlier_version_resumes_although_it_lacks_newer_keys(tmp_path):
+    run_dir = tmp_path / "run"
+    stored = fake_run(run_dir)
+    del stored["data"]["verify"]  # a key this version added
+    assert rundir.changed_keys(stored, to_dict(load_config(None, [f"run.dir={run_dir}"])), rundir.SAFE_ON_RESUME) == []

@@ -29,9 +29,9 @@ RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log
 # the outputs that record training: a folder holding one of them holds a run (config.yaml and
 # log.txt alone are what a run that failed before its first epoch leaves)
 RESULTS = RUN_OUTPUTS[:4]
-# keys a resume may change: evaluation and output settings, and the length of the run
+# keys a resume may change: evaluation and output settings, the length of the run, the preflight
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
-                  "run.tensorboard", "run.checkpoint", "run.save_codes")
+                  "run.tensorboard", "run.checkpoint", "run.save_codes", "data.verify")
 
 
 def safe_keys(method_class) -> tuple[str, ...]:
@@ -145,14 +145,11 @@ def clear(run_dir: Path, log: logging.Logger) -> None:
 
 
 def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
-    """``key: old -> new`` for every flattened key whose value differs and is not in ``safe``."""
+    """``key: old -> new`` for every flattened key whose value differs and is not in ``safe``.
+    Keys the stored config lacks are settings added by a later version: they keep their defaults."""
     a, b = _flatten(stored), _flatten(new)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if key in safe or a.get(key, "<unset>") == b.get(key, "<unset>"):
-            continue
-        out.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
-    return out
+    return [f"{key}: {a[key]!r} -> {b.get(key, '<unset>')!r}" for key in sorted(a)
+            if key not in safe and a[key] != b.get(key, "<unset>")]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
