@@ -351,10 +351,17 @@ def validate(cfg: Config) -> None:
     if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:
         raise ConfigError(f"train.lr must be positive and train.backbone_lr, train.weight_decay >= 0, got "
                           f"{cfg.train.lr}, {cfg.train.backbone_lr}, {cfg.train.weight_decay}")
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir must name a folder, got ''")
+    for key, seed in {"train.seed": cfg.train.seed, "data.noise_seed": cfg.data.noise_seed,
+                      "synthetic.seed": cfg.synthetic.seed, "shapes.seed": cfg.shapes.seed}.items():
+        if seed < 0:
+            raise ConfigError(f"{key} must be >= 0, got {seed}")
     if cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 (the contrastive term needs pairs)")
-    if cfg.train.epochs < 1 or cfg.eval.every < 1:
-        raise ConfigError("train.epochs and eval.every must be at least 1")
+    for key, value in {"train.epochs": cfg.train.epochs, "eval.every": cfg.eval.every}.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
     if cfg.cscc.k < 1 or not 0.0 <= cfg.cscc.gamma <= 1.0:
         raise ConfigError("cscc.k must be >= 1 and cscc.gamma in [0, 1]")
     if cfg.data.generate not in ("", "synthetic", "shapes"):

@@ -41,6 +41,13 @@ def honour_umask(path: str | Path, *, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
+def honour_umask_tree(path: str | Path) -> None:
+    """honour_umask for a folder and everything below it (files that libraries wrote 0600)."""
+    mask = current_umask()
+    for target in [Path(path), *Path(path).rglob("*")]:
+        os.chmod(target, (0o777 if target.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` on success."""
@@ -49,9 +56,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    honour_umask(tmp_path)  # savers that replace the file (np.savez, savefig) keep the new mode too
     try:
         yield tmp_path
+        honour_umask(tmp_path)  # after the saver: some (safetensors) create their file 0600 anew
         fsync_tree(tmp_path)  # the content is on disk before the name says it is complete
         os.replace(tmp_path, path)
         fsync_tree(path.parent, recursive=False)  # the new name itself

@@ -109,7 +109,9 @@ def supervise(cmd: list[str], run_dir: str, env: dict) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if status == cli.EXIT_PREEMPTED or (asked and status != 0):
+    # under accelerate launch the workers' 75 arrives as torchrun's 1: what says "preempted" is that
+    # this launcher asked the run to stop and it did not finish (a STOP written by hand: no requeue)
+    if asked and status != 0:
         requeue(env)
         return cli.EXIT_PREEMPTED
     return status
@@ -124,6 +126,8 @@ def _drop_config(args: list[str]) -> list[str]:
             continue
         if a == "--config":
             skip = True
+            continue
+        if a.startswith("--config="):
             continue
         out.append(a)
     return out

@@ -69,7 +69,12 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         grid = Grid(**raw)
     except TypeError as e:
@@ -77,6 +82,10 @@ def load_grid(path: str | Path) -> Grid:
     for key in ("datasets", "bits", "noise", "seeds") + (("methods",) if grid.methods is not None else ()):
         if not isinstance(getattr(grid, key), list) or not getattr(grid, key):
             raise ConfigError(f"{path}: {key!r} must be a non-empty list")
+    for key in ("bits", "seeds"):
+        bad = [v for v in getattr(grid, key) if not isinstance(v, int) or isinstance(v, bool)]
+        if bad:
+            raise ConfigError(f"{path}: {key!r} holds {bad[0]!r}; give integers")
     return grid
 
 
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"{args.grid}: config file(s) not found: {', '.join(missing)} (run from the repository root)")
     if args.dry_run:
         for run in runs:
-            state = "done" if run.done else "resume" if "--resume" in run.argv(grid) else "new"
+            state = launch_state(run.run_dir)
             print(f"[task {run.task}] ({state}) {shlex.join(command(run, grid, 'python'))}")
         print(f"\n# --slurm would write:\n{slurm_script(grid, args.grid, runs)}")
     elif args.slurm:

@@ -15,6 +15,7 @@ tensorboard/ (when tensorboard is installed); docs/configuration.md describes ea
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
 from scbch_dist.errors import RunDirError, ScbchError
-from scbch_dist.runlog import MetricsLog, setup_logging
+from scbch_dist.runlog import LOGGER_NAME, MetricsLog, setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
         log = setup_logging(run_dir, is_main)
         with StopRequest(run_dir, is_main=is_main) as stop:
             return _train(args, cfg, run_dir, method_class, accelerator, log, stop, t_start)
+    except BaseException:
+        if lock is not None and not args.resume:
+            logging.getLogger(LOGGER_NAME).handlers.clear()  # log.txt closed before it may go
+            rundir.discard_unfinished(run_dir)
+        raise
     finally:
         accelerator.end_training()
         if lock is not None:

@@ -165,3 +165,18 @@ def test_a_deepspeed_run_resumes_with_its_optimizer_state(tiny_dataset, tmp_path
     loss = [json.loads(line)["loss"]["total"] for line in (full / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line)["loss"]["total"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert resumed[-1] == pytest.approx(loss[-1], rel=1e-2)
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path):
+    """safetensors creates its files 0600: teammates could not read a shared run's checkpoints."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run_dir, _, _ = saved_run(tmp_path)
+    finally:
+        os.umask(old)
+    folder = latest_checkpoint(run_dir)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+    assert modes == {**{name: 0o644 for name in modes}, folder.name: 0o755}, modes

@@ -125,3 +125,32 @@ def test_duplicate_ids_fail_before_the_first_step(tiny_dataset, tmp_path):
     shutil.copyfile(root / "train-000000.tar", root / "train-000001.tar")  # ids 0..95 twice, 96..191 missing
     with pytest.raises(ShardError, match=r"split 'train': sample 000000000 occurs 2 times"):
         main(tiny_args(root, tmp_path / "run"))
+
+
+def test_more_user_mistakes_are_one_line(capsys, tmp_path):
+    from scbch_dist import sweep
+
+    grid = tmp_path / "grid.yaml"
+    for text, start in [("name: g\ndatasets: [flickr\n", f"{grid}: not valid YAML"),
+                        ("name: g\ndatasets: [flickr]\nbits: [abc]\nnoise: [0.2]\n", f"{grid}: 'bits' holds 'abc'")]:
+        grid.write_text(text)
+        assert one_line_exit(capsys, sweep.main, [str(grid), "--dry-run"]).startswith(start)
+    for argv, message in [(["--set", "train.seed=-1"], "train.seed must be >= 0, got -1"),
+                          (["--set", "run.dir="], "run.dir must name a folder, got ''"),
+                          (["--set", "eval.every=0"], "eval.every must be at least 1, got 0")]:
+        assert one_line_exit(capsys, main, argv) == message
+
+
+def test_backbone_mistakes_name_the_key(tmp_path):
+    pytest.importorskip("timm")
+    from scbch_dist.models.backbones import TimmImage, WeightsError
+
+    with pytest.raises(WeightsError, match=r"^model.image.name='not_a_model' is not a timm architecture"):
+        TimmImage("not_a_model", "random", {})
+    with pytest.raises(WeightsError, match=r"^model.image.kwargs=\{'bogus': 1\}: timm model 'vit_tiny_patch16_224' "
+                                           r"refuses them"):
+        TimmImage("vit_tiny_patch16_224", "random", {"bogus": 1})
+    garbage = tmp_path / "w.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(WeightsError, match=rf"^model.image.weights: {garbage} is not a readable checkpoint"):
+        TimmImage("vit_tiny_patch16_224", str(garbage), {"img_size": 32, "depth": 1, "embed_dim": 16, "num_heads": 2})

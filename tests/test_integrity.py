@@ -408,3 +408,14 @@ def test_convert_errors_in_process(tmp_path):
                           "--samples-per-shard", str(bad)])
     assert issubclass(ConvertError, ScbchError) and issubclass(ConvertError, ValueError)
     assert issubclass(NoiseError, ScbchError) and issubclass(ShardError, ScbchError) and issubclass(ShardError, ValueError)
+
+
+def test_a_wrong_but_valid_noise_table_file_never_trains(dataset):
+    """The generated table is rebuilt every run: an edited labels/<noise>.npy (right shape, 0/1)
+    cannot change what trains, and is put right."""
+    meta = read_meta(dataset)
+    want, _ = training_labels(dataset, meta, "mixed:0.5", seed=1)
+    record = dataset / "labels" / "mixed-0.5-seed1.npy"
+    np.save(record, np.zeros_like(want))
+    table, _ = training_labels(dataset, meta, "mixed:0.5", seed=1)
+    assert np.array_equal(table, want) and np.array_equal(np.load(record), want)

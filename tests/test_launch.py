@@ -38,6 +38,8 @@ def test_multi_node_command_from_the_slurm_environment(tmp_path):
     cmd = accelerate_command(env, 8, ["--config", "configs/coco.yaml", "--set", "train.epochs=60"],
                              accelerate_config="accelerate_config.yaml", run_dir=str(tmp_path / "r"))
     assert cmd[cmd.index("scbch_dist.train") + 1:] == ["--resume", str(tmp_path / "r"), "--set", "train.epochs=60"]
+    cmd = accelerate_command(env, 8, ["--config=configs/coco.yaml"], accelerate_config="a.yaml", run_dir=str(tmp_path / "r"))
+    assert cmd[cmd.index("scbch_dist.train") + 1:] == ["--resume", str(tmp_path / "r")]  # either spelling goes
 
 
 def test_array_tasks_get_their_own_port_and_folder():
@@ -88,6 +90,10 @@ def test_the_launcher_turns_a_signal_into_a_stop_and_requeues(tmp_path, monkeypa
     assert calls == [["scontrol", "requeue", "500_3"]]
     assert signal.getsignal(signal.SIGUSR1) == before  # the handlers are put back
     assert slurm.requeue_command({"SLURM_JOB_ID": "77"}) == ["scontrol", "requeue", "77"]
+    # a STOP written by hand ends the run without a requeue
+    calls.clear()
+    (tmp_path / "STOP").touch()
+    assert slurm.supervise([sys.executable, "-c", CHILD, str(tmp_path)], str(tmp_path), env) == 75 and calls == []
     assert slurm.requeue_command({}) is None
 
 

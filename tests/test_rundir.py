@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -68,14 +69,31 @@ def test_a_stale_lock_is_replaced_and_named(tmp_path, caplog):
 
 def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
-    (tmp_path / "run.lock").write_text(lock_of(1, "gpu-node-17", slurm_job="4242"))
+    (tmp_path / "run.lock").write_text(lock_of(1, "gpu-node-17", slurm_job="4242#0"))  # before the requeue
     with rundir.RunLock(tmp_path, LOG):
         pass
-    (tmp_path / "run.lock").write_text(lock_of(1, "gpu-node-17", slurm_job="4243"))  # another job
-    with pytest.raises(RunDirError, match="SLURM job 4243"):
+    for other in ("4243#0", "4242#1"):  # another job; a live run of this same incarnation elsewhere
+        (tmp_path / "run.lock").write_text(lock_of(1, "gpu-node-17", slurm_job=other))
+        with pytest.raises(RunDirError, match=f"SLURM job {other}"):
+            rundir.RunLock(tmp_path).acquire()
+    # on this host a live process keeps its lock, whatever its job says (two runs in one allocation)
+    (tmp_path / "run.lock").write_text(lock_of(os.getppid(), slurm_job="4242#0"))
+    with pytest.raises(RunDirError, match=f"in use by pid {os.getppid()}"):
         rundir.RunLock(tmp_path).acquire()
+
+
+def test_an_unreadable_lock_counts_as_held_for_a_minute(tmp_path, caplog):
+    lock = tmp_path / "run.lock"
+    lock.write_text('{"pid": "abc"}')
+    with pytest.raises(RunDirError, match="in use by pid \\? on \\?, started less than a minute ago"):
+        rundir.RunLock(tmp_path).acquire()
+    os.utime(lock, (0, 0))
+    with caplog.at_level(logging.WARNING, logger="test_rundir"):
+        rundir.RunLock(tmp_path, LOG).acquire()
+    assert "removing an unreadable lock older than a minute" in caplog.text
 
 
 def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
@@ -83,8 +101,8 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     fake_run(run_dir)
     cfg = load_config(None, [f"run.dir={run_dir}", "model.bits=32"])
     before = sorted(p.name for p in run_dir.iterdir())
-    with pytest.raises(RunDirError, match=rf"^{run_dir} holds another run \(summary.json, checkpoints, metrics.jsonl\); "
-                                          rf"continue it with --resume {run_dir}, give this run another "
+    with pytest.raises(RunDirError, match=rf"^{run_dir} holds another run \(summary.json, checkpoints, metrics.jsonl, "
+                                          rf"config.yaml\); continue it with --resume {run_dir}, give this run another "
                                           r"run.dir, or delete that run with --overwrite$"):
         rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert sorted(p.name for p in run_dir.iterdir()) == before  # untouched, and the lock released
@@ -93,10 +111,28 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     lock.release()
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
     assert load_config(run_dir / "config.yaml").model.bits == 32
-    # what a run that failed before its first epoch leaves (config.yaml, log.txt) is no run to keep
-    (run_dir / "log.txt").write_text("refused: cscc.k too large\n")
+    # a user's own file in the folder is never touched, and a folder holding one is refused
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "config.yaml").unlink()
     rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "figure1.png").write_text("mine")
+    with pytest.raises(RunDirError, match=r"holds another run \(plots, config.yaml\)"):
+        rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "plots" / "figure1.png").is_file()
+
+
+def test_a_fresh_run_that_fails_before_its_first_epoch_leaves_the_folder_free(tiny_dataset, tmp_path):
+    from conftest import tiny_args
+    from scbch_dist.config import ConfigError
+    from scbch_dist.train import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="cscc.k=400 must be below the training count"):
+        main(tiny_args(tiny_dataset, run_dir, "cscc.k=400"))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # its config.yaml and log.txt went
 
 
 @pytest.mark.parametrize("sets, changed", [
@@ -128,6 +164,22 @@ def test_a_resume_may_change_the_safe_keys_but_nacd_keeps_its_schedule(tmp_path)
         rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("nacd")), log=LOG)
 
 
+def test_a_resume_keeps_the_earlier_summary_aside_and_refuses_fewer_epochs(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, epoch=4)
+    (run_dir / "summary.json").write_text('{"final": {"epoch": 4}}')
+    with pytest.raises(RunDirError, match=rf"^--resume {run_dir}: train.epochs=3 is below the 4 epoch\(s\) this run "
+                                          r"has begun; give train.epochs=4 or more$"):
+        rundir.claim(run_dir, load_config(run_dir / "config.yaml", ["train.epochs=3"]), resume=True, overwrite=False,
+                     safe=rundir.SAFE_ON_RESUME, log=LOG)
+    assert rundir.launch_state(run_dir) == "done"
+    cfg = load_config(run_dir / "config.yaml", ["train.epochs=6"])
+    rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    # an extension killed before its end is resumed by launchers, not taken for finished
+    assert rundir.launch_state(run_dir) == "resume"
+    assert json.loads((run_dir / "summary-epoch-0004.json").read_text()) == {"final": {"epoch": 4}}
+
+
 def test_a_resume_cuts_metrics_and_log_back_to_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir).mkdir()
@@ -151,8 +203,9 @@ def test_crash_leftovers_are_removed(tmp_path):
                  run_dir / "STOP"]
     for path in leftovers:
         path.mkdir() if "epoch" in path.name else path.write_bytes(b"\0" * 100)
-    assert sorted(rundir.tidy(run_dir)) == sorted(leftovers)
+    assert sorted(rundir.tidy(run_dir)) == sorted(leftovers[:-1])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002", "latest"]
+    assert (run_dir / "STOP").exists()  # a stop request may be meant for the run that starts: it serves it
 
 
 def test_launchers_know_what_a_folder_needs(tmp_path):
@@ -162,10 +215,12 @@ def test_launchers_know_what_a_folder_needs(tmp_path):
     assert rundir.launch_state(run_dir) == "done"
     (run_dir / "summary.json").unlink()
     assert rundir.launch_state(run_dir) == "resume"
-    import shutil
-
     shutil.rmtree(run_dir / "checkpoints")
     assert rundir.launch_state(run_dir) == "restart"  # killed before its first checkpoint
+    shutil.rmtree(run_dir)
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    assert rundir.launch_state(run_dir) == "new"  # no output of a run
 
 
 def test_outputs_honour_the_umask(tmp_path):

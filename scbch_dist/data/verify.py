@@ -56,6 +56,9 @@ def load_label_file(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise NoiseError(f"{path}: missing")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # numpy would call any other file "pickled data"
+            raise NoiseError(f"{path}: not a .npy file (no NumPy header)")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:

@@ -31,7 +31,7 @@ import torch
 
 from scbch_dist.engine.state import RunState
 from scbch_dist.errors import ScbchError
-from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree
+from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree, honour_umask_tree
 from scbch_dist.runlog import json_safe
 
 FORMAT = 2  # 1: the single pickled checkpoints/last.pt of scbch_dist 0.1
@@ -90,6 +90,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[st
                           json_safe({"format": FORMAT, "state": state.to_dict(), "config": config}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        honour_umask_tree(target)  # safetensors writes its files 0600
         fsync_tree(target)  # every rank's files on disk before latest names the folder
         atomic_write_text(root / "latest", target.name + "\n")
         for old in root.glob("epoch-*"):

@@ -224,6 +224,7 @@ def fit(run: Run, state: RunState, config: dict, resumed: EpochProgress | None =
         if result is None:
             state.partial = progress.shared(run.accelerator.num_processes)
             save(run, state, config, progress.rank_state(run_tables(run)))
+            run.stop.served()
             raise Preempted(f"stopped by {run.stop.describe()} after step {progress.step} of epoch {epoch + 1}; "
                             f"checkpoint written; continue with --resume {run.run_dir}")
         state.partial = None
@@ -250,6 +251,7 @@ def fit(run: Run, state: RunState, config: dict, resumed: EpochProgress | None =
         if state.epoch < cfg.train.epochs and run.stop.agreed():
             if not cfg.run.checkpoint:
                 save(run, state, config)
+            run.stop.served()
             raise Preempted(f"stopped by {run.stop.describe()} after epoch {state.epoch}; checkpoint written; "
                             f"continue with --resume {run.run_dir}")
     return state

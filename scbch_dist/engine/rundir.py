@@ -26,9 +26,7 @@ LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
 RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard",
                "config.yaml")
-# the outputs that record training: a folder holding one of them holds a run (config.yaml and
-# log.txt alone are what a run that failed before its first epoch leaves)
-RESULTS = RUN_OUTPUTS[:4]
+RESULTS = RUN_OUTPUTS[:4]  # the outputs that record training
 # keys a resume may change: evaluation and output settings, the length of the run, the preflight
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
                   "run.tensorboard", "run.checkpoint", "run.save_codes", "data.verify")
@@ -48,18 +46,24 @@ def _start_ticks(pid: int) -> str | None:
 
 
 def _slurm_job() -> str | None:
+    """This SLURM job (or array task) and how often it was requeued: 'JOB[_TASK]#RESTARTS'."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    return f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}".rstrip("_") if job else None
+    if not job:
+        return None
+    task = f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if os.environ.get("SLURM_ARRAY_TASK_ID") else ""
+    return f"{job}{task}#{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
 def _holder_gone(holder: dict) -> bool:
-    """Whether the process named in a lock no longer runs: same host and pid dead (or reused), or
-    an earlier incarnation of this very SLURM job (a requeue, maybe on another node)."""
-    if holder.get("slurm_job") and holder.get("slurm_job") == _slurm_job():
-        return True
+    """Whether the process named in a lock no longer runs: on this host, its pid is dead (or
+    reused); on another host, it was an earlier incarnation of this SLURM job (a requeue: the same
+    job with a higher restart count). A live process of the same incarnation keeps its lock."""
     if holder.get("host") != socket.gethostname():
-        return False
-    pid = int(holder.get("pid", -1))
+        mine, theirs = _slurm_job(), holder.get("slurm_job")
+        return bool(mine and theirs) and mine.split("#")[0] == theirs.split("#")[0] and mine != theirs
+    pid = holder["pid"]
+    if not isinstance(pid, int):
+        return False  # an unreadable lock younger than a minute
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +90,8 @@ class RunLock:
                 holder = self._holder()
                 if holder is None or _holder_gone(holder):
                     if self.log is not None:
-                        self.log.warning(f"{self.path}: removing the stale lock of {_describe(holder)} (no longer running)")
+                        self.log.warning(f"{self.path}: removing " + ("an unreadable lock older than a minute"
+                                         if holder is None else f"the stale lock of {_describe(holder)} (no longer running)"))
                     self.path.unlink(missing_ok=True)
                     continue
                 raise RunDirError(f"{self.path.parent} is in use by {_describe(holder)}; wait for that run, or "
@@ -98,16 +103,19 @@ class RunLock:
         raise RunDirError(f"{self.path}: could not take the lock (another process keeps taking it)")
 
     def _holder(self) -> dict | None:
+        """The lock's holder; None for a lock that is unreadable and older than a minute (a lock
+        unreadable now may be being written this instant: it counts as held)."""
         try:
             holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+                return holder
         except (OSError, ValueError):
-            # being written this instant, or garbage: only a lock older than a minute counts as stale
-            try:
-                fresh = time.time() - self.path.stat().st_mtime < 60
-            except OSError:
-                return None
-            return {"pid": "?", "host": "?", "started": "just now"} if fresh else None
+            pass
+        try:
+            fresh = time.time() - self.path.stat().st_mtime < 60
+        except OSError:
+            return None
+        return {"pid": "?", "host": "?", "started": "less than a minute ago"} if fresh else None
 
     def release(self) -> None:
         if self.held:
@@ -130,18 +138,25 @@ def _describe(holder: dict | None) -> str:
 
 
 def holds_run(run_dir: Path) -> list[str]:
-    """The results of a run in ``run_dir`` (empty: the folder is free for a new run)."""
-    return [name for name in RESULTS if (run_dir / name).exists()]
+    """The outputs of a run in ``run_dir`` (empty: the folder is free for a new run)."""
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
 
 
-def clear(run_dir: Path, log: logging.Logger) -> None:
-    """Before a fresh run: remove every output of an earlier one, summary.json first."""
-    removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+def clear(run_dir: Path, log: logging.Logger | None = None) -> None:
+    """Remove every output of a run (the names in RUN_OUTPUTS, nothing else), summary.json first."""
+    removed = holds_run(run_dir)
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if removed:
-        log.warning(f"{run_dir}: removed the earlier run's {', '.join(removed)}")
+    if removed and log is not None:
+        log.warning(f"--overwrite: removed the earlier run's {', '.join(removed)} from {run_dir}")
+
+
+def discard_unfinished(run_dir: Path) -> None:
+    """After a fresh run failed before recording anything (no checkpoint, no metrics): remove what
+    it wrote (config.yaml, log.txt, ...), so that the folder takes a new run without --overwrite."""
+    if not any((run_dir / name).exists() for name in RESULTS):
+        clear(run_dir)
 
 
 def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
@@ -149,7 +164,12 @@ def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
     Keys the stored config lacks are settings added by a later version: they keep their defaults."""
     a, b = _flatten(stored), _flatten(new)
     return [f"{key}: {a[key]!r} -> {b.get(key, '<unset>')!r}" for key in sorted(a)
-            if key not in safe and a[key] != b.get(key, "<unset>")]
+            if key not in safe and _normal(key, a[key]) != _normal(key, b.get(key, "<unset>"))]
+
+
+def _normal(key: str, value):
+    """Paths compare as paths ("data/x/" is "data/x")."""
+    return os.path.normpath(value) if key == "data.root" and isinstance(value, str) and value else value
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -189,11 +209,20 @@ def _record_epoch(line: str) -> float:
         return float("inf")  # a line cut short by a kill: after the checkpoint by definition
 
 
-def tidy(run_dir: Path) -> list[Path]:
-    """Remove what a killed run left: unfinished atomic writes, checkpoint folders that
-    checkpoints/latest does not name, and a served STOP request."""
-    from scbch_dist.engine.stop import STOP_FILE
+def keep_summary(run_dir: Path, epoch: int, log: logging.Logger) -> None:
+    """A resumed run moves the summary of its earlier end aside (summary-epoch-NNNN.json): the
+    result is kept, and until the resumed run ends no launcher takes the folder for finished."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        kept = run_dir / f"summary-epoch-{epoch:04d}.json"
+        os.replace(summary, kept)
+        log.info(f"{run_dir}: the summary of epoch {epoch} kept as {kept.name}; summary.json follows when this run ends")
 
+
+def tidy(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left: unfinished atomic writes and checkpoint folders that
+    checkpoints/latest does not name. (A STOP file stays: it may have been written for this run,
+    which serves it at its first step and removes it.)"""
     removed = remove_leftovers(run_dir)
     root = run_dir / "checkpoints"
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
@@ -201,9 +230,6 @@ def tidy(run_dir: Path) -> list[Path]:
         if folder.name != latest:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
-    if (run_dir / STOP_FILE).exists():
-        (run_dir / STOP_FILE).unlink()
-        removed.append(run_dir / STOP_FILE)
     return removed
 
 
@@ -224,8 +250,13 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
             if changes:
                 raise RunDirError(f"--resume {run_dir}: the run was trained with other settings ({'; '.join(changes)}); "
                                   f"a resume may change only {', '.join(safe)}; start a new run in another run.dir")
+            begun = state.epoch + (state.partial is not None)
+            if cfg.train.epochs < begun:
+                raise RunDirError(f"--resume {run_dir}: train.epochs={cfg.train.epochs} is below the {begun} epoch(s) "
+                                  f"this run has begun; give train.epochs={begun} or more")
             for note in cut_back(run_dir, state.epoch, state.log_bytes):
                 log.info(f"{run_dir}: {note} (written after the checkpoint)")
+            keep_summary(run_dir, state.epoch, log)
         else:
             held = holds_run(run_dir)
             if held and not overwrite:

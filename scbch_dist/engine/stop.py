@@ -54,5 +54,11 @@ class StopRequest:
         """Collective: whether any rank was asked to stop."""
         return dist.any_rank(self.local())
 
+    def served(self) -> None:
+        """The run stopped with a checkpoint: the STOP file has done its work (a run resumed later
+        must not stop again at once)."""
+        if self.is_main:
+            self.file.unlink(missing_ok=True)
+
     def describe(self) -> str:
         return self.reason or "a stop request on another process"

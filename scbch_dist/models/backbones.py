@@ -14,6 +14,7 @@ from local paths, ``random`` initialises, and a missing file is an error that sa
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -77,14 +78,21 @@ class TimmImage(_ImageBackbone):
     def __init__(self, name: str, weights: str, kwargs: dict, grad_checkpointing: bool = False):
         import timm
 
+        if not timm.is_model(name):
+            raise WeightsError(f"model.image.name={name!r} is not a timm architecture (timm.list_models() lists them)")
         path = _weights_file(weights, "model.image.weights")
         kw = dict(kwargs)
         if path is not None:
             kw.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         try:
             net = timm.create_model(name, num_classes=0, **kw)
-        except RuntimeError as e:  # state-dict mismatch: the checkpoint is for another architecture
-            raise WeightsError(f"model.image.weights: {path} does not fit timm model {name!r} ({e})") from None
+        except TypeError as e:  # an argument the architecture does not take
+            raise WeightsError(f"model.image.kwargs={dict(kwargs)}: timm model {name!r} refuses them ({e})") from None
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if isinstance(e, RuntimeError) and "state_dict" in str(e):  # a checkpoint of another architecture
+                raise WeightsError(f"model.image.weights: {path} does not fit timm model {name!r} ({first})") from None
+            raise WeightsError(f"model.image.weights: {path} is not a readable checkpoint ({first})") from None
         super().__init__(net.pretrained_cfg.get("mean", (0.5,) * 3), net.pretrained_cfg.get("std", (0.5,) * 3))
         self.net, self.out_dim = net, net.num_features
         if grad_checkpointing:
