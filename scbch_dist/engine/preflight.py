@@ -10,6 +10,7 @@ shards (rank r takes shards r, r + W, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -36,10 +37,15 @@ def check_settings(cfg: Config, method: Method, count: int, device: torch.device
     if k >= count:
         raise ConfigError(f"{key}={k} must be below the training count ({count} samples: each sample's "
                           f"neighbours exclude itself)")
+    from scbch_dist.methods.base import search_params
+
     try:
-        backend = knn.resolve_backend(cfg.bank.knn, device)
-        rows = torch.eye(3, 4, device=device)
-        knn.knn(rows, rows, 1, self_index=torch.arange(3, device=device), backend=backend)
+        params = search_params(cfg)
+        backend = knn.resolve_backend(cfg.bank.knn, device, count, params)
+        # a tiny search: FAISS imported and its index type built now, not at the first refresh
+        rows = torch.nn.functional.normalize(torch.randn(512, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+        knn.knn(rows.to(device), rows.to(device), 1, self_index=torch.arange(512, device=device), backend=backend,
+                params=dataclasses.replace(params, nlist=0))
     except (RuntimeError, ImportError, ValueError) as e:
         raise ConfigError(f"bank.knn={cfg.bank.knn}: {str(e).splitlines()[0]}") from None
 

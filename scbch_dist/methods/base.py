@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from scbch_dist import dist
 from scbch_dist.config import Config
+from scbch_dist.knn import SearchParams, knn
 from scbch_dist.losses import Columns, wide
 from scbch_dist.models import NoHead, TowerSpec
 from scbch_dist.tables import IdTable
@@ -126,6 +127,21 @@ class Method:
     def describe(self, record: dict) -> str:
         """The method's part of the one-line epoch log, from the record its hooks filled."""
         return ""
+
+
+def search_params(cfg: Config) -> SearchParams:
+    """knn.SearchParams from bank.* (the index is seeded by train.seed)."""
+    b = cfg.bank
+    return SearchParams(nlist=b.nlist, nprobe=b.nprobe, ef_search=b.ef_search, train_rows=b.train_rows,
+                        exact_below=b.exact_below, seed=cfg.train.seed)
+
+
+def neighbours(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest bank rows of each id this rank searches (``bank.own_ids``), each id's own
+    row counting as similarity 0 (docs/objective.md); (sims, index), each (m, k). bank.knn chooses
+    the search."""
+    return knn(bank.rows[bank.own_ids], bank.rows, k, self_index=bank.own_ids, backend=cfg.bank.knn,
+               params=search_params(cfg))
 
 
 def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor) -> Columns | None:

@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 
 from scbch_dist import dist, plots
-from scbch_dist.knn import knn
 from scbch_dist.losses import (class_thresholds, confidence_bce, confidence_from_neighbors, crch_loss, ema_confidence,
                                ema_weight, quantization_loss)
-from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns
+from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns, neighbours
 from scbch_dist.metrics import roc_auc
 from scbch_dist.models import Classifiers
 from scbch_dist.tables import IdTable
@@ -70,8 +69,7 @@ class NACD(Method):
             t0 = time.perf_counter()
             bank = ctx.bank()
             with torch.no_grad():
-                sims, index = knn(bank.rows[bank.own_ids], bank.rows, s.k, self_index=bank.own_ids,
-                                  backend=self.cfg.bank.knn)
+                sims, index = neighbours(self.cfg, bank, s.k)
                 own = confidence_from_neighbors(sims / 2, index, self.confidence.values, self.train.labels,
                                                 own_index=bank.own_ids, mix=s.mix)
                 self.confidence.assign(dist.gather_by_id({"id": bank.own_ids, "c": own}, self.train.count)["c"])

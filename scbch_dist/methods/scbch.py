@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 
 from scbch_dist import dist, plots
-from scbch_dist.knn import knn
 from scbch_dist.losses import scbch_loss, weights_from_neighbors
-from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns
+from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns, neighbours
 from scbch_dist.metrics import roc_auc
 from scbch_dist.models import Classifiers
 from scbch_dist.tables import IdTable
@@ -52,8 +51,7 @@ class SCBCH(Method):
         t0 = time.perf_counter()
         bank = ctx.bank()
         with torch.no_grad():
-            sims, index = knn(bank.rows[bank.own_ids], bank.rows, self.cfg.cscc.k, self_index=bank.own_ids,
-                              backend=self.cfg.bank.knn)
+            sims, index = neighbours(self.cfg, bank, self.cfg.cscc.k)
             w = weights_from_neighbors(sims / 2, index, self.train.labels, own_index=bank.own_ids,
                                        gamma=self.cfg.cscc.gamma)
             self.weights.assign(dist.gather_by_id({"id": bank.own_ids, "w": w}, self.train.count)["w"])

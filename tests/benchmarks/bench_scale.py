@@ -1,12 +1,17 @@
 """Scale-out benchmarks. Prints tables; asserts nothing.
 
     python tests/benchmarks/bench_scale.py refresh [--sizes 10000 100000 1000000] [--bits 64 128]
+    python tests/benchmarks/bench_scale.py quality [--sizes 100000 1000000] [--bits 64] [--backends ...]
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
 refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N rows of [u, v]
   (2L dims), per backend. Brute force costs N^2; for banks where that takes minutes, a slice of
   the queries is timed and scaled to N (exact for brute force, which is linear in the queries).
+quality: each approximate backend over the whole bank (index build + search of every row, as a
+  refresh does), against the exact neighbours of 2000 sampled rows: recall@20, and the error of
+  the CSCC weights computed from the approximate neighbours (mean and max |w_approx - w_exact|).
+  The bank follows labels as a trained model's would: rows tanh(y P / 2 + noise), P random.
 eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries against databases
   of N codes, both directions.
 steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
@@ -26,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from scbch_dist import metrics
-from scbch_dist.knn import faiss_available, knn
+from scbch_dist.knn import SearchParams, faiss_available, knn, knn_exact
+from scbch_dist.losses import weights_from_neighbors
 
 
 def bench_refresh(sizes, bits_list, budget_pairs=2e9):
@@ -46,6 +52,45 @@ def bench_refresh(sizes, bits_list, budget_pairs=2e9):
                 knn(b[:q], b, 20, self_index=torch.arange(q, device=dev), backend=backend)
                 seconds = (time.perf_counter() - t) * n / q
                 print(f"| {n:>10} | {bits:>4} | {backend:<9} | {q:>13} | {seconds:>18.2f} |")
+
+
+def labelled_bank(n: int, bits: int, classes: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2 bits) unit rows that follow (n, classes) multi-hot labels, and the labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random((n, classes), dtype=np.float32) < 0.12
+    labels[np.arange(n), rng.integers(classes, size=n)] = True
+    proj = rng.standard_normal((classes, 2 * bits), dtype=np.float32)
+    z = np.tanh(labels.astype(np.float32) @ proj / 2 + rng.standard_normal((n, 2 * bits), dtype=np.float32))
+    return F.normalize(torch.from_numpy(z), dim=1), torch.from_numpy(labels.astype(np.uint8))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchParams()):
+    print(f"| {'bank rows':>10} | {'bits':>4} | {'backend':<11} | {'search (s)':>10} | {'memory (MB)':>11} | "
+          f"{'recall@20':>9} | {'mean |dw|':>9} | {'max |dw|':>8} |")
+    print(f"|{'-' * 12}|{'-' * 6}|{'-' * 13}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
+    for n in sizes:
+        for bits in bits_list:
+            z, labels = labelled_bank(n, bits)
+            rows = torch.from_numpy(np.sort(np.random.default_rng(1).choice(n, min(sample, n), replace=False)))
+            ref_s, ref_i = knn_exact(z[rows], z, k, self_index=rows)
+            w_ref = weights_from_neighbors(ref_s / 2, ref_i, labels, own_index=rows)
+            for backend in backends:
+                before = rss_bytes()
+                t = time.perf_counter()
+                sims, index = knn(z, z, k, self_index=torch.arange(n), backend=backend, params=params)
+                seconds = time.perf_counter() - t
+                grown = max(rss_bytes() - before, 0) / 2**20  # results and what the index left behind
+                s_rows, i_rows = sims[rows], index[rows]
+                recall = float((i_rows[:, :, None] == ref_i[:, None, :]).any(2).float().mean())
+                dw = (weights_from_neighbors(s_rows / 2, i_rows, labels, own_index=rows) - w_ref).abs()
+                print(f"| {n:>10} | {bits:>4} | {backend:<11} | {seconds:>10.1f} | {grown:>11.0f} | {recall:>9.4f} | "
+                      f"{float(dw.mean()):>9.5f} | {float(dw.max()):>8.4f} |", flush=True)
+                del sims, index
 
 
 def bench_eval(sizes, bits=64, queries=2000, classes=24):
@@ -114,7 +159,9 @@ def bench_steps(hidden, batch, steps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["refresh", "eval", "steps"])
+    p.add_argument("what", choices=["refresh", "quality", "eval", "steps"])
+    p.add_argument("--backends", nargs="+", default=["faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
+    p.add_argument("--nprobe", type=int, default=SearchParams.nprobe)
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--bits", type=int, nargs="+", default=[64, 128])
     p.add_argument("--hidden", type=int, default=1024)
@@ -123,6 +170,8 @@ def main():
     a = p.parse_args()
     if a.what == "refresh":
         bench_refresh(a.sizes or [10000, 100000, 1000000], a.bits)
+    elif a.what == "quality":
+        bench_quality(a.sizes or [100000, 1000000], a.bits, a.backends, params=SearchParams(nprobe=a.nprobe))
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
     else:
