@@ -39,10 +39,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from scbch_dist import cli
-from scbch_dist.config import ConfigError
+from scbch_dist.config import ConfigError, read_yaml_mapping
 from scbch_dist.engine.rundir import launch_state
 from scbch_dist.errors import Preempted
 
@@ -67,14 +66,7 @@ class Grid:
 
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "grid file")
     try:
         grid = Grid(**raw)
     except TypeError as e:

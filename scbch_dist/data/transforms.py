@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
