@@ -17,18 +17,18 @@ import time
 import numpy as np
 import torch
 
-from scbch_dist import dist
+from scbch_dist import dist, knn
 from scbch_dist.config import Config, ConfigError
 from scbch_dist.data.format import SPLITS, check_split
+from scbch_dist.data.verify import check_id_counts, verify_shards
 from scbch_dist.errors import ScbchError
 from scbch_dist.methods import Method
+from scbch_dist.methods.base import search_params
 
 
 def check_settings(cfg: Config, method: Method, count: int, device: torch.device) -> None:
     """The settings that depend on the data or the machine: the method's neighbour count below
     the training count, and its search backend loaded (a tiny search, so FAISS is imported now)."""
-    from scbch_dist import knn
-
     key = type(method).knn_key
     if key is None:
         return
@@ -37,8 +37,6 @@ def check_settings(cfg: Config, method: Method, count: int, device: torch.device
     if k >= count:
         raise ConfigError(f"{key}={k} must be below the training count ({count} samples: each sample's "
                           f"neighbours exclude itself)")
-    from scbch_dist.methods.base import search_params
-
     try:
         params = search_params(cfg)
         backend = knn.resolve_backend(cfg.bank.knn, device, count, params)
@@ -53,8 +51,6 @@ def check_settings(cfg: Config, method: Method, count: int, device: torch.device
 def check_data(root, meta, clean: np.ndarray, *, rank: int, world: int) -> dict:
     """Collective: every split read and checked, each rank its share of the shards. Raises the
     same error on every rank; returns {split: shards} counts for the log."""
-    from scbch_dist.data.verify import check_id_counts, verify_shards
-
     error: ScbchError | None = None
     counts = {}
     try:

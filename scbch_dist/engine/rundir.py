@@ -19,8 +19,10 @@ import socket
 import time
 from pathlib import Path
 
+from scbch_dist.config import save_config, to_dict
+from scbch_dist.engine.checkpoint import has_checkpoint, read_run_state
 from scbch_dist.errors import RunDirError
-from scbch_dist.io import remove_leftovers
+from scbch_dist.io import atomic_write_text, remove_leftovers
 
 LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
@@ -191,8 +193,6 @@ def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
         lines = metrics.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _record_epoch(line) <= epoch]
         if len(kept) != len(lines):
-            from scbch_dist.io import atomic_write_text
-
             atomic_write_text(metrics, "".join(kept))
             notes.append(f"metrics.jsonl: {len(lines) - len(kept)} record(s) after epoch {epoch} removed")
     logfile = run_dir / "log.txt"
@@ -238,9 +238,6 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
     changed settings and cut the outputs back to the checkpoint; for a fresh run, refuse a folder
     that holds another run unless ``overwrite``. Then tidy the folder and write config.yaml.
     Returns the held lock (release it when the run ends)."""
-    from scbch_dist.config import save_config, to_dict
-    from scbch_dist.engine.checkpoint import read_run_state
-
     lock = RunLock(run_dir, log)
     lock.acquire()
     try:
@@ -276,8 +273,6 @@ def launch_state(run_dir: str | Path) -> str:
     """What a launcher (sweep, SLURM requeue) does with ``run_dir``: "done" (summary.json: skip),
     "resume" (a checkpoint), "restart" (outputs of a run killed before its first checkpoint:
     start afresh with --overwrite) or "new"."""
-    from scbch_dist.engine.checkpoint import has_checkpoint
-
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").is_file():
         return "done"
