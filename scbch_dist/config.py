@@ -134,6 +134,7 @@ class BankConfig:
     ef_search: int = 128  # faiss-hnsw: candidates per query
     train_rows: int = 65536  # faiss-ivf(pq): rows of the bank (a seeded sample) the lists are trained on
     refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
+    shard: bool = False  # no gathered bank: each rank keeps its own ids' rows (docs/distributed.md, "Sharded search")
 
 
 @dataclass

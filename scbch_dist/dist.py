@@ -1,5 +1,6 @@
 """Every collective of the project lives here: rank helpers, gathers (with and without gradient),
-the gather of rows by sample id.
+the gather of rows by sample id, the ring exchange of the sharded search (docs/distributed.md,
+"Sharded search").
 
 All helpers work unchanged in a single process (no process group): they return the input.
 Gathers accept a different row count on every rank (the last batch of an epoch, the last part
@@ -86,6 +87,39 @@ def gather_rows(x: torch.Tensor, *, with_grad: bool = False, counts: list[int] |
         return _GatherWithGrad.apply(x, counts), offset
     with torch.no_grad():
         return _gather_padded(x, counts), offset
+
+
+def ring_shift(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One step around the ring: send each tensor to rank (r + 1) % W, receive rank (r - 1) % W's.
+
+    Args:
+        tensors: this rank's blocks, e.g. [(m_r, d), (m_r, k), (m_r, k)]; the row count (dim 0) may
+            differ between ranks, the list length, trailing dims and dtypes must not. All on one
+            device: CPU tensors on gloo, CUDA tensors on NCCL.
+    Returns:
+        rank (r - 1) % W's blocks, [(m_{r-1}, d), (m_{r-1}, k), (m_{r-1}, k)], new tensors on the same
+        device. In a single process (or W = 1) the input itself.
+    """
+    if not is_distributed() or world_size() == 1:
+        return list(tensors)
+    send_to, recv_from = (rank() + 1) % world_size(), (rank() - 1) % world_size()
+    # the row counts travel first (a few int64), so the receiver can allocate exactly
+    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=tensors[0].device)
+    incoming = torch.empty_like(counts)
+    _send_recv([counts], [incoming], send_to, recv_from)
+    received = [t.new_empty((n,) + tuple(t.shape[1:])) for t, n in zip(tensors, incoming.tolist())]
+    # empty blocks are skipped on both sides (each side knows the count): no zero-byte messages
+    _send_recv([t.contiguous() for t in tensors if t.numel()], [t for t in received if t.numel()], send_to, recv_from)
+    return received
+
+
+def _send_recv(send: list[torch.Tensor], recv: list[torch.Tensor], send_to: int, recv_from: int) -> None:
+    """Post every send and receive together and wait for all: with each rank sending to its right
+    neighbour while receiving from its left one, blocking calls in a fixed order could deadlock."""
+    ops = [dist.P2POp(dist.isend, t, send_to) for t in send] + [dist.P2POp(dist.irecv, t, recv_from) for t in recv]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,11 @@ def resolve_backend(name: str, device: torch.device, rows: int = 0, params: Sear
     return name
 
 
-def _put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Tensor, k: int):
+def put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """From a descending top-(k+1) search, the top k with each query's own entry counted as 0.
+    sims, index: (m, k + 1) (or (m, k) when the bank has only k rows); self_index: (m,) in the
+    same numbering as index. Returns (sims, index), each (m, k).
 
     Exact: a row absent from the k+1 results has a similarity <= the smallest returned one, so
     the true top k lies among the returned rows plus the self entry."""
@@ -189,7 +192,7 @@ def knn(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.
         sims, index = torch.from_numpy(s).to(queries), torch.from_numpy(i).to(queries.device)
     if self_index is None:
         return sims, index
-    return _put_self_back(sims, index, self_index.to(index.device), k)
+    return put_self_back(sims, index, self_index.to(index.device), k)
 
 
 _GPU_RESOURCES: dict = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scbch_dist.knn import _put_self_back, faiss_available, knn, knn_exact, resolve_backend
+from scbch_dist.knn import faiss_available, knn, knn_exact, put_self_back, resolve_backend
 
 BACKENDS = ["torch"] + (["faiss-cpu"] if faiss_available() else [])
 
@@ -33,9 +33,9 @@ def test_self_entry_counts_as_zero_among_negative_neighbours(backend):
 def test_put_self_back_cases():
     sims = torch.tensor([[0.9, 0.5, 0.2], [0.8, 0.1, -0.3]])
     index = torch.tensor([[3, 0, 5], [4, 6, 7]])  # row 0 found itself (id 0); row 1 did not (id 1)
-    s, i = _put_self_back(sims, index, torch.tensor([0, 1]), 2)
+    s, i = put_self_back(sims, index, torch.tensor([0, 1]), 2)
     assert i.tolist() == [[3, 5], [4, 6]] and s.flatten().tolist() == pytest.approx([0.9, 0.2, 0.8, 0.1])
-    s, i = _put_self_back(sims, index, torch.tensor([0, 1]), 3)
+    s, i = put_self_back(sims, index, torch.tensor([0, 1]), 3)
     assert i.tolist() == [[3, 5, 0], [4, 6, 1]] and s[1, 2] == 0.0
 
 

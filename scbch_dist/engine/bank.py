@@ -7,6 +7,11 @@ searches the neighbours of the ids it encoded.
 ``bank.refresh: memory``: the latest rows of every id from the training batches (an ``IdTable``
 recorded after every step and exchanged after every epoch); no encoding pass. Until every id has
 been recorded once (the first epoch), a pass is made instead. Rank r searches ids r, r + W, ...
+
+``bank.shard``: nothing is gathered; each rank's bank holds only the rows of the ids it searches
+(pass: the rows it encoded; memory: its ids' rows of the memory table, which itself stays whole on
+every rank), and the search visits every rank's shard in a ring (knn_sharded; docs/distributed.md,
+"Sharded search").
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from scbch_dist import dist
@@ -28,8 +34,8 @@ class BankSource:
     (engine.encode.encode_part); ``record`` keeps a batch's rows when the refresh is memory."""
 
     def __init__(self, refresh: str, count: int, bits: int, device: torch.device,
-                 encode_train: Callable[[], dict[str, torch.Tensor]], log: logging.Logger):
-        self.count, self.encode_train, self.log = count, encode_train, log
+                 encode_train: Callable[[], dict[str, torch.Tensor]], log: logging.Logger, *, shard: bool = False):
+        self.count, self.encode_train, self.log, self.shard = count, encode_train, log, shard
         self.memory = IdTable(count, (2 * bits,), device=device) if refresh == "memory" else None
 
     def record(self, ids: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
@@ -45,8 +51,20 @@ class BankSource:
                 # ids a rank skipped last epoch (uneven shards over ranks, drop_last) keep older rows
                 self.log.warning(f"CSCC memory refresh: {1 - self.memory.coverage:.1%} of the training rows "
                                  "are from earlier epochs")
-            return Bank(self.memory.values, own, "memory", time.perf_counter() - t0, self.memory.coverage)
+            rows = self.memory.values[own] if self.shard else self.memory.values
+            return Bank(rows, own, "memory", time.perf_counter() - t0, self.memory.coverage, sharded=self.shard)
         part = self.encode_train()
         z = cscc_bank_rows(part["h_img"], part["h_txt"])
+        if self.shard:
+            self._check_exactly_once(part["id"])
+            return Bank(z, part["id"], "pass", time.perf_counter() - t0, sharded=True)
         rows = dist.gather_by_id({"id": part["id"], "z": z}, self.count)["z"]
         return Bank(rows, part["id"], "pass", time.perf_counter() - t0)
+
+    def _check_exactly_once(self, ids: torch.Tensor) -> None:
+        """A collective: the pass gave every id to exactly one rank (what gather_by_id checks when
+        the bank is gathered), from per-id counts summed over ranks (N int64, no rows moved)."""
+        seen = dist.sum_host(np.bincount(ids.cpu().numpy(), minlength=self.count))
+        if seen.shape[0] != self.count or (seen != 1).any():
+            raise RuntimeError(f"a pass returned {int(seen.sum())} rows for {self.count} ids "
+                               f"({int((seen == 0).sum())} ids missing, {int((seen > 1).sum())} repeated)")

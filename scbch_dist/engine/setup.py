@@ -132,13 +132,14 @@ def build_network(cfg: Config, data: TrainingData, method: Method) -> HashingMod
 
 def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelerator, log: logging.Logger) -> BankSource:
     """The training-set bank refreshes search: a pass of ``model`` over the training split, or the
-    memory of the training batches (bank.refresh)."""
+    memory of the training batches (bank.refresh), gathered or sharded over the ranks (bank.shard)."""
     def encode_train() -> dict[str, torch.Tensor]:
         return encode_part(model, data.root, data.meta, "train", batch_size=cfg.eval.batch_size,
                            device=accelerator.device, workers=cfg.data.workers, autocast=accelerator.autocast,
                            transform=data.eval_transform)
 
-    return BankSource(cfg.bank.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log)
+    return BankSource(cfg.bank.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log,
+                      shard=cfg.bank.shard)
 
 
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -29,6 +29,7 @@ import torch.nn as nn
 from scbch_dist import dist
 from scbch_dist.config import Config
 from scbch_dist.knn import SearchParams, knn
+from scbch_dist.knn_sharded import knn_sharded
 from scbch_dist.losses import Columns, wide
 from scbch_dist.models import NoHead, TowerSpec
 from scbch_dist.tables import IdTable
@@ -60,13 +61,18 @@ class Step:
 @dataclass
 class Bank:
     """The [u, v] rows (losses.cscc_bank_rows) of every training id, the same on every rank, and the
-    ids whose neighbours this rank searches (every id is searched by exactly one rank)."""
+    ids whose neighbours this rank searches (every id is searched by exactly one rank).
 
-    rows: torch.Tensor  # (N, 2L) float32
+    Sharded (``bank.shard``): ``rows`` is this rank's shard only, the rows of ``own_ids`` in that
+    order; the shards of all ranks together are the bank (docs/distributed.md, "Sharded search").
+    Neighbour indices are global ids either way."""
+
+    rows: torch.Tensor  # (N, 2L) float32; sharded: (m, 2L), row j is id own_ids[j]
     own_ids: torch.Tensor  # (m,) int64
     source: str  # "pass" (a fresh encoding in eval mode) | "memory" (rows from the training batches)
     seconds: float  # to build it
     coverage: float | None = None  # memory: the fraction of rows from the last epoch
+    sharded: bool = False  # rows is this rank's shard (bank.shard)
 
 
 @dataclass
@@ -138,8 +144,11 @@ def search_params(cfg: Config) -> SearchParams:
 
 def neighbours(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest bank rows of each id this rank searches (``bank.own_ids``), each id's own
-    row counting as similarity 0 (docs/objective.md); (sims, index), each (m, k). bank.knn chooses
-    the search."""
+    row counting as similarity 0 (docs/objective.md); (sims, index), each (m, k), index holding ids.
+    bank.knn chooses the search; a sharded bank is searched across the ranks (a collective)."""
+    if bank.sharded:
+        return knn_sharded(bank.rows, bank.rows, bank.own_ids, k, self_index=bank.own_ids, backend=cfg.bank.knn,
+                           params=search_params(cfg))
     return knn(bank.rows[bank.own_ids], bank.rows, k, self_index=bank.own_ids, backend=cfg.bank.knn,
                params=search_params(cfg))
 
