@@ -99,30 +99,33 @@ def main(argv: list[str] | None = None) -> dict:
 def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float) -> dict:
     t_data = time.perf_counter()
     data = setup.build_data(cfg, accelerator, log)
-    method = method_class(cfg, data.train)
-    preflight(cfg, data, method, accelerator, log)
-    t_data = time.perf_counter() - t_data
-    model = setup.build_network(cfg, data, method)
-    model, optimizer = setup.prepare(accelerator, model, setup.make_optimizer(model, cfg, accelerator.device), cfg)
-    portable_model_files(accelerator)
-    bank = setup.build_bank(cfg, data, model, accelerator, log)
-    run = Run(cfg, accelerator, data, model, optimizer, method, bank, run_dir, log,
-              MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process), stop)
+    # the training stream's loader workers (data.workers > 0) serve every epoch; stopped when the
+    # run ends, however it ends, so none outlives it (or holds up the interpreter's exit)
+    with data.stream:
+        method = method_class(cfg, data.train)
+        preflight(cfg, data, method, accelerator, log)
+        t_data = time.perf_counter() - t_data
+        model = setup.build_network(cfg, data, method)
+        model, optimizer = setup.prepare(accelerator, model, setup.make_optimizer(model, cfg, accelerator.device), cfg)
+        portable_model_files(accelerator)
+        bank = setup.build_bank(cfg, data, model, accelerator, log)
+        run = Run(cfg, accelerator, data, model, optimizer, method, bank, run_dir, log,
+                  MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process), stop)
 
-    state, resumed = RunState(), None
-    if args.resume:
-        state, tables, rank_state = load_checkpoint(accelerator, run_dir)
-        restore_tables(run, tables)
-        if rank_state is not None:
-            resumed = EpochProgress.resumed(state.partial, rank_state, run_tables(run), accelerator.device)
-        log.info(f"resumed {run_dir} after epoch {state.epoch}"
-                 + (f" and step {state.partial['step']} of epoch {state.epoch + 1}" if state.partial else ""))
-    setup.log_model(run)
-    if accelerator.log_with:
-        accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
+        state, resumed = RunState(), None
+        if args.resume:
+            state, tables, rank_state = load_checkpoint(accelerator, run_dir)
+            restore_tables(run, tables)
+            if rank_state is not None:
+                resumed = EpochProgress.resumed(state.partial, rank_state, run_tables(run), accelerator.device)
+            log.info(f"resumed {run_dir} after epoch {state.epoch}"
+                     + (f" and step {state.partial['step']} of epoch {state.epoch + 1}" if state.partial else ""))
+        setup.log_model(run)
+        if accelerator.log_with:
+            accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
 
-    state = fit(run, state, to_dict(cfg), resumed)
-    return write_summary(run, state, time.perf_counter() - t_start, t_data)
+        state = fit(run, state, to_dict(cfg), resumed)
+        return write_summary(run, state, time.perf_counter() - t_start, t_data)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 
 from conftest import random_dataset, rewrite_shard, tiny_synthetic_config
 from scbch_dist.data.format import ShardError, read_meta, write_dataset
+from scbch_dist.data import pipeline
 from scbch_dist.data.pipeline import TrainStream, load_split, pass_batches
 from scbch_dist.data.synthetic import CLASSES, ensure_synthetic, generate_arrays
 
@@ -89,6 +94,134 @@ def test_drop_last_and_multi_rank_quota(tiny_dataset):
         assert sum(sizes) == 134
         steps.append(len(sizes))
     assert len(set(steps)) == 1
+
+
+def with_pid(block, rng):
+    """A worker-side transform that records which process made each sample."""
+    return {**block, "pid": np.full(len(block["id"]), os.getpid())}
+
+
+def read_epoch(stream, epoch):
+    """The epoch's batches (every field) and the pids of the processes that read them."""
+    batches = list(stream.epoch(epoch))
+    return [{k: v for k, v in b.items() if k != "pid"} for b in batches], {int(p) for b in batches for p in b["pid"]}
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, left unreaped by a container's init, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("rank, world", [(0, 1), (0, 3), (1, 3), (2, 3)])
+def test_persistent_workers_read_each_epoch_as_fresh_workers_would(tiny_dataset, monkeypatch, rank, world):
+    """Workers started once serve epochs 0, 1, 2 and their extra passes with exactly the batches
+    that workers started anew for every pass read (the loader before workers persisted); an
+    (epoch, pass) that did not reach the workers would repeat the first one."""
+    meta = read_meta(tiny_dataset)
+    kw = dict(root=tiny_dataset, meta=meta, batch_size=32, seed=5, rank=rank, world=world, workers=2,
+              buffer=100, transform=with_pid)
+    with TrainStream(**kw) as stream:
+        persistent = [read_epoch(stream, e) for e in range(3)]
+    plain = pipeline._loader
+    monkeypatch.setattr(pipeline, "_loader", lambda dataset, workers, persistent=False: plain(dataset, workers))
+    with TrainStream(**kw) as restarting:
+        fresh = [read_epoch(restarting, e) for e in range(3)]
+    assert not restarting.loader.persistent_workers and stream.loader.persistent_workers
+    for e, ((batches, pids), (expected, fresh_pids)) in enumerate(zip(persistent, fresh)):
+        assert len(batches) == len(expected) == stream.steps_per_epoch
+        for got, want in zip(batches, expected):
+            assert got.keys() == want.keys()
+            assert all(np.array_equal(got[k], want[k]) for k in want), f"epoch {e}"
+        assert os.getpid() not in pids
+        assert pids <= persistent[0][1]  # the workers that read epoch 0, still the same processes
+        assert not pids & fresh_pids  # workers started per pass are other processes, new every epoch
+        assert e == 0 or not fresh_pids & fresh[0][1]
+    assert persistent[1][0][0]["id"].tolist() != persistent[0][0][0]["id"].tolist()  # epochs differ
+    if world == 1:
+        assert all(len(p) == 2 for _, p in persistent)  # 5 shards: both workers read in every epoch
+    if (rank, world) == (2, 3):
+        # 5 shards over 3 ranks: rank 2 gets one shard per pass (at most 96 samples, of a quota of
+        # 134); with seed 5 the second pass of every epoch reads another one (shard k holds ids 96k...)
+        for batches, _ in persistent:
+            assert len(np.unique(np.concatenate([b["id"] for b in batches]) // 96)) >= 2
+
+
+def test_persistent_workers_stop_when_the_stream_closes(tiny_dataset):
+    meta = read_meta(tiny_dataset)
+    stream = TrainStream(root=tiny_dataset, meta=meta, batch_size=64, seed=0, workers=2, transform=with_pid)
+    _, pids = read_epoch(stream, 0)
+    first = next(iter(stream.epoch(1)))  # an epoch left unfinished
+    assert len(pids) == 2 and all(alive(p) for p in pids) and int(first["pid"][0]) in pids
+    stream.close()
+    assert not any(alive(p) for p in pids)
+    _, again = read_epoch(stream, 1)  # a closed stream starts new workers when read again
+    assert len(again) == 2 and not again & pids
+    stream.close()
+    assert not any(alive(p) for p in again)
+
+
+def test_an_interpreter_with_persistent_workers_exits_without_close(tiny_dataset):
+    """A stream that is never closed, its epoch left unfinished, does not hold up the exit, and
+    its workers go with the interpreter."""
+    script = f"""
+import os
+import numpy as np
+from scbch_dist.data.format import read_meta
+from scbch_dist.data.pipeline import TrainStream
+
+def with_pid(block, rng):
+    return {{**block, "pid": np.full(len(block["id"]), os.getpid())}}
+
+stream = TrainStream(root={str(tiny_dataset)!r}, meta=read_meta({str(tiny_dataset)!r}), batch_size=64, seed=0,
+                     workers=2, transform=with_pid)
+pids = {{int(p) for b in stream.epoch(0) for p in b["pid"]}}
+unfinished = stream.epoch(1)
+next(unfinished)
+print(" ".join(map(str, sorted(pids))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+
+
+def test_another_epoch_started_meanwhile_makes_an_unfinished_one_raise(tiny_dataset):
+    """One loader serves every epoch of a stream: resuming an epoch after another one began would
+    take the other epoch's batches."""
+    with TrainStream(root=tiny_dataset, meta=read_meta(tiny_dataset), batch_size=64, seed=0, workers=2) as stream:
+        first = stream.epoch(0)
+        next(first)
+        assert len(list(stream.epoch(1))) == stream.steps_per_epoch
+        with pytest.raises(RuntimeError, match="another epoch was started before this one finished"):
+            next(first)
+
+
+def test_a_worker_error_in_a_later_epoch_names_file_sample_and_field(bad):
+    """The shard goes bad between two epochs: the persistent workers, which read epoch 0 from the
+    good shard, report the bad sample as ShardError, and the stream still closes."""
+    meta = read_meta(bad)
+    stream = TrainStream(root=bad, meta=meta, batch_size=8, seed=0, workers=2, transform=with_pid)
+    _, pids = read_epoch(stream, 0)
+
+    def edit(name, data):
+        if name == "000000016.txt.npy":
+            a = np.load(io.BytesIO(data))
+            a[3, 1] = np.nan
+            return _npy(a)
+        return data
+    rewrite_shard(bad / "train-000001.tar", edit)
+    with pytest.raises(ShardError, match=r"train-000001\.tar: sample 000000019: field 'txt\.npy' has non-finite values"):
+        list(stream.epoch(1))
+    assert all(alive(p) for p in pids)  # the error did not end (or restart) the workers
+    stream.close()
+    assert not any(alive(p) for p in pids)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

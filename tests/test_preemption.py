@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 SETTINGS = ("train.epochs=4", "eval.every=2", "cscc.warmup_epochs=1", "run.tensorboard=false")
 CASES = {"scbch-memory": ("bank.refresh=memory",),  # the memory bank: rows written by every step
-         "nacd": ("method.name=nacd", "data.noise=redundant:1.0", "nacd.warmup_epochs=1")}  # per-batch EMA table
+         "nacd": ("method.name=nacd", "data.noise=redundant:1.0", "nacd.warmup_epochs=1"),  # per-batch EMA table
+         # loader workers that persist over epochs: the resumed run's start at epoch 2, mid-epoch
+         "scbch-workers": ("data.workers=2",)}
 
 
 def stop_after_step(monkeypatch, n: int, how: str, run_dir: Path) -> None:
@@ -56,7 +58,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert r["loss"] == pytest.approx(f["loss"], abs=1e-9)
 
 
-@pytest.mark.parametrize("case, how", [("scbch-memory", "SIGTERM"), ("nacd", "STOP")])
+@pytest.mark.parametrize("case, how", [("scbch-memory", "SIGTERM"), ("nacd", "STOP"), ("scbch-workers", "STOP")])
 def test_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_dataset, tmp_path, monkeypatch, case, how):
     full, part = tmp_path / "full", tmp_path / "part"
     summary = main(tiny_args(tiny_dataset, full, *SETTINGS, *CASES[case]))

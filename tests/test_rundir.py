@@ -257,16 +257,19 @@ def test_a_dataset_folder_is_on_disk_before_its_name_appears(tmp_path, monkeypat
     assert {f"{tmp_name}/train-000000.tar", f"{tmp_name}/meta.json", tmp_name} <= set(before)
 
 
-def test_the_data_loader_leaves_the_training_rng_alone(tiny_dataset):
-    """A resume inside an epoch restores the RNG after the last step; the loader must not draw from it."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_data_loader_leaves_the_training_rng_alone(tiny_dataset, workers):
+    """A resume inside an epoch restores the RNG after the last step; the loader must not draw from
+    it, neither when its workers start nor when they begin another epoch."""
     from scbch_dist.data.format import read_meta
     from scbch_dist.data.pipeline import TrainStream
 
-    stream = TrainStream(root=tiny_dataset, meta=read_meta(tiny_dataset), batch_size=64, seed=0)
-    torch.manual_seed(7)
-    before = torch.get_rng_state()
-    assert sum(1 for _ in stream.epoch(0)) == stream.steps_per_epoch
-    assert torch.equal(torch.get_rng_state(), before)
+    with TrainStream(root=tiny_dataset, meta=read_meta(tiny_dataset), batch_size=64, seed=0, workers=workers) as stream:
+        torch.manual_seed(7)
+        before = torch.get_rng_state()
+        for epoch in range(2):
+            assert sum(1 for _ in stream.epoch(epoch)) == stream.steps_per_epoch
+            assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_a_table_checkpointed_inside_an_epoch_gives_back_each_ranks_view():

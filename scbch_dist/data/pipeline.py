@@ -13,6 +13,12 @@ Training stream, per epoch, for rank r of W with K loader workers:
 With one process this is exactly one uniformly shuffled pass over the split when the buffer
 holds the whole split (the default for benchmark-sized data), as in the published code.
 
+The stream keeps one DataLoader whose K workers persist from the first epoch to ``close()``:
+the workers hold copies of the dataset made when they started, so the (epoch, pass) of each
+iteration reaches them through shared memory that the main process writes before it starts the
+iteration (TrainShuffle.set_epoch). The order of the batches is the same as with fresh workers
+per pass: a function of (seed, epoch, pass, rank, world, K).
+
 The pass stream reads every id of a split exactly once over all ranks and workers, in shard
 order, and yields blocks with their ids; consumers write rows into tables by id.
 """
@@ -20,6 +26,7 @@ order, and yields blocks with their ids; consumers write rows into tables by id.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -91,19 +98,33 @@ class TrainShuffle(IterableDataset):
         self.urls, self.meta, self.seed = urls, meta, seed
         self.rank, self.world, self.buffer, self.chunk = rank, world, max(buffer, 1), chunk
         self.transform = transform
-        self.epoch = 0
-        self.pass_index = 0
+        # (epoch, pass) of the next iteration, in shared memory: persistent loader workers hold
+        # the copy of this object made when they started, so a plain attribute set later in the
+        # main process would never reach them. Created here, before any worker starts, so forked
+        # workers inherit the mapping (and spawned ones receive it when the dataset is pickled).
+        self._position = multiprocessing.RawArray("q", 2)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def pass_index(self) -> int:
+        return int(self._position[1])
 
     def set_epoch(self, epoch: int, pass_index: int = 0) -> None:
-        # Workers are started per iterator (not persistent), so they see these attributes.
-        self.epoch, self.pass_index = epoch, pass_index
+        """The (epoch, pass) that the next ``__iter__`` reads, in this process and in every worker.
+        Set it before starting the iteration (``iter(loader)``), never during one: each worker reads
+        it once, when its iteration begins."""
+        self._position[0], self._position[1] = epoch, pass_index
 
     def __iter__(self) -> Iterator[Block]:
-        order = np.random.default_rng([self.seed, self.epoch, self.pass_index]).permutation(len(self.urls))
+        epoch, pass_index = self.epoch, self.pass_index  # read once: fixed for this whole iteration
+        order = np.random.default_rng([self.seed, epoch, pass_index]).permutation(len(self.urls))
         urls = _assigned([self.urls[i] for i in order], self.rank, self.world)
         worker, _ = _worker_info()
-        rng = np.random.default_rng([self.seed, self.epoch, self.pass_index, self.rank, worker, 1])
-        augment_rng = np.random.default_rng([self.seed, self.epoch, self.pass_index, self.rank, worker, 2])
+        rng = np.random.default_rng([self.seed, epoch, pass_index, self.rank, worker, 1])
+        augment_rng = np.random.default_rng([self.seed, epoch, pass_index, self.rank, worker, 2])
         window: list[Block] = []
         held = 0
         for block in itertools.chain(read_blocks(urls, self.meta, "train"), [None]):
@@ -126,19 +147,36 @@ def _keep_numpy(block: Block) -> Block:
     return block
 
 
-def _loader(dataset: IterableDataset, workers: int) -> DataLoader:
+def _loader(dataset: IterableDataset, workers: int, *, persistent: bool = False) -> DataLoader:
+    """A DataLoader of ``dataset``'s blocks in ``workers`` processes (0: in this process);
+    ``persistent``: the workers outlive each iteration and serve the next one (``_close``)."""
     # Blocks travel from workers as pickled numpy arrays: for a few large arrays per message
     # that is several times faster than torch's per-tensor shared-memory handles.
     # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG at
     # every iterator otherwise, which would move the training RNG (dropout) by one draw per epoch
     # and pass, and a run resumed inside an epoch could not continue it exactly.
     return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_numpy,
-                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
+                      persistent_workers=persistent and workers > 0)
+
+
+def _close(loader: DataLoader) -> None:
+    """Stops a persistent loader's workers and waits for them; iterating it again starts new ones."""
+    # DataLoader has no public close: its persistent iterator (``_iterator``, created by the first
+    # iter()) owns the workers, and ``_shutdown_workers`` is what its own __del__ calls. Calling it
+    # here does not wait for garbage collection, which a suspended generator can delay.
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is not None:
+        iterator._shutdown_workers()
 
 
 @dataclass
 class TrainStream:
-    """The training batches of one rank. ``epoch(e)`` yields exactly ``steps_per_epoch`` batches."""
+    """The training batches of one rank. ``epoch(e)`` yields exactly ``steps_per_epoch`` batches.
+
+    With ``workers`` > 0 the loader workers start at the first epoch and serve every later epoch
+    and pass until ``close()`` (or the end of a ``with`` block); one epoch is read at a time, and
+    starting another epoch makes an unfinished one raise if it is resumed."""
 
     root: Path
     meta: DatasetMeta
@@ -164,14 +202,43 @@ class TrainStream:
         self.steps_per_epoch = steps
         self.dataset = TrainShuffle(self.urls, self.meta, seed=self.seed, rank=self.rank, world=self.world,
                                     buffer=self.buffer, chunk=self.batch_size, transform=self.transform)
+        self.loader = _loader(self.dataset, self.workers, persistent=True)
+        self._generation = 0  # counts epoch() iterations begun; the latest one owns the loader
+
+    def close(self) -> None:
+        """Stops the loader workers (nothing to do without workers). A later epoch starts new ones."""
+        _close(self.loader)
+
+    def __enter__(self) -> "TrainStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pass(self, epoch: int, pass_index: int, generation: int) -> Iterator[Block]:
+        """The chunks of one pass, as the workers send them (in worker round-robin order)."""
+        self.dataset.set_epoch(epoch, pass_index)  # before iter(): the workers read it as they restart
+        chunks = iter(self.loader)
+        while True:
+            # one loader serves every epoch: if another epoch began since, the chunks now arriving
+            # are that epoch's, and taking them here would corrupt both
+            if self._generation != generation:
+                raise RuntimeError("TrainStream: another epoch was started before this one finished; "
+                                   "read one epoch at a time")
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            yield chunk
 
     def epoch(self, epoch: int) -> Iterator[Block]:
+        self._generation += 1
+        generation = self._generation
         want = self.steps_per_epoch * self.batch_size if self.drop_last else self.quota
         taken, pending, held, pass_index = 0, [], 0, 0
         while taken < want:
-            self.dataset.set_epoch(epoch, pass_index)
             got_any = False
-            for chunk in _loader(self.dataset, self.workers):
+            for chunk in self._pass(epoch, pass_index, generation):
                 got_any = True
                 chunk = {f: np.asarray(v) for f, v in chunk.items()}
                 if not pending and len(chunk["id"]) == self.batch_size and taken + self.batch_size <= want:
