@@ -127,10 +127,11 @@ class BankConfig:
     """The [u, v] bank of the training set that refreshes search: SCBCH's weights, NACD's
     reconstruction (docs/distributed.md, "The refresh")."""
 
-    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu | faiss-ivf | faiss-ivfpq | faiss-hnsw (scbch_dist.knn)
-    exact_below: int = 200_000  # auto: an exact search below this many training rows, faiss-ivf above
-    nlist: int = 0  # faiss-ivf(pq): inverted lists; 0 picks about 4 sqrt(N)
-    nprobe: int = 32  # faiss-ivf(pq): lists scanned per query
+    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu | torch-ivf | faiss-ivf | faiss-ivfpq | faiss-hnsw (scbch_dist.knn)
+    exact_below: int = 200_000  # auto: an exact search below this many training rows, torch-ivf above
+    float16_above: int = 200_000  # the bank's rows are float16 from this many training rows on (half the memory)
+    nlist: int = 0  # IVF lists; 0 picks about sqrt(N) (torch-ivf) or 4 sqrt(N) (faiss-ivf(pq))
+    nprobe: int = 32  # IVF lists scanned: per list of queries (torch-ivf) or per query (faiss-ivf(pq))
     ef_search: int = 128  # faiss-hnsw: candidates per query
     train_rows: int = 65536  # faiss-ivf(pq): rows of the bank (a seeded sample) the lists are trained on
     refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
@@ -353,6 +354,7 @@ def validate(cfg: Config) -> None:
                 "bank.nprobe": (cfg.bank.nprobe, 1), "bank.ef_search": (cfg.bank.ef_search, 1),
                 "bank.train_rows": (cfg.bank.train_rows, 1), "bank.nlist": (cfg.bank.nlist, 0),
                 "bank.exact_below": (cfg.bank.exact_below, 0),
+                "bank.float16_above": (cfg.bank.float16_above, 0),
                 "eval.batch_size": (cfg.eval.batch_size, 1), "data.shuffle_buffer": (cfg.data.shuffle_buffer, 1),
                 "data.workers": (cfg.data.workers, 0), "model.image.image_size": (cfg.model.image.image_size, 1),
                 "model.text.max_length": (cfg.model.text.max_length, 1),

@@ -28,27 +28,33 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "faiss-cpu", "faiss-gpu", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
-APPROXIMATE = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
+BACKENDS = ("auto", "torch", "faiss-cpu", "faiss-gpu", "torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
+APPROXIMATE = ("torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
+FAISS_APPROXIMATE = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
+HALF = (torch.float16, torch.bfloat16)
+CHUNK_ROWS = 65536  # rows of a float16 bank converted to float32 at a time for FAISS
 
 
 @dataclass(frozen=True)
 class SearchParams:
     """Settings of the approximate backends and of ``auto`` (config: bank.*)."""
 
-    nlist: int = 0  # IVF lists; 0: about 4 sqrt(N), a power of two, with >= 39 rows per list to train on
+    nlist: int = 0  # IVF lists; 0: a power of two near sqrt(N) (torch-ivf) or 4 sqrt(N) (FAISS), >= 39 rows a list
     nprobe: int = 32  # IVF lists scanned per query
     ef_search: int = 128  # HNSW candidates per query (at least k + 1)
     hnsw_m: int = 32  # HNSW links per node
     train_rows: int = 65536  # rows (a seeded sample of the bank) the IVF lists are trained on
-    exact_below: int = 200_000  # auto: an exact backend below this many bank rows, faiss-ivf above
+    exact_below: int = 200_000  # auto: an exact backend below this many bank rows, torch-ivf above
     seed: int = 0
 
 
-def auto_nlist(n: int) -> int:
-    """About 4 sqrt(n) lists (FAISS's guidance), as a power of two, keeping >= 39 rows per list."""
-    nlist = 1 << max(int(round(np.log2(4 * np.sqrt(max(n, 1))))), 0)
+def auto_nlist(n: int, per_sqrt: float = 4.0) -> int:
+    """About ``per_sqrt`` sqrt(n) lists as a power of two, keeping >= 39 rows per list. FAISS's
+    guidance is 4 sqrt(n) for its per-query scans; torch-ivf's list-by-list matrix products want
+    fewer, larger lists (sqrt(n)), where the same recall costs less (docs/benchmarks.md)."""
+    nlist = 1 << max(int(round(np.log2(per_sqrt * np.sqrt(max(n, 1))))), 0)
     while nlist > 1 and n < 39 * nlist:
         nlist //= 2
     return nlist
@@ -59,7 +65,7 @@ def knn_exact(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: 
     """The ``k`` largest inner products of each query row against ``base`` (torch reference).
 
     Args:
-        queries: (m, d). base: (N, d), same dtype and device.
+        queries: (m, d). base: (N, d), same device, same dtype or float16 (then the sims are float32).
         self_index: (m,) optional row of ``base`` that is each query itself; that entry's
             similarity is set to 0 (not removed), as the SCBCH weights define it.
         chunk: query rows per matmul, bounding memory at chunk x N.
@@ -68,9 +74,15 @@ def knn_exact(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: 
     """
     if k > base.shape[0]:
         raise ValueError(f"k={k} neighbours requested from a bank of {base.shape[0]} rows")
+    chunk = max(1, min(chunk, EXACT_SCORES // max(base.shape[0], 1)))
     sims, index = [], []
     for start in range(0, queries.shape[0], chunk):
-        s = queries[start:start + chunk] @ base.T
+        q = queries[start:start + chunk]
+        if base.dtype not in HALF:
+            s = q @ base.T
+        else:  # a float16 bank, multiplied in float32 pieces (float16 matmul on a CPU is slow and coarse)
+            q = q.float()
+            s = torch.cat([q @ base[b:b + CHUNK_ROWS].float().T for b in range(0, base.shape[0], CHUNK_ROWS)], 1)
         if self_index is not None:
             rows = torch.arange(s.shape[0], device=s.device)
             s[rows, self_index[start:start + chunk]] = 0.0
@@ -78,6 +90,102 @@ def knn_exact(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: 
         sims.append(v)
         index.append(i)
     return torch.cat(sims), torch.cat(index)
+
+
+SCORE_BLOCK = 1 << 24  # similarity entries (64 MB of float32) per matrix product of knn_ivf
+EXACT_SCORES = 1 << 28  # knn_exact: query rows per chunk shrink so a chunk's scores stay within 1 GB
+
+
+def assign_lists(rows: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """(n,) int64: the centroid (of (nlist, d) float32) with the largest inner product for each of the
+    rows (n, d), any float dtype; computed in float32 chunks of ``chunk`` rows."""
+    out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    for start in range(0, rows.shape[0], chunk):
+        out[start:start + chunk] = (rows[start:start + chunk].float() @ centroids.T).argmax(1)
+    return out
+
+
+def kmeans_ip(rows: torch.Tensor, nlist: int, *, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means by inner product (rows and centroids on the unit sphere): (nlist, d)
+    float32 unit centroids of ``rows`` (n >= nlist, d). Seeded: the same rows and seed give the
+    same centroids on every rank. A list left empty is re-seeded with a random row."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(rows.shape[0], generator=g)[:nlist].to(rows.device)
+    centroids = F.normalize(rows[pick].float(), dim=1)
+    for _ in range(iters):
+        lists = assign_lists(rows, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, lists, rows.float())
+        empty = torch.bincount(lists, minlength=nlist) == 0
+        if empty.any():
+            fill = torch.randint(rows.shape[0], (int(empty.sum()),), generator=g).to(rows.device)
+            sums[empty] = rows[fill].float()
+        centroids = F.normalize(sums, dim=1)
+    return centroids
+
+
+def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.Tensor | None = None,
+            params: SearchParams = SearchParams()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate ``k`` largest inner products by an inverted file searched in blocks (``torch-ivf``).
+
+    The bank's rows are split into ``nlist`` k-means lists (trained on a seeded sample of
+    ``train_rows`` rows). The queries of one list are searched together, by one matrix product,
+    against the rows of the ``nprobe`` lists nearest to that list's centroid (itself first). On a
+    CPU this turns FAISS's per-query list scans into BLAS matrix products, about 5x more candidate
+    pairs per second (docs/benchmarks.md); on a GPU it is IVF without FAISS. ``base`` may be
+    float16: blocks are cast to float32 one at a time, so the bank is never held in float32.
+
+    Args and returns as knn_exact. Queries whose probed lists hold fewer than k + 1 rows are
+    searched exactly.
+    """
+    n = base.shape[0]
+    nlist = min(params.nlist or auto_nlist(n, per_sqrt=1.0), n)
+    train = min(n, max(params.train_rows, 39 * nlist))
+    sample = torch.from_numpy(np.sort(np.random.default_rng(params.seed).choice(n, train, replace=False)))
+    centroids = kmeans_ip(base[sample.to(base.device)], nlist, seed=params.seed)
+    base_lists = assign_lists(base, centroids)
+    query_lists = base_lists[self_index] if self_index is not None else assign_lists(queries, centroids)
+    members, starts = _grouped(base_lists, nlist)
+    askers, q_starts = _grouped(query_lists, nlist)
+    probe = torch.topk(centroids @ centroids.T, min(params.nprobe, nlist), dim=1).indices.cpu()
+    kk = min(k + 1, n) if self_index is not None else k
+    sims = torch.full((queries.shape[0], kk), -float("inf"), device=queries.device)
+    index = torch.full((queries.shape[0], kk), -1, dtype=torch.long, device=queries.device)
+    sizes = starts[1:] - starts[:-1]
+    # buffers reused by every block: fresh multi-megabyte tensors per list cost more in page faults
+    # than the matrix products themselves on a 2-core CPU
+    most = int(sizes[probe].sum(1).max())
+    gathered = torch.empty(most, base.shape[1], dtype=base.dtype, device=base.device)
+    rows = gathered if base.dtype == torch.float32 else torch.empty(most, base.shape[1], device=base.device)
+    block = max(1, SCORE_BLOCK // most)
+    starts, q_starts = starts.tolist(), q_starts.tolist()
+    for g in range(nlist):
+        if q_starts[g] == q_starts[g + 1]:
+            continue
+        cand = torch.cat([members[starts[j]:starts[j + 1]] for j in probe[g].tolist()])
+        if cand.numel() < kk:
+            continue  # left at -1: searched exactly below
+        c = cand.numel()
+        torch.index_select(base, 0, cand, out=gathered[:c])
+        if rows is not gathered:
+            rows[:c].copy_(gathered[:c])
+        for a in range(q_starts[g], q_starts[g + 1], block):
+            q = askers[a:min(a + block, q_starts[g + 1])]
+            v, i = torch.topk(queries[q].float() @ rows[:c].T, kk, dim=1)
+            sims[q], index[q] = v, cand[i]
+    short = (index < 0).any(1)
+    if short.any():
+        sims[short], index[short] = knn_exact(queries[short].float(), base.float(), kk)
+    if self_index is None:
+        return sims, index
+    return put_self_back(sims, index, self_index.to(index.device), k)
+
+
+def _grouped(lists: torch.Tensor, nlist: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions sorted by list, and (nlist + 1,) offsets: list j holds order[starts[j]:starts[j + 1]]."""
+    order = torch.argsort(lists, stable=True)
+    starts = torch.zeros(nlist + 1, dtype=torch.long)
+    starts[1:] = torch.cumsum(torch.bincount(lists, minlength=nlist).cpu(), 0)
+    return order, starts
 
 
 def _faiss():
@@ -102,8 +210,8 @@ def resolve_backend(name: str, device: torch.device, rows: int = 0, params: Sear
     if name not in BACKENDS:
         raise ValueError(f"bank.knn must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        if rows >= params.exact_below and faiss_available():
-            return "faiss-ivf"
+        if rows >= params.exact_below:
+            return "torch-ivf"
         if device.type == "cuda":
             return "faiss-gpu" if faiss_available(gpu=True) else "torch"
         return "faiss-cpu" if faiss_available() else "torch"
@@ -132,64 +240,89 @@ def put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Ten
     return top[:, :k], torch.gather(index, 1, pos[:, :k])
 
 
-def approximate_index(backend: str, base: np.ndarray, params: SearchParams):
-    """A FAISS index of ``backend`` over ``base`` (N, d) float32, trained and filled."""
+def float32_chunks(rows: torch.Tensor, chunk: int | None = None):
+    """Contiguous float32 numpy copies of ``rows`` (n, d), ``chunk`` (default CHUNK_ROWS) rows at a
+    time (FAISS takes float32 only; a float16 bank is converted piece by piece, never whole)."""
+    chunk = chunk or CHUNK_ROWS
+    for start in range(0, rows.shape[0], chunk):
+        yield np.ascontiguousarray(rows[start:start + chunk].detach().cpu().float().numpy())
+
+
+def approximate_index(backend: str, base: torch.Tensor, params: SearchParams):
+    """A FAISS index of ``backend`` over ``base`` (N, d), trained and filled. A float16 bank is
+    stored as float16 in the index (scalar quantiser fp16: exact for float16 rows), so the index
+    takes half the memory of a float32 one. faiss-ivf moves to the bank's GPU when FAISS-GPU is
+    installed."""
     faiss = _faiss()
     n, d = base.shape
+    half = base.dtype in HALF
     if backend == "faiss-hnsw":
-        index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.add(base)
-        return index
-    nlist = params.nlist or auto_nlist(n)
-    quantizer = faiss.IndexFlatIP(d)
-    if backend == "faiss-ivfpq":
-        if d % 4:
-            raise ValueError(f"bank.knn=faiss-ivfpq needs a row width divisible by 4, got {d}")
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
+        index = (faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                 if half else faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT))
     else:
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = params.seed
-    sample = np.random.default_rng(params.seed).choice(n, min(n, max(params.train_rows, 39 * nlist)), replace=False)
-    index.train(base[np.sort(sample)])
-    index.add(base)
-    index.nprobe = min(params.nprobe, nlist)
+        nlist = params.nlist or auto_nlist(n)
+        quantizer = faiss.IndexFlatIP(d)
+        if backend == "faiss-ivfpq":
+            if d % 4:
+                raise ValueError(f"bank.knn=faiss-ivfpq needs a row width divisible by 4, got {d}")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
+        elif half:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT, False)  # rows, not residuals: exact
+        else:
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = params.seed
+        if backend == "faiss-ivf" and base.device.type == "cuda" and faiss_available(gpu=True):
+            index = faiss.index_cpu_to_gpu(_gpu_resources(base.device), base.device.index or 0, index)
+        sample = np.random.default_rng(params.seed).choice(n, min(n, max(params.train_rows, 39 * nlist)), replace=False)
+        index.train(next(float32_chunks(base[torch.from_numpy(np.sort(sample)).to(base.device)], n)))
+        index.nprobe = min(params.nprobe, nlist)
+    for rows in float32_chunks(base):
+        index.add(rows)
     return index
 
 
 def knn(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.Tensor | None = None,
         backend: str = "auto", params: SearchParams = SearchParams()) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest rows of ``base`` by inner product, for each query; see knn_exact.
-    Approximate backends may miss true neighbours (recall below 1), never the self rule."""
+    Approximate backends may miss true neighbours (recall below 1), never the self rule.
+
+    ``queries`` and ``base`` may be float16 (a compressed bank, docs/distributed.md): torch-ivf,
+    faiss-ivf, faiss-hnsw and faiss-gpu keep it so; the other exact backends compute in float32
+    pieces (torch) or hold a float32 copy inside the index (faiss-cpu). Similarities come back
+    as float32."""
     backend = resolve_backend(backend, queries.device, base.shape[0], params)
     if backend == "torch":
         return knn_exact(queries, base, k, self_index=self_index)
+    if backend == "torch-ivf":
+        return knn_ivf(queries, base, k, self_index=self_index, params=params)
     faiss = _faiss()
     kk = min(k + 1, base.shape[0]) if self_index is not None else k
-    if backend in APPROXIMATE:
-        base_np = np.ascontiguousarray(base.detach().cpu().float().numpy())
-        q = np.ascontiguousarray(queries.detach().cpu().float().numpy())
-        ann = approximate_index(backend, base_np, params)
-        if backend == "faiss-hnsw":
-            ann.hnsw.efSearch = max(params.ef_search, kk)
-        s, i = ann.search(q, kk)
-        short = (i < 0).any(1)  # fewer than kk rows in the scanned lists: those queries searched exactly
-        if short.any():
-            flat = faiss.IndexFlatIP(q.shape[1])
-            flat.add(base_np)
-            s[short], i[short] = flat.search(q[short], kk)
-        sims, index = torch.from_numpy(s).to(queries), torch.from_numpy(i).to(queries.device)
-    elif backend == "faiss-gpu":
+    if backend == "faiss-gpu":
         import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
 
         res = _gpu_resources(queries.device)
-        sims, index = faiss.knn_gpu(res, queries.float().contiguous(), base.float().contiguous(), kk,
+        dtype = torch.float16 if base.dtype == torch.float16 else torch.float32  # knn_gpu reads float16 natively
+        sims, index = faiss.knn_gpu(res, queries.to(dtype).contiguous(), base.to(dtype).contiguous(), kk,
                                     metric=faiss.METRIC_INNER_PRODUCT, device=queries.device.index or 0)
-        sims, index = sims.to(queries.dtype), index.long()
+        sims, index = sims.float(), index.long()
     else:
-        flat = faiss.IndexFlatIP(base.shape[1])
-        flat.add(np.ascontiguousarray(base.detach().cpu().float().numpy()))
-        s, i = flat.search(np.ascontiguousarray(queries.detach().cpu().float().numpy()), kk)
-        sims, index = torch.from_numpy(s).to(queries), torch.from_numpy(i).to(queries.device)
+        if backend in FAISS_APPROXIMATE:
+            index_ = approximate_index(backend, base, params)
+            if backend == "faiss-hnsw":
+                index_.hnsw.efSearch = max(params.ef_search, kk)
+        else:
+            index_ = faiss.IndexFlatIP(base.shape[1])
+            for rows in float32_chunks(base):
+                index_.add(rows)
+        found = [index_.search(q, kk) for q in float32_chunks(queries)]
+        s = np.concatenate([f[0] for f in found]) if found else np.zeros((0, kk), np.float32)
+        i = np.concatenate([f[1] for f in found]) if found else np.zeros((0, kk), np.int64)
+        short = (i < 0).any(1)  # fewer than kk rows in the scanned lists: those queries searched exactly
+        if short.any():
+            s[short], i[short] = (t.numpy() for t in knn_exact(queries[torch.from_numpy(short).to(queries.device)].cpu(),
+                                                               base.cpu(), kk))
+        sims, index = torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(queries.device)
     if self_index is None:
         return sims, index
     return put_self_back(sims, index, self_index.to(index.device), k)

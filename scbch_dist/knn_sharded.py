@@ -63,7 +63,7 @@ def knn_sharded(queries: torch.Tensor, shard: torch.Tensor, shard_ids: torch.Ten
     # the self entry needs one row more, as in knn.knn; every slot of the result is a real row
     width = min(k + 1, total) if self_index is not None else k
     m = queries.shape[0]
-    top_s = torch.full((m, width), -float("inf"), dtype=queries.dtype, device=queries.device)
+    top_s = torch.full((m, width), -float("inf"), dtype=torch.float32, device=queries.device)  # as knn.knn returns
     top_i = torch.full((m, width), PAD_ID, dtype=torch.int64, device=queries.device)
     block = queries
     for hop in range(dist.world_size()):

@@ -139,6 +139,19 @@ def test_two_ranks_equal_the_unsharded_search(two_ranks, name, backend):
 
 
 @pytest.mark.slow
+def test_a_float16_bank_is_exchanged_and_searched_across_ranks(two_ranks):
+    """A compressed bank: the gather returns the float16 rows, and the sharded search of float16
+    rows equals the float32 search of the same values (float32 similarities)."""
+    z = script.bank(157)
+    for rank, ids in enumerate(script.cases()["uneven"]["ids"]):
+        gathered = two_ranks[rank]["gather_float16"]
+        assert gathered.dtype == torch.float16 and torch.equal(gathered, z.half())
+        s, i = two_ranks[rank]["float16"]
+        assert s.dtype == torch.float32
+        assert_identical((s, i), knn(z[ids], z, 10, self_index=ids, backend="torch"))
+
+
+@pytest.mark.slow
 def test_ring_shift_moves_uneven_and_empty_blocks(two_ranks):
     for rank in (0, 1):
         sent_left, _ = two_ranks[1 - rank]["ring"]
@@ -179,3 +192,35 @@ def test_two_process_training_with_a_sharded_bank_equals_the_gathered_one(tiny_d
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(tables_a[k], tables_b[k]) for k in tables_a)
     assert sum_a["final"]["avg_map"] == sum_b["final"]["avg_map"]
+
+
+@pytest.mark.parametrize("refresh", ["pass", "memory"])
+def test_a_float16_bank_source_holds_float16_rows_and_finds_their_neighbours(refresh):
+    """bank.float16_above: the bank (pass or memory, gathered or sharded) is the float32 rows rounded
+    to float16, half the bytes, and its neighbours are the exact neighbours of those values."""
+    import logging
+
+    from scbch_dist.config import load_config
+    from scbch_dist.engine.bank import BankSource
+    from scbch_dist.methods.base import neighbours
+
+    cfg = load_config(None, ["bank.knn=torch"])
+    g = torch.Generator().manual_seed(5)
+    part = {"id": torch.arange(60), "h_img": torch.randn(60, 8, generator=g), "h_txt": torch.randn(60, 8, generator=g)}
+    log = logging.getLogger("test")
+    banks = {}
+    for dtype in (torch.float32, torch.float16):
+        for shard in (False, True):
+            source = BankSource(refresh, 60, 8, torch.device("cpu"), lambda: part, log, shard=shard, dtype=dtype)
+            if refresh == "memory":
+                source.record(part["id"], part)
+                source.memory.sync()
+            banks[dtype, shard] = source.build()
+    for shard in (False, True):
+        full, half = banks[torch.float32, shard], banks[torch.float16, shard]
+        assert half.rows.dtype == torch.float16 and torch.equal(half.rows, full.rows.half())
+        assert half.rows.nbytes * 2 == full.rows.nbytes
+        s, i = neighbours(cfg, half, 6)
+        ref_s, ref_i = knn(half.rows[half.own_ids].double(), half.rows.double(), 6, self_index=half.own_ids,
+                           backend="torch")
+        assert s.dtype == torch.float32 and torch.equal(i, ref_i) and torch.allclose(s.double(), ref_s, atol=1e-6)

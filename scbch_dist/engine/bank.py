@@ -1,5 +1,6 @@
 """The [u, v] bank of the whole training set, which refreshes search (docs/distributed.md, "The
-refresh").
+refresh"). Its rows are float32, or float16 from ``bank.float16_above`` training rows on (built,
+exchanged and searched in float16: docs/distributed.md, "A compressed bank").
 
 ``bank.refresh: pass`` (the paper): each rank encodes a disjoint part of the training set with the
 model in eval mode, the rows are gathered by id into one bank on every rank, and each rank
@@ -34,9 +35,10 @@ class BankSource:
     (engine.encode.encode_part); ``record`` keeps a batch's rows when the refresh is memory."""
 
     def __init__(self, refresh: str, count: int, bits: int, device: torch.device,
-                 encode_train: Callable[[], dict[str, torch.Tensor]], log: logging.Logger, *, shard: bool = False):
-        self.count, self.encode_train, self.log, self.shard = count, encode_train, log, shard
-        self.memory = IdTable(count, (2 * bits,), device=device) if refresh == "memory" else None
+                 encode_train: Callable[[], dict[str, torch.Tensor]], log: logging.Logger, *, shard: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.count, self.encode_train, self.log, self.shard, self.dtype = count, encode_train, log, shard, dtype
+        self.memory = IdTable(count, (2 * bits,), dtype=dtype, device=device) if refresh == "memory" else None
 
     def record(self, ids: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
         if self.memory is not None:
@@ -54,7 +56,7 @@ class BankSource:
             rows = self.memory.values[own] if self.shard else self.memory.values
             return Bank(rows, own, "memory", time.perf_counter() - t0, self.memory.coverage, sharded=self.shard)
         part = self.encode_train()
-        z = cscc_bank_rows(part["h_img"], part["h_txt"])
+        z = cscc_bank_rows(part["h_img"], part["h_txt"]).to(self.dtype)
         if self.shard:
             self._check_exactly_once(part["id"])
             return Bank(z, part["id"], "pass", time.perf_counter() - t0, sharded=True)

@@ -138,8 +138,9 @@ def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelera
                            device=accelerator.device, workers=cfg.data.workers, autocast=accelerator.autocast,
                            transform=data.eval_transform)
 
+    dtype = torch.float16 if data.train.count >= cfg.bank.float16_above else torch.float32
     return BankSource(cfg.bank.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log,
-                      shard=cfg.bank.shard)
+                      shard=cfg.bank.shard, dtype=dtype)
 
 
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

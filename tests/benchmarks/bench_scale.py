@@ -2,6 +2,7 @@
 
     python tests/benchmarks/bench_scale.py refresh [--sizes 10000 100000 1000000] [--bits 64 128]
     python tests/benchmarks/bench_scale.py quality [--sizes 100000 1000000] [--bits 64] [--backends ...]
+                                                   [--bank trained-like|labelled] [--float16] [--nprobe 32]
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
@@ -9,9 +10,14 @@ refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N ro
   (2L dims), per backend. Brute force costs N^2; for banks where that takes minutes, a slice of
   the queries is timed and scaled to N (exact for brute force, which is linear in the queries).
 quality: each approximate backend over the whole bank (index build + search of every row, as a
-  refresh does), against the exact neighbours of 2000 sampled rows: recall@20, and the error of
-  the CSCC weights computed from the approximate neighbours (mean and max |w_approx - w_exact|).
-  The bank follows labels as a trained model's would: rows tanh(y P / 2 + noise), P random.
+  refresh does), against the exact neighbours of 2000 sampled rows: recall@20, the error of the
+  CSCC weights and of NACD's reconstructed confidences computed from the approximate neighbours
+  (mean and max |approx - exact|), and the refresh's peak memory above the bank itself (the
+  process's high-water mark, reset before the search).
+  Banks: ``trained-like`` (default), the embedded dataset's label model (topics, co-occurrence) with
+  [u, v] halves tanh(y P + noise / 2), calibrated so that IVF finds its neighbours no more easily
+  than in the bank of the trained default model (docs/benchmarks.md); ``labelled``: independent
+  labels and rows tanh(y P / 2 + noise), a harder bank than any trained model's.
 eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries against databases
   of N codes, both directions.
 steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
@@ -31,8 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from scbch_dist import metrics
+from scbch_dist.config import SyntheticConfig
+from scbch_dist.data.synthetic import generate_arrays
 from scbch_dist.knn import SearchParams, faiss_available, knn, knn_exact
-from scbch_dist.losses import weights_from_neighbors
+from scbch_dist.losses import confidence_from_neighbors, weights_from_neighbors
 
 
 def bench_refresh(sizes, bits_list, budget_pairs=2e9):
@@ -64,32 +72,71 @@ def labelled_bank(n: int, bits: int, classes: int = 24, seed: int = 0) -> tuple[
     return F.normalize(torch.from_numpy(z), dim=1), torch.from_numpy(labels.astype(np.uint8))
 
 
-def rss_bytes() -> int:
+def trained_like_bank(n: int, bits: int, noise: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 2 bits) rows [u, v] (each half unit, as losses.cscc_bank_rows) and (n, 24) labels: the
+    embedded dataset's labels, each half tanh(y P + noise * e) normalised, P random per half."""
+    labels = generate_arrays(SyntheticConfig(seed=seed, n_query=0, n_train=n, n_extra_database=0,
+                                             img_dim=4, txt_dim=48))["lab"]
+    rng = np.random.default_rng(seed)
+    y = labels.astype(np.float32)
+    halves = []
+    for _ in range(2):
+        proj = rng.standard_normal((y.shape[1], bits), dtype=np.float32)
+        h = np.tanh(y @ proj + noise * rng.standard_normal((n, bits), dtype=np.float32))
+        halves.append(F.normalize(torch.from_numpy(h), dim=1))
+    return torch.cat(halves, 1), torch.from_numpy(labels)
+
+
+BANKS = {"trained-like": trained_like_bank, "labelled": labelled_bank}
+
+
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchParams()):
-    print(f"| {'bank rows':>10} | {'bits':>4} | {'backend':<11} | {'search (s)':>10} | {'memory (MB)':>11} | "
-          f"{'recall@20':>9} | {'mean |dw|':>9} | {'max |dw|':>8} |")
-    print(f"|{'-' * 12}|{'-' * 6}|{'-' * 13}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
+def reset_peak_memory() -> int:
+    """Resets the process's resident high-water mark (Linux); returns the resident bytes now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchParams(), bank="trained-like",
+                  float16=False):
+    print(f"{bank} bank, {'float16' if float16 else 'float32'} rows, nprobe {params.nprobe}")
+    print(f"| {'bank rows':>10} | {'bits':>4} | {'backend':<11} | {'search (s)':>10} | {'bank (MB)':>9} | "
+          f"{'peak above bank (MB)':>20} | {'recall@20':>9} | {'mean |dw|':>9} | {'max |dw|':>8} | "
+          f"{'mean |dc|':>9} | {'max |dc|':>8} |")
+    print(f"|{'-' * 12}|{'-' * 6}|{'-' * 13}|{'-' * 12}|{'-' * 11}|{'-' * 22}|{'-' * 11}|{'-' * 11}|{'-' * 10}|"
+          f"{'-' * 11}|{'-' * 10}|")
     for n in sizes:
         for bits in bits_list:
-            z, labels = labelled_bank(n, bits)
+            z, labels = BANKS[bank](n, bits)
+            if float16:
+                z = z.half()
             rows = torch.from_numpy(np.sort(np.random.default_rng(1).choice(n, min(sample, n), replace=False)))
             ref_s, ref_i = knn_exact(z[rows], z, k, self_index=rows)
+            # NACD's reconstruction reads the neighbours' confidences: a fixed random table on the labels
+            confidence = labels.float() * torch.rand(labels.shape, generator=torch.Generator().manual_seed(0))
             w_ref = weights_from_neighbors(ref_s / 2, ref_i, labels, own_index=rows)
+            c_ref = confidence_from_neighbors(ref_s / 2, ref_i, confidence, labels, own_index=rows)
+            candidates = labels[rows] > 0
             for backend in backends:
-                before = rss_bytes()
+                base = reset_peak_memory()
                 t = time.perf_counter()
-                sims, index = knn(z, z, k, self_index=torch.arange(n), backend=backend, params=params)
+                own = torch.arange(n)
+                sims, index = knn(z[own], z, k, self_index=own, backend=backend, params=params)  # as a refresh
                 seconds = time.perf_counter() - t
-                grown = max(rss_bytes() - before, 0) / 2**20  # results and what the index left behind
+                peak = (_status_bytes("VmHWM") - base) / 2**20
                 s_rows, i_rows = sims[rows], index[rows]
                 recall = float((i_rows[:, :, None] == ref_i[:, None, :]).any(2).float().mean())
                 dw = (weights_from_neighbors(s_rows / 2, i_rows, labels, own_index=rows) - w_ref).abs()
-                print(f"| {n:>10} | {bits:>4} | {backend:<11} | {seconds:>10.1f} | {grown:>11.0f} | {recall:>9.4f} | "
-                      f"{float(dw.mean()):>9.5f} | {float(dw.max()):>8.4f} |", flush=True)
+                dc = (confidence_from_neighbors(s_rows / 2, i_rows, confidence, labels, own_index=rows)
+                      - c_ref).abs()[candidates]
+                print(f"| {n:>10} | {bits:>4} | {backend:<11} | {seconds:>10.1f} | {z.nbytes / 2**20:>9.0f} | "
+                      f"{peak:>20.0f} | {recall:>9.4f} | {float(dw.mean()):>9.5f} | {float(dw.max()):>8.4f} | "
+                      f"{float(dc.mean()):>9.5f} | {float(dc.max()):>8.4f} |", flush=True)
                 del sims, index
 
 
@@ -160,7 +207,10 @@ def bench_steps(hidden, batch, steps):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["refresh", "quality", "eval", "steps"])
-    p.add_argument("--backends", nargs="+", default=["faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
+    p.add_argument("--backends", nargs="+", default=["torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
+    p.add_argument("--bank", choices=sorted(BANKS), default="trained-like")
+    p.add_argument("--float16", action="store_true", help="the bank's rows in float16 (bank.float16_above)")
+    p.add_argument("--nlist", type=int, default=SearchParams.nlist)
     p.add_argument("--nprobe", type=int, default=SearchParams.nprobe)
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--bits", type=int, nargs="+", default=[64, 128])
@@ -171,7 +221,8 @@ def main():
     if a.what == "refresh":
         bench_refresh(a.sizes or [10000, 100000, 1000000], a.bits)
     elif a.what == "quality":
-        bench_quality(a.sizes or [100000, 1000000], a.bits, a.backends, params=SearchParams(nprobe=a.nprobe))
+        bench_quality(a.sizes or [100000, 1000000], a.bits, a.backends, bank=a.bank, float16=a.float16,
+                      params=SearchParams(nprobe=a.nprobe, nlist=a.nlist))
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
     else:
