@@ -210,14 +210,8 @@ def test_a_worker_error_in_a_later_epoch_names_file_sample_and_field(bad):
     stream = TrainStream(root=bad, meta=meta, batch_size=8, seed=0, workers=2, transform=with_pid)
     _, pids = read_epoch(stream, 0)
 
-    def edit(name, data):
-        if name == "000000016.txt.npy":
-            a = np.load(io.BytesIO(data))
-            a[3, 1] = np.nan
-            return _npy(a)
-        return data
-    rewrite_shard(bad / "train-000001.tar", edit)
-    with pytest.raises(ShardError, match=r"train-000001\.tar: sample 000000019: field 'txt\.npy' has non-finite values"):
+    put_nan_in_sample_19(bad)
+    with pytest.raises(ShardError, match=NAN_IN_SAMPLE_19):
         list(stream.epoch(1))
     assert all(alive(p) for p in pids)  # the error did not end (or restart) the workers
     stream.close()
@@ -304,15 +298,23 @@ def test_wrong_label_width(bad):
         read_all(bad)
 
 
-def test_non_finite_features_name_the_sample(bad):
+NAN_IN_SAMPLE_19 = r"train-000001\.tar: sample 000000019: field 'txt\.npy' has non-finite values"
+
+
+def put_nan_in_sample_19(root):
+    """A NaN in the text features of sample 19 (row 3 of the block stored as 000000016)."""
     def edit(name, data):
         if name == "000000016.txt.npy":
             a = np.load(io.BytesIO(data))
             a[3, 1] = np.nan
             return _npy(a)
         return data
-    rewrite_shard(bad / "train-000001.tar", edit)
-    with pytest.raises(ShardError, match=r"train-000001\.tar: sample 000000019: field 'txt\.npy' has non-finite values"):
+    rewrite_shard(root / "train-000001.tar", edit)
+
+
+def test_non_finite_features_name_the_sample(bad):
+    put_nan_in_sample_19(bad)
+    with pytest.raises(ShardError, match=NAN_IN_SAMPLE_19):
         read_all(bad)
 
 

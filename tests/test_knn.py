@@ -131,3 +131,21 @@ def test_a_float16_bank_is_searched_as_its_float16_values(backend):
         knn_module.CHUNK_ROWS = old
     assert s.dtype == torch.float32
     assert torch.equal(i, ref_i) and torch.allclose(s.double(), ref_s, atol=1e-6)
+
+
+def test_exact_search_bounds_its_score_block_by_the_bank_size(monkeypatch):
+    """knn_exact takes fewer query rows per matrix product as the bank grows (EXACT_SCORES entries of
+    scores at most: 1 GB at the default), with the same result."""
+    from scbch_dist import knn as knn_module
+
+    g = torch.Generator().manual_seed(6)
+    z = torch.nn.functional.normalize(torch.randn(400, 8, generator=g), dim=1)
+    own = torch.arange(0, 400, 3)
+    ref = knn_exact(z[own], z, 5, self_index=own)
+    calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(knn_module.torch, "topk", lambda s, *a, **kw: calls.append(s.shape) or real_topk(s, *a, **kw))
+    monkeypatch.setattr(knn_module, "EXACT_SCORES", 400 * 10)
+    got = knn_exact(z[own], z, 5, self_index=own)
+    assert max(shape[0] for shape in calls) == 10 and len(calls) == 14
+    assert torch.allclose(got[0], ref[0], atol=1e-6, rtol=0) and torch.equal(got[1], ref[1])  # BLAS: last bit
