@@ -149,3 +149,17 @@ def test_exact_search_bounds_its_score_block_by_the_bank_size(monkeypatch):
     got = knn_exact(z[own], z, 5, self_index=own)
     assert max(shape[0] for shape in calls) == 10 and len(calls) == 14
     assert torch.allclose(got[0], ref[0], atol=1e-6, rtol=0) and torch.equal(got[1], ref[1])  # BLAS: last bit
+
+
+def test_probe_lists_follow_the_votes_of_a_lists_queries():
+    """Each list scans itself first, then the lists its queries name most often among their nearest;
+    equal votes go to the nearer centroid."""
+    from scbch_dist.knn import probe_lists
+
+    centroids = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]]), dim=1)
+    query_top = torch.tensor([[0, 3], [0, 3], [0, 1], [2, 3], [1, 0]])  # list 0's queries: 3 twice, 1 once
+    probe = probe_lists(query_top, centroids, 3)
+    assert probe[0].tolist() == [0, 3, 1]
+    assert probe[1].tolist() == [1, 0, 2]  # one vote for 0; then 2 by centroid similarity
+    assert probe[2].tolist() == [2, 3, 1]  # one vote for 3; 1 nearer than 0
+    assert probe[3].tolist() == [3, 2, 1]  # no queries: nearest centroids
