@@ -128,7 +128,7 @@ class BankConfig:
     reconstruction (docs/distributed.md, "The refresh")."""
 
     knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu | torch-ivf | faiss-ivf | faiss-ivfpq | faiss-hnsw (scbch_dist.knn)
-    exact_below: int = 200_000  # auto: an exact search below this many training rows, torch-ivf above
+    exact_below: int = 200_000  # auto: an exact search below this many training rows, faiss-ivf (torch-ivf without FAISS) above
     float16_above: int = 200_000  # the bank's rows are float16 from this many training rows on (half the memory)
     nlist: int = 0  # IVF lists; 0 picks about sqrt(N) (torch-ivf) or 4 sqrt(N) (faiss-ivf(pq))
     nprobe: int = 32  # IVF lists scanned: per list of queries (torch-ivf) or per query (faiss-ivf(pq))

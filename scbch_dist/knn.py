@@ -7,15 +7,22 @@ Backends, chosen by ``bank.knn``. Exact, all returning the same neighbours up to
 - ``faiss-cpu``: exact ``IndexFlatIP`` on the CPU;
 - ``torch``: exact matmul + topk in row chunks on the bank's device: the reference, and the
   dependable path on a GPU without FAISS.
-Approximate (FAISS on the CPU), for banks where an exact search costs N^2 (SearchParams):
-- ``faiss-ivf``: an inverted file of ``nlist`` k-means lists trained on a seeded sample of the
-  bank; each query scans its ``nprobe`` nearest lists exactly;
+Approximate, for banks where an exact search costs N^2 (SearchParams; docs/benchmarks.md, "The
+refresh at a million rows"):
+- ``torch-ivf``: ``nlist`` k-means lists trained on a seeded sample of the bank; the queries of a
+  list are scored together by one matrix product against the rows of the ``nprobe`` lists they
+  vote for (knn_ivf). On the bank's device: CPU or GPU, no FAISS needed;
+- ``faiss-ivf``: FAISS's inverted file; each query scans its own ``nprobe`` nearest lists (on the
+  GPU when the bank is on CUDA and FAISS-GPU is installed);
 - ``faiss-ivfpq``: the same lists holding product-quantised rows (dims / 4 bytes a row instead of
   4 dims: 16x less memory, lower recall);
 - ``faiss-hnsw``: a navigable small-world graph (no training; ``ef_search`` candidates per query).
 ``auto`` takes faiss-gpu on a CUDA device when it is installed, else torch there; on the CPU
 faiss-cpu when installed (1.4-2.2x faster than torch for 10k-100k banks on 2 cores,
-tests/benchmarks/bench_scale.py), else torch; above ``exact_below`` rows it takes faiss-ivf.
+tests/benchmarks/bench_scale.py), else torch; from ``exact_below`` rows on it takes faiss-ivf (on
+the GPU with FAISS-GPU), or torch-ivf where FAISS (FAISS-GPU on CUDA) is missing.
+Every backend takes a float16 bank (docs/distributed.md, "A compressed bank") and returns float32
+similarities.
 
 The SCBCH similarity sets each sample's similarity to itself to 0 rather than removing it; every
 backend reproduces that exactly (a search for k + 1, then the self entry put back at 0).
@@ -46,7 +53,7 @@ class SearchParams:
     ef_search: int = 128  # HNSW candidates per query (at least k + 1)
     hnsw_m: int = 32  # HNSW links per node
     train_rows: int = 65536  # rows (a seeded sample of the bank) the IVF lists are trained on
-    exact_below: int = 200_000  # auto: an exact backend below this many bank rows, torch-ivf above
+    exact_below: int = 200_000  # auto: an exact backend below this many bank rows, IVF above
     seed: int = 0
 
 
@@ -199,7 +206,7 @@ def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: to
             sims[q], index[q] = v, cand[i]
     short = (index < 0).any(1)
     if short.any():
-        sims[short], index[short] = knn_exact(queries[short].float(), base.float(), kk)
+        sims[short], index[short] = knn_exact(queries[short], base, kk)
     if self_index is None:
         return sims, index
     return put_self_back(sims, index, self_index.to(index.device), k)
@@ -235,8 +242,10 @@ def resolve_backend(name: str, device: torch.device, rows: int = 0, params: Sear
     if name not in BACKENDS:
         raise ValueError(f"bank.knn must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        if rows >= params.exact_below:
-            return "torch-ivf"
+        if rows >= params.exact_below:  # FAISS's per-query probing finds more at equal time (docs/benchmarks.md)
+            if device.type == "cuda":
+                return "faiss-ivf" if faiss_available(gpu=True) else "torch-ivf"
+            return "faiss-ivf" if faiss_available() else "torch-ivf"
         if device.type == "cuda":
             return "faiss-gpu" if faiss_available(gpu=True) else "torch"
         return "faiss-cpu" if faiss_available() else "torch"
@@ -253,7 +262,13 @@ def put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Ten
     same numbering as index. Returns (sims, index), each (m, k).
 
     Exact: a row absent from the k+1 results has a similarity <= the smallest returned one, so
-    the true top k lies among the returned rows plus the self entry."""
+    the true top k lies among the returned rows plus the self entry. Done CHUNK_ROWS queries at a
+    time: its temporaries are a few times the result's size, which at a million rows is
+    hundreds of MB."""
+    if sims.shape[0] > CHUNK_ROWS:
+        parts = [put_self_back(sims[a:a + CHUNK_ROWS], index[a:a + CHUNK_ROWS], self_index[a:a + CHUNK_ROWS], k)
+                 for a in range(0, sims.shape[0], CHUNK_ROWS)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     is_self = index == self_index[:, None]
     sims = torch.where(is_self, torch.zeros_like(sims), sims)
     missing = ~is_self.any(1)
@@ -340,9 +355,13 @@ def knn(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.
             index_ = faiss.IndexFlatIP(base.shape[1])
             for rows in float32_chunks(base):
                 index_.add(rows)
-        found = [index_.search(q, kk) for q in float32_chunks(queries)]
-        s = np.concatenate([f[0] for f in found]) if found else np.zeros((0, kk), np.float32)
-        i = np.concatenate([f[1] for f in found]) if found else np.zeros((0, kk), np.int64)
+        # results written in place, and the index let go before the self entry is put back: at a
+        # million rows each of these is hundreds of MB at the refresh's peak
+        s = np.empty((queries.shape[0], kk), np.float32)
+        i = np.empty((queries.shape[0], kk), np.int64)
+        for start, q in zip(range(0, queries.shape[0], CHUNK_ROWS), float32_chunks(queries, CHUNK_ROWS)):
+            s[start:start + q.shape[0]], i[start:start + q.shape[0]] = index_.search(q, kk)
+        del index_
         short = (i < 0).any(1)  # fewer than kk rows in the scanned lists: those queries searched exactly
         if short.any():
             s[short], i[short] = (t.numpy() for t in knn_exact(queries[torch.from_numpy(short).to(queries.device)].cpu(),

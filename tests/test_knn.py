@@ -99,14 +99,19 @@ def test_ivf_recall_with_few_lists_scanned(backend):
     assert 0.3 < (i[:, :, None] == ref_i[:, None, :]).any(2).float().mean() < 0.8  # one list: nprobe is honoured
 
 
-def test_auto_takes_torch_ivf_above_the_threshold():
+def test_auto_takes_ivf_above_the_threshold(monkeypatch):
     from scbch_dist.knn import SearchParams, auto_nlist
 
     assert auto_nlist(1_000_000) == 4096 and auto_nlist(1_000_000, per_sqrt=1) == 1024
     assert auto_nlist(200) == 4 and auto_nlist(10) == 1
     params = SearchParams(exact_below=5000)
-    assert resolve_backend("auto", torch.device("cpu"), 5000, params) == "torch-ivf"
+    assert resolve_backend("auto", torch.device("cpu"), 5000, params) == ("faiss-ivf" if faiss_available() else "torch-ivf")
     assert resolve_backend("auto", torch.device("cpu"), 4999, params) == ("faiss-cpu" if faiss_available() else "torch")
+    from scbch_dist import knn as knn_module
+
+    monkeypatch.setattr(knn_module, "faiss_available", lambda gpu=False: False)
+    assert resolve_backend("auto", torch.device("cpu"), 5000, params) == "torch-ivf"
+    assert resolve_backend("auto", torch.device("cuda"), 5000, params) == "torch-ivf"
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss-cpu", "torch-ivf", "faiss-ivf", "faiss-hnsw"])

@@ -149,8 +149,10 @@ def neighbours(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Ten
     if bank.sharded:
         return knn_sharded(bank.rows, bank.rows, bank.own_ids, k, self_index=bank.own_ids, backend=cfg.bank.knn,
                            params=search_params(cfg))
-    return knn(bank.rows[bank.own_ids], bank.rows, k, self_index=bank.own_ids, backend=cfg.bank.knn,
-               params=search_params(cfg))
+    own = bank.own_ids
+    everyone = own.shape[0] == bank.rows.shape[0] and bool((own == torch.arange(own.shape[0], device=own.device)).all())
+    queries = bank.rows if everyone else bank.rows[own]  # one process searches every row: no copy of the bank
+    return knn(queries, bank.rows, k, self_index=own, backend=cfg.bank.knn, params=search_params(cfg))
 
 
 def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor) -> Columns | None:

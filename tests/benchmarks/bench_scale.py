@@ -3,6 +3,7 @@
     python tests/benchmarks/bench_scale.py refresh [--sizes 10000 100000 1000000] [--bits 64 128]
     python tests/benchmarks/bench_scale.py quality [--sizes 100000 1000000] [--bits 64] [--backends ...]
                                                    [--bank trained-like|labelled] [--float16] [--nprobe 32]
+    python tests/benchmarks/bench_scale.py memory  [--sizes 1000000] [--bits 128] [--backends auto]
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
@@ -18,6 +19,9 @@ quality: each approximate backend over the whole bank (index build + search of e
   [u, v] halves tanh(y P + noise / 2), calibrated so that IVF finds its neighbours no more easily
   than in the bank of the trained default model (docs/benchmarks.md); ``labelled``: independent
   labels and rows tanh(y P / 2 + noise), a harder bank than any trained model's.
+memory: the peak memory of one refresh as the engine makes it with the defaults (the bank's dtype
+  from bank.float16_above, bank.knn from --backends, one process searching every row) over a random
+  unit bank: the process's high-water mark, reset once the bank is built.
 eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries against databases
   of N codes, both directions.
 steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
@@ -37,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from scbch_dist import metrics
-from scbch_dist.config import SyntheticConfig
+from scbch_dist.config import SyntheticConfig, load_config
 from scbch_dist.data.synthetic import generate_arrays
 from scbch_dist.knn import SearchParams, faiss_available, knn, knn_exact
 from scbch_dist.losses import confidence_from_neighbors, weights_from_neighbors
+from scbch_dist.methods.base import Bank, neighbours
 
 
 def bench_refresh(sizes, bits_list, budget_pairs=2e9):
@@ -125,8 +130,8 @@ def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchPa
             for backend in backends:
                 base = reset_peak_memory()
                 t = time.perf_counter()
-                own = torch.arange(n)
-                sims, index = knn(z[own], z, k, self_index=own, backend=backend, params=params)  # as a refresh
+                cfg = load_config(None, [f"bank.knn={backend}", f"bank.nprobe={params.nprobe}", f"bank.nlist={params.nlist}"])
+                sims, index = neighbours(cfg, Bank(z, torch.arange(n), "pass", 0.0), k)  # as the refresh of 1 process
                 seconds = time.perf_counter() - t
                 peak = (_status_bytes("VmHWM") - base) / 2**20
                 s_rows, i_rows = sims[rows], index[rows]
@@ -138,6 +143,29 @@ def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchPa
                       f"{peak:>20.0f} | {recall:>9.4f} | {float(dw.mean()):>9.5f} | {float(dw.max()):>8.4f} | "
                       f"{float(dc.mean()):>9.5f} | {float(dc.max()):>8.4f} |", flush=True)
                 del sims, index
+
+
+def bench_memory(sizes, bits_list, backends):
+    print(f"| {'bank rows':>10} | {'bits':>4} | {'backend':<9} | {'bank':>14} | {'search (s)':>10} | "
+          f"{'peak above the bank (MB)':>24} | {'peak with the bank (MB)':>23} |")
+    print(f"|{'-' * 12}|{'-' * 6}|{'-' * 11}|{'-' * 16}|{'-' * 12}|{'-' * 26}|{'-' * 25}|")
+    for n in sizes:
+        for bits in bits_list:
+            for backend in backends:
+                cfg = load_config(None, [f"bank.knn={backend}"])
+                dtype = torch.float16 if n >= cfg.bank.float16_above else torch.float32
+                g = torch.Generator().manual_seed(0)
+                rows = torch.empty(n, 2 * bits, dtype=dtype)
+                for a in range(0, n, 65536):  # built in pieces: the bank is the only large thing held
+                    rows[a:a + 65536] = F.normalize(torch.randn(min(65536, n - a), 2 * bits, generator=g), dim=1)
+                base = reset_peak_memory()
+                t = time.perf_counter()
+                result = neighbours(cfg, Bank(rows, torch.arange(n), "pass", 0.0), 20)
+                seconds = time.perf_counter() - t
+                above = (_status_bytes("VmHWM") - base) / 2**20
+                print(f"| {n:>10} | {bits:>4} | {backend:<9} | {str(dtype)[6:] + f' {rows.nbytes / 2**20:.0f} MB':>14} | "
+                      f"{seconds:>10.0f} | {above:>24.0f} | {above + rows.nbytes / 2**20:>23.0f} |", flush=True)
+                del rows, result
 
 
 def bench_eval(sizes, bits=64, queries=2000, classes=24):
@@ -206,7 +234,7 @@ def bench_steps(hidden, batch, steps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["refresh", "quality", "eval", "steps"])
+    p.add_argument("what", choices=["refresh", "quality", "memory", "eval", "steps"])
     p.add_argument("--backends", nargs="+", default=["torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
     p.add_argument("--bank", choices=sorted(BANKS), default="trained-like")
     p.add_argument("--float16", action="store_true", help="the bank's rows in float16 (bank.float16_above)")
@@ -223,6 +251,9 @@ def main():
     elif a.what == "quality":
         bench_quality(a.sizes or [100000, 1000000], a.bits, a.backends, bank=a.bank, float16=a.float16,
                       params=SearchParams(nprobe=a.nprobe, nlist=a.nlist))
+    elif a.what == "memory":
+        bench_memory(a.sizes or [1000000], a.bits if a.bits != [64, 128] else [128],
+                     a.backends if a.backends != p.get_default("backends") else ["auto"])
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
     else:
