@@ -67,7 +67,7 @@ class Bank:
     order; the shards of all ranks together are the bank (docs/distributed.md, "Sharded search").
     Neighbour indices are global ids either way."""
 
-    rows: torch.Tensor  # (N, 2L) float32; sharded: (m, 2L), row j is id own_ids[j]
+    rows: torch.Tensor  # (N, 2L) float32, or float16 above bank.float16_above; sharded: (m, 2L), row j is id own_ids[j]
     own_ids: torch.Tensor  # (m,) int64
     source: str  # "pass" (a fresh encoding in eval mode) | "memory" (rows from the training batches)
     seconds: float  # to build it
