@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "torch", "faiss-cpu", "faiss-gpu", "torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
-APPROXIMATE = ("torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 FAISS_APPROXIMATE = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 HALF = (torch.float16, torch.bfloat16)
 CHUNK_ROWS = 65536  # rows of a float16 bank converted to float32 at a time for FAISS
@@ -161,8 +160,8 @@ def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: to
     The bank's rows are split into ``nlist`` k-means lists (trained on a seeded sample of
     ``train_rows`` rows). The queries of one list are searched together, by one matrix product,
     against the rows of ``nprobe`` lists: itself and those its queries lie nearest to (probe_lists). On a
-    CPU this turns FAISS's per-query list scans into BLAS matrix products, about 5x more candidate
-    pairs per second (docs/benchmarks.md); on a GPU it is IVF without FAISS. ``base`` may be
+    CPU this turns FAISS's per-query list scans into BLAS matrix products, 3-5x more candidate
+    pairs per second, at a coarser probing (docs/benchmarks.md); on a GPU it is IVF without FAISS. ``base`` may be
     float16: blocks are cast to float32 one at a time, so the bank is never held in float32.
 
     Args and returns as knn_exact. Queries whose probed lists hold fewer than k + 1 rows are
@@ -170,8 +169,7 @@ def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: to
     """
     n = base.shape[0]
     nlist = min(params.nlist or auto_nlist(n, per_sqrt=1.0), n)
-    train = min(n, max(params.train_rows, 39 * nlist))
-    sample = torch.from_numpy(np.sort(np.random.default_rng(params.seed).choice(n, train, replace=False)))
+    sample = torch.from_numpy(training_sample(n, nlist, params))
     centroids = kmeans_ip(base[sample.to(base.device)], nlist, seed=params.seed)
     votes = min(VOTES, nlist)
     base_top = assign_lists(base, centroids, top=votes).view(n, votes)
@@ -210,6 +208,12 @@ def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: to
     if self_index is None:
         return sims, index
     return put_self_back(sims, index, self_index.to(index.device), k)
+
+
+def training_sample(n: int, nlist: int, params: SearchParams) -> np.ndarray:
+    """The sorted rows (of n) an IVF's ``nlist`` lists are trained on: ``train_rows`` of them, at
+    least 39 a list (FAISS's minimum), drawn with ``seed`` so every rank trains the same lists."""
+    return np.sort(np.random.default_rng(params.seed).choice(n, min(n, max(params.train_rows, 39 * nlist)), replace=False))
 
 
 def _grouped(lists: torch.Tensor, nlist: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +318,8 @@ def approximate_index(backend: str, base: torch.Tensor, params: SearchParams):
         index.cp.seed = params.seed
         if backend == "faiss-ivf" and base.device.type == "cuda" and faiss_available(gpu=True):
             index = faiss.index_cpu_to_gpu(_gpu_resources(base.device), base.device.index or 0, index)
-        sample = np.random.default_rng(params.seed).choice(n, min(n, max(params.train_rows, 39 * nlist)), replace=False)
-        index.train(next(float32_chunks(base[torch.from_numpy(np.sort(sample)).to(base.device)], n)))
+        sample = torch.from_numpy(training_sample(n, nlist, params))
+        index.train(next(float32_chunks(base[sample.to(base.device)], n)))
         index.nprobe = min(params.nprobe, nlist)
     for rows in float32_chunks(base):
         index.add(rows)
