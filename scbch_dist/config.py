@@ -217,6 +217,24 @@ class ConfigError(ScbchError, ValueError):
     pass
 
 
+@dataclass
+class IndexSettings:
+    """The Hamming index over a finished run's codes (python -m scbch_dist.index, docs/search.md).
+    Not part of a run's Config: an index is built after the run, and several may coexist. The
+    command line overrides each (--nprobe 32); 0 means chosen for the database's size."""
+
+    kind: str = "flat"  # flat (exact) | hash | ivf | hnsw
+    nlist: int = 0  # ivf lists; 0: about sqrt(N)
+    nprobe: int = 16  # ivf lists scanned per query
+    hnsw_m: int = 32  # hnsw links per code
+    ef_construction: int = 40  # hnsw beam while building
+    ef_search: int = 64  # hnsw beam while searching
+    hash_bits: int = 0  # bits per multi-hash table; 0: about log2(N), at least 8
+    hash_tables: int = 0  # multi-hash tables; 0: as many as fit in the code
+    hash_flips: int = 2  # bits flipped when probing each table
+    seed: int = 0  # ivf k-means
+
+
 _KINDS = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
 
 

@@ -1,0 +1,185 @@
+"""Hamming search over binary codes with FAISS's binary indexes (docs/search.md).
+
+Codes are (n, L) bool arrays, bit set = +1, as ``codes.npz`` holds them once unpacked. FAISS wants
+whole bytes, so a code length that is not a multiple of 8 is padded with zero bits on every code,
+which leaves every distance unchanged. Kinds:
+
+- ``flat``: ``IndexBinaryFlat``, brute-force popcount. Exact; its ranking is ``metrics``' ranking,
+  ties by database order.
+- ``hash``: ``IndexBinaryMultiHash``: ``hash_tables`` hash tables on disjoint ``hash_bits``-bit
+  pieces of the code, each probed at every key within ``hash_flips`` bit flips. It finds every
+  code within ``hash_tables * (hash_flips + 1) - 1`` bits of the query (pigeonhole), and some
+  further ones.
+- ``ivf``: ``IndexBinaryIVF``: ``nlist`` lists around binary k-means centres; ``nprobe`` of
+  them are scanned.
+- ``hnsw``: ``IndexBinaryHNSW``: a navigable small-world graph with ``hnsw_m`` links per code,
+  searched with a beam of ``ef_search``.
+
+Every search returns the k best by (distance, position): FAISS's exact scan keeps the earliest of
+equal candidates and the approximate kinds return what they found, and both are put in that order,
+so a result never depends on thread scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from scbch_dist.config import IndexSettings
+from scbch_dist.errors import ScbchError
+
+KINDS = ("flat", "hash", "ivf", "hnsw")
+EXACT_KINDS = ("flat",)
+MAX_BITS = 4096  # FAISS's binary indexes take any whole number of bytes; the trainer makes up to 1024
+
+
+class IndexError_(ScbchError, ValueError):
+    """A setting or input the index cannot take; the message names it."""
+
+
+def faiss_module():
+    try:
+        import faiss
+    except ImportError:
+        raise IndexError_("the Hamming index needs FAISS: pip install 'scbch_dist[faiss]'") from None
+    return faiss
+
+
+def padded_bits(bits: int) -> int:
+    """The index dimension: ``bits`` rounded up to whole bytes."""
+    return -(-bits // 8) * 8
+
+
+def pack(codes: np.ndarray) -> np.ndarray:
+    """(n, L) bool -> (n, ceil(L/8)) uint8 in FAISS's bit order (bit j of a code is bit j % 8 of
+    byte j // 8), zero padded. Any order works as long as queries and database share it."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise IndexError_(f"codes must be (n, L), got shape {codes.shape}")
+    return np.ascontiguousarray(np.packbits(codes.astype(bool), axis=1, bitorder="little"))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The settings one index is built with, automatic values filled in for its size."""
+
+    kind: str
+    bits: int
+    count: int
+    nlist: int = 0
+    nprobe: int = 0
+    hnsw_m: int = 0
+    ef_construction: int = 0
+    ef_search: int = 0
+    hash_bits: int = 0
+    hash_tables: int = 0
+    hash_flips: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v or k in ("kind", "bits", "count")}
+
+
+def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolved:
+    """Fill the automatic (0) settings for ``count`` codes of ``bits`` bits; refuse bad ones by name."""
+    if kind not in KINDS:
+        raise IndexError_(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if not 1 <= bits <= MAX_BITS:
+        raise IndexError_(f"codes of {bits} bits: the index takes 1 to {MAX_BITS}")
+    if count < 1:
+        raise IndexError_("no codes to index")
+    if kind == "flat":
+        return Resolved(kind, bits, count)
+    if kind == "ivf":
+        nlist = settings.nlist or max(1, min(count // 39, round(math.sqrt(count))))  # FAISS wants 39 per list
+        if nlist > count:
+            raise IndexError_(f"index.nlist={nlist} lists for {count} codes: at most one list per code")
+        return Resolved(kind, bits, count, nlist=nlist, nprobe=min(settings.nprobe, nlist))
+    if kind == "hnsw":
+        return Resolved(kind, bits, count, hnsw_m=settings.hnsw_m, ef_construction=settings.ef_construction,
+                        ef_search=settings.ef_search)
+    width = padded_bits(bits)
+    # about log2(N) bits a table: a bucket then holds about one code of a uniform database
+    hash_bits = settings.hash_bits or min(width, max(8, math.ceil(math.log2(count))))
+    tables = settings.hash_tables or max(1, width // hash_bits)
+    if hash_bits * tables > width:
+        raise IndexError_(f"index.hash_tables={tables} x index.hash_bits={hash_bits} = {hash_bits * tables} bits, "
+                          f"more than the {width} bits of a code")
+    if hash_bits > 63:
+        raise IndexError_(f"index.hash_bits={hash_bits}: at most 63 bits a table")
+    return Resolved(kind, bits, count, hash_bits=hash_bits, hash_tables=tables, hash_flips=settings.hash_flips)
+
+
+def build(codes: np.ndarray, settings: Resolved, *, seed: int = 0):
+    """An index of kind ``settings.kind`` over ``codes`` ((n, L) bool), positions 0..n-1 in row order."""
+    faiss = faiss_module()
+    packed = pack(codes)
+    d = padded_bits(codes.shape[1])
+    if settings.kind == "flat":
+        index = faiss.IndexBinaryFlat(d)
+    elif settings.kind == "hash":
+        index = faiss.IndexBinaryMultiHash(d, settings.hash_tables, settings.hash_bits)
+    elif settings.kind == "hnsw":
+        index = faiss.IndexBinaryHNSW(d, settings.hnsw_m)
+        index.hnsw.efConstruction = settings.ef_construction
+    else:
+        quantizer = faiss.IndexBinaryFlat(d)
+        index = faiss.IndexBinaryIVF(quantizer, d, settings.nlist)  # keeps a reference to its quantizer
+        sample = packed
+        cap = 256 * settings.nlist  # FAISS's own cap on k-means points per centre
+        if len(packed) > cap:
+            rows = np.sort(np.random.default_rng(seed).choice(len(packed), cap, replace=False))
+            sample = packed[rows]
+        index.cp.seed = seed
+        index.train(sample)
+    index.add(packed)
+    configure(index, settings)
+    return index
+
+
+def configure(index, settings: Resolved) -> None:
+    """Apply the search-time settings (nprobe, ef_search, hash_flips) to a built or loaded index."""
+    if settings.kind == "ivf":
+        index.nprobe = settings.nprobe
+    elif settings.kind == "hnsw":
+        index.hnsw.efSearch = max(settings.ef_search, 1)
+    elif settings.kind == "hash":
+        index.nflip = settings.hash_flips
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest codes of each query ((q, L) bool).
+
+    Returns ``(distances, positions)``, each (q, k') with k' = min(k, ntotal): int32 Hamming
+    distances and int64 positions, sorted by (distance, position). An approximate index that
+    finds fewer than k' codes for a query pads its row with distance -1 and position -1 at the end.
+    """
+    if k < 1:
+        raise IndexError_(f"-k {k}: must be at least 1")
+    packed = pack(queries)
+    if packed.shape[1] * 8 != index.d:
+        raise IndexError_(f"queries of {queries.shape[1]} bits against an index of {index.d} bits")
+    k = min(k, index.ntotal)
+    distances, positions = index.search(packed, k)
+    return order_results(distances.astype(np.int32), positions.astype(np.int64))
+
+
+def order_results(distances: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by (distance, position), missing results (-1) last."""
+    missing = positions < 0
+    key_d = np.where(missing, np.iinfo(np.int32).max, distances)
+    key_p = np.where(missing, np.iinfo(np.int64).max, positions)
+    order = np.lexsort((key_p, key_d), axis=1)
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def write(index, path) -> None:
+    """Save with FAISS's own binary index format."""
+    faiss_module().write_index_binary(index, str(path))
+
+
+def read(path, settings: Resolved):
+    index = faiss_module().read_index_binary(str(path))
+    configure(index, settings)
+    return index
