@@ -319,6 +319,22 @@ def retrieval_metrics(query_codes: Array, db_codes: Array, query_labels: Array, 
     }
 
 
+def ranked_average_precision(ranking: Array, query_labels: Array, db_labels: Array) -> np.ndarray:
+    """(q,) average precision of given rankings: ``ranking`` (q, N) holds every database position,
+    best first (a search index's full result); NaN where a query has no relevant item. With the
+    stable Hamming ranking this is the index-tie AP of ``retrieval_metrics``."""
+    ranking = ranking.cpu().numpy() if isinstance(ranking, torch.Tensor) else np.asarray(ranking)
+    if ranking.shape[1] != len(db_labels) or len(ranking) != len(query_labels):
+        raise ValueError(f"a full ranking of {len(db_labels)} items for each of {len(query_labels)} queries "
+                         f"is needed, got {ranking.shape}")
+    rel = np.take_along_axis(relevance(query_labels, db_labels).numpy(), ranking, axis=1)
+    cum = np.cumsum(rel, axis=1, dtype=np.int64)
+    num_rel = cum[:, -1]
+    prec_sum = (np.where(rel, cum, 0) / np.arange(1, ranking.shape[1] + 1)).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(num_rel > 0, prec_sum / np.maximum(num_rel, 1), np.nan)
+
+
 def _mean(ap: np.ndarray) -> float:
     ap = ap[~np.isnan(ap)]
     return float(ap.mean()) if len(ap) else float("nan")

@@ -22,6 +22,7 @@ its files are on disk (fsynced) before that, so a crash mid-write leaves the pre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -58,6 +59,17 @@ def portable_model_files(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def model_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's weights: every tensor's name, dtype, shape and bytes, in name order.
+    Independent of the file format, so the codes of a run name the model that made them."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def checkpoint_name(state: RunState) -> str:

@@ -8,6 +8,7 @@ Metrics are computed once, from the complete tables.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,14 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
     return result, codes
 
 
-def save_codes(codes: dict, path: Path) -> None:
-    """Packed codes (np.packbits along bits, big-endian bit order) and labels, by id."""
+def save_codes(codes: dict, path: Path, *, model_sha256: str = "", config: dict | None = None) -> None:
+    """Packed codes (np.packbits along bits, big-endian bit order) and labels, by id; with the
+    fingerprint of the model that made them and the run's config (JSON), which the Hamming index
+    checks them against (docs/search.md)."""
     arrays = {k: (np.packbits(v, axis=1) if k.endswith(("img", "txt")) else v) for k, v in codes.items()}
     arrays["bits"] = np.array(codes["query_img"].shape[1])
+    arrays["model_sha256"] = np.array(model_sha256)
+    arrays["config"] = np.array(json.dumps(config or {}, sort_keys=True))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from scbch_dist import dist, plots
-from scbch_dist.config import Config
+from scbch_dist.config import Config, to_dict
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
-from scbch_dist.engine.checkpoint import CheckpointError, save_checkpoint
+from scbch_dist.engine.checkpoint import CheckpointError, model_fingerprint, save_checkpoint
 from scbch_dist.engine.evaluate import curves, evaluate, save_codes, summarize
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
@@ -171,7 +171,8 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
     headline = summarize(result)
     state.history.append({"epoch": epoch + 1, **headline, "curves": curves(result)})
     if epoch + 1 == cfg.train.epochs and cfg.run.save_codes:
-        save_codes(codes, run.run_dir / "codes.npz")
+        weights = run.accelerator.unwrap_model(run.model).state_dict()
+        save_codes(codes, run.run_dir / "codes.npz", model_sha256=model_fingerprint(weights), config=to_dict(cfg))
     plots.plot_map_history(state.history, run.run_dir / "plots" / "map.png", state.chance_map)
     return headline
 

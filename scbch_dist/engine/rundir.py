@@ -26,7 +26,7 @@ from scbch_dist.io import atomic_write_text, remove_leftovers
 
 LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
-RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard",
+RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard", "index",
                "config.yaml")
 RESULTS = RUN_OUTPUTS[:4]  # the outputs that record training
 # keys a resume may change: evaluation and output settings, the length of the run, the preflight

@@ -1,0 +1,298 @@
+"""A Hamming index over a finished run's codes (docs/search.md).
+
+    python -m scbch_dist.index build RUN_DIR [--split database] [--kind flat|hash|ivf|hnsw] [--nprobe 16 ...]
+    python -m scbch_dist.index check RUN_DIR [--split database] [--kind flat] [-k 10]
+
+``build`` indexes both modalities' codes of one split of ``RUN_DIR/codes.npz`` with FAISS
+(scbch_dist.hamming) into ``RUN_DIR/index/<split>-<kind>/``:
+
+    index.json       kind, settings, code length, count, build times, the sha256 of codes.npz, the
+                     fingerprint of the model that wrote the codes, and the run's config
+    img.faissindex   the image codes' index (FAISS's binary index format)
+    txt.faissindex   the text codes' index
+    ids.npy          (N,) int64: the sample id at each index position
+
+The folder is written under a temporary name and renamed when complete, with the run folder
+locked (run.lock) meanwhile. codes.npz must belong to the run: its config must be the run's
+config.yaml (run.* output keys aside), or the build is refused naming the keys that differ.
+An index whose codes.npz has changed since (a resumed run, another run's file) is refused when
+it is opened.
+
+``check`` measures the index against the exact Hamming ranking of ``metrics``: every exact kind
+must give the same ids at every distance, ties by database order, and the mAP of its rankings
+must equal the run's summary mAP; approximate kinds report recall@k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from scbch_dist import cli, hamming, metrics
+from scbch_dist.config import IndexSettings
+from scbch_dist.data.format import sha256_file
+from scbch_dist.errors import ScbchError
+from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_write_json
+
+FORMAT = 1
+MODALITIES = ("img", "txt")
+CODE_SPLITS = ("query", "database")  # the splits codes.npz holds
+SEARCH_KNOBS = ("nprobe", "ef_search", "hash_flips")  # settings a search may change without a rebuild
+
+
+class RunIndexError(ScbchError, ValueError):
+    """The run's codes or index cannot be used as asked; the message names the file."""
+
+
+def _config_without_outputs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "run"}
+
+
+@dataclass
+class RunCodes:
+    """A run's final codes (codes.npz, unpacked to bool) and what identifies them."""
+
+    run_dir: Path
+    bits: int
+    codes: dict[str, np.ndarray]  # "query_img", "query_txt", "database_img", "database_txt": (n, L) bool
+    labels: dict[str, np.ndarray]  # "query", "database": (n, C) uint8
+    model_sha256: str  # fingerprint of the weights that wrote them ("" for codes written before fingerprints)
+    config: dict  # the run's resolved config
+    sha256: str  # of codes.npz
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunCodes:
+        run_dir = Path(run_dir)
+        path = run_dir / "codes.npz"
+        if not (run_dir / "config.yaml").is_file():
+            raise RunIndexError(f"{run_dir}: not a run folder (no config.yaml)")
+        if not path.is_file():
+            raise RunIndexError(f"{path}: missing; a run writes its codes after its last epoch (unless "
+                                f"run.save_codes is false): finish it with python -m scbch_dist.train --resume {run_dir}")
+        try:
+            with np.load(path) as z:
+                bits = int(z["bits"])
+                codes = {f"{s}_{m}": np.unpackbits(z[f"{s}_{m}"], axis=1, count=bits).astype(bool)
+                         for s in CODE_SPLITS for m in MODALITIES}
+                labels = {s: np.asarray(z[f"{s}_lab"]) for s in CODE_SPLITS}
+                model_sha256 = str(z["model_sha256"]) if "model_sha256" in z.files else ""
+                stored = json.loads(str(z["config"])) if "config" in z.files else None
+        except (OSError, ValueError, KeyError) as e:
+            raise RunIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {e})") from None
+        run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        if stored is not None:
+            from scbch_dist.engine.rundir import changed_keys
+
+            changed = changed_keys(_config_without_outputs(stored), _config_without_outputs(run_config), ())
+            if changed:
+                raise RunIndexError(f"{path}: written by another run or an unfinished resume (config.yaml differs: "
+                                    f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
+        return cls(run_dir, bits, codes, labels, model_sha256, run_config, sha256_file(path))
+
+
+def index_dir(run_dir: str | Path, split: str, kind: str) -> Path:
+    return Path(run_dir) / "index" / f"{split}-{kind}"
+
+
+def settings_from(args: argparse.Namespace | dict | None) -> IndexSettings:
+    """IndexSettings with the given fields overridden (argparse values of None are left out)."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    names = {f.name for f in fields(IndexSettings)}
+    return IndexSettings(**{k: v for k, v in given.items() if k in names and v is not None})
+
+
+def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettings = IndexSettings(),
+          log=print) -> Path:
+    """Index both modalities of ``split``; returns the index folder. Locks the run folder."""
+    from scbch_dist.engine.rundir import RunLock
+
+    run_dir = Path(run_dir)
+    if split not in CODE_SPLITS:
+        raise RunIndexError(f"--split {split!r}: codes.npz holds {' and '.join(CODE_SPLITS)}")
+    with RunLock(run_dir):
+        codes = RunCodes.load(run_dir)
+        target = index_dir(run_dir, split, settings.kind)
+        record = {"format": FORMAT, "kind": settings.kind, "split": split, "bits": codes.bits,
+                  "count": len(codes.labels[split]), "codes_sha256": codes.sha256, "model_sha256": codes.model_sha256,
+                  "config": codes.config, "modalities": {}, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "faiss": hamming.faiss_module().__version__}
+        staged = target.parent / f".{target.name}.new.tmp"  # a temporary name: io.remove_leftovers knows it
+        shutil.rmtree(staged, ignore_errors=True)  # what a killed build left
+        with atomic_directory(staged) as tmp:
+            for m in MODALITIES:
+                data = codes.codes[f"{split}_{m}"]
+                resolved = hamming.resolve(settings, settings.kind, codes.bits, len(data))
+                t0 = time.perf_counter()
+                index = hamming.build(data, resolved, seed=settings.seed)
+                seconds = time.perf_counter() - t0
+                hamming.write(index, tmp / f"{m}.faissindex")
+                record["modalities"][m] = {"file": f"{m}.faissindex", "settings": resolved.to_dict(),
+                                           "build_seconds": round(seconds, 4)}
+                log(f"{m}: {resolved.kind} index of {len(data)} codes of {codes.bits} bits in {seconds:.2f} s")
+            atomic_save_npy(tmp / "ids.npy", np.arange(record["count"], dtype=np.int64))
+            atomic_write_json(tmp / "index.json", record)
+        # swap the complete new folder in; the old one (an earlier build) goes only once the new one is whole
+        if target.exists():
+            old = target.parent / f".{target.name}.old.tmp"
+            target.rename(old)
+            staged.rename(target)
+            shutil.rmtree(old)
+        else:
+            staged.rename(target)
+    return target
+
+
+@dataclass
+class RunIndex:
+    """An opened index: both modalities of one split, checked against the run's codes."""
+
+    path: Path
+    record: dict
+    ids: np.ndarray  # (N,) int64
+    indexes: dict  # "img" / "txt" -> faiss.IndexBinary
+    settings: dict  # "img" / "txt" -> hamming.Resolved as searched
+
+    @classmethod
+    def open(cls, run_dir: str | Path, codes: RunCodes, *, split: str = "database", kind: str = "flat",
+             overrides: dict | None = None) -> RunIndex:
+        path = index_dir(run_dir, split, kind)
+        if not (path / "index.json").is_file():
+            raise RunIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.index "
+                                f"build {run_dir} --split {split} --kind {kind}")
+        record = json.loads((path / "index.json").read_text())
+        if record.get("format") != FORMAT:
+            raise RunIndexError(f"{path / 'index.json'}: index format {record.get('format')!r}, this version reads "
+                                f"{FORMAT}; rebuild it")
+        if record["codes_sha256"] != codes.sha256:
+            raise RunIndexError(f"{path}: built from other codes than {run_dir}/codes.npz now holds (built "
+                                f"{record['built']}, model {record['model_sha256'][:12] or '?'}; the codes now: model "
+                                f"{codes.model_sha256[:12] or '?'}); rebuild it: python -m scbch_dist.index build "
+                                f"{run_dir} --split {split} --kind {kind}")
+        ids = np.load(path / "ids.npy")
+        indexes, settings = {}, {}
+        for m in MODALITIES:
+            stored = record["modalities"][m]["settings"]
+            resolved = hamming.Resolved(**{**stored, **{k: v for k, v in (overrides or {}).items()
+                                                        if k in SEARCH_KNOBS and v is not None and k in stored}})
+            indexes[m] = hamming.read(path / record["modalities"][m]["file"], resolved)
+            settings[m] = resolved
+        return cls(path, record, ids, indexes, settings)
+
+    def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of ``modality``'s index nearest each query: (distances, ids), as hamming.search."""
+        distances, positions = hamming.search(self.indexes[modality], queries, k)
+        return distances, np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# check: the index against the exact ranking
+
+
+def tie_aware_recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean over queries of the fraction of the k returned codes at a distance no greater than
+    the exact k-th nearest one (so equally near codes count alike). ``found`` and ``exact``:
+    (q, >=k) distances sorted ascending, -1 for missing."""
+    kth = exact[:, k - 1:k]
+    got = found[:, :k]
+    return float(((got >= 0) & (got <= kth)).sum(1).mean() / k)
+
+
+def check(run_dir: str | Path, *, split: str = "database", kind: str = "flat", k: int = 10,
+          overrides: dict | None = None, max_entries: int = 50_000_000) -> list[dict]:
+    """Per direction: whether the index ranks as ``metrics`` does (exact kinds), the mAP of its
+    rankings against summary.json's final mAP, and recall@k against the exact search.
+    Full rankings are compared while queries x database <= ``max_entries``; beyond, the first
+    ``max_entries // N`` queries."""
+    run_dir = Path(run_dir)
+    codes = RunCodes.load(run_dir)
+    index = RunIndex.open(run_dir, codes, split=split, kind=kind, overrides=overrides)
+    other = "query" if split == "database" else "database"
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()).get("final", {}) if summary_path.is_file() else {}
+    rows = []
+    for direction, (q_mod, d_mod) in {"i2t": ("img", "txt"), "t2i": ("txt", "img")}.items():
+        queries, database = codes.codes[f"{other}_{q_mod}"], codes.codes[f"{split}_{d_mod}"]
+        n = len(database)
+        q = min(len(queries), max(1, max_entries // n))
+        t0 = time.perf_counter()
+        distances = metrics.hamming_distances(queries[:q], database).numpy()
+        exact_rank = np.argsort(distances, axis=1, kind="stable")  # metrics' index-tie ranking
+        exact_dist = np.take_along_axis(distances, exact_rank, 1)
+        t_exact = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        width = n if kind in hamming.EXACT_KINDS else min(n, max(k, 100))
+        dist, ids = index.search(d_mod, queries[:q], width)
+        t_index = time.perf_counter() - t0
+        row = {"direction": direction, "queries": q, "database": n, "k": k,
+               f"recall@{k}": tie_aware_recall(dist, exact_dist, min(k, n)),
+               "index_ms_per_query": 1000 * t_index / q, "numpy_ms_per_query": 1000 * t_exact / q}
+        if kind in hamming.EXACT_KINDS:
+            row["same_ranking"] = bool(np.array_equal(ids, exact_rank) and np.array_equal(dist, exact_dist))
+            ap = metrics.ranked_average_precision(ids, codes.labels[other][:q], codes.labels[split])
+            row["map_from_index"] = float(np.nanmean(ap))
+            if split == "database" and q == len(queries) and direction in summary:
+                row["map_summary"] = summary[direction]["map"]
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    d = IndexSettings()
+    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (default {d.nprobe})")
+    p.add_argument("--ef-search", dest="ef_search", type=int, help=f"hnsw: search beam (default {d.ef_search})")
+    p.add_argument("--hash-flips", dest="hash_flips", type=int,
+                   help=f"hash: bits flipped when probing a table (default {d.hash_flips})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = IndexSettings()
+    b = sub.add_parser("build", help="index a run's codes")
+    c = sub.add_parser("check", help="compare an index with the exact Hamming ranking")
+    for q in (b, c):
+        q.add_argument("run_dir", type=Path)
+        q.add_argument("--split", default="database", choices=CODE_SPLITS)
+        q.add_argument("--kind", default=d.kind, choices=hamming.KINDS)
+        _add_settings(q)
+    b.add_argument("--nlist", type=int, help="ivf: lists (default: about sqrt(N))")
+    b.add_argument("--hnsw-m", dest="hnsw_m", type=int, help=f"hnsw: links per code (default {d.hnsw_m})")
+    b.add_argument("--ef-construction", dest="ef_construction", type=int,
+                   help=f"hnsw: build beam (default {d.ef_construction})")
+    b.add_argument("--hash-bits", dest="hash_bits", type=int, help="hash: bits per table (default: about log2(N))")
+    b.add_argument("--hash-tables", dest="hash_tables", type=int, help="hash: tables (default: as many as fit)")
+    b.add_argument("--seed", type=int, help=f"ivf: k-means seed (default {d.seed})")
+    c.add_argument("-k", type=int, default=10, help="recall@k (default 10)")
+    args = p.parse_args(argv)
+    if args.command == "build":
+        path = build(args.run_dir, split=args.split, settings=settings_from(args))
+        print(f"wrote {path}", file=sys.stderr)
+        return
+    rows = check(args.run_dir, split=args.split, kind=args.kind, k=args.k, overrides=vars(args))
+    print(f"| direction | queries | database | recall@{args.k} | same ranking as metrics | mAP from the index | "
+          "summary mAP | index ms/query | numpy ms/query |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        cells = [r["direction"], r["queries"], r["database"], f"{r[f'recall@{args.k}']:.4f}",
+                 {True: "yes", False: "NO"}.get(r.get("same_ranking"), "-"),
+                 f"{r['map_from_index']:.6f}" if "map_from_index" in r else "-",
+                 f"{r['map_summary']:.6f}" if "map_summary" in r else "-",
+                 f"{r['index_ms_per_query']:.3f}", f"{r['numpy_ms_per_query']:.3f}"]
+        print("| " + " | ".join(str(x) for x in cells) + " |")
+
+
+if __name__ == "__main__":
+    cli.run(main, "python -m scbch_dist.index")

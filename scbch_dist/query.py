@@ -1,0 +1,298 @@
+"""New queries for a finished run: a caption or an image in, a binary code out (docs/search.md).
+
+Raw runs (images and captions in the shards) encode a query exactly as the run's evaluation did:
+the tokenizer of its text encoder, the deterministic image transform, the trained backbones and
+hash towers of the latest checkpoint. Feature runs encode it with the recipe that made the
+dataset's features, when meta.json records one that can be replayed (``python -m scbch_dist.extract``:
+the image encoder with its weights, and the bag of words); anything else is queried by the id of
+a stored sample (``search --id``). The checkpoint must hold the model that wrote ``codes.npz``
+(checked by the weights' fingerprint), so a query code lives in the same space as the database.
+
+Also here: what a database item looks like to a person (its caption, its image bytes, where the
+image is stored), read from the run's dataset, or from the raw dataset an extracted one came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import tarfile
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scbch_dist.config import Config
+from scbch_dist.data.format import DatasetMeta, read_meta, text_words
+from scbch_dist.errors import ScbchError
+
+IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+class QueryError(ScbchError, ValueError):
+    """A query the run cannot encode: unknown words, an unreadable image, no model or recipe."""
+
+
+def unknown_words(words: list[str], vocabulary: dict | set, where: str) -> None:
+    """Refuse words outside ``vocabulary`` by name, with the nearest known words."""
+    missing = [w for w in dict.fromkeys(words) if w not in vocabulary]
+    if not missing:
+        return
+    hints = []
+    for w in missing:
+        close = difflib.get_close_matches(w, list(vocabulary), n=1)
+        hints.append(f"{w!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise QueryError(f"unknown word{'s' if len(missing) > 1 else ''} {', '.join(hints)}: not in the "
+                     f"{len(vocabulary)}-word vocabulary of {where}")
+
+
+def read_image(path: str | Path) -> bytes:
+    """The bytes of an image file the query transform can decode; a one-line error otherwise."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise QueryError(f"{path}: cannot read the image ({e.strerror or e})") from None
+    check_image(data, str(path))
+    return data
+
+
+def check_image(data: bytes, where: str) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad bytes
+        raise QueryError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+class QueryEncoder:
+    """Texts and images -> (1, L) bool codes, with the run's trained model.
+
+    ``cfg``: the run's config; ``root``: its dataset folder; ``checkpoint``: the folder of the
+    model (``model.safetensors``); ``model_sha256``: the fingerprint codes.npz records, which the
+    loaded weights must match (empty: not checked, for codes written before fingerprints)."""
+
+    def __init__(self, cfg: Config, root: Path, meta: DatasetMeta, checkpoint: Path, model_sha256: str):
+        self.cfg, self.root, self.meta = cfg, root, meta
+        self.checkpoint, self.model_sha256 = checkpoint, model_sha256
+
+    # -- what can be encoded -------------------------------------------------------------------
+
+    def text_recipe(self) -> str | None:
+        """Why texts cannot be encoded (None when they can)."""
+        if self.meta.kind("txt") == "text":
+            return None
+        text = self.meta.source.get("text", {}) if self.meta.source.get("kind") == "extract" else {}
+        if text.get("encoder") == "bow" and text.get("words"):
+            return None
+        made_by = text.get("encoder") or self.meta.source.get("kind") or self.meta.source.get("generator") or "an unknown recipe"
+        return (f"dataset {self.meta.name!r} ({self.root}) stores text features made by {made_by}, which this run "
+                "cannot replay for a new text; query a stored sample with --id N")
+
+    def image_recipe(self) -> str | None:
+        if self.meta.kind("img") == "image":
+            return None
+        image = self.meta.source.get("image", {}) if self.meta.source.get("kind") == "extract" else {}
+        if image.get("encoder"):
+            return None
+        made_by = self.meta.source.get("kind") or self.meta.source.get("generator") or "an unknown recipe"
+        return (f"dataset {self.meta.name!r} ({self.root}) stores image features made by {made_by}, which this run "
+                "cannot replay for a new image; query a stored sample with --id N")
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> np.ndarray:
+        """(1, L) bool code of a caption or tag list."""
+        why = self.text_recipe()
+        if why:
+            raise QueryError(why)
+        words = text_words(text)
+        if not words:
+            raise QueryError(f"the query {text!r} has no words")
+        if self.meta.kind("txt") == "text":
+            ids, mask = self._tokenize(text, words)
+            h = self.model.encode("txt", torch.from_numpy(ids), torch.from_numpy(mask))
+        else:
+            source = self.meta.source["text"]
+            vocabulary = {w: j for j, w in enumerate(source["words"])}
+            unknown_words(words, vocabulary, f"the bag of words of {self.root}")
+            x = np.zeros((1, len(vocabulary)), dtype=self.meta.fields["txt"].dtype)
+            x[0, [vocabulary[w] for w in words]] = 1
+            h = self.model.encode("txt", torch.from_numpy(x))
+        return (h >= 0).numpy()
+
+    @torch.no_grad()
+    def encode_image(self, data: bytes, where: str = "the image") -> np.ndarray:
+        """(1, L) bool code of an encoded image (JPEG, PNG, WebP ...)."""
+        why = self.image_recipe()
+        if why:
+            raise QueryError(why)
+        check_image(data, where)
+        if self.meta.kind("img") == "image":
+            from scbch_dist.data.transforms import ImageTransform
+
+            pixels = ImageTransform(self.cfg.model.image.image_size, train=False)(data, None)
+            h = self.model.encode("img", torch.from_numpy(pixels)[None])
+        else:
+            net, prep = self._extractor
+            feature = net(prep(data, where)[None]).float().numpy().astype(self.meta.fields["img"].dtype)
+            h = self.model.encode("img", torch.from_numpy(feature))
+        return (h >= 0).numpy()
+
+    def _tokenize(self, text: str, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from scbch_dist.models.tokenizers import HFTokenizer
+
+        tokenizer = self._tokenizer
+        if isinstance(tokenizer, HFTokenizer):  # word pieces cover most words; refuse what maps to [UNK]
+            inner = tokenizer.tokenizer
+            bad = [w for w in words if inner.unk_token_id in inner(w, add_special_tokens=False)["input_ids"]]
+            if bad:
+                raise QueryError(f"unknown word{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}: the "
+                                 f"tokenizer of {self.cfg.model.text.weights} maps {'them' if len(bad) > 1 else 'it'} "
+                                 f"to {inner.unk_token}")
+        else:
+            unknown_words(words, tokenizer.index, f"this run's tokenizer ({self.root / 'vocab.json'}, "
+                                                  f"model.text.vocab_size {self.cfg.model.text.vocab_size})")
+        return tokenizer([text])
+
+    @cached_property
+    def _tokenizer(self):
+        from scbch_dist.models.tokenizers import make_tokenizer
+
+        return make_tokenizer(self.cfg.model.text, self.root)
+
+    @cached_property
+    def _extractor(self):
+        """The image feature extractor of an extracted dataset, rebuilt from meta.source."""
+        from scbch_dist.extract import IMAGE_ENCODERS, Preprocess
+        from scbch_dist.data.format import sha256_file
+
+        image = self.meta.source["image"]
+        if image["encoder"] not in IMAGE_ENCODERS:
+            raise QueryError(f"{self.root}/meta.json: image encoder {image['encoder']!r} is not one this version knows")
+        encoder = IMAGE_ENCODERS[image["encoder"]]
+        weights = image.get("weights")
+        if weights not in (None, "random") and image["encoder"] == "vgg19":
+            path = Path(weights)
+            if not path.is_file():
+                raise QueryError(f"{path}: the image encoder's weights that made the features of {self.root} are gone; "
+                                 "put them back there to query by image, or query by --id")
+            if image.get("weights_sha256") and sha256_file(path) != image["weights_sha256"]:
+                raise QueryError(f"{path}: not the weights that made the features of {self.root} (sha256 differs)")
+        net, _ = encoder.build(weights if image["encoder"] == "vgg19" else None, image.get("seed", 0))
+        return net.eval(), Preprocess(image["image_size"], tuple(image["mean"]), tuple(image["std"]))
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        """The run's network with the checkpoint's weights, on CPU, in eval mode."""
+        from safetensors.torch import load_file
+
+        from scbch_dist import models
+        from scbch_dist.engine.checkpoint import MODEL_FILE, model_fingerprint
+        from scbch_dist.engine.setup import method_class
+        from scbch_dist.methods import TrainingSet
+
+        path = self.checkpoint / MODEL_FILE
+        if not path.is_file():
+            raise QueryError(f"{path}: missing (a DeepSpeed checkpoint keeps its own files); encoding a query needs "
+                             "the model; query a stored sample with --id N")
+        state = load_file(str(path))
+        if self.model_sha256 and model_fingerprint(state) != self.model_sha256:
+            raise QueryError(f"{path}: not the model that wrote codes.npz (the run went on after it); finish the run "
+                             "(python -m scbch_dist.train --resume RUN_DIR) so that codes and model agree")
+        count, classes = self.meta.splits["train"].count, self.meta.num_classes
+        train = TrainingSet(count=count, num_classes=classes, labels=torch.zeros(count, classes, dtype=torch.uint8),
+                            corrupted=None, device=torch.device("cpu"))
+        method = method_class(self.cfg)(self.cfg, train)
+        vocab = self._tokenizer.vocab_size if self.meta.kind("txt") == "text" else None
+        with torch.random.fork_rng(devices=[]):  # the weights are overwritten: the draw does not matter
+            net = models.build_model(self.cfg.model, self.meta, spec=method.tower_spec(), make_head=method.build_head,
+                                     vocab_size=vocab)
+        net.load_state_dict(state, strict=True)
+        return net.eval()
+
+
+class DatasetItems:
+    """Captions, images and where they are stored, for the samples of a dataset's splits.
+
+    A raw dataset shows its own; an extracted feature dataset shows those of the raw dataset it
+    was extracted from (meta.source.dataset, same ids) while that folder exists; others show
+    labels only. Shard offsets are read once per shard, on first use."""
+
+    def __init__(self, root: Path, meta: DatasetMeta):
+        self.root, self.meta = root, meta
+        self.raw_root, self.raw_meta = self._raw_source(root, meta)
+        self._members: dict[tuple[str, int], dict[int, dict[str, tarfile.TarInfo]]] = {}
+
+    @staticmethod
+    def _raw_source(root: Path, meta: DatasetMeta) -> tuple[Path | None, DatasetMeta | None]:
+        if meta.raw:
+            return root, meta
+        src = meta.source.get("dataset") if meta.source.get("kind") == "extract" else None
+        if src and (Path(src) / "meta.json").is_file():
+            try:
+                return Path(src), read_meta(src)
+            except ScbchError:
+                return None, None
+        return None, None
+
+    @property
+    def has_captions(self) -> bool:
+        return self.raw_meta is not None and self.raw_meta.kind("txt") == "text"
+
+    @property
+    def has_images(self) -> bool:
+        return self.raw_meta is not None and self.raw_meta.kind("img") == "image"
+
+    def _shard_of(self, split: str, sample: int) -> int:
+        counts = np.cumsum(self.raw_meta.splits[split].shard_counts)
+        if not 0 <= sample < counts[-1]:
+            raise QueryError(f"{split} has no sample {sample} (ids 0..{counts[-1] - 1})")
+        return int(np.searchsorted(counts, sample, side="right"))
+
+    def _member(self, split: str, sample: int) -> tuple[Path, dict[str, tarfile.TarInfo]]:
+        shard = self._shard_of(split, sample)
+        path = self.raw_root / self.raw_meta.splits[split].shards[shard]
+        if (split, shard) not in self._members:
+            table: dict[int, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(path) as tar:
+                for info in tar.getmembers():
+                    key, _, field = info.name.partition(".")
+                    if key.isdigit():
+                        table.setdefault(int(key), {})[field] = info
+            self._members[(split, shard)] = table
+        return path, self._members[(split, shard)].get(sample, {})
+
+    def _read(self, path: Path, info: tarfile.TarInfo) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(info.offset_data)
+            return f.read(info.size)
+
+    def caption(self, split: str, sample: int) -> str | None:
+        if not self.has_captions:
+            return None
+        path, fields = self._member(split, sample)
+        return self._read(path, fields["txt"]).decode("utf-8") if "txt" in fields else None
+
+    def image(self, split: str, sample: int) -> tuple[bytes, str] | None:
+        """(encoded bytes, MIME type) of a sample's image, or None."""
+        if not self.has_images:
+            return None
+        path, fields = self._member(split, sample)
+        for ext, mime in IMAGE_TYPES.items():
+            if ext in fields:
+                return self._read(path, fields[ext]), mime
+        return None
+
+    def image_path(self, split: str, sample: int) -> str | None:
+        """Where the image is stored: ``shard.tar:member``."""
+        if not self.has_images:
+            return None
+        path, fields = self._member(split, sample)
+        ext = next((e for e in IMAGE_TYPES if e in fields), None)
+        return f"{path}:{fields[ext].name}" if ext else None
+
