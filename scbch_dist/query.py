@@ -71,13 +71,14 @@ def check_image(data: bytes, where: str) -> None:
 class QueryEncoder:
     """Texts and images -> (1, L) bool codes, with the run's trained model.
 
-    ``cfg``: the run's config; ``root``: its dataset folder; ``checkpoint``: the folder of the
-    model (``model.safetensors``); ``model_sha256``: the fingerprint codes.npz records, which the
-    loaded weights must match (empty: not checked, for codes written before fingerprints)."""
+    ``cfg``: the run's config; ``root``: its dataset folder; ``run_dir``: the run, whose latest
+    checkpoint holds the model (loaded on the first encoded query); ``model_sha256``: the
+    fingerprint codes.npz records, which the loaded weights must match (empty: not checked, for
+    codes written before fingerprints)."""
 
-    def __init__(self, cfg: Config, root: Path, meta: DatasetMeta, checkpoint: Path, model_sha256: str):
+    def __init__(self, cfg: Config, root: Path, meta: DatasetMeta, run_dir: Path, model_sha256: str):
         self.cfg, self.root, self.meta = cfg, root, meta
-        self.checkpoint, self.model_sha256 = checkpoint, model_sha256
+        self.run_dir, self.model_sha256 = run_dir, model_sha256
 
     # -- what can be encoded -------------------------------------------------------------------
 
@@ -192,11 +193,14 @@ class QueryEncoder:
         from safetensors.torch import load_file
 
         from scbch_dist import models
-        from scbch_dist.engine.checkpoint import MODEL_FILE, model_fingerprint
+        from scbch_dist.engine.checkpoint import MODEL_FILE, CheckpointError, latest_checkpoint, model_fingerprint
         from scbch_dist.engine.setup import method_class
         from scbch_dist.methods import TrainingSet
 
-        path = self.checkpoint / MODEL_FILE
+        try:
+            path = latest_checkpoint(self.run_dir) / MODEL_FILE
+        except CheckpointError as e:
+            raise QueryError(f"{e}; encoding a query needs the run's model (query a stored sample with --id N)") from None
         if not path.is_file():
             raise QueryError(f"{path}: missing (a DeepSpeed checkpoint keeps its own files); encoding a query needs "
                              "the model; query a stored sample with --id N")

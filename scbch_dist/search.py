@@ -87,23 +87,11 @@ class Searcher:
             raise RunIndexError(f"{self.root}: {self.meta.num_classes} classes, but {self.run_dir}/codes.npz has "
                                 f"{self.codes.labels['database'].shape[1]}: not the run's dataset")
         self.items = DatasetItems(self.root, self.meta)
-        self._encoder: QueryEncoder | None = None
-
-    @property
-    def encoder(self) -> QueryEncoder:
-        if self._encoder is None:
-            from scbch_dist.engine.checkpoint import CheckpointError, latest_checkpoint
-
-            try:
-                checkpoint = latest_checkpoint(self.run_dir)
-            except CheckpointError as e:
-                raise QueryError(f"{e}; encoding a query needs the run's model (query a stored sample with --id N)") from None
-            self._encoder = QueryEncoder(self.cfg, self.root, self.meta, checkpoint, self.codes.model_sha256)
-        return self._encoder
+        self.encoder = QueryEncoder(self.cfg, self.root, self.meta, self.run_dir, self.codes.model_sha256)
 
     def describe(self) -> dict:
         """What the page and the command line show about the run."""
-        enc = QueryEncoder(self.cfg, self.root, self.meta, Path(), "")
+        enc = self.encoder
         return {"run": str(self.run_dir), "dataset": self.meta.name, "method": self.cfg.method.name,
                 "bits": self.codes.bits, "database": len(self.index.ids), "queries": len(self.codes.labels["query"]),
                 "kind": self.index.record["kind"], "classes": list(self.meta.classes),
