@@ -18,7 +18,9 @@ Text features:
   bow      binary bag of words over the ``bow_dim`` most frequent training words (vocab.json), uint8.
 
 The output has the source's ids, splits, labels, class names and noise tables; ``meta.source``
-records the source folder, the sha256 of its meta.json and every extractor setting.
+records the source folder, the sha256 of its meta.json and every extractor setting. A Doc2Vec model
+is kept in ``doc2vec/`` beside the shards, so that a search can encode a new text as the dataset's
+texts were (docs/search.md).
 
 Resumable: each input shard's features go to ``<out>.partial/<split>-<index>.npz`` when the shard
 is done, beside ``settings.json`` (the settings fingerprint) and the trained Doc2Vec model. A rerun
@@ -598,6 +600,9 @@ def _assemble(job: _Job, out: Path, *, name: str, source: dict, samples_per_shar
             if path.name != "clean.npy":  # noise tables replace the training labels by id: ids are kept
                 shutil.copyfile(path, tmp / "labels" / path.name)
                 tables.append(path.stem)
+        if isinstance(job.text, Doc2VecText):  # kept, so that a search can encode a new text (docs/search.md)
+            shutil.copytree(job.partial / DOC2VEC_DIR, tmp / DOC2VEC_DIR)
+            source = {**source, "text": {**source["text"], "model": f"{DOC2VEC_DIR}/model"}}
         meta = DatasetMeta(name=name, classes=list(job.meta.classes), fields=spec, splits=infos, layout="block",
                            block_size=block_size, source={**source, "devices": sorted(devices)},
                            noise_tables=tables)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from scbch_dist.config import Config
-from scbch_dist.data.format import DatasetMeta, read_meta, text_words
+from scbch_dist.data.format import VOCAB_FILE, DatasetMeta, read_meta, read_vocab, text_words
 from scbch_dist.errors import ScbchError
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -89,6 +89,8 @@ class QueryEncoder:
         text = self.meta.source.get("text", {}) if self.meta.source.get("kind") == "extract" else {}
         if text.get("encoder") == "bow" and text.get("words"):
             return None
+        if text.get("encoder") == "doc2vec" and text.get("model") and (self.root / text["model"]).is_file():
+            return None
         made_by = text.get("encoder") or self.meta.source.get("kind") or self.meta.source.get("generator") or "an unknown recipe"
         return (f"dataset {self.meta.name!r} ({self.root}) stores text features made by {made_by}, which this run "
                 "cannot replay for a new text; query a stored sample with --id N")
@@ -118,12 +120,7 @@ class QueryEncoder:
             ids, mask = self._tokenize(text, words)
             h = self.model.encode("txt", torch.from_numpy(ids), torch.from_numpy(mask))
         else:
-            source = self.meta.source["text"]
-            vocabulary = {w: j for j, w in enumerate(source["words"])}
-            unknown_words(words, vocabulary, f"the bag of words of {self.root}")
-            x = np.zeros((1, len(vocabulary)), dtype=self.meta.fields["txt"].dtype)
-            x[0, [vocabulary[w] for w in words]] = 1
-            h = self.model.encode("txt", torch.from_numpy(x))
+            h = self.model.encode("txt", torch.from_numpy(self.text_features(text)))
         return (h >= 0).numpy()
 
     @torch.no_grad()
@@ -139,10 +136,35 @@ class QueryEncoder:
             pixels = ImageTransform(self.cfg.model.image.image_size, train=False)(data, None)
             h = self.model.encode("img", torch.from_numpy(pixels)[None])
         else:
-            net, prep = self._extractor
-            feature = net(prep(data, where)[None]).float().numpy().astype(self.meta.fields["img"].dtype)
-            h = self.model.encode("img", torch.from_numpy(feature))
+            h = self.model.encode("img", torch.from_numpy(self.image_features(data, where)))
         return (h >= 0).numpy()
+
+    def text_features(self, text: str) -> np.ndarray:
+        """(1, D) text feature of a feature dataset, as extraction stored it (its dtype)."""
+        from scbch_dist.extract import BowText
+
+        words = text_words(text)
+        source = self.meta.source["text"]
+        if source["encoder"] == "bow":
+            # the training texts' words that the bag leaves out are dropped, as extraction did
+            raw = Path(self.meta.source.get("dataset", ""))
+            known, where = set(source["words"]), f"the bag of words of {self.root}"
+            if (raw / VOCAB_FILE).is_file():
+                known, where = set(read_vocab(raw)[0]), f"the training texts ({raw / VOCAB_FILE})"
+            unknown_words(words, known, where)
+            x = BowText(source["words"]).encode([text]).astype(np.float32)
+        else:
+            doc2vec = self._doc2vec
+            unknown_words(words, doc2vec.model.wv.key_to_index, f"the Doc2Vec model of {self.root} (the training texts)")
+            x = doc2vec.encode([text])
+        return x.astype(self.meta.fields["txt"].dtype)
+
+    def image_features(self, data: bytes, where: str = "the image") -> np.ndarray:
+        """(1, D) image feature of a feature dataset, as extraction stored it (its dtype)."""
+        net, prep = self._extractor
+        with torch.inference_mode():
+            feature = net(prep(data, where)[None]).float().numpy()
+        return feature.astype(self.meta.fields["img"].dtype)
 
     def _tokenize(self, text: str, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
         from scbch_dist.models.tokenizers import HFTokenizer
@@ -155,9 +177,8 @@ class QueryEncoder:
                 raise QueryError(f"unknown word{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}: the "
                                  f"tokenizer of {self.cfg.model.text.weights} maps {'them' if len(bad) > 1 else 'it'} "
                                  f"to {inner.unk_token}")
-        else:
-            unknown_words(words, tokenizer.index, f"this run's tokenizer ({self.root / 'vocab.json'}, "
-                                                  f"model.text.vocab_size {self.cfg.model.text.vocab_size})")
+        else:  # words of the training texts beyond model.text.vocab_size are [UNK], as in training
+            unknown_words(words, set(read_vocab(self.root)[0]), f"the training texts ({self.root / VOCAB_FILE})")
         return tokenizer([text])
 
     @cached_property
@@ -165,6 +186,16 @@ class QueryEncoder:
         from scbch_dist.models.tokenizers import make_tokenizer
 
         return make_tokenizer(self.cfg.model.text, self.root)
+
+    @cached_property
+    def _doc2vec(self):
+        from scbch_dist.extract import Doc2VecText
+
+        source = self.meta.source["text"]
+        names = ("dim", "epochs", "window", "min_count", "dm", "negative", "sample", "seed")
+        text = Doc2VecText(**{k: source[k] for k in names if k in source})
+        text.load((self.root / source["model"]).parent)
+        return text
 
     @cached_property
     def _extractor(self):

@@ -327,3 +327,29 @@ def test_efficientnet_lite0_gives_1280_d_features(raw, tmp_path):
     assert feats.shape == (10, 1280) and np.isfinite(feats).all() and feats.std(axis=0).mean() > 0
     with pytest.raises(ExtractError, match="vgg19 only"):
         extract(raw, tmp_path / "x", image_encoder="efficientnet-lite0", vgg_weights="random")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["d2v", "bow"])
+def test_a_search_replays_the_recipe_to_the_stored_features(raw, d2v, bow, which):
+    """A query typed or uploaded into a search of a run on the extracted dataset is encoded by the
+    recipe meta.json records: the stored caption and image of a query sample give its stored features."""
+    from scbch_dist.config import Config
+    from scbch_dist.query import DatasetItems, QueryEncoder, QueryError
+
+    root = {"d2v": d2v, "bow": bow}[which]
+    meta = read_meta(root)
+    encoder = QueryEncoder(Config(), root, meta, root, "")
+    assert encoder.text_recipe() is None and encoder.image_recipe() is None
+    items = DatasetItems(root, meta)  # captions and images from the raw source, same ids
+    stored = splits_of(root)["query"]
+    for i in range(3):
+        np.testing.assert_array_equal(encoder.text_features(items.caption("query", i))[0], stored["txt"][i])
+        # one image alone: the network's float32 sums round differently than in extraction's batches
+        # of 3, which moves a few values (0.7% here) by one float16 step (or, near 0, by 1e-6 or less)
+        got = encoder.image_features(items.image("query", i)[0])[0]
+        assert got.dtype == stored["img"].dtype
+        np.testing.assert_allclose(got.astype(np.float32), stored["img"][i].astype(np.float32), rtol=2 ** -10, atol=1e-6)
+        assert (got != stored["img"][i]).mean() < 0.02
+    with pytest.raises(QueryError, match="unknown word 'zebra'"):
+        encoder.text_features("a zebra")
