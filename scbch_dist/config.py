@@ -224,12 +224,12 @@ class IndexSettings:
     command line overrides each (--nprobe 32); 0 means chosen for the database's size."""
 
     kind: str = "flat"  # flat (exact) | hash | ivf | hnsw
-    nlist: int = 0  # ivf lists; 0: about sqrt(N)
-    nprobe: int = 16  # ivf lists scanned per query
+    nlist: int = 0  # ivf lists; 0: about sqrt(N), at most 1024
+    nprobe: int = 64  # ivf lists scanned per query
     hnsw_m: int = 32  # hnsw links per code
     ef_construction: int = 40  # hnsw beam while building
     ef_search: int = 64  # hnsw beam while searching
-    hash_bits: int = 0  # bits per multi-hash table; 0: about log2(N), at least 8
+    hash_bits: int = 0  # bits per multi-hash table; 0: about log2(N), at least 8, at most L/3
     hash_tables: int = 0  # multi-hash tables; 0: as many as fit in the code
     hash_flips: int = 2  # bits flipped when probing each table
     seed: int = 0  # ivf k-means

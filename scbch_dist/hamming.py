@@ -97,7 +97,9 @@ def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolv
     if kind == "flat":
         return Resolved(kind, bits, count)
     if kind == "ivf":
-        nlist = settings.nlist or max(1, min(count // 39, round(math.sqrt(count))))  # FAISS wants 39 per list
+        # about sqrt(N), FAISS wants 39 per list; at most 1024: the k-means (256 codes a list) costs
+        # ~nlist^2, about 30 s at 1024 lists of 64 bits on 2 cores, while scanning longer lists is cheap
+        nlist = settings.nlist or max(1, min(count // 39, round(math.sqrt(count)), 1024))
         if nlist > count:
             raise IndexError_(f"index.nlist={nlist} lists for {count} codes: at most one list per code")
         return Resolved(kind, bits, count, nlist=nlist, nprobe=min(settings.nprobe, nlist))
@@ -105,8 +107,9 @@ def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolv
         return Resolved(kind, bits, count, hnsw_m=settings.hnsw_m, ef_construction=settings.ef_construction,
                         ef_search=settings.ef_search)
     width = padded_bits(bits)
-    # about log2(N) bits a table: a bucket then holds about one code of a uniform database
-    hash_bits = settings.hash_bits or min(width, max(8, math.ceil(math.log2(count))))
+    # about log2(N) bits a table: a bucket then holds about one code of a uniform database; but at
+    # least 3 tables where the code has 24 bits or more (at 10M, 64 bits: 3 x 21, not 2 x 24 bits)
+    hash_bits = settings.hash_bits or min(width, max(8, math.ceil(math.log2(count))), max(8, width // 3))
     tables = settings.hash_tables or max(1, width // hash_bits)
     if hash_bits * tables > width:
         raise IndexError_(f"index.hash_tables={tables} x index.hash_bits={hash_bits} = {hash_bits * tables} bits, "
