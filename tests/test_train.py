@@ -55,6 +55,14 @@ def test_short_run_learns_and_writes_every_output(short_run):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     codes = np.load(run_dir / "codes.npz")
     assert codes["query_img"].shape == (80, 2) and int(codes["bits"]) == 16  # 16 bits packed in 2 bytes
+    # the codes name the model that wrote them (the last checkpoint's) and the run's config
+    from safetensors.torch import load_file
+
+    from scbch_dist.engine.checkpoint import model_fingerprint
+
+    weights = load_file(str(run_dir / "checkpoints/epoch-0006/model.safetensors"))
+    assert str(codes["model_sha256"]) == model_fingerprint(weights)
+    assert json.loads(str(codes["config"]))["model"]["bits"] == 16
 
 
 @pytest.mark.slow
@@ -134,6 +142,14 @@ def test_long_codes_train_evaluate_and_pack(tiny_dataset, tmp_path, bits):
     d = np.unpackbits(codes["database_txt"], axis=1)
     assert metrics.mean_average_precision(q, d, codes["query_lab"], codes["database_lab"]) == \
         pytest.approx(summary["final"]["i2t"]["map"], abs=1e-12)
+    if bits == 1024:  # the exact Hamming index of these codes ranks as the metrics, to the same mAP
+        pytest.importorskip("faiss")
+        from scbch_dist.index import build, check
+
+        build(run_dir, log=lambda *_: None)
+        for row in check(run_dir):
+            assert row["same_ranking"]
+            assert row["map_from_index"] == pytest.approx(summary["final"][row["direction"]]["map"], abs=1e-12)
 
 
 def test_refresh_path_equals_the_cscc_weights_reference(tiny_dataset, tmp_path):
