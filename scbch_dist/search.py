@@ -136,8 +136,9 @@ class Searcher:
             raise QueryError(f"--id {sample}: the {split} split has ids 0..{len(codes) - 1}")
         hits, ms = self._hits(codes[sample: sample + 1], modality, k)
         what = self.items.caption(split, sample) if modality == "txt" else self.items.image_path(split, sample)
+        labels = ", ".join(self.meta.classes[c] for c in np.flatnonzero(self.codes.labels[split][sample]))
         return Result(f"{split} sample {sample} ({'text' if modality == 'txt' else 'image'}"
-                      + (f": {what}" if what else "") + ")", modality, hits, 0.0, ms)
+                      + (f": {what}" if what else "") + f"; labels {labels})", modality, hits, 0.0, ms)
 
 
 def format_table(result: Result) -> str:
