@@ -250,7 +250,7 @@ def test_search_by_stored_id_prints_a_table_and_json(tmp_path, capsys, monkeypat
     assert set(hits[0]) == {"rank", "id", "distance", "labels", "caption", "image"}
     search_main([str(run), "--id", "3", "--modality", "img", "-k", "3"])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("query: query sample 3 (image)") and "image -> texts" in table[0]
+    assert table[0].startswith("query: query sample 3 (image; labels ") and "image -> texts" in table[0]
     assert len(table) == 2 + 3
 
 
