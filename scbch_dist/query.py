@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import re
 import tarfile
 from functools import cached_property
 from pathlib import Path
@@ -65,7 +66,8 @@ def check_image(data: bytes, where: str) -> None:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad bytes
-        raise QueryError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names its buffer
+        raise QueryError(f"{where}: not a readable image ({type(e).__name__}: {reason})") from None
 
 
 class QueryEncoder:
