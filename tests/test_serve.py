@@ -269,6 +269,14 @@ def test_the_page_searches_in_a_headless_browser(searcher, tmp_path):
             wait.until(lambda b: "query.png" in b.find_element(By.ID, "latency").text)
             assert len(browser.find_elements(By.CSS_SELECTOR, ".hit")) == K
 
+            sample = browser.find_element(By.ID, "sample")  # a stored query sample's caption code
+            sample.clear()
+            sample.send_keys("3")
+            browser.find_element(By.ID, "search-id").click()
+            wait.until(lambda b: "query sample 3 (text" in b.find_element(By.ID, "latency").text)
+            ids = [int(h.get_attribute("data-id")) for h in browser.find_elements(By.CSS_SELECTOR, ".hit")]
+            assert ids == [h.id for h in searcher.search_id(3, K).hits]
+
             query = browser.find_element(By.ID, "query")
             query.clear()
             query.send_keys(UNKNOWN, Keys.ENTER)  # Enter searches too
