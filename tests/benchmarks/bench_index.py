@@ -9,7 +9,8 @@ latency and recall@10 against the exact result, at growing N. Prints Markdown ta
 
 Every index is built with hamming.resolve(IndexSettings(kind=...)) for its N and L, i.e. the defaults
 in scbch_dist/config.py and the automatic rules in hamming.resolve, and FAISS runs on 2 threads
-(faiss.omp_set_num_threads(2), set explicitly). The load average (/proc/loadavg) is printed before
+(faiss.omp_set_num_threads(2), set explicitly) for builds and the exact reference search, while
+hamming.search runs a single query on one thread (hamming.ONE_THREAD_BELOW). The load average (/proc/loadavg) is printed before
 each table: timings are only worth reading on a quiet machine (``--max-load``: wait at the start,
 up to 10 minutes, until the 1-minute load is below it).
 
