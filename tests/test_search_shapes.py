@@ -38,11 +38,13 @@ def shapes_run(tmp_path_factory) -> Path:
     return run
 
 
-def test_a_red_circle_finds_pictures_labelled_red_and_circle_first(shapes_run):
+def test_a_red_circle_finds_red_pictures_first(shapes_run):
+    # The run's codes encode colour, not shape (docs/search.md, "What the shapes run finds"): all
+    # ten hits must be red; which of them hold a circle is the model's, not the search's, to fix.
     searcher = Searcher(shapes_run)
     result = searcher.search_text("a red circle", k=10)
     assert [h.rank for h in result.hits] == list(range(1, 11))
-    assert all({"red", "circle"} <= set(h.labels) for h in result.hits), [h.labels for h in result.hits]
+    assert all("red" in h.labels for h in result.hits), [h.labels for h in result.hits]
     assert all(h.image.endswith(".png") and ".tar:" in h.image and h.caption for h in result.hits)
     assert [h.distance for h in result.hits] == sorted(h.distance for h in result.hits)
 
