@@ -193,6 +193,7 @@ class RunConfig:
     progress: bool = True  # tqdm progress bars on the main process
     tensorboard: bool = True  # log through Accelerate's tracker when tensorboard is installed
     checkpoint: bool = True  # write a checkpoint (checkpoints/latest names it) after every epoch
+    keep_checkpoints: int = 2  # complete checkpoints kept, the newest: an earlier one to resume from if the latest is damaged
     save_codes: bool = True  # write the final query/database codes (packed bits)
 
 
@@ -338,11 +339,31 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return tree
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the package; configs/ in a checkout links here
+DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"  # the embedded default dataset and run
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file: ``path`` as given when it exists; else the packaged config it names
+    (``configs/flickr.yaml`` or ``flickr`` -> scbch_dist/configs/flickr.yaml), so the README's
+    commands work from any folder with an installed package. Otherwise a ConfigError naming it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    relative = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    for candidate in (PACKAGED_CONFIGS / relative, PACKAGED_CONFIGS / relative.with_suffix(".yaml")):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (packaged configs: {known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then each ``key=value`` override in order, merged as
     OmegaConf structured configs (dinov2's pattern); then ``validate``."""
     merged = OmegaConf.structured(Config)
     if path is not None:
+        path = find_config(path)
         merged = _merge(merged, read_yaml_mapping(path), f"{path}: ")
     for text in overrides or []:
         merged = _merge(merged, parse_override(text), "")
@@ -376,7 +397,8 @@ def validate(cfg: Config) -> None:
                 "eval.batch_size": (cfg.eval.batch_size, 1), "data.shuffle_buffer": (cfg.data.shuffle_buffer, 1),
                 "data.workers": (cfg.data.workers, 0), "model.image.image_size": (cfg.model.image.image_size, 1),
                 "model.text.max_length": (cfg.model.text.max_length, 1),
-                "model.text.vocab_size": (cfg.model.text.vocab_size, 1)}
+                "model.text.vocab_size": (cfg.model.text.vocab_size, 1),
+                "run.keep_checkpoints": (cfg.run.keep_checkpoints, 1)}
     for section, names in (("synthetic", ("n_query", "n_train", "img_dim", "txt_dim", "topics", "samples_per_shard")),
                            ("shapes", ("n_query", "n_train", "image_size", "max_shapes", "samples_per_shard"))):
         at_least.update({f"{section}.{n}": (getattr(getattr(cfg, section), n), 1) for n in names})
@@ -419,6 +441,16 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    # a negative weight turns a loss term into a reward; a negative margin or shift moves the
+    # thresholds to the wrong side of the positive pair (docs/objective.md): both train silently wrong
+    not_negative = {"loss.margin": cfg.loss.margin, "loss.shift": cfg.loss.shift,
+                    "loss.bsch_weight": cfg.loss.bsch_weight, "loss.quant_weight": cfg.loss.quant_weight,
+                    "loss.cscc_weight": cfg.loss.cscc_weight, "nacd.alpha": cfg.nacd.alpha, "nacd.beta": cfg.nacd.beta,
+                    "nacd.margin": cfg.nacd.margin, "nacd.shift": cfg.nacd.shift,
+                    "rshnl.cal_weight": cfg.rshnl.cal_weight, "rshnl.chl_weight": cfg.rshnl.chl_weight}
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     for key, value in {"nacd.mix": cfg.nacd.mix, "nacd.omega_start": cfg.nacd.omega_start,
                        "nacd.omega_end": cfg.nacd.omega_end, "nacd.threshold": cfg.nacd.threshold}.items():
         if not 0.0 <= value <= 1.0:
@@ -438,9 +470,44 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config as YAML, its last line the sha256 of the lines above (digests.seal_text):
+    a resume reads it back, and a changed file must not silently train other settings."""
+    from scbch_dist.digests import seal_text
     from scbch_dist.io import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), seal_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+
+
+def check_saved_config(path: str | Path) -> None:
+    """A run's config.yaml as save_config wrote it: a file changed since is refused by name (a
+    resume changes settings with --set, which the run checks key by key). A file without the
+    digest line passes only in a run folder of an earlier version (no checkpoint manifest, no
+    sealed summary): in a run this version wrote, a missing line means a truncated file."""
+    from scbch_dist.digests import IntegrityError, check_text
+
+    path = Path(path)
+    restore = ("a resume reads the run's own settings: restore the file (the checkpoint's run_state.json holds them "
+               "under 'config'), or change a setting a resume may change with --set")
+    try:
+        sealed = check_text(path)
+    except IntegrityError as e:
+        raise ConfigError(f"{e}; {restore}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not sealed and _written_with_digests(path.parent):
+        raise ConfigError(f"{path}: its last line, the sha256 of the lines above, is missing (truncated or edited); "
+                          f"{restore}")
+
+
+def _written_with_digests(run_dir: Path) -> bool:
+    """Whether a run folder was written by a version that seals config.yaml: a checkpoint with a
+    manifest, or a summary.json with its own digest."""
+    if any(run_dir.glob("checkpoints/epoch-*/manifest.json")):
+        return True
+    try:
+        return '"sha256"' in (run_dir / "summary.json").read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def flat_dict(cfg: Config) -> dict[str, Any]:

@@ -485,7 +485,9 @@ def _extract_split(job: _Job, split: str) -> None:
     loader = DataLoader(data, batch_size=None, num_workers=job.workers, collate_fn=_keep,
                         prefetch_factor=2 if job.workers > 0 else None)
     pending: dict[int, list[dict]] = {}  # batches of shards not finished yet (workers interleave them)
-    with tqdm(total=info.count, initial=done, desc=f"extract {split}", unit="img", disable=not job.progress,
+    # disable=None: drawn on a terminal only, so redirected logs stay clean
+    with tqdm(total=info.count, initial=done, desc=f"extract {split}", unit="img",
+              disable=None if job.progress else True,
               file=sys.stderr) as bar, torch.inference_mode():
         for batch in loader:
             x = batch.pop("x")

@@ -30,22 +30,25 @@ import json
 import shutil
 import sys
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from scbch_dist import cli, hamming, metrics
-from scbch_dist.config import IndexSettings
-from scbch_dist.data.format import sha256_file
+from scbch_dist.config import IndexSettings, check_saved_config, read_yaml_mapping
+from scbch_dist.digests import IntegrityError, arrays_sha256, read_sealed_json, sha256_file, write_sealed_json
+from scbch_dist.engine.evaluate import CODES_DIGEST
 from scbch_dist.errors import ScbchError
-from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_write_json
+from scbch_dist.io import atomic_directory, atomic_save_npy
 
 FORMAT = 1
 MODALITIES = ("img", "txt")
 CODE_SPLITS = ("query", "database")  # the splits codes.npz holds
 SEARCH_KNOBS = ("nprobe", "ef_search", "hash_flips")  # settings a search may change without a rebuild
+CHECK_FAILED = 1  # exit status of a check that ran and found a problem (2: it could not run, cli.EXIT_ERROR)
 
 
 class RunIndexError(ScbchError, ValueError):
@@ -76,18 +79,20 @@ class RunCodes:
             raise RunIndexError(f"{run_dir}: not a run folder (no config.yaml)")
         if not path.is_file():
             raise RunIndexError(f"{path}: missing; a run writes its codes after its last epoch (unless "
-                                f"run.save_codes is false): finish it with python -m scbch_dist.train --resume {run_dir}")
+                                f"run.save_codes is false): write them with python -m scbch_dist.train --resume {run_dir} "
+                                "--set run.save_codes=true")
+        check_saved_config(run_dir / "config.yaml")  # first: codes are compared with it below
+        arrays = read_codes(path)
+        bits = int(arrays["bits"])
         try:
-            with np.load(path) as z:
-                bits = int(z["bits"])
-                codes = {f"{s}_{m}": np.unpackbits(z[f"{s}_{m}"], axis=1, count=bits).astype(bool)
-                         for s in CODE_SPLITS for m in MODALITIES}
-                labels = {s: np.asarray(z[f"{s}_lab"]) for s in CODE_SPLITS}
-                model_sha256 = str(z["model_sha256"]) if "model_sha256" in z.files else ""
-                stored = json.loads(str(z["config"])) if "config" in z.files else None
-        except (OSError, ValueError, KeyError) as e:
-            raise RunIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {e})") from None
-        run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+            codes = {f"{s}_{m}": np.unpackbits(arrays[f"{s}_{m}"], axis=1, count=bits).astype(bool)
+                     for s in CODE_SPLITS for m in MODALITIES}
+            labels = {s: np.asarray(arrays[f"{s}_lab"]) for s in CODE_SPLITS}
+            stored = json.loads(str(arrays["config"])) if "config" in arrays else None
+        except (ValueError, KeyError) as e:
+            raise RunIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
+        model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
+        run_config = read_yaml_mapping(run_dir / "config.yaml", "run config")
         if stored is not None:
             from scbch_dist.engine.rundir import changed_keys
 
@@ -96,6 +101,25 @@ class RunCodes:
                 raise RunIndexError(f"{path}: written by another run or an unfinished resume (config.yaml differs: "
                                     f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
         return cls(run_dir, bits, codes, labels, model_sha256, run_config, sha256_file(path))
+
+
+def read_codes(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a codes.npz, its digest checked (codes written before digests are read as
+    they are). A damaged file is a RunIndexError naming it, with the way to write it again."""
+    again = (f"delete it and write it again: python -m scbch_dist.train --resume {path.parent} "
+             "--set run.save_codes=true")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first}); {again}") from None
+    stored = arrays.pop(CODES_DIGEST, None)
+    if stored is not None and str(stored) != arrays_sha256(arrays):
+        raise RunIndexError(f"{path}: its content differs from the sha256 it was written with (corrupted); {again}")
+    if "bits" not in arrays:
+        raise RunIndexError(f"{path}: not a codes file (no 'bits'); {again}")
+    return arrays
 
 
 def index_dir(run_dir: str | Path, split: str, kind: str) -> Path:
@@ -117,7 +141,7 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
     run_dir = Path(run_dir)
     if split not in CODE_SPLITS:
         raise RunIndexError(f"--split {split!r}: codes.npz holds {' and '.join(CODE_SPLITS)}")
-    with RunLock(run_dir):
+    with RunLock(run_dir, create=False):
         codes = RunCodes.load(run_dir)
         target = index_dir(run_dir, split, settings.kind)
         record = {"format": FORMAT, "kind": settings.kind, "split": split, "bits": codes.bits,
@@ -138,7 +162,9 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
                                            "build_seconds": round(seconds, 4)}
                 log(f"{m}: {resolved.kind} index of {len(data)} codes of {codes.bits} bits in {seconds:.2f} s")
             atomic_save_npy(tmp / "ids.npy", np.arange(record["count"], dtype=np.int64))
-            atomic_write_json(tmp / "index.json", record)
+            # the digests an opened index is checked against: a damaged file is refused, never searched
+            record["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            write_sealed_json(tmp / "index.json", record)
         # swap the complete new folder in; the old one (an earlier build) goes only once the new one is whole
         if target.exists():
             old = target.parent / f".{target.name}.old.tmp"
@@ -167,23 +193,39 @@ class RunIndex:
         if not (path / "index.json").is_file():
             raise RunIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.index "
                                 f"build {run_dir} --split {split} --kind {kind}")
-        record = json.loads((path / "index.json").read_text())
+        try:
+            record = read_sealed_json(path / "index.json")
+            for name, digest in record.get("files", {}).items():
+                if not (path / name).is_file():
+                    raise IntegrityError(f"{path / name}: missing (listed in {path / 'index.json'})")
+                if sha256_file(path / name) != digest:
+                    raise IntegrityError(f"{path / name}: its sha256 differs from the one recorded in "
+                                         f"{path / 'index.json'} when it was built (corrupted or changed since)")
+        except IntegrityError as e:
+            raise RunIndexError(f"{e}; rebuild the index: python -m scbch_dist.index build {run_dir} --split {split} "
+                                f"--kind {kind}") from None
+        rebuild = f"rebuild it: python -m scbch_dist.index build {run_dir} --split {split} --kind {kind}"
         if record.get("format") != FORMAT:
             raise RunIndexError(f"{path / 'index.json'}: index format {record.get('format')!r}, this version reads "
-                                f"{FORMAT}; rebuild it")
-        if record["codes_sha256"] != codes.sha256:
-            raise RunIndexError(f"{path}: built from other codes than {run_dir}/codes.npz now holds (built "
-                                f"{record['built']}, model {record['model_sha256'][:12] or '?'}; the codes now: model "
-                                f"{codes.model_sha256[:12] or '?'}); rebuild it: python -m scbch_dist.index build "
-                                f"{run_dir} --split {split} --kind {kind}")
-        ids = np.load(path / "ids.npy")
-        indexes, settings = {}, {}
-        for m in MODALITIES:
-            stored = record["modalities"][m]["settings"]
-            resolved = hamming.Resolved(**{**stored, **{k: v for k, v in (overrides or {}).items()
-                                                        if k in SEARCH_KNOBS and v is not None and k in stored}})
-            indexes[m] = hamming.read(path / record["modalities"][m]["file"], resolved)
-            settings[m] = resolved
+                                f"{FORMAT}; {rebuild}")
+        try:
+            if record["codes_sha256"] != codes.sha256:
+                raise RunIndexError(f"{path}: built from other codes than {run_dir}/codes.npz now holds (built "
+                                    f"{record['built']}, model {record['model_sha256'][:12] or '?'}; the codes now: "
+                                    f"model {codes.model_sha256[:12] or '?'}); {rebuild}")
+            ids = np.load(path / "ids.npy", allow_pickle=False)
+            indexes, settings = {}, {}
+            for m in MODALITIES:
+                stored = record["modalities"][m]["settings"]
+                resolved = hamming.Resolved(**{**stored, **{k: v for k, v in (overrides or {}).items()
+                                                            if k in SEARCH_KNOBS and v is not None and k in stored}})
+                indexes[m] = hamming.read(path / record["modalities"][m]["file"], resolved)
+                settings[m] = resolved
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # an index of an earlier version, damaged
+            if isinstance(e, RunIndexError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunIndexError(f"{path}: not a readable index ({type(e).__name__}: {first[:200]}); {rebuild}") from None
         return cls(path, record, ids, indexes, settings)
 
     def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,7 +258,10 @@ def check(run_dir: str | Path, *, split: str = "database", kind: str = "flat", k
     index = RunIndex.open(run_dir, codes, split=split, kind=kind, overrides=overrides)
     other = "query" if split == "database" else "database"
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()).get("final", {}) if summary_path.is_file() else {}
+    try:
+        summary = read_sealed_json(summary_path).get("final") or {} if summary_path.is_file() else {}
+    except IntegrityError as e:
+        raise RunIndexError(str(e)) from None
     rows = []
     for direction, (q_mod, d_mod) in {"i2t": ("img", "txt"), "t2i": ("txt", "img")}.items():
         queries, database = codes.codes[f"{other}_{q_mod}"], codes.codes[f"{split}_{d_mod}"]
@@ -242,6 +287,22 @@ def check(run_dir: str | Path, *, split: str = "database", kind: str = "flat", k
                 row["map_summary"] = summary[direction]["map"]
         rows.append(row)
     return rows
+
+
+def failures(rows: list[dict], *, min_recall: float = 0.0) -> list[str]:
+    """What ``check`` found wrong, one line each: an exact index that ranks otherwise than
+    ``metrics``, an mAP from the index that is not the run's summary mAP, recall below ``min_recall``."""
+    out = []
+    for r in rows:
+        where = f"{r['direction']} ({r['queries']} queries)"
+        if r.get("same_ranking") is False:
+            out.append(f"{where}: the index does not rank as the exact Hamming ranking does")
+        if "map_summary" in r and abs(r["map_from_index"] - r["map_summary"]) > 1e-9:
+            out.append(f"{where}: mAP from the index {r['map_from_index']:.6f}, summary.json says {r['map_summary']:.6f}")
+        recall = r[f"recall@{r['k']}"]
+        if recall < min_recall:
+            out.append(f"{where}: recall@{r['k']} {recall:.4f} is below --min-recall {min_recall}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--hash-tables", dest="hash_tables", type=int, help="hash: tables (default: as many as fit)")
     b.add_argument("--seed", type=int, help=f"ivf: k-means seed (default {d.seed})")
     c.add_argument("-k", type=int, default=10, help="recall@k (default 10)")
+    c.add_argument("--min-recall", type=float, default=0.0,
+                   help="fail when recall@k is below this (approximate kinds; default 0: report only)")
     args = p.parse_args(argv)
     if args.command == "build":
         path = build(args.run_dir, split=args.split, settings=settings_from(args))
@@ -292,6 +355,11 @@ def main(argv: list[str] | None = None) -> None:
                  f"{r['map_summary']:.6f}" if "map_summary" in r else "-",
                  f"{r['index_ms_per_query']:.3f}", f"{r['numpy_ms_per_query']:.3f}"]
         print("| " + " | ".join(str(x) for x in cells) + " |")
+    found = failures(rows, min_recall=args.min_recall)
+    for line in found:
+        print(f"python -m scbch_dist.index check: FAILED: {line}", file=sys.stderr)
+    if found:
+        sys.exit(CHECK_FAILED)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 Known errors (config, data, run folder, checkpoint) print one line and exit 2; a run stopped by
 SIGTERM, SIGUSR1 or RUN_DIR/STOP writes a checkpoint and exits 75 (resume it with --resume).
 
-With no --config, configs/default.yaml (the embedded synthetic dataset) is used. A run writes
+With no --config, configs/default.yaml (the embedded synthetic dataset, shipped in the package) is
+used; --config configs/X.yaml (or just X) finds the packaged config X when no such file is here. A run writes
 run.dir/: config.yaml, log.txt, metrics.jsonl, summary.json, plots/, checkpoints/, codes.npz and
 tensorboard/ (when tensorboard is installed); docs/configuration.md describes each.
 """
@@ -20,18 +21,17 @@ import time
 from pathlib import Path
 
 from scbch_dist import cli, dist
-from scbch_dist.config import Config, flat_dict, load_config, to_dict
+from scbch_dist.config import DEFAULT_CONFIG, Config, check_saved_config, flat_dict, load_config, to_dict
 from scbch_dist.engine import rundir, setup
-from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files
-from scbch_dist.engine.loop import EpochProgress, Run, fit, restore_tables, run_tables, write_summary
+from scbch_dist.data.fingerprint import check_same_data
+from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files, read_run_state
+from scbch_dist.engine.loop import (EpochProgress, Run, fit, restore_tables, run_tables, write_missing_codes,
+                                    write_summary)
 from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
 from scbch_dist.errors import RunDirError, ScbchError
 from scbch_dist.runlog import LOGGER_NAME, MetricsLog, setup_logging
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scbch_dist.train", description=__doc__,
@@ -42,9 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (its config; --set may change "
                         "only train.epochs, eval.every, eval.topk and run.* output settings)")
+    p.add_argument("--from-checkpoint", metavar="NAME",
+                   help="with --resume: continue from this kept checkpoint (e.g. epoch-0003) instead of the latest, "
+                        "which is then removed with any later ones; for a latest checkpoint found damaged")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run.dir that holds another run, deleting that run's results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.from_checkpoint and not args.resume:
+        p.error("--from-checkpoint goes with --resume RUN_DIR")
+    return args
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -57,11 +63,17 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise RunDirError("--resume and --overwrite contradict each other: continue the run, or start afresh")
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
+        check_saved_config(run_dir / "config.yaml")
         return load_config(run_dir / "config.yaml", [*args.set, f"run.dir={run_dir}"])
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, args.set)
+    return load_config(args.config or DEFAULT_CONFIG, args.set)
+
+
+def may_generate(args: argparse.Namespace) -> bool:
+    """Whether data.generate may write its embedded dataset at data.root: where the config that asks
+    for it names, or where --set data.generate asks for it. A --set data.root alone points at the
+    user's own data: an empty or mistyped folder is then an error, never filled with synthetic data."""
+    keys = {text.split("=", 1)[0].strip() for text in args.set}
+    return "data.generate" in keys or "data.root" not in keys
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         try:
             lock = rundir.claim(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
-                                safe=rundir.safe_keys(method_class), log=log)
+                                safe=rundir.safe_keys(method_class), log=log, from_checkpoint=args.from_checkpoint)
         except ScbchError as e:
             refused = e
     dist.raise_together(refused, f"the main process refused {run_dir} (its message is above)")
@@ -98,10 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float) -> dict:
     t_data = time.perf_counter()
-    data = setup.build_data(cfg, accelerator, log)
+    data = setup.build_data(cfg, accelerator, log, may_generate=may_generate(args))
     # the training stream's loader workers (data.workers > 0) serve every epoch; stopped when the
     # run ends, however it ends, so none outlives it (or holds up the interpreter's exit)
     with data.stream:
+        if args.resume:
+            check_same_dataset(run_dir, data, accelerator.is_main_process, log)
         method = method_class(cfg, data.train)
         preflight(cfg, data, method, accelerator, log)
         t_data = time.perf_counter() - t_data
@@ -112,7 +126,7 @@ def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, sto
         run = Run(cfg, accelerator, data, model, optimizer, method, bank, run_dir, log,
                   MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process), stop)
 
-        state, resumed = RunState(), None
+        state, resumed = RunState(dataset=data.fingerprint), None
         if args.resume:
             state, tables, rank_state = load_checkpoint(accelerator, run_dir)
             restore_tables(run, tables)
@@ -120,12 +134,29 @@ def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, sto
                 resumed = EpochProgress.resumed(state.partial, rank_state, run_tables(run), accelerator.device)
             log.info(f"resumed {run_dir} after epoch {state.epoch}"
                      + (f" and step {state.partial['step']} of epoch {state.epoch + 1}" if state.partial else ""))
+            if accelerator.is_main_process:  # everything is checked: the run goes on
+                rundir.keep_summary(run_dir, state.epoch, log)
         setup.log_model(run)
         if accelerator.log_with:
             accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
 
         state = fit(run, state, to_dict(cfg), resumed)
+        write_missing_codes(run, state)
         return write_summary(run, state, time.perf_counter() - t_start, t_data)
+
+
+def check_same_dataset(run_dir: Path, data: setup.TrainingData, is_main: bool, log: logging.Logger) -> None:
+    """Collective: a resume refuses a dataset that differs from the one the run began with."""
+    error = None
+    if is_main:
+        try:
+            _, state, _ = read_run_state(run_dir)
+            if not check_same_data(state.dataset, data.fingerprint, data.root, run_dir):
+                log.warning(f"{run_dir}: the checkpoint records no dataset fingerprint (an earlier version's); the "
+                            "dataset is not checked against the one the run began with")
+        except ScbchError as e:
+            error = e
+    dist.raise_together(error, f"the main process refused to resume {run_dir} (its message is above)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 from conftest import tiny_args
 from scbch_dist.config import load_config, save_config
+from scbch_dist.digests import write_manifest
 from scbch_dist.engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, portable_model_files,
                                           read_run_state, save_checkpoint)
 from scbch_dist.engine.setup import make_accelerator, make_optimizer
@@ -135,7 +136,13 @@ def test_resuming_a_crafted_run_fails_without_running_the_payload(tiny_dataset, 
     run_dir = tmp_path / "run"
     main(tiny_args(tiny_dataset, run_dir, "train.epochs=1", "eval.every=1", "run.tensorboard=false"))
     marker = tmp_path / "payload-ran"
-    torch.save({"state": Payload(marker)}, latest_checkpoint(run_dir) / "optimizer.bin")
+    folder = latest_checkpoint(run_dir)
+    torch.save({"state": Payload(marker)}, folder / "optimizer.bin")
+    # the manifest's digest catches the changed file first ...
+    with pytest.raises(CheckpointError, match=rf"^{folder / 'optimizer.bin'}: \d+ bytes, \d+ when it was written"):
+        main(["--resume", str(run_dir), "--set", "train.epochs=2"])
+    # ... and a manifest written anew over the crafted file does not make it load
+    write_manifest(folder)
     with pytest.raises(CheckpointError, match=r"optimizer\.bin: not a plain tensor file"):
         main(["--resume", str(run_dir), "--set", "train.epochs=2"])
     assert not marker.exists()

@@ -25,9 +25,9 @@ SMALL_SHAPES = ["shapes.n_train=640", "shapes.n_query=64", "shapes.n_extra_datab
 def raw_args(root: Path, run_dir: Path, *extra: str, config: str = "configs/finetune-tiny.yaml") -> list[str]:
     """configs/finetune-tiny.yaml on a smaller shapes dataset: 400 steps of 32 (the tiny model
     leaves chance level after about 200)."""
-    settings = [f"data.root={root}", *SMALL_SHAPES, f"run.dir={run_dir}", "train.epochs=20", "eval.every=10",
-                "train.batch_size=32", "cscc.warmup_epochs=2", "cscc.k=10", "bank.refresh=memory", "run.progress=false",
-                "run.tensorboard=false", *extra]
+    settings = [f"data.root={root}", "data.generate=shapes", *SMALL_SHAPES, f"run.dir={run_dir}", "train.epochs=20",
+                "eval.every=10", "train.batch_size=32", "cscc.warmup_epochs=2", "cscc.k=10", "bank.refresh=memory",
+                "run.progress=false", "run.tensorboard=false", *extra]
     return ["--config", str(REPO / config), *[a for s in settings for a in ("--set", s)]]
 
 

@@ -175,6 +175,10 @@ def test_a_resume_keeps_the_earlier_summary_aside_and_refuses_fewer_epochs(tmp_p
     assert rundir.launch_state(run_dir) == "done"
     cfg = load_config(run_dir / "config.yaml", ["train.epochs=6"])
     rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    # the summary moves aside only once the resume has passed every check (train does it after
+    # the checkpoint is loaded): a resume refused later leaves the run finished
+    assert rundir.launch_state(run_dir) == "done"
+    rundir.keep_summary(run_dir, 4, LOG)
     # an extension killed before its end is resumed by launchers, not taken for finished
     assert rundir.launch_state(run_dir) == "resume"
     assert json.loads((run_dir / "summary-epoch-0004.json").read_text()) == {"final": {"epoch": 4}}

@@ -32,7 +32,7 @@ def shapes_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("shapes")
     run = base / "run"
     train_main(["--config", str(REPO / "configs" / "shapes-search.yaml"), "--set", f"run.dir={run}",
-                "--set", f"data.root={base / 'shapes'}", "--set", "run.progress=false",
+                "--set", f"data.root={base / 'shapes'}", "--set", "data.generate=shapes", "--set", "run.progress=false",
                 "--set", "run.tensorboard=false"])
     build(run, log=lambda *_: None)
     return run

@@ -28,7 +28,6 @@ object arrays (image ``bytes``, text ``str``) and ``src`` (the shard of each sam
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -41,6 +40,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from scbch_dist.errors import ScbchError
+from scbch_dist.digests import sha256_file  # noqa: F401  (shard checksums; re-exported for the data tools)
 from scbch_dist.io import atomic_save_npy, atomic_write_json
 
 FORMAT_NAME = "scbch_dist-shards"
@@ -415,15 +415,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 0  # deterministic bytes: the same arrays always give the same shard checksum
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in chunks of ``chunk`` bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class SplitWriter:

@@ -48,15 +48,24 @@ def _reraise_as_shard_error(exn: Exception) -> bool:
     if isinstance(exn, ShardError):
         raise exn
     url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "<shard>")
+    if isinstance(exn, FileNotFoundError) or _is_local(url) and not Path(url).exists():
+        raise ShardError(f"{url}: missing (deleted or moved while the run was reading the dataset)") from exn
     first = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
     raise ShardError(f"{url}: truncated or corrupt tar ({first})") from exn
+
+
+def _is_local(url: str) -> bool:
+    """A shard path on this machine (not a URL or a pipe: webdataset opens those itself)."""
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def read_blocks(urls: list[str], meta: DatasetMeta, split: str) -> Iterator[Block]:
     """Validated blocks of the given shards, in order; checks each shard's sample count."""
     expected = dict(zip(meta.splits[split].shards, meta.splits[split].shard_counts))
     for url in urls:
-        if Path(url).is_file():  # local shards; streamed URLs rely on the count check below
+        if _is_local(url):  # streamed URLs rely on the count check below
+            if not Path(url).is_file():
+                raise ShardError(f"{url}: missing (deleted or moved while the run was reading the dataset)")
             check_tar_end(url)
     seen = {u: 0 for u in urls}
     groups = wds.tarfile_to_samples(handler=_reraise_as_shard_error)([{"url": u} for u in urls])

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scbch_dist.config import ShapesConfig
-from scbch_dist.data.format import DatasetMeta, RawSample, meta_path, read_meta, write_raw_dataset
+from scbch_dist.config import ConfigError, ShapesConfig
+from scbch_dist.data.format import DatasetMeta, RawSample, ShardError, meta_path, read_meta, write_raw_dataset
 
 GENERATOR = "scbch_dist.data.shapes"
 SHAPES = ["circle", "square", "triangle", "cross", "star"]
@@ -51,13 +51,13 @@ RADIUS = (0.17, 0.28)  # object radius as a fraction of the image side
 def _check(cfg: ShapesConfig) -> None:
     for name in ("n_query", "n_train", "max_shapes", "samples_per_shard"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"shapes.{name} must be at least 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"shapes.{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.n_extra_database < 0 or cfg.distractors < 0:
-        raise ValueError("shapes.n_extra_database and shapes.distractors must not be negative")
+        raise ConfigError("shapes.n_extra_database and shapes.distractors must not be negative")
     if cfg.image_size < 16:
-        raise ValueError(f"shapes.image_size must be at least 16 pixels, got {cfg.image_size}")
+        raise ConfigError(f"shapes.image_size must be at least 16 pixels, got {cfg.image_size}")
     if not 0.0 <= cfg.mention_prob <= 1.0:
-        raise ValueError(f"shapes.mention_prob must be in [0, 1], got {cfg.mention_prob}")
+        raise ConfigError(f"shapes.mention_prob must be in [0, 1], got {cfg.mention_prob}")
 
 
 def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -194,9 +194,9 @@ def ensure_shapes(root: str | Path, cfg: ShapesConfig) -> DatasetMeta:
         return write_shapes(root, cfg)
     meta = read_meta(root)
     if meta.source.get("generator") != GENERATOR:
-        raise ValueError(f"{root} holds the dataset {meta.name!r}, not the shapes dataset that "
+        raise ShardError(f"{root} holds the dataset {meta.name!r}, not the shapes dataset that "
                          f"data.generate=shapes expects; delete the folder or change data.root")
     if meta.source.get("config") != asdict(cfg):
-        raise ValueError(f"{root} holds a shapes dataset made with other settings ({meta.source.get('config')}, "
+        raise ShardError(f"{root} holds a shapes dataset made with other settings ({meta.source.get('config')}, "
                          f"wanted {asdict(cfg)}); delete the folder or change data.root")
     return meta

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist.config import SyntheticConfig
-from scbch_dist.data.format import DatasetMeta, read_meta, write_dataset
+from scbch_dist.data.format import DatasetMeta, ShardError, read_meta, write_dataset
 from scbch_dist.data.releases import MIRFLICKR_CLASSES
 
 CLASSES = list(MIRFLICKR_CLASSES)
@@ -100,7 +100,10 @@ def ensure_synthetic(root: str | Path, cfg: SyntheticConfig) -> DatasetMeta:
     if not (root / "meta.json").is_file():
         return write_synthetic(root, cfg)
     meta = read_meta(root)
-    if meta.source.get("kind") == "synthetic" and meta.source.get("config") != vars(cfg):
-        raise ValueError(f"{root} holds a synthetic dataset made with other settings "
-                         f"({meta.source.get('config')}); remove it or point data.root elsewhere")
+    if meta.source.get("kind") != "synthetic":
+        raise ShardError(f"{root} holds the dataset {meta.name!r}, not the synthetic dataset that "
+                         "data.generate=synthetic expects; delete the folder or change data.root")
+    if meta.source.get("config") != vars(cfg):
+        raise ShardError(f"{root} holds a synthetic dataset made with other settings "
+                         f"({meta.source.get('config')}, wanted {vars(cfg)}); delete the folder or change data.root")
     return meta

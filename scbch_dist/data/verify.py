@@ -98,7 +98,8 @@ def check_label_table(path: str | Path, table: np.ndarray, meta: DatasetMeta) ->
 
 
 def verify_shards(root: str | Path, meta: DatasetMeta, split: str, shards: list[str] | None = None, *,
-                  clean: np.ndarray | None = None, checksums: bool = True) -> np.ndarray:
+                  clean: np.ndarray | None = None, checksums: bool = True,
+                  label_counts: np.ndarray | None = None) -> np.ndarray:
     """Check the listed shards of ``split`` (default all, in meta.json order).
 
     Per shard: its sha256 against meta.json (when ``checksums`` and meta.json has them), then every
@@ -106,15 +107,34 @@ def verify_shards(root: str | Path, meta: DatasetMeta, split: str, shards: list[
     ((N_train, C), labels/clean.npy) is given, each block's labels against ``clean[ids]``.
     Returns ``id_counts``: (count,) int32, how often each id of the split occurred in these shards
     (processes that split the shards among them sum these before check_id_counts).
+    ``label_counts``: (C + 1,) int64, if given, gets each class's positive rows added, and in its
+    last entry the rows without any label (check_evaluation_labels reads them).
     """
     id_counts = np.zeros(meta.splits[split].count, dtype=np.int32)
     for name in meta.splits[split].shards if shards is None else shards:
-        _verify_shard(Path(root), meta, split, name, clean if split == "train" else None, checksums, id_counts)
+        _verify_shard(Path(root), meta, split, name, clean if split == "train" else None, checksums, id_counts,
+                      label_counts)
     return id_counts
 
 
+def check_evaluation_labels(root: str | Path, query: np.ndarray, database: np.ndarray) -> list[str]:
+    """The evaluation's relevance needs labels: refuse a query split without any label, or whose
+    classes no database row has (every mAP would be undefined: NaN). ``query``, ``database``:
+    label_counts of verify_shards, summed over all shards. Returns warnings (some query rows
+    unlabelled: they are left out of the means)."""
+    unlabelled = int(query[-1])
+    if not query[:-1].any():
+        raise ShardError(f"{meta_path(root)}: no query row has a label ({unlabelled} unlabelled): the evaluation's "
+                         "relevance is label overlap, so every mAP would be undefined")
+    if not (query[:-1].astype(bool) & database[:-1].astype(bool)).any():
+        raise ShardError(f"{meta_path(root)}: no class of the query split occurs in the database split: no query "
+                         "has a relevant item, so every mAP would be undefined")
+    return [f"{unlabelled} query row(s) have no label: they have no relevant item and are left out of the mAP "
+            "means"] if unlabelled else []
+
+
 def _verify_shard(root: Path, meta: DatasetMeta, split: str, name: str, clean: np.ndarray | None,
-                  checksums: bool, id_counts: np.ndarray) -> None:
+                  checksums: bool, id_counts: np.ndarray, label_counts: np.ndarray | None = None) -> None:
     """verify_shards for one shard, adding its ids to ``id_counts`` in place (one (count,) array per
     split rather than per shard: a split may have millions of ids and thousands of shards)."""
     info = meta.splits[split]
@@ -131,6 +151,9 @@ def _verify_shard(root: Path, meta: DatasetMeta, split: str, name: str, clean: n
     for block in read_blocks([str(path)], meta, split):
         ids = block["id"]
         np.add.at(id_counts, ids, 1)  # not id_counts[ids] += 1, which counts an id repeated in a block once
+        if label_counts is not None:
+            label_counts[:-1] += block["lab"].sum(0, dtype=np.int64)
+            label_counts[-1] += int((block["lab"].sum(1) == 0).sum())
         if clean is not None:
             differ = (np.asarray(clean[ids]) != block["lab"]).any(axis=1)
             if differ.any():

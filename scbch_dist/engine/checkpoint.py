@@ -9,6 +9,7 @@
         random_states_R.pkl  each rank's RNG state (Accelerate's; training reseeds per epoch anyway)
         tables.safetensors   the per-id tables: the method's, and the memory bank's
         run_state.json       the run state, the config, the format version
+        manifest.json        every file above with its size and sha256, written last
       epoch-0012-step-000040/  a checkpoint taken inside epoch 13 (preemption), as above plus
         rank-R.safetensors   each rank's part of the unfinished epoch: its loss sums and the
                              table rows it wrote since the last exchange
@@ -18,6 +19,9 @@ pickle Accelerate wrote is first opened with ``weights_only=True`` (plain tensor
 only), so a crafted file is refused by name before anything loads it. The exception is DeepSpeed,
 which reads its own pytorch_model/ files itself. A checkpoint counts once ``latest`` names it, and
 its files are on disk (fsynced) before that, so a crash mid-write leaves the previous one in force.
+The newest ``run.keep_checkpoints`` complete checkpoints are kept. Every file is checked against
+the manifest before a resume reads it: a corrupted checkpoint is refused by name, and a resume
+falls back to an earlier one only when asked (``--from-checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from scbch_dist import dist
+from scbch_dist.digests import IntegrityError, verify_listed, verify_manifest, write_manifest
 from scbch_dist.engine.state import RunState
 from scbch_dist.errors import ScbchError
 from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree, honour_umask_tree
@@ -37,6 +44,7 @@ from scbch_dist.runlog import json_safe
 
 FORMAT = 2  # 1: the single pickled checkpoints/last.pt of scbch_dist 0.1
 MODEL_FILE = "model.safetensors"
+NAME = re.compile(r"epoch-\d{4,}(-step-\d{6,})?")  # checkpoint folders; their names sort in training order
 
 
 class CheckpointError(ScbchError, RuntimeError):
@@ -53,8 +61,9 @@ def portable_model_files(accelerator) -> None:
             weights[i] = accelerator.unwrap_model(models[i]).state_dict()
 
     def load_hook(models, input_dir):
+        path = Path(input_dir) / MODEL_FILE
         for model in models:  # one model (empty under DeepSpeed, which loads its own files)
-            load_model(accelerator.unwrap_model(model), str(Path(input_dir) / MODEL_FILE))
+            _reading(path, lambda: load_model(accelerator.unwrap_model(model), str(path)))
         models.clear()  # taken out of Accelerate's list: loaded here
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -79,36 +88,105 @@ def checkpoint_name(state: RunState) -> str:
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[str, torch.Tensor], config: dict,
-                    rank_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    rank_state: dict[str, torch.Tensor] | None = None, keep: int = 1) -> Path:
     """Collective: every rank calls it (DeepSpeed writes each rank's optimizer partition).
-    ``rank_state``: this rank's part of an unfinished epoch (with ``state.partial``)."""
+    ``rank_state``: this rank's part of an unfinished epoch (with ``state.partial``); ``keep``: how
+    many complete checkpoints stay (the newest). A write that fails (disk full, read-only folder)
+    is a CheckpointError on every rank, and the previous checkpoint stays in force."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
     target = root / checkpoint_name(state)
-    if accelerator.is_main_process:
-        if target.exists():  # the unfinished write of a run killed before it named this checkpoint
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(target))
-    if rank_state is not None:
-        atomic_save_with(target / f"rank-{accelerator.process_index}.safetensors",
-                         lambda tmp: save_file({k: v.contiguous() for k, v in rank_state.items()}, str(tmp)))
-    if accelerator.is_main_process:
-        atomic_save_with(target / "tables.safetensors",
-                         lambda tmp: save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp)))
-        atomic_write_json(target / "run_state.json",
-                          json_safe({"format": FORMAT, "state": state.to_dict(), "config": config}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        honour_umask_tree(target)  # safetensors writes its files 0600
-        fsync_tree(target)  # every rank's files on disk before latest names the folder
-        atomic_write_text(root / "latest", target.name + "\n")
-        for old in root.glob("epoch-*"):
-            if old != target:
+    is_main = accelerator.is_main_process
+
+    def attempt(write) -> None:
+        """``write()``, its failure raised on every rank (no rank left waiting in a collective)."""
+        error = None
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, safetensors' own errors: all named below
+            if not _is_io_error(e):
+                raise
+            error = CheckpointError(f"{target}: writing the checkpoint failed ({_reason(e)}); "
+                                    f"{_in_force(root)}; free the space or fix the folder, then resume with "
+                                    f"--resume {run_dir}")
+        dist.raise_together(error, f"{target}: writing the checkpoint failed on another process (its message is above)")
+
+    def prepare() -> None:
+        if is_main:
+            if target.exists():  # the unfinished write of a run killed before it named this checkpoint
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+
+    def write_files() -> None:
+        accelerator.save_state(str(target))
+        if rank_state is not None:
+            atomic_save_with(target / f"rank-{accelerator.process_index}.safetensors",
+                             lambda tmp: save_file({k: v.contiguous() for k, v in rank_state.items()}, str(tmp)))
+        if is_main:
+            atomic_save_with(target / "tables.safetensors",
+                             lambda tmp: save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp)))
+            atomic_write_json(target / "run_state.json",
+                              json_safe({"format": FORMAT, "state": state.to_dict(), "config": config}))
+
+    def publish() -> None:
+        if is_main:
+            honour_umask_tree(target)  # safetensors writes its files 0600
+            write_manifest(target)  # every rank's files are written: the digests a resume checks
+            fsync_tree(target)  # every file on disk before latest names the folder
+            atomic_write_text(root / "latest", target.name + "\n")
+            for old in complete_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
+
+    attempt(prepare)
+    accelerator.wait_for_everyone()
+    attempt(write_files)
+    accelerator.wait_for_everyone()
+    attempt(publish)
     return target
+
+
+def _is_io_error(e: BaseException) -> bool:
+    """An OSError, or safetensors' error for one (it reports "os error 28" as a SafetensorError)."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _in_force(root: Path) -> str:
+    try:
+        return f"{root / 'latest'} still names {latest_name(root)}"
+    except (OSError, CheckpointError):
+        return "no earlier checkpoint"
+
+
+def latest_name(root: Path) -> str:
+    """The checkpoint name ``root/latest`` holds; one that is no checkpoint name (a damaged file)
+    is a CheckpointError naming it."""
+    pointer = root / "latest"
+    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    if not NAME.fullmatch(name):
+        kept = sorted(p.name for p in root.glob("epoch-*") if (p / "run_state.json").is_file())
+        raise CheckpointError(f"{pointer}: holds {name[:40]!r}, not the name of a checkpoint (damaged); resume with "
+                              f"--resume {root.parent} --from-checkpoint NAME, one of: {', '.join(kept) or 'none'}")
+    return name
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint folders up to the one ``latest`` names, in training order (oldest first).
+    Folders after it are unfinished writes (a run killed before it named them)."""
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return []
+    latest = latest_name(root)
+    return sorted(p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name) and p.name <= latest
+                  and (p / "run_state.json").is_file())
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -116,8 +194,9 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "checkpoints" / "latest").is_file()
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The folder ``checkpoints/latest`` names; a clear error for every way it can be missing."""
+def latest_checkpoint(run_dir: Path, name: str | None = None) -> Path:
+    """The folder ``checkpoints/latest`` names (or the complete checkpoint ``name``); a clear error
+    for every way it can be missing."""
     root = run_dir / "checkpoints"
     pointer = root / "latest"
     if not pointer.is_file():
@@ -125,10 +204,37 @@ def latest_checkpoint(run_dir: Path) -> Path:
             raise CheckpointError(f"{root / 'last.pt'}: a checkpoint of the earlier format (one pickled file), which "
                                   "this version does not load; start a new run (or resume it with scbch_dist 0.1)")
         raise CheckpointError(f"{run_dir}: no checkpoint ({pointer} is missing)")
-    folder = root / pointer.read_text().strip()
-    if folder.parent != root or not (folder / "run_state.json").is_file():
+    if name is not None:  # (latest itself may be the damaged file)
+        if not (NAME.fullmatch(name) and (root / name / "run_state.json").is_file()):
+            kept = sorted(p.name for p in root.glob("epoch-*") if (p / "run_state.json").is_file())
+            raise CheckpointError(f"--from-checkpoint {name}: not a complete checkpoint of {run_dir}; it holds "
+                                  f"{', '.join(kept) or 'none'}")
+        return root / name
+    folder = root / latest_name(root)
+    if not (folder / "run_state.json").is_file():
         raise CheckpointError(f"{pointer} names {folder.name!r}, which is not a complete checkpoint folder")
     return folder
+
+
+def verify_checkpoint(folder: Path) -> bool:
+    """Every file of a checkpoint against its manifest (False: written before manifests, not
+    checked). A file that differs is refused by name, with the earlier checkpoints to fall back to."""
+    try:
+        return verify_manifest(folder)
+    except IntegrityError as e:
+        run_dir = folder.parent.parent
+        earlier = [p.name for p in complete_checkpoints(run_dir) if p.name < folder.name]
+        hint = (f"; resume from an earlier one with --resume {run_dir} --from-checkpoint {earlier[-1]}" if earlier
+                else "; no earlier checkpoint is kept (run.keep_checkpoints)")
+        raise CheckpointError(f"{e}{hint}") from None
+
+
+def verify_model_file(folder: Path) -> None:
+    """The checkpoint's model file against its manifest (readers that load only the model)."""
+    try:
+        verify_listed(folder, MODEL_FILE)
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def refuse_code_pickles(folder: Path) -> None:
@@ -146,9 +252,9 @@ def refuse_code_pickles(folder: Path) -> None:
             raise CheckpointError(f"{path}: not a plain tensor file, refused without loading it ({first})") from None
 
 
-def read_run_state(run_dir: Path) -> tuple[Path, RunState, dict]:
-    """The latest checkpoint's folder, run state and config, without loading any tensor."""
-    folder = latest_checkpoint(run_dir)
+def read_run_state(run_dir: Path, name: str | None = None) -> tuple[Path, RunState, dict]:
+    """The latest (or the named) checkpoint's folder, run state and config, without loading any tensor."""
+    folder = latest_checkpoint(run_dir, name)
     path = folder / "run_state.json"
     try:
         record = json.loads(path.read_text())
@@ -161,7 +267,9 @@ def read_run_state(run_dir: Path) -> tuple[Path, RunState, dict]:
 
 def load_checkpoint(accelerator, run_dir: Path) -> tuple[RunState, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Restore model, optimizer and RNG (after accelerator.prepare); returns the run state, the
-    tables and, for a checkpoint taken inside an epoch, this rank's part of that epoch."""
+    tables and, for a checkpoint taken inside an epoch, this rank's part of that epoch. The files
+    are checked against the manifest before (rundir.claim); a file that still cannot be read is
+    a CheckpointError naming it."""
     from safetensors.torch import load_file
 
     folder, state, _ = read_run_state(run_dir)
@@ -171,9 +279,24 @@ def load_checkpoint(accelerator, run_dir: Path) -> tuple[RunState, dict[str, tor
                               "depends on the number of processes; checkpoints at an epoch's end resume under any)")
     # DeepSpeed reads its own pytorch_model/ files (optimizer partitions) itself
     refuse_code_pickles(folder)
-    accelerator.load_state(str(folder))
-    tables = load_file(str(folder / "tables.safetensors"))
+    _reading(folder, lambda: accelerator.load_state(str(folder)))
+    tables = _reading(folder / "tables.safetensors", lambda: load_file(str(folder / "tables.safetensors")))
     rank_state = None
     if state.partial is not None:
-        rank_state = load_file(str(folder / f"rank-{accelerator.process_index}.safetensors"))
+        path = folder / f"rank-{accelerator.process_index}.safetensors"
+        rank_state = _reading(path, lambda: load_file(str(path)))
     return state, tables, rank_state
+
+
+def _reading(path: Path, read):
+    """``read()``, a file that cannot be read (truncated, not the format) as a CheckpointError naming ``path``."""
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and Accelerate each raise their own kinds
+        if not (_is_io_error(e) or isinstance(e, (RuntimeError, ValueError, KeyError, EOFError,
+                                                     pickle.UnpicklingError))):
+            raise
+        raise CheckpointError(f"{path}: cannot be read back ({type(e).__name__}: {_reason(e)}); the checkpoint is "
+                              "damaged") from None

@@ -16,6 +16,7 @@ import torch
 
 from scbch_dist import dist, metrics
 from scbch_dist.data.format import DatasetMeta
+from scbch_dist.digests import arrays_sha256
 from scbch_dist.engine.encode import encode_part
 from scbch_dist.io import atomic_save_with
 from scbch_dist.models import binary_codes
@@ -61,14 +62,19 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
     return result, codes
 
 
+CODES_DIGEST = "sha256"  # the member of codes.npz that holds the digest of the others
+
+
 def save_codes(codes: dict, path: Path, *, model_sha256: str = "", config: dict | None = None) -> None:
     """Packed codes (np.packbits along bits, big-endian bit order) and labels, by id; with the
     fingerprint of the model that made them and the run's config (JSON), which the Hamming index
-    checks them against (docs/search.md)."""
+    checks them against (docs/search.md), and the sha256 of all of it (digests.arrays_sha256),
+    which every reader checks."""
     arrays = {k: (np.packbits(v, axis=1) if k.endswith(("img", "txt")) else v) for k, v in codes.items()}
     arrays["bits"] = np.array(codes["query_img"].shape[1])
     arrays["model_sha256"] = np.array(model_sha256)
     arrays["config"] = np.array(json.dumps(config or {}, sort_keys=True))
+    arrays[CODES_DIGEST] = np.array(arrays_sha256(arrays))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -26,9 +26,9 @@ from scbch_dist.engine.evaluate import curves, evaluate, save_codes, summarize
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
-from scbch_dist.errors import Preempted
+from scbch_dist.errors import Preempted, ScbchError
 from scbch_dist.methods import EpochContext, Method, Step
-from scbch_dist.io import atomic_write_json
+from scbch_dist.digests import write_sealed_json
 from scbch_dist.metrics import chance_map
 from scbch_dist.runlog import MetricsLog, json_safe
 from scbch_dist.tables import IdTable
@@ -53,6 +53,10 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+
+class EvaluationError(ScbchError):
+    """An evaluation whose result would be meaningless (no query with a relevant item)."""
 
 
 def training_seed(seed: int, epoch: int, rank: int) -> int:
@@ -114,7 +118,9 @@ def train_one_epoch(run: Run, progress: EpochProgress) -> dict | None:
     t0 = time.perf_counter()
     run.model.train()
     bar = tqdm(total=stream.steps_per_epoch, initial=progress.step, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-               leave=False, disable=not (run.is_main and cfg.run.progress), dynamic_ncols=True)
+               leave=False, dynamic_ncols=True,
+               # None: drawn on a terminal only; a redirected log gets the one line per epoch below
+               disable=None if run.is_main and cfg.run.progress else True)
     for index, batch in enumerate(stream.epoch(epoch)):
         if index < progress.step:
             continue  # trained before the checkpoint: the order is a function of (seed, epoch, rank)
@@ -166,15 +172,39 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
     state.eval_seconds += time.perf_counter() - t0
     if not run.is_main:
         return None
+    if result["i2t"]["num_queries_scored"] == 0:  # the preflight refuses this data; a guard for data.verify=false
+        raise EvaluationError(f"epoch {epoch + 1}: no query of {data.root} has a relevant database item (no shared "
+                              "label): every mAP is undefined; check the labels of the query and database splits")
     if state.chance_map is None:
         state.chance_map = chance_map(codes["query_lab"], codes["database_lab"])
     headline = summarize(result)
     state.history.append({"epoch": epoch + 1, **headline, "curves": curves(result)})
     if epoch + 1 == cfg.train.epochs and cfg.run.save_codes:
-        weights = run.accelerator.unwrap_model(run.model).state_dict()
-        save_codes(codes, run.run_dir / "codes.npz", model_sha256=model_fingerprint(weights), config=to_dict(cfg))
-    plots.plot_map_history(state.history, run.run_dir / "plots" / "map.png", state.chance_map)
+        save_final_codes(run, codes)
+    plots.plot_map_history(state.history, run.run_dir / "plots" / "map.png", state.chance_map,
+                           title=f"{run.run_dir.name}: {data.meta.name}, {cfg.model.bits} bits, noise {data.noise.name}")
     return headline
+
+
+def save_final_codes(run: Run, codes: dict) -> None:
+    """codes.npz of the trained model (main process), naming the model and the config."""
+    weights = run.accelerator.unwrap_model(run.model).state_dict()
+    save_codes(codes, run.run_dir / "codes.npz", model_sha256=model_fingerprint(weights), config=to_dict(run.cfg))
+
+
+def write_missing_codes(run: Run, state: RunState) -> None:
+    """Collective: codes.npz for a finished run that has none (a run resumed with
+    run.save_codes=true after it ended without codes): the final model's codes, by a new
+    evaluation pass (its metrics are those already recorded)."""
+    wanted = run.cfg.run.save_codes and state.epoch == run.cfg.train.epochs
+    if not dist.any_rank(wanted and run.is_main and not (run.run_dir / "codes.npz").is_file()):
+        return
+    run.log.info(f"writing {run.run_dir / 'codes.npz'} (the run had none): encoding query and database")
+    cfg, data = run.cfg, run.data
+    _, codes = evaluate(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size, device=run.accelerator.device,
+                        workers=cfg.data.workers, autocast=run.accelerator.autocast, transform=data.eval_transform)
+    if run.is_main:
+        save_final_codes(run, codes)
 
 
 def run_tables(run: Run) -> dict[str, IdTable]:
@@ -263,7 +293,8 @@ def save(run: Run, state: RunState, config: dict, rank_state: dict[str, torch.Te
     resume cuts the log back to it."""
     log_file = run.run_dir / "log.txt"
     state.log_bytes = log_file.stat().st_size if run.is_main and log_file.is_file() else None
-    save_checkpoint(run.accelerator, run.run_dir, state, checkpoint_tables(run), config, rank_state)
+    save_checkpoint(run.accelerator, run.run_dir, state, checkpoint_tables(run), config, rank_state,
+                    run.cfg.run.keep_checkpoints)
 
 
 def epoch_line(record: dict, epochs: int, method: Method) -> str:
@@ -309,7 +340,7 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
         "throughput": {"train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
                        "train_steps_per_s": steps / max(state.train_seconds, 1e-9)},
     }
-    atomic_write_json(run.run_dir / "summary.json", json_safe(summary))
+    write_sealed_json(run.run_dir / "summary.json", json_safe(summary))  # report and index check verify it
     f, b = summary["final"], summary["best"]
     run.log.info(f"final (epoch {f['epoch']}): I2T {f['i2t']['map']:.4f}  T2I {f['t2i']['map']:.4f}  "
                  f"avg {f['avg_map']:.4f} (tie-aware {f['avg_map_tie_aware']:.4f}); best avg {b['avg_map']:.4f} "

@@ -20,7 +20,7 @@ import torch
 from scbch_dist import dist, knn
 from scbch_dist.config import Config, ConfigError
 from scbch_dist.data.format import SPLITS, check_split
-from scbch_dist.data.verify import check_id_counts, verify_shards
+from scbch_dist.data.verify import check_evaluation_labels, check_id_counts, verify_shards
 from scbch_dist.errors import ScbchError
 from scbch_dist.methods import Method
 from scbch_dist.methods.base import search_params
@@ -48,22 +48,24 @@ def check_settings(cfg: Config, method: Method, count: int, device: torch.device
         raise ConfigError(f"bank.knn={cfg.bank.knn}: {str(e).splitlines()[0]}") from None
 
 
-def check_data(root, meta, clean: np.ndarray, *, rank: int, world: int) -> dict:
+def check_data(root, meta, clean: np.ndarray, *, rank: int, world: int) -> tuple[dict, list[str]]:
     """Collective: every split read and checked, each rank its share of the shards. Raises the
-    same error on every rank; returns {split: shards} counts for the log."""
+    same error on every rank; returns {split: shards} counts for the log, and warnings."""
     error: ScbchError | None = None
-    counts = {}
+    counts, labels = {}, {s: np.zeros(meta.num_classes + 1, dtype=np.int64) for s in SPLITS}
     try:
         for split in SPLITS:
             check_split(root, meta, split)
             mine = meta.splits[split].shards[rank::world]
-            counts[split] = verify_shards(root, meta, split, mine, clean=clean if split == "train" else None)
+            counts[split] = verify_shards(root, meta, split, mine, clean=clean if split == "train" else None,
+                                          label_counts=labels[split])
     except ScbchError as e:
         error = e
     dist.raise_together(error, "preflight: another process found a problem in the dataset (its message is above)")
     for split in SPLITS:
         check_id_counts(root, meta, split, dist.sum_host(counts[split]))
-    return {split: len(meta.splits[split].shards) for split in SPLITS}
+    warnings = check_evaluation_labels(root, dist.sum_host(labels["query"]), dist.sum_host(labels["database"]))
+    return {split: len(meta.splits[split].shards) for split in SPLITS}, warnings
 
 
 def preflight(cfg: Config, data, method: Method, accelerator, log: logging.Logger) -> None:
@@ -75,8 +77,10 @@ def preflight(cfg: Config, data, method: Method, accelerator, log: logging.Logge
             check_split(data.root, data.meta, split)
         log.info("preflight: settings checked; shards not read (data.verify=false)")
         return
-    shards = check_data(data.root, data.meta, np.asarray(data.train.clean), rank=accelerator.process_index,
-                        world=accelerator.num_processes)
+    shards, warnings = check_data(data.root, data.meta, np.asarray(data.train.clean), rank=accelerator.process_index,
+                                  world=accelerator.num_processes)
+    for warning in warnings:
+        log.warning(f"preflight: {warning}")
     sums = "sha256 checked" if all(data.meta.splits[s].sha256 for s in SPLITS) else \
         "no sha256 in meta.json (add them: python -m scbch_dist.data.verify ROOT --add-checksums)"
     log.info(f"preflight: {sum(shards.values())} shards of {', '.join(SPLITS)} read, ids dense and unique, "

@@ -11,6 +11,8 @@ are cut back to its checkpoint, so that no record of an epoch appears twice.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,9 +20,12 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
 from scbch_dist.config import save_config, to_dict
-from scbch_dist.engine.checkpoint import has_checkpoint, read_run_state
+from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
+from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
+                                          verify_checkpoint)
 from scbch_dist.errors import RunDirError
 from scbch_dist.io import atomic_write_text, remove_leftovers
 
@@ -31,7 +36,7 @@ RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log
 RESULTS = RUN_OUTPUTS[:4]  # the outputs that record training
 # keys a resume may change: evaluation and output settings, the length of the run, the preflight
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
-                  "run.tensorboard", "run.checkpoint", "run.save_codes", "data.verify")
+                  "run.tensorboard", "run.checkpoint", "run.keep_checkpoints", "run.save_codes", "data.verify")
 
 
 def safe_keys(method_class) -> tuple[str, ...]:
@@ -75,16 +80,53 @@ def _holder_gone(holder: dict) -> bool:
     return holder.get("start_ticks") is not None and holder.get("start_ticks") != _start_ticks(pid)
 
 
-class RunLock:
-    """``run_dir/run.lock``, created exclusively; stale locks (their process is gone) are replaced."""
+@contextlib.contextmanager
+def _folder_mutex(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself while a lock is read, judged and taken, so that two
+    processes that both find a stale lock cannot both take it over (read, unlink and create are
+    three steps). Where the file system has no flock for folders, the steps run unguarded."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
-    def __init__(self, run_dir: Path, log: logging.Logger | None = None):
-        self.path, self.log, self.held = Path(run_dir) / LOCK_FILE, log, False
+
+class RunLock:
+    """``run_dir/run.lock``, created exclusively; stale locks (their process is gone) are replaced.
+    ``create``: make the folder if it is missing (a training run), or refuse (tools that read a run).
+    A folder the lock made is removed again at release if nothing else was left in it."""
+
+    def __init__(self, run_dir: Path, log: logging.Logger | None = None, *, create: bool = True):
+        self.path, self.log, self.create, self.held = Path(run_dir) / LOCK_FILE, log, create, False
+        self.made_folder = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        if not folder.is_dir():
+            if not self.create:
+                raise RunDirError(f"{folder}: no such run folder")
+            try:
+                folder.mkdir(parents=True)
+                self.made_folder = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise RunDirError(f"{folder}: cannot create the run folder ({e.strerror or e})") from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": _slurm_job(),
               "start_ticks": _start_ticks(os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            with _folder_mutex(folder):
+                self._take(me)
+        except OSError as e:
+            self.release()
+            raise RunDirError(f"{folder}: cannot write there ({e.strerror or e}); a run needs a writable run.dir") from None
+
+    def _take(self, me: dict) -> None:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -98,9 +140,9 @@ class RunLock:
                     continue
                 raise RunDirError(f"{self.path.parent} is in use by {_describe(holder)}; wait for that run, or "
                                   f"remove {self.path} if it is gone") from None
+            self.held = True
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            self.held = True
             return
         raise RunDirError(f"{self.path}: could not take the lock (another process keeps taking it)")
 
@@ -123,6 +165,9 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+        if self.made_folder:
+            with contextlib.suppress(OSError):  # not empty: it holds the run (or someone's files)
+                self.path.parent.rmdir()
 
     def __enter__(self) -> "RunLock":
         self.acquire()
@@ -186,12 +231,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
     """Cut metrics.jsonl back to the records of epochs <= ``epoch`` and log.txt back to
-    ``log_bytes`` (their state when the checkpoint was written); returns what was cut."""
+    ``log_bytes`` (their state when the checkpoint was written); returns what was cut, and the
+    records that could not be read (kept: only a last line cut short by a kill is dropped)."""
     notes = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        lines = metrics.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _record_epoch(line) <= epoch]
+        lines = metrics.read_text(errors="replace").splitlines(keepends=True)
+        kept = []
+        for number, line in enumerate(lines, 1):
+            record_epoch = _record_epoch(line)
+            if record_epoch is None and number < len(lines):
+                notes.append(f"metrics.jsonl: line {number} is not a readable record; kept as it is")
+            if record_epoch is not None and record_epoch <= epoch or record_epoch is None and number < len(lines):
+                kept.append(line)
         if len(kept) != len(lines):
             atomic_write_text(metrics, "".join(kept))
             notes.append(f"metrics.jsonl: {len(lines) - len(kept)} record(s) after epoch {epoch} removed")
@@ -202,11 +254,12 @@ def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
     return notes
 
 
-def _record_epoch(line: str) -> float:
+def _record_epoch(line: str) -> float | None:
+    """The epoch of a metrics record; None for a line that is not one (cut short by a kill, or damaged)."""
     try:
-        return float(json.loads(line).get("epoch", 0))
-    except (ValueError, AttributeError):
-        return float("inf")  # a line cut short by a kill: after the checkpoint by definition
+        return float(json.loads(line)["epoch"])
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def keep_summary(run_dir: Path, epoch: int, log: logging.Logger) -> None:
@@ -220,29 +273,48 @@ def keep_summary(run_dir: Path, epoch: int, log: logging.Logger) -> None:
 
 
 def tidy(run_dir: Path) -> list[Path]:
-    """Remove what a killed run left: unfinished atomic writes and checkpoint folders that
-    checkpoints/latest does not name. (A STOP file stays: it may have been written for this run,
-    which serves it at its first step and removes it.)"""
+    """Remove what a killed run left: unfinished atomic writes and checkpoint folders that are not
+    complete checkpoints up to the one checkpoints/latest names. (A STOP file stays: it may have
+    been written for this run, which serves it at its first step and removes it.)"""
     removed = remove_leftovers(run_dir)
     root = run_dir / "checkpoints"
-    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    kept = set(complete_checkpoints(run_dir))
     for folder in sorted(root.glob("epoch-*")) if root.is_dir() else []:
-        if folder.name != latest:
+        if folder not in kept:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
 
 
-def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str, ...], log: logging.Logger) -> RunLock:
-    """Main process, before anything is written: lock the folder for this run; for a resume, refuse
-    changed settings and cut the outputs back to the checkpoint; for a fresh run, refuse a folder
-    that holds another run unless ``overwrite``. Then tidy the folder and write config.yaml.
-    Returns the held lock (release it when the run ends)."""
+def rewind(run_dir: Path, name: str, log: logging.Logger) -> None:
+    """Make the complete checkpoint ``name`` the latest (--from-checkpoint): latest names it, and the
+    checkpoints after it (one of which the user found damaged) are removed, each named in the log."""
+    root = run_dir / "checkpoints"
+    atomic_write_text(root / "latest", name + "\n")
+    for folder in sorted(root.glob("epoch-*")):
+        if folder.name > name:
+            shutil.rmtree(folder)
+            log.warning(f"--from-checkpoint {name}: removed the later checkpoint {folder}")
+
+
+def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str, ...], log: logging.Logger,
+          from_checkpoint: str | None = None) -> RunLock:
+    """Main process, before anything is written: lock the folder for this run; for a resume, check
+    the checkpoint's files against their digests, refuse changed settings and cut the outputs back
+    to the checkpoint; for a fresh run, refuse a folder that holds another run unless
+    ``overwrite``. Then tidy the folder and write config.yaml. Returns the held lock (release it
+    when the run ends). ``from_checkpoint``: resume from this kept checkpoint instead of the latest."""
     lock = RunLock(run_dir, log)
     lock.acquire()
     try:
         if resume:
-            _, state, stored = read_run_state(run_dir)
+            folder = latest_checkpoint(run_dir, from_checkpoint)
+            if not verify_checkpoint(folder):
+                log.warning(f"{folder}: no manifest.json (written by an earlier version): its files are not checked")
+            _, state, stored = read_run_state(run_dir, from_checkpoint)
+            root = Path(cfg.data.root)
+            if (root / "meta.json").is_file():  # (a missing embedded dataset is written again, then checked)
+                check_same_data(state.dataset, file_fingerprint(root), root, run_dir)
             changes = changed_keys(stored, to_dict(cfg), safe)
             if changes:
                 raise RunDirError(f"--resume {run_dir}: the run was trained with other settings ({'; '.join(changes)}); "
@@ -251,14 +323,17 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
             if cfg.train.epochs < begun:
                 raise RunDirError(f"--resume {run_dir}: train.epochs={cfg.train.epochs} is below the {begun} epoch(s) "
                                   f"this run has begun; give train.epochs={begun} or more")
+            if from_checkpoint is not None:
+                rewind(run_dir, from_checkpoint, log)
             for note in cut_back(run_dir, state.epoch, state.log_bytes):
                 log.info(f"{run_dir}: {note} (written after the checkpoint)")
-            keep_summary(run_dir, state.epoch, log)
         else:
             held = holds_run(run_dir)
             if held and not overwrite:
-                raise RunDirError(f"{run_dir} holds another run ({', '.join(held)}); continue it with --resume "
-                                  f"{run_dir}, give this run another run.dir, or delete that run with --overwrite")
+                go_on = (f"continue it with --resume {run_dir}, " if has_checkpoint(run_dir) else
+                         "it has no checkpoint to continue from; ")
+                raise RunDirError(f"{run_dir} holds another run ({', '.join(held)}); {go_on}give this run another "
+                                  "run.dir, or delete that run with --overwrite")
             clear(run_dir, log)
         for path in tidy(run_dir):
             log.info(f"removed {path} (left by an interrupted run)")

@@ -12,6 +12,8 @@ import torch
 
 from scbch_dist import dist, models
 from scbch_dist.config import Config, ConfigError
+from scbch_dist.errors import ScbchError
+from scbch_dist.data.fingerprint import dataset_fingerprint
 from scbch_dist.data.format import DatasetMeta, read_meta
 from scbch_dist.data.noise import (NoiseSpec, clean_training_labels, corrupted_rows, noise_statistics,
                                    training_labels)
@@ -24,6 +26,73 @@ from scbch_dist.models import HashingModel
 from scbch_dist.models.tokenizers import make_tokenizer
 
 
+# accelerate's distributed types that run their processes on CUDA devices
+CUDA_LAUNCHES = ("MULTI_GPU", "DEEPSPEED", "FSDP", "MEGATRON_LM")
+CPU_LAUNCH = ("`torchrun --standalone --nproc_per_node 2 -m scbch_dist.train ...` or `accelerate launch --config_file "
+              "configs/accelerate/cpu_2proc.yaml -m scbch_dist.train ...` (use_cpu: true)")
+
+
+def accelerate_launch_args() -> tuple[list[str], str] | None:
+    """The arguments after ``accelerate launch`` of the launcher that started this process, and the
+    launcher's working directory; None when no accelerate launch did. Its multi-process launcher
+    hands the workers neither distributed_type nor use_cpu (ACCELERATE_MIXED_PRECISION and the
+    dynamo settings only), so the config is found where the launcher found it: its command line."""
+    import os
+
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # every accelerate launch sets it: no process lookup without
+        return None
+    try:
+        import psutil  # an accelerate requirement
+    except ImportError:
+        return None
+    try:
+        for process in psutil.Process().parents()[:3]:  # the launcher; DeepSpeed's runs one more process between
+            argv = process.cmdline()
+            for i, arg in enumerate(argv):
+                if Path(arg).name == "accelerate" and argv[i + 1:i + 2] == ["launch"]:
+                    return argv[i + 2:], process.cwd()
+                if Path(arg).name == "accelerate-launch" or arg == "accelerate.commands.launch":
+                    return argv[i + 1:], process.cwd()
+    except psutil.Error:  # a launcher gone or not ours to read: nothing to check
+        return None
+    return None
+
+
+def gpu_launch_without_gpus(launch_args: list[str], cwd: str, cuda: bool) -> str | None:
+    """Why ``accelerate launch <launch_args>`` (run in ``cwd``) cannot train here, or None: it asks
+    for GPUs (a GPU distributed_type without use_cpu: true, or a GPU flag) and the machine has
+    none, where the workers would otherwise run on the CPU in the config's process count and
+    precision (accelerate_config.yaml: 8 processes in bf16)."""
+    if cuda:
+        return None
+    import os
+
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        args = launch_command_parser().parse_args(launch_args)  # parsed as the launcher parsed them
+    except SystemExit:
+        return None
+    if args.cpu:
+        return None
+    for flag in ("multi_gpu", "use_deepspeed", "use_fsdp", "use_megatron_lm"):
+        if getattr(args, flag, False):
+            return f"accelerate launch --{flag} asks for GPUs and this machine has none; on CPUs launch with {CPU_LAUNCH}"
+    config_file = args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    if config_file is None:
+        return None
+    try:
+        config = load_config_from_file(str(Path(cwd, config_file)))
+    except Exception:  # noqa: BLE001 - the launcher read it; what it makes of a file it cannot is its own message
+        return None
+    kind = getattr(config.distributed_type, "value", str(config.distributed_type))
+    if kind not in CUDA_LAUNCHES or config.use_cpu:
+        return None
+    return (f"{config_file}: distributed_type: {kind} with use_cpu: false asks for GPUs and this machine has none; "
+            f"on CPUs launch with {CPU_LAUNCH}")
+
+
 def make_accelerator(cfg: Config, run_dir: Path):
     """An Accelerator for this run; TensorBoard through its tracker when requested and installed."""
     from accelerate import Accelerator
@@ -31,6 +100,11 @@ def make_accelerator(cfg: Config, run_dir: Path):
 
     from scbch_dist.runlog import tensorboard_available
 
+    launch = accelerate_launch_args()
+    # before Accelerator(): refused on every rank alike, before any rank waits for another
+    refusal = gpu_launch_without_gpus(*launch, cuda=torch.cuda.is_available()) if launch is not None else None
+    if refusal is not None:
+        raise ConfigError(refusal)
     use_tb = cfg.run.tensorboard and tensorboard_available()
     # Accelerate keeps its state (mixed precision, ...) for the life of the process; a second run
     # in the same process (a notebook, a test) with another train.mixed_precision must start
@@ -48,22 +122,35 @@ def make_accelerator(cfg: Config, run_dir: Path):
     return accelerator
 
 
-def prepare_dataset(cfg: Config, log: logging.Logger) -> tuple[Path, DatasetMeta]:
+def prepare_dataset(cfg: Config, log: logging.Logger, *, may_generate: bool = True) -> tuple[Path, DatasetMeta]:
     """The dataset folder and its meta. With data.generate=synthetic (or shapes) the main process
-    writes that embedded dataset on first use, or checks that an existing folder matches the settings."""
+    writes that embedded dataset on first use, or checks that an existing folder matches the
+    settings. ``may_generate=False`` (data.root given on the command line without data.generate):
+    nothing is written, and a folder without a dataset is an error, so that a mistyped or empty
+    data.root is never filled with synthetic data and trained on."""
     root = Path(cfg.data.root)
+    error = None
     if cfg.data.generate and dist.is_main():
-        if not (root / "meta.json").is_file():
-            log.info(f"writing the embedded {cfg.data.generate} dataset to {root} (first use)")
-        if cfg.data.generate == "shapes":
-            from scbch_dist.data.shapes import ensure_shapes
+        try:
+            exists = (root / "meta.json").is_file()
+            if not may_generate and not exists:
+                raise ConfigError(f"data.root={root}: no dataset there (no meta.json); the config generates the "
+                                  f"embedded {cfg.data.generate} dataset only at the data.root it names; to write it "
+                                  f"at {root}, add --set data.generate={cfg.data.generate}")
+            if may_generate:  # (otherwise the folder holds the user's own dataset: it is read as it is)
+                if not exists:
+                    log.info(f"writing the embedded {cfg.data.generate} dataset to {root} (first use)")
+                if cfg.data.generate == "shapes":
+                    from scbch_dist.data.shapes import ensure_shapes
 
-            ensure_shapes(root, cfg.shapes)
-        else:
-            from scbch_dist.data.synthetic import ensure_synthetic
+                    ensure_shapes(root, cfg.shapes)
+                else:
+                    from scbch_dist.data.synthetic import ensure_synthetic
 
-            ensure_synthetic(root, cfg.synthetic)
-    dist.barrier()
+                    ensure_synthetic(root, cfg.synthetic)
+        except ScbchError as e:
+            error = e
+    dist.raise_together(error, f"the main process could not prepare the dataset at {root} (its message is above)")
     return root, read_meta(root)
 
 
@@ -79,6 +166,7 @@ class TrainingData:
     stream: TrainStream
     eval_transform: Callable | None  # deterministic loader transform of raw datasets
     vocab_size: int | None  # the tokenizer's, for randomly initialised text encoders
+    fingerprint: dict  # what the run trains on, as digests (data.fingerprint): a resume must find the same
 
     def noise_info(self) -> dict:
         """The noise model, its parameter, and what it did to the clean labels (noise_statistics)."""
@@ -90,8 +178,8 @@ class TrainingData:
         return info
 
 
-def build_data(cfg: Config, accelerator, log: logging.Logger) -> TrainingData:
-    root, meta = prepare_dataset(cfg, log)
+def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: bool = True) -> TrainingData:
+    root, meta = prepare_dataset(cfg, log, may_generate=may_generate)
     label_np, noise = training_labels(root, meta, cfg.data.noise, seed=cfg.data.noise_seed)
     clean_np = np.asarray(clean_training_labels(root, meta))
     corrupted = corrupted_rows(clean_np, label_np) if noise.kind != "none" else None
@@ -106,7 +194,8 @@ def build_data(cfg: Config, accelerator, log: logging.Logger) -> TrainingData:
     train = TrainingSet(count=meta.splits["train"].count, num_classes=meta.num_classes, labels=labels,
                         corrupted=corrupted, device=accelerator.device, clean=clean_np)
     data = TrainingData(root, meta, cfg.data.noise, noise, train, stream, eval_transform,
-                        tokenizer.vocab_size if tokenizer is not None else None)
+                        tokenizer.vocab_size if tokenizer is not None else None,
+                        dataset_fingerprint(root, label_np))
     info = data.noise_info()
     log.info(f"dataset {meta.name} at {root}: {meta.describe()}; noise {noise.name} ({info['corrupted_rows']} "
              f"corrupted training rows" + ("; {labels_added_per_row:.2f} labels added and {labels_removed_per_row:.2f} "

@@ -20,6 +20,7 @@ class RunState:
     # "record" (the epoch_start hook's entries), "seconds", "world"}; None at an epoch's end
     partial: dict | None = None
     log_bytes: int | None = None  # the size of log.txt when the checkpoint was written
+    dataset: dict | None = None  # the dataset's fingerprint when the run began (data.fingerprint); None before 0.2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
