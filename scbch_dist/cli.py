@@ -5,19 +5,40 @@
 
 A known error (errors.ScbchError: config, data, noise, checkpoint, run folder) is printed as one
 line, ``<prog>: error: <message>``, and the process exits with status 2, argparse's status for a
-bad command line. A run stopped for preemption exits with 75 (EX_TEMPFAIL: try again), which the
-SLURM launchers turn into a requeue. Anything else is a bug and keeps its traceback.
+bad command line. So is an OSError in which the file system refuses the run (no space, no
+permission, a path that does not exist or is not a folder): it names the file and the reason. A
+run stopped for preemption exits with 75 (EX_TEMPFAIL: try again), which the SLURM launchers turn
+into a requeue. Anything else is a bug and keeps its traceback.
+
+Under a launcher (torchrun, accelerate launch) only global rank 0 prints the line; every rank
+exits with the same status (docs/distributed.md, "Errors under a launcher").
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import signal
 import sys
+import time
 from typing import Callable
 
 from scbch_dist.errors import Preempted, ScbchError
 
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 75
+RANK_ZERO_GRACE_S = 10.0  # how long another rank waits, under a launcher, for rank 0 to fail and print (report)
+
+# OSErrors in which the file system refuses what the run asked of it, for a reason the user fixes
+# outside the program: space (ENOSPC, EDQUOT, EFBIG: a file-size limit), permission (EROFS,
+# EACCES, EPERM), or a path that is missing or of the wrong kind (ENOENT, ENOTDIR, EISDIR, and
+# EEXIST: pathlib's mkdir reports a file in the way of a folder so). The file and the reason are
+# all a traceback would tell the user. The rest (EIO, EBADF, EINVAL, ENOMEM, sockets ...) point
+# at hardware or at a bug and keep their traceback. ENOENT hides the traceback of a bug that
+# loses its own file, too; the line still names that file, and missing inputs are far commoner.
+FILE_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
 def one_line(error: BaseException) -> str:
@@ -26,14 +47,75 @@ def one_line(error: BaseException) -> str:
     return " | ".join(lines) or type(error).__name__
 
 
+def file_system_error(error: OSError) -> str:
+    """One line for an OSError: the file(s) and the system's reason."""
+    reason = error.strerror or one_line(error)
+    files = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    if error.errno == errno.EEXIST and files and not os.path.isdir(files[0]):
+        reason += " and is not a folder"  # "File exists" alone reads as if something else went wrong
+    if not files:  # a write to an open file (a full disk, mostly) carries no name
+        return f"{reason} ({errno.errorcode.get(error.errno, error.errno)}; the system named no file)"
+    return f"{' -> '.join(files)}: {reason}"
+
+
+def launch_rank() -> int:
+    """This process's global rank: torch.distributed's once its process group is up, before that
+    the RANK that torchrun and accelerate launch give every worker, else 0 (no launcher)."""
+    # torch is not imported here: an entry point that never loaded it has no process group
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _record_for_launcher(line: str) -> bool:
+    """Write ``line`` to the error file torchrun's agent gives each worker (TORCHELASTIC_ERROR_FILE),
+    so that its failure report shows it for this rank instead of a link to its docs. The format is
+    what torch.distributed.elastic's own ErrorHandler writes, without the call stack (the report
+    shows the message when there is none). Returns whether it was written."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        return False  # the launcher's report says less; this rank prints the line itself instead
+    return True
+
+
+def report(line: str, status: int) -> None:
+    """Print ``line`` once per run and exit with ``status``. Rank 0 prints; another rank leaves its
+    line to the launcher's failure report (the error file), where the user still finds an error
+    that rank 0 did not share, and prints it only where no launcher would show it."""
+    recorded = _record_for_launcher(line)
+    if launch_rank() == 0 or not recorded:
+        print(line, file=sys.stderr, flush=True)
+    elif status != EXIT_PREEMPTED and RANK_ZERO_GRACE_S > 0:
+        # The launcher stops every worker as soon as one has failed; had this rank gone first,
+        # rank 0, a little slower to the same error, would be stopped before it printed. So wait
+        # for the launcher's SIGTERM (rank 0 has failed too) and leave with the same status then.
+        # Not after a preemption: every rank stops at the same step, after the checkpoint they
+        # wrote together, and the time left before the scheduler's kill is better not spent here.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(status))
+        time.sleep(RANK_ZERO_GRACE_S)
+    sys.exit(status)
+
+
 def run(main: Callable[[], object], prog: str | None = None) -> None:
-    """Call ``main``; a known error becomes one line on stderr and exit status 2."""
+    """Call ``main``; a known error becomes one line on stderr and exit status 2 (75: preempted)."""
     prog = prog or sys.argv[0]
     try:
         main()
     except Preempted as e:
-        print(f"{prog}: {one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        report(f"{prog}: {one_line(e)}", EXIT_PREEMPTED)
     except ScbchError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        report(f"{prog}: error: {one_line(e)}", EXIT_ERROR)
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRNOS:
+            raise
+        report(f"{prog}: error: {file_system_error(e)}", EXIT_ERROR)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from scbch_dist.errors import ScbchError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -153,11 +155,31 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+class ReportedElsewhere(ScbchError):
+    """What raise_together raises on a rank that held no error: a known error, so the entry point
+    exits with status 2 and no traceback (scbch_dist.cli prints it on rank 0 only)."""
+
+
 def raise_together(error: Exception | None, elsewhere: str) -> None:
-    """Collective: when any rank holds an error, raise it there and, on the other ranks, a
-    RuntimeError saying ``elsewhere``, so that no rank waits forever in its next collective."""
-    if any_rank(error is not None):
-        raise error if error is not None else RuntimeError(elsewhere)
+    """Collective: when any rank holds an error, raise it there and, on the other ranks,
+    ReportedElsewhere, so that no rank waits forever in its next collective.
+
+    Only rank 0 prints a known error (scbch_dist.cli), so rank 0 learns the message: when it
+    holds no error itself, its ReportedElsewhere carries the known error of the lowest rank that
+    holds one (a bug keeps its traceback on its own rank; rank 0 then says ``elsewhere``). The
+    other ranks' ReportedElsewhere says ``elsewhere``, for the launcher's failure report."""
+    if not any_rank(error is not None):
+        return
+    if not is_distributed():
+        raise error
+    known = str(error) if isinstance(error, ScbchError) else None
+    messages: list[str | None] = [None] * world_size()
+    dist.all_gather_object(messages, known, group=_host_group())  # the failure path only: the rest pays one flag
+    if error is not None:
+        raise error
+    if is_main():
+        raise ReportedElsewhere(next((m for m in messages if m is not None), elsewhere))
+    raise ReportedElsewhere(elsewhere)
 
 
 def sum_host(x: "np.ndarray") -> "np.ndarray":
