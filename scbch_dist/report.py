@@ -4,11 +4,15 @@
 
 Tables, one per dataset and noise model (mixed, redundant, replace, file, none) and tie policy: rows
 are methods (``run.method``), columns noise rate x code length, as Tables 1-2 of the SCBCH paper.
+Runs average as seeds only when their resolved configs (config.yaml beside summary.json) agree on
+everything but the seed, the columns and the keys in NO_EFFECT_KEYS; configs that differ otherwise
+share no cell: each gets its own row, labelled with the keys that differ (``SCBCH [loss.margin=0.3]``,
+or ``SCBCH #1`` with a footnote when more than two differ), and a line on stderr names them.
 Each cell is "best / final": the average of I2T and T2I mAP x 100 at each run's best evaluated epoch
 (the paper's protocol) and at its last (mean +- sd over seeds when there are several); the last
 column is the method's cost, training seconds per epoch (steps and refreshes, no evaluation).
-Writes report.md, report.csv (one row per method x dataset x noise x bits, both protocols and both
-tie policies) and pr_<dataset>.png (I2T and T2I, over Hamming radius and over top-k, one curve per
+Writes report.md, report.csv (one row per method x variant x dataset x noise x bits, both protocols
+and both tie policies) and pr_<dataset>.png (I2T and T2I, over Hamming radius and over top-k, one curve per
 method; ``--which`` picks the best or the final evaluation's curves).
 """
 
@@ -25,18 +29,29 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist import cli, plots
+from scbch_dist.config import check_saved_config, read_yaml_mapping
+from scbch_dist.digests import read_sealed_json
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
 from scbch_dist.io import atomic_write_text
 
 MODELS = ("mixed", "redundant", "replace", "file", "none")  # table order
 
+# Config keys that cannot change a run's results: output settings (run.*, the row label run.method
+# included: it is the row already), the preflight read of the shards, loader processes and the
+# encoding batch. Runs whose configs differ only in these and in train.seed are seeds of one config.
+# A key ending in "." stands for its whole section.
+NO_EFFECT_KEYS = ("run.", "data.verify", "data.workers", "eval.batch_size")
+SEED_KEY = "train.seed"
+COLUMN_KEYS = ("model.bits", "data.noise")  # a table's columns (and the noise model its table), not variants
+MAX_LABEL_KEYS = 2  # a row label names up to this many differing keys; beyond, #i and a footnote
+
 
 def collect(runs_dir: Path) -> list[dict]:
     """One record per summary.json below ``runs_dir``."""
     records = []
     for path in sorted(Path(runs_dir).rglob("summary.json")):
-        s = json.loads(path.read_text())
+        s = read_sealed_json(path)  # a summary changed since its run wrote it is refused, naming it
         if not s.get("final") or "run" not in s:
             continue
         run = s["run"]
@@ -49,14 +64,96 @@ def collect(runs_dir: Path) -> list[dict]:
                         "noise_model": noise.kind if noise else "mixed",
                         "noise": noise.rate if noise else float(run["noise"].get("rate", 0.0)),
                         "bits": int(run["bits"]), "seed": run.get("seed", 0), "best": s["best"], "final": s["final"],
-                        "seconds_per_epoch": per_epoch})
+                        "seconds_per_epoch": per_epoch, "config": _run_config(path.parent / "config.yaml"),
+                        "variant": "", "variant_rank": 0})
     return records
+
+
+def _run_config(path: Path) -> dict | None:
+    """The run's resolved config as ``{"model.bits": 64, ...}``; None for a summary without one."""
+    if not path.is_file():
+        return None
+    flat = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    check_saved_config(path)
+    walk("", read_yaml_mapping(path, "run config"))
+    return flat
+
+
+def _is_variant_key(key: str) -> bool:
+    return key != SEED_KEY and key not in COLUMN_KEYS and not any(
+        key == k or (k.endswith(".") and key.startswith(k)) for k in NO_EFFECT_KEYS)
+
+
+def _value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _config_group(config: dict | None) -> tuple | None:
+    """What runs must share to be seeds of one config; None: no config.yaml (grouped as before)."""
+    if config is None:
+        return None
+    return tuple(sorted((k, _value(v)) for k, v in config.items() if _is_variant_key(k)))
+
+
+def split_variants(records: list[dict]) -> tuple[dict[tuple[str, str], list[str]], list[str]]:
+    """Give each config within a table row (dataset, method, noise model) its own row: sets each
+    record's "variant" ("" when its row holds one config; "key=value, ..." for up to
+    MAX_LABEL_KEYS differing keys, else "#i") and "variant_rank". Returns the footnotes per table
+    (dataset, noise model) and one warning line per split row."""
+    rows = defaultdict(list)
+    for r in records:
+        rows[(r["dataset"], r["method"], r["noise_model"])].append(r)
+    notes, warnings = defaultdict(list), []
+    for (dataset, method, model), runs in sorted(rows.items()):
+        groups = defaultdict(list)  # in the order of the runs' folders: stable numbering
+        for r in sorted(runs, key=lambda r: r["path"]):
+            groups[_config_group(r["config"])].append(r)
+        if len(groups) == 1:
+            continue
+        configs = [g[0]["config"] for key, g in groups.items() if key is not None]
+        missing = "(unset)"
+        differ = sorted(k for k in set().union(*configs) if _is_variant_key(k)
+                        and len({_value(c.get(k, missing)) for c in configs}) > 1)
+        number = 0
+        for rank, (key, group) in enumerate(groups.items()):
+            if key is None:
+                variant = "no config.yaml"
+            elif len(differ) <= MAX_LABEL_KEYS:
+                variant = ", ".join(f"{k}={_value(group[0]['config'].get(k, missing))}" for k in differ)
+            else:
+                number += 1
+                variant = f"#{number}"
+                notes[(dataset, model)].append(f"{method} #{number}: " + ", ".join(
+                    f"{k}={_value(group[0]['config'].get(k, missing))}" for k in differ))
+            for r in group:
+                r["variant"], r["variant_rank"] = variant, rank
+        named = "; ".join(g[0]["path"] + (f" (+{len(g) - 1} more)" if len(g) > 1 else "") for g in groups.values())
+        what = [", ".join(differ[:12]) + (f" and {len(differ) - 12} more" if len(differ) > 12 else "")] * bool(differ)
+        what += ["whether a config.yaml is there"] * (None in groups)
+        warnings.append(f"report: {dataset}, {method}, {model} noise: runs of {len(groups)} different configs "
+                        f"({named}) are kept apart as rows; they differ in {'; and in '.join(what)}")
+    return notes, warnings
+
+
+def row_label(r: dict) -> str:
+    """The table row of a record: its method, and its variant when the method's row is split."""
+    v = r["variant"]
+    return f"{r['method']} {v}" if v.startswith("#") else f"{r['method']} [{v}]" if v else r["method"]
 
 
 def _group(records: list[dict]) -> dict:
     groups = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["method"], r["noise_model"], r["noise"], r["bits"])].append(r)
+        groups[(r["dataset"], r["method"], r["variant_rank"], r["variant"], r["noise_model"], r["noise"],
+                r["bits"])].append(r)
     return groups
 
 
@@ -65,37 +162,42 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None = None) -> str:
+    """The tables; ``notes`` (from split_variants) go under the table of their dataset and noise model."""
     groups = _group(records)
     out = io.StringIO()
     for dataset in sorted({r["dataset"] for r in records}):
         for model in [m for m in MODELS if any(r["dataset"] == dataset and r["noise_model"] == m for r in records)]:
             rows = [r for r in records if r["dataset"] == dataset and r["noise_model"] == model]
             columns = sorted({(r["noise"], r["bits"]) for r in rows})
-            methods = sorted({r["method"] for r in rows})
+            table_rows = sorted({(r["method"], r["variant_rank"], r["variant"]) for r in rows})
             for key, title in (("avg_map", "ties by database order"), ("avg_map_tie_aware", "tie-aware")):
                 out.write(f"### {dataset}, {model} noise: best / final mAP, average of I2T and T2I x 100 ({title})\n\n")
                 out.write("| method | " + " | ".join(f"{n:g} / {b} bit" for n, b in columns) + " | s / epoch |\n")
                 out.write("| --- |" + " ---: |" * (len(columns) + 1) + "\n")
-                for method in methods:
+                for method, rank, variant in table_rows:
                     cells = []
                     for noise, bits in columns:
-                        runs = groups.get((dataset, method, model, noise, bits), [])
+                        runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
                         cells.append(f"{_cell([r['best'][key] for r in runs])} / {_cell([r['final'][key] for r in runs])}"
                                      if runs else "")
-                    cost = [r["seconds_per_epoch"] for r in rows if r["method"] == method and r["seconds_per_epoch"]]
+                    cost = [r["seconds_per_epoch"] for r in rows
+                            if (r["method"], r["variant"]) == (method, variant) and r["seconds_per_epoch"]]
                     cells.append(f"{np.mean(cost):.1f}" if cost else "")
-                    out.write(f"| {method} | " + " | ".join(cells) + " |\n")
-                out.write("\n")
+                    label = row_label({"method": method, "variant": variant})
+                    out.write(f"| {label} | " + " | ".join(cells) + " |\n")
+                for note in (notes or {}).get((dataset, model), []):
+                    out.write(f"\n- {note}")
+                out.write("\n\n" if (notes or {}).get((dataset, model)) else "\n")
     return out.getvalue()
 
 
 def csv_rows(records: list[dict]) -> list[dict]:
     rows = []
-    for (dataset, method, model, noise, bits), runs in sorted(_group(records).items()):
+    for (dataset, method, _, variant, model, noise, bits), runs in sorted(_group(records).items()):
         cost = [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"]]
-        row = {"dataset": dataset, "method": method, "noise_model": model, "noise": noise, "bits": bits,
-               "seeds": len(runs), "seconds_per_epoch": float(np.mean(cost)) if cost else ""}
+        row = {"dataset": dataset, "method": method, "variant": variant, "noise_model": model, "noise": noise,
+               "bits": bits, "seeds": len(runs), "seconds_per_epoch": float(np.mean(cost)) if cost else ""}
         for which in ("best", "final"):
             for tie, suffix in (("map", ""), ("map_tie_aware", "_tie_aware")):
                 for d in ("i2t", "t2i"):
@@ -109,7 +211,7 @@ def csv_rows(records: list[dict]) -> list[dict]:
 
 def pr_figures(records: list[dict], out: Path, which: str, bits: int, noise: float) -> list[Path]:
     """One figure per dataset: the setting (noise model, rate, bits) asked for, or else the one
-    with the most methods; one curve per method."""
+    with the most rows; one curve per table row (method, variant)."""
     written = []
     for dataset in sorted({r["dataset"] for r in records}):
         rows = [r for r in records if r["dataset"] == dataset and "curves" in r[which]]
@@ -117,13 +219,13 @@ def pr_figures(records: list[dict], out: Path, which: str, bits: int, noise: flo
             continue
         settings = defaultdict(set)
         for r in rows:
-            settings[(r["noise_model"], r["noise"], r["bits"])].add(r["method"])
+            settings[(r["noise_model"], r["noise"], r["bits"])].add(row_label(r))
         asked = [k for k in settings if k[2] == bits and abs(k[1] - noise) < 1e-9]
         model, rate, b = max(asked or settings, key=lambda k: (len(settings[k]), k[0] == "mixed", k))
         chosen = [r for r in rows if (r["noise_model"], r["noise"], r["bits"]) == (model, rate, b)]
-        per_method = {}
-        for r in sorted(chosen, key=lambda r: r["seed"]):
-            per_method.setdefault(r["method"], r[which]["curves"])
+        per_method = {}  # one curve per table row (method and variant), its lowest seed's
+        for r in sorted(chosen, key=lambda r: (r["method"], r["variant_rank"], r["seed"])):
+            per_method.setdefault(row_label(r), r[which]["curves"])
         path = out / f"pr_{dataset}.png"
         plots.plot_pr(per_method, path, title=f"{dataset}: {b} bits, {model} noise {rate:g} ({which})")
         written.append(path)
@@ -142,9 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     records = collect(args.runs_dir)
     if not records:
         raise ScbchError(f"{args.runs_dir}: no summary.json with results under it")
+    notes, warnings = split_variants(records)
+    for line in warnings:
+        print(line, file=sys.stderr)
     out = args.out or args.runs_dir
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(records)
+    text = markdown(records, notes)
     atomic_write_text(out / "report.md", text)
     rows = csv_rows(records)
     buf = io.StringIO()

@@ -25,6 +25,10 @@ and one killed before its first checkpoint starts afresh (--overwrite). Array ta
 preemption-safe: SLURM sends SIGUSR1 three minutes before the time limit, the run checkpoints
 after its current step and the task requeues itself.
 Task i is the i-th combination in the order datasets, methods, bits, noise, seeds.
+
+Grid values end up in folder names, #SBATCH lines and command lines: a control character (newline,
+tab, NUL, ...) anywhere in them, a slurm key that is not an option name or a backslash in a value
+sbatch reads is refused naming the key; every value of the array script is shell-quoted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -41,11 +46,11 @@ from pathlib import Path
 
 
 from scbch_dist import cli
-from scbch_dist.config import ConfigError, read_yaml_mapping
+from scbch_dist.config import ConfigError, find_config, read_yaml_mapping
 from scbch_dist.engine.rundir import launch_state
 from scbch_dist.errors import Preempted
 
-CONFIG_DIR = Path("configs")
+CONFIG_DIR = Path("configs")  # a checkout's configs/ (a link to the packaged ones); else the packaged ones
 
 
 @dataclass
@@ -78,7 +83,51 @@ def load_grid(path: str | Path) -> Grid:
         bad = [v for v in getattr(grid, key) if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
             raise ConfigError(f"{path}: {key!r} holds {bad[0]!r}; give integers")
+    check_grid(grid, path)
     return grid
+
+
+_CONTROL_NAMES = {"\n": "newline", "\r": "carriage return", "\t": "tab", "\0": "NUL", "\x7f": "DEL"}
+_SLURM_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_line(path: str | Path, key: str, value) -> None:
+    """A grid value becomes part of folder names, #SBATCH lines and command lines: a control
+    character (a newline above all) would cut a line of the batch script and run what follows."""
+    bad = next((c for c in str(value) if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        what = _CONTROL_NAMES.get(bad, f"0x{ord(bad):02x}")
+        raise ConfigError(f"{path}: {key} holds a control character ({what}); write it on one line, "
+                          "without tabs or other control characters")
+
+
+def check_grid(grid: Grid, path: str | Path) -> None:
+    """Refuse what could break out of the array job script: control characters anywhere, slurm
+    keys that are not option names, values sbatch would read otherwise than written."""
+    _check_line(path, "name", grid.name)
+    _check_line(path, "runs_dir", grid.runs_dir)
+    for key in ("datasets", "methods", "noise", "set"):
+        if key == "set" and not isinstance(grid.set, list):
+            raise ConfigError(f"{path}: 'set' must be a list of key=value overrides")
+        for i, value in enumerate(getattr(grid, key) or []):
+            _check_line(path, f"{key}[{i}]", value)
+    if not isinstance(grid.slurm, dict):
+        raise ConfigError(f"{path}: 'slurm' must be a mapping of sbatch options (partition: gpu, ...)")
+    for key, value in grid.slurm.items():
+        if not isinstance(key, str) or not _SLURM_KEY.fullmatch(key):
+            raise ConfigError(f"{path}: slurm key {key!r} is not an sbatch option name "
+                              "(letters, digits, '-' and '_' only)")
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{path}: slurm.{key} is {type(value).__name__}; give one string or number "
+                              "(sbatch takes lists comma-separated: \"n1,n2\")")
+        _check_line(path, f"slurm.{key}", value)
+    # sbatch's directive parser takes a backslash as an escape even inside quotes, the shell does
+    # not: no quoting makes both read such a value as written
+    for key, value in [("name", grid.name), ("runs_dir", grid.runs_dir),
+                       *((f"slurm.{k}", v) for k, v in grid.slurm.items())]:
+        if "\\" in str(value):
+            raise ConfigError(f"{path}: {key} holds a backslash, which sbatch reads as an escape in #SBATCH "
+                              "lines; write the value without one")
 
 
 def noise_spec(value) -> str:
@@ -122,8 +171,12 @@ def config_path(dataset: str, method: str | None = None) -> Path:
     a .yaml file is taken as it is."""
     if dataset.endswith((".yaml", ".yml")):
         return Path(dataset)
-    own = CONFIG_DIR / f"{method}-{dataset}.yaml"
-    return own if method is not None and own.is_file() else CONFIG_DIR / f"{dataset}.yaml"
+    for name in ([f"{method}-{dataset}.yaml"] if method is not None else []) + [f"{dataset}.yaml"]:
+        try:
+            return find_config(CONFIG_DIR / name)
+        except ConfigError:
+            pass
+    return CONFIG_DIR / f"{dataset}.yaml"  # missing: main names it
 
 
 def expand(grid: Grid) -> list[Run]:
@@ -142,6 +195,7 @@ def command(run: Run, grid: Grid, python: str = sys.executable) -> list[str]:
 
 def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
     """An array job with one task per run; each task runs ``--task $SLURM_ARRAY_TASK_ID``."""
+    check_grid(grid, grid_path)  # a Grid built in code has not been through load_grid
     opts = {"job-name": f"scbch-{grid.name}", "array": f"0-{len(runs) - 1}",
             "output": f"{grid.runs_dir}/slurm/%A_%a.out", "requeue": None,
             # SIGUSR1 to the task itself (exec below) 3 minutes before the time limit: checkpoint, requeue
@@ -149,7 +203,9 @@ def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
     for key, value in grid.slurm.items():
         opts[key.replace("_", "-")] = value
     lines = ["#!/usr/bin/env bash", f"# {len(runs)} runs of grid {grid.name!r}, written by python -m scbch_dist.sweep"]
-    lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}" for k, v in opts.items()]
+    # sbatch reads directive values with shell-like quoting: a value with spaces, quotes or $(...)
+    # stays one value, and shlex.quote leaves plain tokens (gpu:1, 04:00:00, %A_%a) as they are
+    lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in opts.items()]
     lines += ["set -euo pipefail", "# each task is one run; a requeued task resumes from its checkpoint",
               f"exec python -m scbch_dist.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
     return "\n".join(lines) + "\n"

@@ -110,3 +110,18 @@ def test_accelerate_config_for_two_cpu_processes(tiny_dataset, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["run"]["world_size"] == 2
+
+
+def test_dry_run_prints_a_command_that_reads_back_as_given(tmp_path, monkeypatch, capsys):
+    """Nothing is joined into a shell string by hand: odd train arguments survive the printed command."""
+    import shlex
+
+    env = {"SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    odd = ["--config", "my configs/x $(id).yaml", "--set", "run.method=it's `x`; y"]
+    run_dir = str(tmp_path / "run dir")
+    slurm.main(["--dry-run", "--gpus-per-node", "2", "--run-dir", run_dir, "--", *odd])
+    printed = shlex.split(capsys.readouterr().out)
+    assert printed[printed.index("scbch_dist.train") + 1:] == [*odd, "--set", f"run.dir={run_dir}",
+                                                               "--set", "run.progress=false"]

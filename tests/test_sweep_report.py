@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -86,14 +88,25 @@ def test_local_sweep_runs_skips_done_and_reports(tiny_dataset, tmp_path):
     assert (tmp_path / "runs" / "pr_synthetic.png").is_file()
 
 
-def fake_summary(root: Path, method, dataset, noise, bits, seed, best, final, spec=None, per_epoch=2.0):
+def fake_summary(root: Path, method, dataset, noise, bits, seed, best, final, spec=None, per_epoch=2.0, config=None,
+                 folder=None):
+    """A run folder with summary.json and, given ``config`` ({"model.image.name": ..., ...} set on the
+    defaults), a config.yaml beside it as the trainer writes it."""
     def result(avg):
         d = {"map": avg, "map_tie_aware": avg - 0.01}
         curve = {"pr_radius": {"radius": [0, 1], "precision": [1.0, 0.5], "recall": [0.1, 1.0]},
                  "pr_topk": {"k": [1, 10], "precision": [1.0, 0.5], "recall": [0.1, 1.0]}}
         return {"i2t": d, "t2i": d, "avg_map": avg, "avg_map_tie_aware": avg - 0.01, "curves": {"i2t": curve, "t2i": curve}}
-    folder = root / f"{method}-{dataset}-{spec or noise}-{bits}-{seed}"
+    folder = root / (folder or f"{method}-{dataset}-{spec or noise}-{bits}-{seed}")
     folder.mkdir(parents=True)
+    if config is not None:
+        from scbch_dist.config import load_config, to_dict
+        import yaml
+
+        sets = {"model.bits": bits, "data.noise": spec or f"mixed:{noise}", "train.seed": seed,
+                "run.dir": str(folder), **config}
+        cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
+        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False) + "# written by a test\n")
     noise_info = {"rate": noise, **({"spec": spec} if spec else {})}  # summaries before noise models had no spec
     (folder / "summary.json").write_text(json.dumps({
         "run": {"method": method, "dataset": dataset, "noise": noise_info, "bits": bits, "seed": seed},
@@ -135,3 +148,207 @@ def test_grid_with_a_method_axis(tmp_path):
     assert nacd.run_dir == tmp_path / "runs" / "flickr" / "nacd" / "64bit_redundant-2.0_seed0"
     scbch = next(r for r in runs if r.method == "scbch")
     assert scbch.argv(grid)[:2] == ["--config", "configs/flickr.yaml"]
+
+
+# --- hostile grids: nothing a grid holds may reach the batch script as shell code -----------------
+
+@pytest.mark.parametrize("field, value, key", [
+    ("name", "x\nrm -rf ~", "name"),
+    ("runs_dir", "runs/a\rb", "runs_dir"),
+    ("datasets", ["flickr", "coco\x00"], "datasets[1]"),
+    ("methods", ["scbch\tnacd"], "methods[0]"),
+    ("set", ["train.epochs=3\x7f"], "set[0]"),
+    ("noise", [0.5, "file:/x\n.h5"], "noise[1]"),
+])
+def test_grid_refuses_control_characters_by_key(tmp_path, field, value, key):
+    fields = {**dict(name="g", datasets=["flickr"], bits=[16], noise=[0.5]), field: value}
+    path = write_grid(tmp_path / "grid.yaml", **fields)
+    with pytest.raises(sweep.ConfigError, match=rf"grid\.yaml: {re.escape(key)} holds a control character") as e:
+        sweep.load_grid(path)
+    assert "\n" not in str(e.value)  # one line, whatever the value held
+
+
+
+def test_sweep_command_refuses_an_injected_line_and_writes_nothing(tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", name="x\nrm -rf ~", datasets=["flickr"], bits=[16], noise=[0.5])
+    cmd = [sys.executable, "-m", "scbch_dist.sweep", str(grid), "--slurm", str(tmp_path / "out.sbatch")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "grid.yaml: name holds a control character (newline)" in proc.stderr
+    assert not (tmp_path / "out.sbatch").exists()
+
+def test_grid_refuses_control_characters_and_odd_keys_in_slurm_settings(tmp_path):
+    base = dict(name="g", datasets=["flickr"], bits=[16], noise=[0.5])
+    path = write_grid(tmp_path / "grid.yaml", **base, slurm={"partition": "gpu\n#SBATCH --wrap=id", "time": "1:00"})
+    with pytest.raises(sweep.ConfigError, match=r"grid\.yaml: slurm\.partition holds a control character \(newline\)"):
+        sweep.load_grid(path)
+    for bad_key in ("part ition", "x\ny", "a=b", ""):
+        path = write_grid(tmp_path / "grid.yaml", **base, slurm={bad_key: "1"})
+        with pytest.raises(sweep.ConfigError, match=r"grid\.yaml: slurm key .* is not an sbatch option name") as e:
+            sweep.load_grid(path)
+        assert "\n" not in str(e.value)
+    path = write_grid(tmp_path / "grid.yaml", **base, slurm={"exclude": ["n1", "n2"]})
+    with pytest.raises(sweep.ConfigError, match=r"grid\.yaml: slurm\.exclude"):
+        sweep.load_grid(path)
+    # sbatch reads a backslash as an escape even inside quotes: what it would read is not what was written
+    path = write_grid(tmp_path / "grid.yaml", **base, slurm={"comment": "a\\b"})
+    with pytest.raises(sweep.ConfigError, match=r"grid\.yaml: slurm\.comment holds a backslash"):
+        sweep.load_grid(path)
+
+
+def test_array_script_quotes_every_value(tmp_path):
+    """Spaces, quotes, $(...), backticks, ; and # in a grid reach sbatch as the values given (sbatch
+    parses #SBATCH lines with shell-like quoting) and never run; the header keeps --requeue/--signal."""
+    tricky = "a b 'c' \"d\" $(touch PWNED) `touch PWNED2`; touch PWNED3 # e"
+    slurm = {"comment": tricky, "partition": "gpu", "job_name": "mine $(id)", "mail_type": "END,FAIL"}
+    grid_path = write_grid(tmp_path / "my grid $(touch PWNED4).yaml", name="n 'q' $(touch PWNED5)",
+                           runs_dir=str(tmp_path / "runs dir"), datasets=["flickr"], bits=[16, 32], noise=[0.5],
+                           slurm=slurm)
+    grid = sweep.load_grid(grid_path)
+    text = sweep.slurm_script(grid, grid_path, sweep.expand(grid))
+    directives = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH"):
+            words = shlex.split(line)
+            assert len(words) == 2 and words[0] == "#SBATCH", line  # one option per line, nothing after it
+            key, _, value = words[1].partition("=")
+            directives[key] = value
+    assert directives["--comment"] == tricky and directives["--job-name"] == "mine $(id)"
+    assert directives["--partition"] == "gpu" and directives["--mail-type"] == "END,FAIL"
+    assert directives["--output"] == f"{tmp_path / 'runs dir'}/slurm/%A_%a.out"
+    assert directives["--requeue"] == "" and directives["--signal"] == "B:USR1@180" and directives["--array"] == "0-1"
+    assert "#SBATCH --partition=gpu\n" in text  # plain tokens stay as they are
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # run it with a stand-in python: the grid path arrives as one argument and nothing else runs
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "ARGS_OUT": str(tmp_path / "args")}
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "args").read_text().splitlines() == ["-m", "scbch_dist.sweep", str(grid_path), "--task", "1"]
+    assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_report_keeps_different_configs_apart(tmp_path, capsys):
+    """Two configs at seed 0 are two rows, never one mean +- sd; the rows say which key differs."""
+    vit = {"model.image.kind": "timm", "model.image.name": "vit_tiny_patch16_224"}
+    cnn = {"model.image.kind": "timm", "model.image.name": "test_resnet"}
+    fake_summary(tmp_path, "SCBCH", "shapes", 0.5, 32, 0, 0.856, 0.85, config=vit, folder="finetune-tiny")
+    fake_summary(tmp_path, "SCBCH", "shapes", 0.5, 32, 0, 0.870, 0.86, config=cnn, folder="shapes-search")
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    assert "±" not in text
+    assert "| SCBCH [model.image.name=test_resnet] | 87.0 / 86.0 | 2.0 |" in text
+    assert "| SCBCH [model.image.name=vit_tiny_patch16_224] | 85.6 / 85.0 | 2.0 |" in text
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert sorted((r["variant"], r["seeds"], r["best_avg"]) for r in rows) == [
+        ("model.image.name=test_resnet", "1", "0.87"), ("model.image.name=vit_tiny_patch16_224", "1", "0.856")]
+    err = [line for line in capsys.readouterr().err.splitlines() if "model.image.name" in line]
+    assert len(err) == 1 and "finetune-tiny" in err[0] and "shapes-search" in err[0]
+
+
+def test_report_averages_seeds_of_one_config_only(tmp_path):
+    """Runs that differ in the seed, the bits/noise columns and settings that cannot change results
+    (run.*, data.workers, data.verify, eval.batch_size) are one row; seeds counts its own runs."""
+    for seed, delta in ((0, 0.0), (1, 0.02)):
+        for bits in (16, 64):
+            same = {"data.workers": seed, "data.verify": bool(seed), "eval.batch_size": 256 * (seed + 1),
+                    "run.tensorboard": bool(seed), "run.method": ""}
+            fake_summary(tmp_path, "SCBCH", "flickr", 0.5, bits, seed, 0.786 + delta, 0.78 + delta, config=same)
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.60, 0.60, config={"loss.margin": 0.3}, folder="other")
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    sd = 100 * np.std([0.786, 0.806], ddof=1)
+    cell = f"79.6 ± {sd:.1f} / 79.0 ± {sd:.1f}"
+    assert f"| SCBCH [loss.margin=0.15] | {cell} | {cell} |" in text
+    assert "| SCBCH [loss.margin=0.3] |  | 60.0 / 60.0 |" in text
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert sorted((r["variant"], r["bits"], r["seeds"]) for r in rows) == [
+        ("loss.margin=0.15", "16", "2"), ("loss.margin=0.15", "64", "2"), ("loss.margin=0.3", "64", "1")]
+
+
+def test_report_numbers_configs_that_differ_in_many_keys(tmp_path, capsys):
+    a = {"loss.margin": 0.2, "loss.shift": 1.0, "train.lr": 0.001}
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.70, 0.70, config={}, folder="a")
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.75, 0.74, config=a, folder="b")
+    fake_summary(tmp_path, "NACD", "flickr", 0.5, 64, 0, 0.72, 0.71, config={"method.name": "nacd"}, folder="c")
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.65, 0.64, folder="d")  # an older run: no config.yaml
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    assert "±" not in text and "| NACD | 72.0 / 71.0 | 2.0 |" in text  # alone in its row: no label
+    assert "| SCBCH #1 | 70.0 / 70.0 | 2.0 |" in text and "| SCBCH #2 | 75.0 / 74.0 | 2.0 |" in text
+    assert "SCBCH #1: loss.margin=0.15, loss.shift=0.8, train.lr=0.0001" in text
+    assert "SCBCH #2: loss.margin=0.2, loss.shift=1.0, train.lr=0.001" in text
+    assert "| SCBCH [no config.yaml] | 65.0 / 64.0 | 2.0 |" in text
+    variants = sorted(r["variant"] for r in csv.DictReader(open(tmp_path / "report.csv")))
+    assert variants == ["", "#1", "#2", "no config.yaml"]
+    err = [line for line in capsys.readouterr().err.splitlines() if "loss.margin" in line]
+    assert len(err) == 1 and "loss.shift" in err[0] and "train.lr" in err[0] and "config.yaml" in err[0]
+
+
+# --- figures: what can be checked without looking at pixels ----------------------------------------
+
+def _curves(scale: float = 1.0) -> dict:
+    curve = {"pr_radius": {"radius": [0, 1, 2], "precision": [1.0, 0.7 * scale, None], "recall": [0.1, 0.6, 1.0]},
+             "pr_topk": {"k": [1, 10], "precision": [1.0, 0.5 * scale], "recall": [0.1, 1.0]}}
+    return {"i2t": curve, "t2i": curve}
+
+
+def test_pr_figure_has_a_legend_with_one_curve_and_no_overlapping_text(tmp_path):
+    from scbch_dist import plots
+
+    fig = plots.pr_figure({"SCBCH": _curves()}, title="flickr: 64 bits, mixed noise 0.8")
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    for ax in axes:
+        legend = ax.get_legend()
+        assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["SCBCH"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    top, bottom = axes[0], axes[2]  # row by row: top = over Hamming radius, bottom = over top-k
+    assert "radius" in top.get_title() and "top-k" in bottom.get_title()
+    # the top row's x labels once sat on the bottom row's titles: no two labels or titles may touch
+    texts = [a.xaxis.label for a in axes] + [a.title for a in axes] + fig.texts  # fig.texts: the suptitle
+    assert len(texts) == 9
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    overlaps = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                if boxes[i].overlaps(boxes[j])]
+    assert overlaps == []
+    plots.plot_pr({"SCBCH": _curves(), "NACD": _curves(0.8)}, tmp_path / "pr.png", title="t")
+    assert (tmp_path / "pr.png").stat().st_size > 0
+
+
+def test_report_pr_figure_with_one_method_has_a_legend(tmp_path, monkeypatch):
+    from scbch_dist import plots
+
+    made = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: made.append(fig))
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.8, 64, 0, 0.70, 0.70)
+    report.pr_figures(report.collect(tmp_path), tmp_path, "best", 64, 0.8)
+    assert len(made) == 1 and all(ax.get_legend() is not None for ax in made[0].get_axes())
+
+
+def test_map_history_figure_marks_the_best_epoch(tmp_path):
+    from scbch_dist import plots
+
+    def entry(epoch, i2t, t2i):
+        return {"epoch": epoch, "i2t": {"map": i2t, "map_tie_aware": i2t - 0.01},
+                "t2i": {"map": t2i, "map_tie_aware": t2i - 0.01}, "avg_map": (i2t + t2i) / 2}
+
+    # the best average is epoch 6, although I2T alone peaks at epoch 9
+    history = [entry(3, 0.60, 0.58), entry(6, 0.70, 0.72), entry(9, 0.74, 0.62), entry(12, 0.69, 0.70)]
+    fig = plots.map_history_figure(history, chance=0.3, title="runs/x: 64 bits, noise mixed:0.5")
+    ax = fig.get_axes()[0]
+    assert ax.get_title() == "runs/x: 64 bits, noise mixed:0.5"
+    best = [l for l in ax.get_lines() if l.get_label().startswith("best (epoch 6)")]
+    assert len(best) == 1 and list(best[0].get_xdata()) == [6] and best[0].get_ydata()[0] == pytest.approx(0.71)
+    vertical = [l for l in ax.get_lines() if list(l.get_xdata()) == [6, 6]]
+    assert len(vertical) == 1 and vertical[0].get_linestyle() == ":"
+    assert any(t.get_text().startswith("best (epoch 6)") for t in ax.get_legend().get_texts())
+    plots.plot_map_history(history, tmp_path / "map.png", 0.3)  # the old call still works
+    plots.plot_map_history(history, tmp_path / "map2.png", 0.3, title="t")
+    assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map2.png").stat().st_size > 0
