@@ -29,6 +29,11 @@ from scbch_dist.data.format import VOCAB_FILE, DatasetMeta, read_meta, read_voca
 from scbch_dist.errors import ScbchError
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+# Pixels (width x height) a query image may have: a 24-megapixel camera photo (6000 x 4000) passes,
+# and decoding the largest one takes about 75 MB as RGB. PIL's own limit (89 megapixels, an error
+# only from 179) lets a 17 KB 1-bit PNG of 12000 x 12000 decode to 700 MB. The default of
+# --max-pixels in search and serve.
+MAX_PIXELS = 25_000_000
 
 
 class QueryError(ScbchError, ValueError):
@@ -48,26 +53,43 @@ def unknown_words(words: list[str], vocabulary: dict | set, where: str) -> None:
                      f"{len(vocabulary)}-word vocabulary of {where}")
 
 
-def read_image(path: str | Path) -> bytes:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> bytes:
     """The bytes of an image file the query transform can decode; a one-line error otherwise."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise QueryError(f"{path}: cannot read the image ({e.strerror or e})") from None
-    check_image(data, str(path))
+    check_image(data, str(path), max_pixels)
     return data
 
 
-def check_image(data: bytes, where: str) -> None:
+def megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g}"
+
+
+def check_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse, in one line naming ``where``, bytes that are not an image, and an image of more
+    than ``max_pixels`` pixels (width x height). The size comes from the header, before anything
+    is decoded: a small file can claim a huge image, and decoding it is the attack."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            width, height = im.size
+            if width * height <= max_pixels:
+                im.verify()  # the chunks' checksums, without decompressing them
+    except Image.DecompressionBombError as e:  # beyond PIL's own limit: it refuses in open, without the size
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{megapixels(int(pixels[1]))} megapixels" if pixels else "too many pixels"
+        raise QueryError(f"{where}: {size}, more than the {megapixels(max_pixels)} a query image may have "
+                         "(--max-pixels)") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad bytes
         reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names its buffer
         raise QueryError(f"{where}: not a readable image ({type(e).__name__}: {reason})") from None
+    if width * height > max_pixels:
+        raise QueryError(f"{where}: {width} x {height} = {megapixels(width * height)} megapixels, more than the "
+                         f"{megapixels(max_pixels)} a query image may have (--max-pixels)")
 
 
 class QueryEncoder:
@@ -76,11 +98,12 @@ class QueryEncoder:
     ``cfg``: the run's config; ``root``: its dataset folder; ``run_dir``: the run, whose latest
     checkpoint holds the model (loaded on the first encoded query); ``model_sha256``: the
     fingerprint codes.npz records, which the loaded weights must match (empty: not checked, for
-    codes written before fingerprints)."""
+    codes written before fingerprints); ``max_pixels``: the largest query image, width x height."""
 
-    def __init__(self, cfg: Config, root: Path, meta: DatasetMeta, run_dir: Path, model_sha256: str):
+    def __init__(self, cfg: Config, root: Path, meta: DatasetMeta, run_dir: Path, model_sha256: str,
+                 max_pixels: int = MAX_PIXELS):
         self.cfg, self.root, self.meta = cfg, root, meta
-        self.run_dir, self.model_sha256 = run_dir, model_sha256
+        self.run_dir, self.model_sha256, self.max_pixels = run_dir, model_sha256, max_pixels
 
     # -- what can be encoded -------------------------------------------------------------------
 
@@ -131,7 +154,7 @@ class QueryEncoder:
         why = self.image_recipe()
         if why:
             raise QueryError(why)
-        check_image(data, where)
+        check_image(data, where, self.max_pixels)
         if self.meta.kind("img") == "image":
             from scbch_dist.data.transforms import ImageTransform
 

@@ -28,7 +28,7 @@ from scbch_dist import cli
 from scbch_dist.config import IndexSettings, load_config
 from scbch_dist.data.format import read_meta
 from scbch_dist.index import CODE_SPLITS, RunCodes, RunIndex, RunIndexError
-from scbch_dist.query import DatasetItems, QueryEncoder, QueryError, read_image
+from scbch_dist.query import MAX_PIXELS, DatasetItems, QueryEncoder, QueryError, read_image
 
 OTHER = {"img": "txt", "txt": "img"}
 
@@ -76,7 +76,7 @@ class Searcher:
     encoder (its model loads on the first encoded query) and the dataset's items."""
 
     def __init__(self, run_dir: str | Path, *, kind: str = IndexSettings.kind, data_root: str | Path | None = None,
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, max_pixels: int = MAX_PIXELS):
         self.run_dir = Path(run_dir)
         self.codes = RunCodes.load(self.run_dir)
         self.index = RunIndex.open(self.run_dir, self.codes, split="database", kind=kind, overrides=overrides)
@@ -87,7 +87,8 @@ class Searcher:
             raise RunIndexError(f"{self.root}: {self.meta.num_classes} classes, but {self.run_dir}/codes.npz has "
                                 f"{self.codes.labels['database'].shape[1]}: not the run's dataset")
         self.items = DatasetItems(self.root, self.meta)
-        self.encoder = QueryEncoder(self.cfg, self.root, self.meta, self.run_dir, self.codes.model_sha256)
+        self.encoder = QueryEncoder(self.cfg, self.root, self.meta, self.run_dir, self.codes.model_sha256,
+                                    max_pixels=max_pixels)
 
     def describe(self) -> dict:
         """What the page and the command line show about the run."""
@@ -171,12 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hash-flips", dest="hash_flips", type=int, help="hash: bit flips per table (default: as built)")
     p.add_argument("--data-root", help="the run's dataset folder, if not at its data.root from here")
     p.add_argument("--json", action="store_true", help="print the hits as a JSON list, best first")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, default=MAX_PIXELS,
+                   help=f"--image: refuse images of more pixels, width x height (default {MAX_PIXELS:,})")
     args = p.parse_args(argv)
-    searcher = Searcher(args.run_dir, kind=args.kind, data_root=args.data_root, overrides=vars(args))
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be at least 1")
+    searcher = Searcher(args.run_dir, kind=args.kind, data_root=args.data_root, overrides=vars(args),
+                        max_pixels=args.max_pixels)
     if args.text is not None:
         result = searcher.search_text(args.text, args.k)
     elif args.image is not None:
-        result = searcher.search_image(read_image(args.image), args.k, str(args.image))
+        result = searcher.search_image(read_image(args.image, args.max_pixels), args.k, str(args.image))
     else:
         result = searcher.search_id(args.id, args.k, modality=args.modality, split=args.split)
     if args.json:

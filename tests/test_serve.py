@@ -1,18 +1,25 @@
 """The search service (scbch_dist.serve): its JSON API through FastAPI's TestClient on a tiny
-fine-tuned shapes run; the command's start-up line, port refusal and Ctrl-C; the page in a real
-headless Chromium (slow, skipped without selenium, chromium or chromedriver)."""
+fine-tuned shapes run; what it refuses to a hostile client (large uploads, pixel bombs, foreign Host
+headers) and what it never tells one (absolute paths, tracebacks); the command's start-up line,
+port refusal and Ctrl-C; the page in a real headless Chromium (slow, skipped without selenium,
+chromium or chromedriver)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,8 +29,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
+from scbch_dist import query, serve  # noqa: E402
 from scbch_dist.index import build  # noqa: E402
-from scbch_dist.search import Searcher  # noqa: E402
+from scbch_dist.search import Searcher, main as search_main  # noqa: E402
 from scbch_dist.serve import create_app, listen, url, warm_up  # noqa: E402
 from scbch_dist.train import main as train  # noqa: E402
 
@@ -38,8 +46,8 @@ def run_dir(tmp_path_factory) -> Path:
     (20 queries, a database of 240), with its flat index: about 7 s of CPU. Codes, not quality,
     are what the API needs."""
     base = tmp_path_factory.mktemp("serve")
-    settings = [f"data.root={base / 'shapes'}", "shapes.n_train=200", "shapes.n_query=20", "shapes.n_extra_database=40",
-                "model.hidden=64", "model.image.kwargs.depth=1", "model.text.kwargs.num_hidden_layers=1",
+    settings = [f"data.root={base / 'shapes'}", "data.generate=shapes", "shapes.n_train=200", "shapes.n_query=20",
+                "shapes.n_extra_database=40", "model.hidden=64", "model.image.kwargs.depth=1", "model.text.kwargs.num_hidden_layers=1",
                 f"run.dir={base / 'run'}", "train.epochs=1", "eval.every=1", "cscc.warmup_epochs=1",
                 "run.progress=false", "run.tensorboard=false"]
     train(["--config", str(REPO / "configs/finetune-tiny.yaml"), *[a for s in settings for a in ("--set", s)]])
@@ -60,8 +68,31 @@ def client(searcher):
     pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the dev extra)")
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(searcher, k=K)) as c:
+    with TestClient(create_app(searcher, k=K), base_url="http://localhost") as c:
         yield c
+
+
+@contextmanager
+def app_client(searcher: Searcher, base_url: str = "http://localhost", **kwargs):
+    """A TestClient on a new app over ``searcher`` (create_app's keywords in ``kwargs``)."""
+    from fastapi.testclient import TestClient
+
+    raise_server_exceptions = kwargs.pop("raise_server_exceptions", True)
+    with TestClient(create_app(searcher, **{"k": K, **kwargs}), base_url=base_url,
+                    raise_server_exceptions=raise_server_exceptions) as c:
+        yield c
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A 1-bit PNG whose header claims width x height pixels, with the data of one row: a few
+    hundred bytes that PIL opens and verifies (verify does not decompress) but that would take
+    width x height bytes to decode."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    row = zlib.compress(b"\0" * (1 + (width + 7) // 8))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
 
 
 def assert_hits(body: dict, k: int) -> None:
@@ -87,11 +118,12 @@ def assert_one_line_error(response, status: int = 400) -> str:
 
 def test_info_describes_the_run(client, run_dir):
     info = client.get("/api/info").json()
-    assert info["run"] == str(run_dir)
+    assert info["run"] == run_dir.name  # the folder's name: the server's paths are its own
     assert (info["dataset"], info["method"], info["bits"], info["kind"]) == ("shapes", "scbch", 32, "flat")
     assert (info["database"], info["queries"], info["k"]) == (240, 20, K)
     assert len(info["classes"]) == 11 and "circle" in info["classes"]
     assert info["text_queries"] and info["image_queries"] and info["captions"] and info["images"]
+    assert (info["max_upload"], info["max_pixels"]) == (serve.MAX_UPLOAD, query.MAX_PIXELS)  # the page checks sizes
 
 
 def test_a_caption_finds_k_images_by_distance(client):
@@ -154,6 +186,222 @@ def test_the_page_is_served_from_the_package(client):
         assert marker in r.text
 
 
+# -- what a hostile client gets -------------------------------------------------------------------
+
+BOMB = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns from 89 megapixels
+
+
+def test_an_upload_declared_over_the_limit_is_a_413_before_its_body_is_read(client):
+    sent = []
+
+    def body():
+        for _ in range(4):
+            sent.append(1)
+            yield b"\0" * 1024
+
+    r = client.post("/api/search/image", content=body(),
+                    headers={"Content-Length": str(200 << 20), "Content-Type": "image/png"})
+    assert "209715200 bytes, more than the 32 MiB" in assert_one_line_error(r, 413)
+    assert sent == []  # not one byte of the body was asked for
+
+
+def test_an_upload_is_read_up_to_the_limit_and_no_further(searcher, client):
+    png = client.get("/api/image/5").content
+    with app_client(searcher, max_upload=len(png)) as c:
+        assert_hits(c.post("/api/search/image", params={"k": K}, content=png).json(), K)  # exactly the limit
+        streamed = (chunk for chunk in (png, b"\0"))  # no Content-Length: chunked, one byte too many
+        assert "more than the" in assert_one_line_error(c.post("/api/search/image", content=streamed), 413)
+
+
+def test_a_streamed_upload_is_answered_413_before_it_ends(searcher):
+    """Through uvicorn: the server answers while the client is still sending a body that never ends."""
+    with serving(create_app(searcher, k=K, max_upload=1000)) as address:
+        host, port = address.split("//")[1].rstrip("/").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as conn:
+            conn.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            conn.sendall(b"800\r\n" + b"\0" * 0x800 + b"\r\n")  # 2 KiB, and no last chunk
+            answer = b""
+            while b"}" not in answer:  # a server that waits for the whole body times out here
+                data = conn.recv(65536)
+                if not data:
+                    break
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"\r\nconnection: close\r\n" in answer.lower(), answer
+    assert b'{"error":"the uploaded image: more than the' in answer, answer
+
+
+def test_an_upload_of_another_content_type_is_a_415(client):
+    png = client.get("/api/image/5").content
+    for mime in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = client.post("/api/search/image", content=png, headers={"Content-Type": mime})
+        assert "image/* or application/octet-stream" in assert_one_line_error(r, 415)
+    for mime in ("image/png", "IMAGE/PNG; q=1", "application/octet-stream"):  # what the page sends
+        r = client.post("/api/search/image", params={"k": 3}, content=png, headers={"Content-Type": mime})
+        assert_hits(r.json(), 3)
+
+
+@BOMB
+def test_check_image_refuses_a_pixel_bomb_from_its_header():
+    bomb = png_header(12000, 12000)
+    assert len(bomb) < 4000  # 144 megapixels claimed, a few hundred bytes sent
+    with pytest.raises(query.QueryError, match=r"^bomb\.png: 12000 x 12000 = 144 megapixels, more than the 25 a "
+                                               r"query image may have \(--max-pixels\)$"):
+        query.check_image(bomb, "bomb.png")
+    with pytest.raises(query.QueryError, match=r"^huge\.png: 400 megapixels, more than the 25 .*--max-pixels"):
+        query.check_image(png_header(20000, 20000), "huge.png")  # beyond PIL's own limit: its error, our words
+    query.check_image(png_header(5000, 5000), "25mp.png")  # at the limit
+    with pytest.raises(query.QueryError, match=r"100 x 100 = 0\.01 megapixels, more than the 0\.005 "):
+        query.check_image(png_header(100, 100), "small.png", max_pixels=5000)
+
+
+@BOMB
+def test_a_pixel_bomb_upload_is_a_400_refused_before_the_search_lock(client, searcher, monkeypatch):
+    calls = []
+    monkeypatch.setattr(searcher, "search_image", lambda *args: calls.append(args))
+    r = client.post("/api/search/image", content=png_header(12000, 12000), headers={"Content-Type": "image/png"})
+    assert assert_one_line_error(r) == ("the uploaded image: 12000 x 12000 = 144 megapixels, more than the 25 a "
+                                        "query image may have (--max-pixels)")
+    assert calls == []  # refused from the header, before the search and its lock
+
+
+def test_max_pixels_goes_from_the_searcher_to_the_server_and_the_search_command(run_dir, searcher, tmp_path):
+    png = searcher.items.image("query", 0)[0]  # 32 x 32
+    with app_client(Searcher(run_dir, max_pixels=1000)) as c:
+        error = assert_one_line_error(c.post("/api/search/image", params={"name": "q.png"}, content=png))
+        assert error.startswith("q.png: 32 x 32 = 0.00102 megapixels, more than the 0.001 ")
+    (tmp_path / "q.png").write_bytes(png)
+    with pytest.raises(query.QueryError, match=r"q\.png: 32 x 32 = 0\.00102 megapixels, more than the 0\.001 "):
+        search_main([str(run_dir), "--image", str(tmp_path / "q.png"), "--max-pixels", "1000"])
+
+
+def test_a_foreign_host_header_is_a_one_line_400_naming_it_and_the_option(searcher):
+    with app_client(searcher, base_url="http://testserver") as c:  # the default: this machine's names only
+        error = assert_one_line_error(c.get("/api/info"))
+        assert "'testserver'" in error and "--allow-host testserver" in error
+        for host in ("attacker.example", "attacker.example:8000", "localhost.attacker.example", "0.0.0.0:8000",
+                     "[::2]:8000", "127.0.0.2"):
+            assert "--allow-host" in assert_one_line_error(c.get("/api/info", headers={"Host": host})), host
+        assert_one_line_error(c.get("/", headers={"Host": "attacker.example"}))  # the page too
+        assert_one_line_error(c.post("/api/search/image", content=b"x", headers={"Host": "attacker.example"}))
+        for host in ("localhost", "LocalHost:8000", "localhost.", "127.0.0.1:8000", "[::1]:8000", "[0:0::1]"):
+            assert c.get("/api/info", headers={"Host": host}).status_code == 200, host
+    with app_client(searcher, base_url="http://testserver", allowed_hosts=["Search.Example"]) as c:
+        assert c.get("/api/info", headers={"Host": "search.example:443"}).status_code == 200
+        assert_one_line_error(c.get("/api/info", headers={"Host": "localhost"}))  # only the names given
+    with app_client(searcher, base_url="http://testserver", allowed_hosts=None) as c:  # unchecked
+        assert c.get("/api/info", headers={"Host": "anything.example"}).status_code == 200
+
+
+def test_the_allowed_hosts_are_the_names_of_the_bound_address(monkeypatch):
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    assert serve.allowed_hosts("127.0.0.1") == serve.allowed_hosts("::1") == loopback
+    assert serve.allowed_hosts("localhost") == loopback
+    assert serve.allowed_hosts("127.0.0.2") == loopback | {"127.0.0.2"}
+    assert serve.allowed_hosts("192.0.2.7") == {"192.0.2.7"}
+    assert serve.allowed_hosts("192.0.2.7", ["Search.Example", "[::1]"]) == {"192.0.2.7", "search.example", "::1"}
+    assert serve.allowed_hosts("192.0.2.7", ["search.example", "*"]) is None
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "box.lan")
+    monkeypatch.setattr(socket, "gethostbyname_ex", lambda name: ("box.lan", ["box-alias"], ["192.0.2.7", "10.0.0.5"]))
+    machine = loopback | {"box", "box.lan", "box-alias", "192.0.2.7", "10.0.0.5"}
+    assert serve.allowed_hosts("0.0.0.0") == serve.allowed_hosts("::") == machine  # not 0.0.0.0 itself
+
+    def unresolved(name):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "gethostbyname_ex", unresolved)
+    assert serve.allowed_hosts("0.0.0.0") == loopback | {"box", "box.lan"}
+
+
+def test_vanished_shards_are_a_one_line_503(run_dir, tmp_path):
+    data = tmp_path / "shapes"
+    shutil.copytree(run_dir.parent / "shapes", data)
+    with app_client(Searcher(run_dir, data_root=data)) as c:
+        assert c.get("/api/image/0").status_code == 200  # its shard's offsets are read
+        shards = sorted(data.rglob("*.tar"))
+        assert shards
+        for shard in shards:
+            shard.unlink()
+        for r in (c.get("/api/image/0"), c.get("/api/image/1", params={"split": "query"}),
+                  c.get("/api/search", params={"id": 3})):
+            error = assert_one_line_error(r, 503)
+            assert error.startswith("the run's data is not available (shapes/") and ".tar: " in error, error
+            assert str(tmp_path) not in error and str(tmp_path.resolve()) not in error
+
+
+def test_an_unexpected_error_is_a_one_line_500_whose_traceback_stays_in_the_server(searcher, monkeypatch):
+    def broken(*args):
+        raise RuntimeError(f"bug near {searcher.run_dir.resolve()}")
+
+    monkeypatch.setattr(searcher, "search_text", broken)
+    with app_client(searcher, raise_server_exceptions=False) as c:
+        error = assert_one_line_error(c.get("/api/search", params={"text": "red"}), 500)
+        assert "RuntimeError" in error and "bug near" not in error
+    with app_client(searcher) as c, pytest.raises(RuntimeError, match="bug near"):  # on to uvicorn, which logs it
+        c.get("/api/search", params={"text": "red"})
+
+
+def test_unknown_routes_and_methods_are_one_line_json_errors(client):
+    assert assert_one_line_error(client.get("/api/nope"), 404) == "Not Found"
+    r = client.delete("/api/info")
+    assert assert_one_line_error(r, 405) == "Method Not Allowed" and r.headers["allow"] == "GET"
+
+
+@BOMB
+def test_no_answer_holds_an_absolute_path_of_the_server(client, run_dir):
+    png = client.get("/api/image/5").content
+    answers = [client.get("/api/info"),
+               client.get("/api/search", params={"text": "a red circle"}),
+               client.get("/api/search", params={"id": 3, "modality": "img"}),
+               client.get("/api/search", params={"id": 3, "split": "database"}),
+               client.post("/api/search/image", content=png),
+               client.get("/api/search", params={"text": f"a red {UNKNOWN}"}),
+               client.post("/api/search/image", content=b"not an image"),
+               client.post("/api/search/image", content=png_header(12000, 12000)),
+               client.get("/api/search", params={"id": 99}),
+               client.get("/api/image/999"),
+               client.get("/api/search", params={"k": 5000})]
+    base = run_dir.parent
+    for r in answers:
+        assert r.headers["content-type"] == "application/json"
+        assert str(base) not in r.text and str(base.resolve()) not in r.text, r.text
+    info, text, stored = (r.json() for r in answers[:3])
+    assert info["run"] == run_dir.name
+    assert all(re.fullmatch(r"database-\d{6}\.tar:\d{9}\.png", h["image"]) for h in text["hits"]), text["hits"]
+    assert re.match(r"query sample 3 \(image: query-\d{6}\.tar:000000003\.png; labels ", stored["query"]), stored
+    assert "(shapes/vocab.json)" in answers[5].json()["error"]  # the dataset by its folder's name
+
+
+def test_paths_are_shortened_to_the_run_and_dataset_folder_names(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    (real / "runs" / "r1").mkdir(parents=True)
+    (real / "data" / "shapes").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    link = tmp_path / "link"
+    monkeypatch.chdir(real)
+    shorten = serve.PathShortener([Path("runs/r1"), link / "data" / "shapes"])  # relative, and through a link
+    assert shorten(f"{real}/runs/r1/codes.npz: missing") == "r1/codes.npz: missing"
+    assert shorten(f"dataset 'shapes' ({link}/data/shapes) stores") == "dataset 'shapes' (shapes) stores"
+    assert shorten(f"'{real}/data/shapes/train-000001.tar'") == "'shapes/train-000001.tar'"
+    # not the run (r1 is no prefix of r10), so an absolute path like any other: its file name
+    assert shorten(f"{real}/runs/r10/x and /home/someone/vgg19.pth: gone") == "x and vgg19.pth: gone"
+    text = "a red/blue circle, image/png, http://example.org/a/b"  # no absolute path
+    assert shorten(text) == text
+
+
+@pytest.mark.parametrize("args,message", [(["--port", "99999"], "0..65535"), (["--port", "-1"], "0..65535"),
+                                          (["--port", "http"], "0..65535"), (["-k", "0"], "1..1000"),
+                                          (["--max-pixels", "0"], "at least 1")])
+def test_bad_options_are_one_line_usage_errors(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        serve.main([str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m scbch_dist.serve: error: ") and message in last, err
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -165,7 +413,7 @@ def start(run_dir: Path, *args: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_the_command_prints_the_url_refuses_a_busy_port_and_stops_on_ctrl_c(run_dir):
-    proc = start(run_dir, "--port", "0", "-k", "3")
+    proc = start(run_dir, "--port", "0", "-k", "3", "--allow-host", "search.example", "--max-pixels", "1000000")
     try:
         lines = [proc.stdout.readline() for _ in range(2)]
         assert lines[0].startswith(f"serving {run_dir} (shapes, scbch, 32 bits, flat index, 240"), lines
@@ -173,6 +421,18 @@ def test_the_command_prints_the_url_refuses_a_busy_port_and_stops_on_ctrl_c(run_
         assert address.startswith("http://127.0.0.1:") and address.endswith("/"), lines
         with urllib.request.urlopen(address + "api/search?text=red", timeout=30) as r:
             assert r.status == 200 and b'"k":3' in r.read()
+        with urllib.request.urlopen(urllib.request.Request(address + "api/info", headers={"Host": "search.example:80"}),
+                                    timeout=30) as r:
+            assert r.status == 200  # --allow-host
+        for request, status, message in (
+                (urllib.request.Request(address + "api/info", headers={"Host": "attacker.example"}), 400,
+                 b"--allow-host attacker.example"),
+                (urllib.request.Request(address + "api/search/image", data=png_header(2000, 1000),
+                                        headers={"Content-Type": "image/png"}), 400,
+                 b"2000 x 1000 = 2 megapixels, more than the 1 a query image may have (--max-pixels)")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(request, timeout=30)
+            assert e.value.code == status and message in e.value.read()
         busy = start(run_dir, "--port", address.rsplit(":", 1)[1].rstrip("/"))
         out, err = busy.communicate(timeout=120)
         assert busy.returncode == 2 and err.count("\n") == 1 and "cannot listen on 127.0.0.1" in err, err
