@@ -510,16 +510,18 @@ def _written_with_digests(run_dir: Path) -> bool:
         return False
 
 
-def flat_dict(cfg: Config) -> dict[str, Any]:
-    """``{'model.bits': 64, ...}`` for trackers that want flat hyperparameters."""
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as ``{'model.bits': 64, ...}``. Free-form mappings (``kwargs``) stay
+    whole values: their keys are a backbone's, not the config's."""
     out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: dict) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-                walk(f"{prefix}{key}.", value)
-            else:
-                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", to_dict(cfg))
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "kwargs":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """``{'model.bits': 64, ...}`` for trackers that want flat scalar hyperparameters."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}

@@ -7,7 +7,8 @@
 (scbch_dist.hamming) into ``RUN_DIR/index/<split>-<kind>/``:
 
     index.json       kind, settings, code length, count, build times, the sha256 of codes.npz, the
-                     fingerprint of the model that wrote the codes, and the run's config
+                     fingerprint of the model that wrote the codes, the run's config, the sha256
+                     of each file below, and its own (digests.seal): a damaged file is refused
     img.faissindex   the image codes' index (FAISS's binary index format)
     txt.faissindex   the text codes' index
     ids.npy          (N,) int64: the sample id at each index position
@@ -20,7 +21,8 @@ it is opened.
 
 ``check`` measures the index against the exact Hamming ranking of ``metrics``: every exact kind
 must give the same ids at every distance, ties by database order, and the mAP of its rankings
-must equal the run's summary mAP; approximate kinds report recall@k.
+must equal the run's summary mAP; approximate kinds report recall@k (judged with --min-recall).
+It exits 1 when a check fails (2: it could not run).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist import cli, plots
-from scbch_dist.config import check_saved_config, read_yaml_mapping
+from scbch_dist.config import check_saved_config, flatten, read_yaml_mapping
 from scbch_dist.digests import read_sealed_json
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
@@ -73,18 +73,8 @@ def _run_config(path: Path) -> dict | None:
     """The run's resolved config as ``{"model.bits": 64, ...}``; None for a summary without one."""
     if not path.is_file():
         return None
-    flat = {}
-
-    def walk(prefix: str, node: dict) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = value
-
     check_saved_config(path)
-    walk("", read_yaml_mapping(path, "run config"))
-    return flat
+    return flatten(read_yaml_mapping(path, "run config"))
 
 
 def _is_variant_key(key: str) -> bool:

@@ -95,6 +95,20 @@ def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
     return [a for s in [*settings, *extra] for a in ("--set", s)]
 
 
+def one_line_exit(capsys, entry, argv: list[str], code: int = 2) -> str:
+    """Run ``entry(argv)`` as its command line does (scbch_dist.cli.run); returns the error line
+    (exit status ``code``, the last stderr line ``prog: error: ...``)."""
+    from scbch_dist import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: entry(argv), "prog")
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("prog: error: "), err
+    return err[-1][len("prog: error: "):]
+
+
 def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
     """(n, d) float64 unit-length codes (tanh, then L2), as the towers make them."""
     g = torch.Generator().manual_seed(seed)

@@ -12,22 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_args
-from scbch_dist import cli
+from conftest import REPO, one_line_exit, tiny_args
 from scbch_dist.config import ConfigError
 from scbch_dist.data.format import ShardError
 from scbch_dist.train import main
-
-
-def one_line_exit(capsys, entry, argv: list[str]) -> str:
-    """Run ``entry(argv)`` as its command line does; returns the error line (exit status 2)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run(lambda: entry(argv), "prog")
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("prog: error: ")
-    return err[-1][len("prog: error: "):]
 
 
 def test_train_errors_are_one_line(capsys, tmp_path):

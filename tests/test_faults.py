@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_checkpoint, tiny_args, tiny_synthetic_config
-from scbch_dist import cli
+from conftest import REPO, one_line_exit, read_checkpoint, tiny_args, tiny_synthetic_config
 from scbch_dist.config import ConfigError, load_config
 from scbch_dist.data.fingerprint import DataChangedError
 from scbch_dist.data.format import ShardError
@@ -44,16 +43,6 @@ def xor_middle(path: Path, n: int = 64) -> None:
     for i in range(mid, min(mid + n, len(data))):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def one_line_exit(capsys, entry, argv: list[str], code: int = 2) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run(lambda: entry(argv), "prog")
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) >= 1 and err[-1].startswith("prog: error: "), err
-    return err[-1][len("prog: error: "):]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +223,7 @@ def _race(path: str, start: float, out) -> None:
     except RunDirError:
         out.put(0)
         return
-    time.sleep(0.3)  # hold it while the others try
+    time.sleep(0.15)  # hold it while the others try
     out.put(os.getpid())
 
 
@@ -242,12 +231,12 @@ def test_many_processes_taking_over_a_stale_lock_leave_one_holder(tmp_path):
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(), "started": "earlier"})
     ctx = multiprocessing.get_context("fork")
-    for trial in range(12):
+    for trial in range(20):
         folder = tmp_path / f"t{trial}"
         folder.mkdir()
         (folder / "run.lock").write_text(stale)
         out = ctx.Queue()
-        procs = [ctx.Process(target=_race, args=(str(folder), time.time() + 0.3, out)) for _ in range(6)]
+        procs = [ctx.Process(target=_race, args=(str(folder), time.time() + 0.15, out)) for _ in range(8)]
         for p in procs:
             p.start()
         for p in procs:
@@ -417,7 +406,7 @@ def test_failed_commands_leave_no_folders(capsys, tiny_dataset, tmp_path):
     run_dir = tmp_path / "runs" / "x"
     with pytest.raises(ConfigError):
         main(tiny_args(tiny_dataset, run_dir, "cscc.k=400"))  # refused in the preflight
-    assert not run_dir.exists()
+    assert not (tmp_path / "runs").exists()  # neither the run folder nor the runs/ it made
     line = one_line_exit(capsys, index.main, ["build", str(tmp_path / "runs" / "nope")])
     assert line == f"{tmp_path / 'runs' / 'nope'}: no such run folder" and not (tmp_path / "runs" / "nope").exists()
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from scbch_dist.config import save_config, to_dict
+from scbch_dist.config import flatten, save_config, to_dict
 from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
@@ -99,20 +99,22 @@ def _folder_mutex(folder: Path) -> Iterator[None]:
 class RunLock:
     """``run_dir/run.lock``, created exclusively; stale locks (their process is gone) are replaced.
     ``create``: make the folder if it is missing (a training run), or refuse (tools that read a run).
-    A folder the lock made is removed again at release if nothing else was left in it."""
+    The folders the lock made are removed again at release if nothing was left in them (a run that
+    failed before it recorded anything), so no empty folder outlives a failed command."""
 
     def __init__(self, run_dir: Path, log: logging.Logger | None = None, *, create: bool = True):
         self.path, self.log, self.create, self.held = Path(run_dir) / LOCK_FILE, log, create, False
-        self.made_folder = False
+        self.made: list[Path] = []  # the folders acquire created, innermost first
 
     def acquire(self) -> None:
         folder = self.path.parent
         if not folder.is_dir():
             if not self.create:
                 raise RunDirError(f"{folder}: no such run folder")
+            missing = [p for p in [folder, *folder.parents] if not p.exists()]
             try:
                 folder.mkdir(parents=True)
-                self.made_folder = True
+                self.made = missing
             except FileExistsError:
                 pass
             except OSError as e:
@@ -165,9 +167,11 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
-        if self.made_folder:
-            with contextlib.suppress(OSError):  # not empty: it holds the run (or someone's files)
-                self.path.parent.rmdir()
+        for folder in self.made:  # innermost first; one that is not empty holds the run (or other files)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> "RunLock":
         self.acquire()
@@ -209,7 +213,7 @@ def discard_unfinished(run_dir: Path) -> None:
 def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
     """``key: old -> new`` for every flattened key whose value differs and is not in ``safe``.
     Keys the stored config lacks are settings added by a later version: they keep their defaults."""
-    a, b = _flatten(stored), _flatten(new)
+    a, b = flatten(stored), flatten(new)
     return [f"{key}: {a[key]!r} -> {b.get(key, '<unset>')!r}" for key in sorted(a)
             if key not in safe and _normal(key, a[key]) != _normal(key, b.get(key, "<unset>"))]
 
@@ -217,16 +221,6 @@ def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
 def _normal(key: str, value):
     """Paths compare as paths ("data/x/" is "data/x")."""
     return os.path.normpath(value) if key == "data.root" and isinstance(value, str) and value else value
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key not in ("kwargs",):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
