@@ -193,7 +193,7 @@ class RunConfig:
     progress: bool = True  # tqdm progress bars on the main process
     tensorboard: bool = True  # log through Accelerate's tracker when tensorboard is installed
     checkpoint: bool = True  # write a checkpoint (checkpoints/latest names it) after every epoch
-    keep_checkpoints: int = 2  # complete checkpoints kept, the newest: an earlier one to resume from if the latest is damaged
+    keep_checkpoints: int = 2  # complete checkpoints kept (the newest): one to resume from if the latest is damaged
     save_codes: bool = True  # write the final query/database codes (packed bits)
 
 
@@ -339,7 +339,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return tree
 
 
-PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the package; configs/ in a checkout links here
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # in the package; a checkout's configs/ links here
 DEFAULT_CONFIG = PACKAGED_CONFIGS / "default.yaml"  # the embedded default dataset and run
 
 
