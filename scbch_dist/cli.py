@@ -42,7 +42,7 @@ FILE_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
                                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | str) -> str:
     """The message on one line (a message that spans lines is joined with ' | ')."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return " | ".join(lines) or type(error).__name__

@@ -19,3 +19,10 @@ class RunDirError(ScbchError):
 class Preempted(ScbchError):
     """The run stopped on request (SIGTERM, SIGUSR1 or a STOP file) after writing a checkpoint;
     it continues with ``--resume``. Entry points exit with status 75 (EX_TEMPFAIL) for it."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library exception's message (some append tracebacks or hints below it),
+    or its type's name when it has none: what a one-line error quotes of its cause."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

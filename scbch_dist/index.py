@@ -7,11 +7,11 @@
 (scbch_dist.hamming) into ``RUN_DIR/index/<split>-<kind>/``:
 
     index.json       kind, settings, code length, count, build times, the sha256 of codes.npz, the
-                     fingerprint of the model that wrote the codes, the run's config, the sha256
-                     of each file below, and its own (digests.seal): a damaged file is refused
+                     fingerprint of the model that wrote the codes, the run's config, its own sha256
     img.faissindex   the image codes' index (FAISS's binary index format)
     txt.faissindex   the text codes' index
     ids.npy          (N,) int64: the sample id at each index position
+    manifest.json    every file above with its size and sha256 (digests.write_manifest): a damaged file is refused
 
 The folder is written under a temporary name and renamed when complete, with the run folder
 locked (run.lock) meanwhile. codes.npz must belong to the run: its config must be the run's
@@ -41,9 +41,10 @@ import numpy as np
 
 from scbch_dist import cli, hamming, metrics
 from scbch_dist.config import IndexSettings, check_saved_config, read_yaml_mapping
-from scbch_dist.digests import IntegrityError, arrays_sha256, read_sealed_json, sha256_file, write_sealed_json
+from scbch_dist.digests import (IntegrityError, arrays_sha256, read_sealed_json, sha256_file, verify_manifest,
+                                write_manifest, write_sealed_json)
 from scbch_dist.engine.evaluate import CODES_DIGEST
-from scbch_dist.errors import ScbchError
+from scbch_dist.errors import ScbchError, first_line
 from scbch_dist.io import atomic_directory, atomic_save_npy
 
 FORMAT = 1
@@ -114,8 +115,7 @@ def read_codes(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first}); {again}") from None
+        raise RunIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first_line(e)}); {again}") from None
     stored = arrays.pop(CODES_DIGEST, None)
     if stored is not None and str(stored) != arrays_sha256(arrays):
         raise RunIndexError(f"{path}: its content differs from the sha256 it was written with (corrupted); {again}")
@@ -164,9 +164,8 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
                                            "build_seconds": round(seconds, 4)}
                 log(f"{m}: {resolved.kind} index of {len(data)} codes of {codes.bits} bits in {seconds:.2f} s")
             atomic_save_npy(tmp / "ids.npy", np.arange(record["count"], dtype=np.int64))
-            # the digests an opened index is checked against: a damaged file is refused, never searched
-            record["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             write_sealed_json(tmp / "index.json", record)
+            write_manifest(tmp)  # the digests an opened index is checked against: a damaged file is never searched
         # swap the complete new folder in; the old one (an earlier build) goes only once the new one is whole
         if target.exists():
             old = target.parent / f".{target.name}.old.tmp"
@@ -196,13 +195,8 @@ class RunIndex:
             raise RunIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.index "
                                 f"build {run_dir} --split {split} --kind {kind}")
         try:
+            verify_manifest(path)  # (an index built before manifests has none: read as it is)
             record = read_sealed_json(path / "index.json")
-            for name, digest in record.get("files", {}).items():
-                if not (path / name).is_file():
-                    raise IntegrityError(f"{path / name}: missing (listed in {path / 'index.json'})")
-                if sha256_file(path / name) != digest:
-                    raise IntegrityError(f"{path / name}: its sha256 differs from the one recorded in "
-                                         f"{path / 'index.json'} when it was built (corrupted or changed since)")
         except IntegrityError as e:
             raise RunIndexError(f"{e}; rebuild the index: python -m scbch_dist.index build {run_dir} --split {split} "
                                 f"--kind {kind}") from None
@@ -226,8 +220,8 @@ class RunIndex:
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # an index of an earlier version, damaged
             if isinstance(e, RunIndexError):
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunIndexError(f"{path}: not a readable index ({type(e).__name__}: {first[:200]}); {rebuild}") from None
+            raise RunIndexError(f"{path}: not a readable index ({type(e).__name__}: {first_line(e)[:200]}); "
+                                f"{rebuild}") from None
         return cls(path, record, ids, indexes, settings)
 
     def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -249,17 +249,19 @@ class QueryEncoder:
         from safetensors.torch import load_file
 
         from scbch_dist import models
-        from scbch_dist.engine.checkpoint import MODEL_FILE, CheckpointError, latest_checkpoint, model_fingerprint
+        from scbch_dist.engine.checkpoint import (MODEL_FILE, CheckpointError, latest_checkpoint, model_fingerprint,
+                                                  verify_model_file)
         from scbch_dist.engine.setup import method_class
         from scbch_dist.methods import TrainingSet
 
         try:
             path = latest_checkpoint(self.run_dir) / MODEL_FILE
+            if not path.is_file():
+                raise QueryError(f"{path}: missing (a DeepSpeed checkpoint keeps its own files); encoding a query "
+                                 "needs the model; query a stored sample with --id N")
+            verify_model_file(path.parent)  # against the checkpoint's manifest: a damaged file is never loaded
         except CheckpointError as e:
             raise QueryError(f"{e}; encoding a query needs the run's model (query a stored sample with --id N)") from None
-        if not path.is_file():
-            raise QueryError(f"{path}: missing (a DeepSpeed checkpoint keeps its own files); encoding a query needs "
-                             "the model; query a stored sample with --id N")
         state = load_file(str(path))
         if self.model_sha256 and model_fingerprint(state) != self.model_sha256:
             raise QueryError(f"{path}: not the model that wrote codes.npz (the run went on after it); finish the run "

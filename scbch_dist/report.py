@@ -114,15 +114,16 @@ def split_variants(records: list[dict]) -> tuple[dict[tuple[str, str], list[str]
                         and len({_value(c.get(k, missing)) for c in configs}) > 1)
         number = 0
         for rank, (key, group) in enumerate(groups.items()):
+            described = "" if key is None else ", ".join(
+                f"{k}={_value(group[0]['config'].get(k, missing))}" for k in differ)
             if key is None:
                 variant = "no config.yaml"
             elif len(differ) <= MAX_LABEL_KEYS:
-                variant = ", ".join(f"{k}={_value(group[0]['config'].get(k, missing))}" for k in differ)
+                variant = described
             else:
                 number += 1
                 variant = f"#{number}"
-                notes[(dataset, model)].append(f"{method} #{number}: " + ", ".join(
-                    f"{k}={_value(group[0]['config'].get(k, missing))}" for k in differ))
+                notes[(dataset, model)].append(f"{method} #{number}: {described}")
             for r in group:
                 r["variant"], r["variant_rank"] = variant, rank
         named = "; ".join(g[0]["path"] + (f" (+{len(g) - 1} more)" if len(g) > 1 else "") for g in groups.values())

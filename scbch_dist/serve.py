@@ -179,78 +179,43 @@ class PathShortener:
 # -- the app ----------------------------------------------------------------------------------------
 
 
-def create_app(searcher: Searcher, *, k: int = 10, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
-               max_upload: int = MAX_UPLOAD):
-    """The FastAPI app over one opened run; ``k`` is the default number of hits.
+def check_upload_type(content_type: str | None, name: str) -> None:
+    """Refuse (415) an upload that is not an image: the page sends the File itself, with its type,
+    or application/octet-stream when the browser knows none."""
+    mime = (content_type or "application/octet-stream").partition(";")[0].strip().lower()
+    if not (mime.startswith("image/") or mime == "application/octet-stream"):
+        raise ServeError(f"{name}: Content-Type {mime!r}; send the image's bytes as image/* or "
+                         "application/octet-stream", 415)
 
-    ``allowed_hosts``: the Host header names answered (allowed_hosts() makes them from --host and
-    --allow-host; the default, this machine's loopback names, suits a server on 127.0.0.1); None
-    answers any Host (behind a proxy that checks it, or a test client's 'testserver').
-    ``max_upload``: bytes an uploaded image may have. The largest image decoded is the searcher's
-    (``Searcher(max_pixels=...)``).
 
-    Searches run in FastAPI's thread pool and take a lock: the encoder loads its model on first
-    use and torch modules, FAISS searches and the shard-offset cache are not meant for concurrent
-    calls. Image reads only seek into shards and run without it; so does the check of an uploaded
-    image's header, so that a refused image never makes a search wait."""
-    from fastapi import FastAPI, Query, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+async def read_upload(request, name: str, max_upload: int) -> bytes:
+    """The body of ``request`` (a Starlette Request), refused (413) as soon as it is known to be
+    over ``max_upload`` bytes: from its Content-Length before a byte is read, else while it streams in."""
     from starlette.requests import ClientDisconnect
 
-    app = FastAPI(title="scbch_dist search", docs_url=None, redoc_url=None)  # the docs pages need a CDN
-    if allowed_hosts is not None:
-        app.add_middleware(HostCheck, allowed={host_name(h) for h in allowed_hosts})
-    raw_root = searcher.items.raw_root  # the images' folder: the dataset, or the one it was extracted from
-    shorten = PathShortener([searcher.run_dir, searcher.root] + ([raw_root] if raw_root is not None else []))
-    max_pixels = searcher.encoder.max_pixels
-    info = {**searcher.describe(), "run": searcher.run_dir.resolve().name, "max_upload": max_upload,
-            "max_pixels": max_pixels}
-    html = page()
-    lock = threading.Lock()
-    k_param = Query(k, ge=1, le=MAX_K, description="hits to return")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdecimal() and int(declared) > max_upload:
+        raise ServeError(f"{name}: {int(declared)} bytes, more than the {max_upload / 2**20:.3g} MiB an upload "
+                         "may have", 413)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_upload:
+                raise ServeError(f"{name}: more than the {max_upload / 2**20:.3g} MiB an upload may have", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServeError(f"{name}: the client went away during the upload") from None
+    return b"".join(chunks)
 
-    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        """Every error answer: one line, without this machine's paths."""
-        line = " | ".join(part.strip() for part in message.splitlines() if part.strip())
-        return JSONResponse({"error": shorten(line)}, status_code=status, headers=headers)
 
-    def in_dataset(place: str) -> str:
-        """'/abs/shapes/database-000001.tar:000000123.png' -> 'database-000001.tar:000000123.png'."""
-        return shorten(place.replace(f"{raw_root}{os.sep}", "") if raw_root is not None else place)
-
-    def answer(k: int, search, stored: bool = False) -> dict:
-        """``search()`` (a Result) under the lock, as JSON; ``stored``: the query is a stored
-        sample, whose description names where its image is."""
-        with lock:
-            result = search()
-        body = {**result.to_dict(), "k": k}
-        for hit in body["hits"]:
-            if hit["image"] is not None:
-                hit["image"] = in_dataset(hit["image"])
-        if stored:
-            body["query"] = in_dataset(body["query"])
-        return body
-
-    async def read_upload(request: Request, name: str) -> bytes:
-        """The body, refused (413) as soon as it is known to be over ``max_upload``: from its
-        Content-Length before a byte is read, else while it streams in."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdecimal() and int(declared) > max_upload:
-            raise ServeError(f"{name}: {int(declared)} bytes, more than the {max_upload / 2**20:.3g} MiB an upload "
-                             "may have", 413)
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_upload:
-                    raise ServeError(f"{name}: more than the {max_upload / 2**20:.3g} MiB an upload may have", 413)
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise ServeError(f"{name}: the client went away during the upload") from None
-        return b"".join(chunks)
+def add_error_answers(app, error) -> None:
+    """Every error of ``app`` answered by ``error(status, message, headers)``: a known error 400
+    (a ServeError its own status), a bad parameter 400, an unknown route or method 404/405, a
+    file that cannot be read 503, anything else 500 without its message."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(ScbchError)
     async def known_error(request: Request, e: ScbchError):
@@ -283,6 +248,60 @@ def create_app(searcher: Searcher, *, k: int = 10, allowed_hosts: Iterable[str] 
         # gets one line without the message, which may hold anything
         return error(500, f"internal error ({type(e).__name__}); the server's log has its traceback")
 
+
+def create_app(searcher: Searcher, *, k: int = 10, allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS,
+               max_upload: int = MAX_UPLOAD):
+    """The FastAPI app over one opened run; ``k`` is the default number of hits.
+
+    ``allowed_hosts``: the Host header names answered (allowed_hosts() makes them from --host and
+    --allow-host; the default, this machine's loopback names, suits a server on 127.0.0.1); None
+    answers any Host (behind a proxy that checks it, or a test client's 'testserver').
+    ``max_upload``: bytes an uploaded image may have. The largest image decoded is the searcher's
+    (``Searcher(max_pixels=...)``).
+
+    Searches run in FastAPI's thread pool and take a lock: the encoder loads its model on first
+    use and torch modules, FAISS searches and the shard-offset cache are not meant for concurrent
+    calls. Image reads only seek into shards and run without it; so does the check of an uploaded
+    image's header, so that a refused image never makes a search wait."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="scbch_dist search", docs_url=None, redoc_url=None)  # the docs pages need a CDN
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed={host_name(h) for h in allowed_hosts})
+    raw_root = searcher.items.raw_root  # the images' folder: the dataset, or the one it was extracted from
+    shorten = PathShortener([searcher.run_dir, searcher.root] + ([raw_root] if raw_root is not None else []))
+    max_pixels = searcher.encoder.max_pixels
+    info = {**searcher.describe(), "run": searcher.run_dir.resolve().name, "max_upload": max_upload,
+            "max_pixels": max_pixels}
+    html = page()
+    lock = threading.Lock()
+    k_param = Query(k, ge=1, le=MAX_K, description="hits to return")
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        """Every error answer: one line, without this machine's paths."""
+        return JSONResponse({"error": shorten(cli.one_line(message))}, status_code=status, headers=headers)
+
+    add_error_answers(app, error)
+
+    def in_dataset(place: str) -> str:
+        """'/abs/shapes/database-000001.tar:000000123.png' -> 'database-000001.tar:000000123.png'."""
+        return shorten(place.replace(f"{raw_root}{os.sep}", "") if raw_root is not None else place)
+
+    def answer(k: int, search, stored: bool = False) -> dict:
+        """``search()`` (a Result) under the lock, as JSON; ``stored``: the query is a stored
+        sample, whose description names where its image is."""
+        with lock:
+            result = search()
+        body = {**result.to_dict(), "k": k}
+        for hit in body["hits"]:
+            if hit["image"] is not None:
+                hit["image"] = in_dataset(hit["image"])
+        if stored:
+            body["query"] = in_dataset(body["query"])
+        return body
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return html
@@ -304,11 +323,8 @@ def create_app(searcher: Searcher, *, k: int = 10, allowed_hosts: Iterable[str] 
     async def api_search_image(request: Request, k: int = k_param, name: str = "the uploaded image") -> dict:
         # the raw body, not a multipart form: the page sends the File itself (no python-multipart),
         # with its type, or application/octet-stream when the browser knows none
-        mime = (request.headers.get("content-type") or "application/octet-stream").partition(";")[0].strip().lower()
-        if not (mime.startswith("image/") or mime == "application/octet-stream"):
-            raise ServeError(f"{name}: Content-Type {mime!r}; send the image's bytes as image/* or "
-                             "application/octet-stream", 415)
-        data = await read_upload(request, name)
+        check_upload_type(request.headers.get("content-type"), name)
+        data = await read_upload(request, name, max_upload)
         if not data:
             raise ServeError("empty request body: send the image's bytes as the body")
         await run_in_threadpool(check_image, data, name, max_pixels)  # before the lock: see the docstring

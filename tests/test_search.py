@@ -171,7 +171,8 @@ def test_build_writes_a_complete_index_folder_and_check_matches_the_summary(tmp_
     codes = fake_run(run)
     path = build(run, settings=IndexSettings(kind="flat"), log=lambda *_: None)
     assert path == run / "index" / "database-flat"
-    assert sorted(p.name for p in path.iterdir()) == ["ids.npy", "img.faissindex", "index.json", "txt.faissindex"]
+    assert sorted(p.name for p in path.iterdir()) == ["ids.npy", "img.faissindex", "index.json", "manifest.json",
+                                                      "txt.faissindex"]
     record = json.loads((path / "index.json").read_text())
     assert record["bits"] == 24 and record["count"] == 400 and record["model_sha256"] == "ab" * 32
     assert record["config"]["model"]["bits"] == 24 and record["modalities"]["img"]["settings"]["kind"] == "flat"

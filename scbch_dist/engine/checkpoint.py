@@ -38,7 +38,7 @@ import torch
 from scbch_dist import dist
 from scbch_dist.digests import IntegrityError, verify_listed, verify_manifest, write_manifest
 from scbch_dist.engine.state import RunState
-from scbch_dist.errors import ScbchError
+from scbch_dist.errors import ScbchError, first_line
 from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree, honour_umask_tree
 from scbch_dist.runlog import json_safe
 
@@ -152,10 +152,9 @@ def _is_io_error(e: BaseException) -> bool:
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    from scbch_dist.cli import file_system_error
+
+    return file_system_error(e) if isinstance(e, OSError) else first_line(e)
 
 
 def _in_force(root: Path) -> str:
@@ -171,10 +170,14 @@ def latest_name(root: Path) -> str:
     pointer = root / "latest"
     name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
     if not NAME.fullmatch(name):
-        kept = sorted(p.name for p in root.glob("epoch-*") if (p / "run_state.json").is_file())
         raise CheckpointError(f"{pointer}: holds {name[:40]!r}, not the name of a checkpoint (damaged); resume with "
-                              f"--resume {root.parent} --from-checkpoint NAME, one of: {', '.join(kept) or 'none'}")
+                              f"--resume {root.parent} --from-checkpoint NAME, one of: {_kept(root)}")
     return name
+
+
+def _kept(root: Path) -> str:
+    """The checkpoint folders with a run state, by name: what --from-checkpoint can take."""
+    return ", ".join(sorted(p.name for p in root.glob("epoch-*") if (p / "run_state.json").is_file())) or "none"
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -206,9 +209,8 @@ def latest_checkpoint(run_dir: Path, name: str | None = None) -> Path:
         raise CheckpointError(f"{run_dir}: no checkpoint ({pointer} is missing)")
     if name is not None:  # (latest itself may be the damaged file)
         if not (NAME.fullmatch(name) and (root / name / "run_state.json").is_file()):
-            kept = sorted(p.name for p in root.glob("epoch-*") if (p / "run_state.json").is_file())
             raise CheckpointError(f"--from-checkpoint {name}: not a complete checkpoint of {run_dir}; it holds "
-                                  f"{', '.join(kept) or 'none'}")
+                                  f"{_kept(root)}")
         return root / name
     folder = root / latest_name(root)
     if not (folder / "run_state.json").is_file():
@@ -248,8 +250,8 @@ def refuse_code_pickles(folder: Path) -> None:
         try:
             load(path, map_location="cpu", mmap=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: not a plain tensor file, refused without loading it ({first})") from None
+            raise CheckpointError(f"{path}: not a plain tensor file, refused without loading it "
+                                  f"({first_line(e)})") from None
 
 
 def read_run_state(run_dir: Path, name: str | None = None) -> tuple[Path, RunState, dict]:

@@ -234,9 +234,12 @@ def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
         kept = []
         for number, line in enumerate(lines, 1):
             record_epoch = _record_epoch(line)
-            if record_epoch is None and number < len(lines):
+            if record_epoch is None:
+                if number == len(lines):
+                    continue  # cut short by a kill
                 notes.append(f"metrics.jsonl: line {number} is not a readable record; kept as it is")
-            if record_epoch is not None and record_epoch <= epoch or record_epoch is None and number < len(lines):
+                kept.append(line)
+            elif record_epoch <= epoch:
                 kept.append(line)
         if len(kept) != len(lines):
             atomic_write_text(metrics, "".join(kept))

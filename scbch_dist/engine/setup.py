@@ -166,7 +166,8 @@ class TrainingData:
     stream: TrainStream
     eval_transform: Callable | None  # deterministic loader transform of raw datasets
     vocab_size: int | None  # the tokenizer's, for randomly initialised text encoders
-    fingerprint: dict  # what the run trains on, as digests (data.fingerprint): a resume must find the same
+    fingerprint: dict  # what the run trains on, as digests (data.fingerprint), on the main process ({} elsewhere):
+    # it writes the run state that records it and checks a resume against it
 
     def noise_info(self) -> dict:
         """The noise model, its parameter, and what it did to the clean labels (noise_statistics)."""
@@ -195,7 +196,7 @@ def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: b
                         corrupted=corrupted, device=accelerator.device, clean=clean_np)
     data = TrainingData(root, meta, cfg.data.noise, noise, train, stream, eval_transform,
                         tokenizer.vocab_size if tokenizer is not None else None,
-                        dataset_fingerprint(root, label_np))
+                        dataset_fingerprint(root, label_np) if dist.is_main() else {})
     info = data.noise_info()
     log.info(f"dataset {meta.name} at {root}: {meta.describe()}; noise {noise.name} ({info['corrupted_rows']} "
              f"corrupted training rows" + ("; {labels_added_per_row:.2f} labels added and {labels_removed_per_row:.2f} "

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from scbch_dist.errors import ScbchError
+from scbch_dist.errors import ScbchError, first_line
 
 
 class WeightsError(ScbchError, FileNotFoundError):
@@ -89,7 +89,7 @@ class TimmImage(_ImageBackbone):
         except TypeError as e:  # an argument the architecture does not take
             raise WeightsError(f"model.image.kwargs={dict(kwargs)}: timm model {name!r} refuses them ({e})") from None
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             if isinstance(e, RuntimeError) and "state_dict" in str(e):  # a checkpoint of another architecture
                 raise WeightsError(f"model.image.weights: {path} does not fit timm model {name!r} ({first})") from None
             raise WeightsError(f"model.image.weights: {path} is not a readable checkpoint ({first})") from None
