@@ -220,7 +220,7 @@ class ConfigError(ScbchError, ValueError):
 
 @dataclass
 class IndexSettings:
-    """The Hamming index over a finished run's codes (python -m scbch_dist.index, docs/search.md).
+    """The Hamming index over a finished run's codes (python -m scbch_dist.retrieval.index, docs/search.md).
     Not part of a run's Config: an index is built after the run, and several may coexist. The
     command line overrides each (--nprobe 32); 0 means chosen for the database's size."""
 
@@ -473,7 +473,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """The resolved config as YAML, its last line the sha256 of the lines above (digests.seal_text):
     a resume reads it back, and a changed file must not silently train other settings."""
     from scbch_dist.digests import seal_text
-    from scbch_dist.io import atomic_write_text
+    from scbch_dist.atomic import atomic_write_text
 
     atomic_write_text(Path(path), seal_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
 

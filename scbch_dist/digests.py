@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from scbch_dist.errors import ScbchError
-from scbch_dist.io import atomic_write_text
+from scbch_dist.atomic import atomic_write_text
 
 MANIFEST = "manifest.json"
 DIGEST_KEY = "sha256"  # the key of a sealed JSON record's own digest

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import shutil
 import sys
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,285 +46,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scbch_dist.data.format import (
     KEY_DIGITS, SPLITS, VOCAB_FILE, DatasetMeta, FieldSpec, ShardError, SplitWriter, meta_path, read_meta,
-    read_vocab, sha256_file, text_words,
+    read_vocab, sha256_file,
 )
 from scbch_dist.data.pipeline import read_blocks
+from scbch_dist.models.encoders import (DOC2VEC_DIR, FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, BowText, Doc2VecText,
+                                        ExtractError, Preprocess, import_gensim, import_torchvision)
 from scbch_dist import cli
-from scbch_dist.errors import ScbchError
-from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
+from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
 
 EXTRACT_VERSION = 1  # part of the settings fingerprint: bump when a change alters the features
 SETTINGS_FILE = "settings.json"
-DOC2VEC_DIR = "doc2vec"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-VGG19_FILE = "vgg19-dcbb9e9d.pth"
-VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
-FLOAT16_MAX = 65504.0
-
-
-class ExtractError(ScbchError, ValueError):
-    """A bad input or setting; the message names the file, sample or option."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Image encoders: a small registry (name -> how to build the network and normalise its input)
-
-
-@dataclass(frozen=True)
-class ImageEncoder:
-    name: str
-    dim: int  # feature width
-    mean: tuple[float, float, float]  # per-channel normalisation of [0, 1] RGB input
-    std: tuple[float, float, float]
-    # (weights, seed) -> (network mapping (n, 3, S, S) float32 to (n, dim), provenance)
-    build: Callable[[str | None, int], tuple[nn.Module, dict]]
-    layer: str = ""  # what the feature is, for meta.source
-
-
-IMAGE_ENCODERS: dict[str, ImageEncoder] = {}
-
-
-def register_image_encoder(encoder: ImageEncoder) -> ImageEncoder:
-    IMAGE_ENCODERS[encoder.name] = encoder
-    return encoder
-
-
-def _load_state_dict(path: Path, expected: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a state dict we can use"
-        raise ExtractError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e}); expected {expected}") from None
-    if not isinstance(state, dict):
-        raise ExtractError(f"{path}: holds a {type(state).__name__}, expected a state dict ({expected})")
-    return state
-
-
-def _default_vgg_weights() -> Path:
-    """Where torchvision itself caches the file (``torch.hub`` checkpoints folder)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
-
-
-def _vgg19_fc7(weights: str | None, seed: int) -> tuple[nn.Module, dict]:
-    tv = _import_torchvision()
-    if weights == "random":
-        # a private RNG stream: building the network leaves the caller's torch RNG untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = tv.models.vgg19(weights=None)
-        info = {"weights": "random", "seed": seed}
-    else:
-        path = Path(weights).expanduser() if weights else _default_vgg_weights()
-        if not path.is_file():
-            raise ExtractError(
-                f"VGG-19 weights not found: {path}. Expected torchvision's ImageNet VGG-19 state dict "
-                f"({VGG19_FILE}, 548 MB); download it on a machine with network access from {VGG19_URL} "
-                f"(or run torchvision.models.vgg19(weights='IMAGENET1K_V1') there once; it lands in "
-                f"{_default_vgg_weights().parent}), copy it here and pass --vgg-weights PATH. "
-                f"--vgg-weights random builds a randomly initialised network for tests and dry runs.")
-        state = _load_state_dict(path, f"torchvision's vgg19 weights such as {VGG19_FILE}")
-        with torch.device("meta"):  # no 143M-parameter random init just to overwrite it
-            net = tv.models.vgg19(weights=None)
-        try:
-            net.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
-            raise ExtractError(f"{path}: not a torchvision vgg19 state dict ({str(e).splitlines()[0]} ...)") from None
-        info = {"weights": str(path.resolve()), "weights_sha256": sha256_file(path)}
-    # fc7 = Linear(25088, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU; eval() turns dropout off
-    fc7 = nn.Sequential(net.features, net.avgpool, nn.Flatten(1), net.classifier[:5])
-    return fc7.eval(), info
-
-
-class _PooledFeatures(nn.Module):
-    """A backbone's pooled features of normalised float input: (n, 3, S, S) -> (n, dim)."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.features(x)
-
-
-def _efficientnet_lite0(weights: str | None, seed: int) -> tuple[nn.Module, dict]:
-    from scbch_dist.models.backbones import EfficientNetLite0Image, WeightsError, efficientnet_lite0_package_weights
-
-    if weights is not None:
-        raise ExtractError("efficientnet-lite0 uses the weights its package ships; --vgg-weights applies to vgg19 only")
-    try:  # the fine-tuning backbone, so extracted and fine-tuned Lite0 features are one definition
-        net = EfficientNetLite0Image("package")
-        path = efficientnet_lite0_package_weights()
-    except (ImportError, WeightsError) as e:
-        raise ExtractError(f"--image-encoder efficientnet-lite0: {e}") from None
-    return _PooledFeatures(net).eval(), {"weights": str(path), "weights_sha256": sha256_file(path)}
-
-
-register_image_encoder(ImageEncoder("vgg19", 4096, IMAGENET_MEAN, IMAGENET_STD, _vgg19_fc7,
-                                    layer="fc7: classifier[:5] (fc6, ReLU, dropout off, fc7, ReLU)"))
-# EfficientNet-Lite is trained with inception-style input scaling: (x * 255 - 127) / 128
-register_image_encoder(ImageEncoder("efficientnet-lite0", 1280, (127 / 255,) * 3, (128 / 255,) * 3,
-                                    _efficientnet_lite0, layer="global average pool of the last conv stage (conv_head, BN, swish)"))
-
-
-def _import_torchvision():
-    try:
-        import torchvision
-    except ImportError:
-        raise ExtractError("image extraction needs torchvision (pip install 'scbch_dist[finetune]')") from None
-    return torchvision
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Encoded image bytes -> (3, size, size) float32 tensor: the ImageNet evaluation transform."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @property
-    def resize(self) -> int:
-        return round(self.size * 256 / 224)  # 224 -> 256, the standard short-side resize
-
-    def __call__(self, data: bytes, where: str) -> torch.Tensor:
-        from PIL import Image
-        import torchvision.transforms.functional as F
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad bytes
-            raise ShardError(f"{where}: field 'img' is not a decodable image ({e})") from None
-        img = F.resize(img, self.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-        img = F.center_crop(img, [self.size, self.size])
-        return F.normalize(F.to_tensor(img), list(self.mean), list(self.std))
-
-
-# ----------------------------------------------------------------------------------------------
-# Text encoders
-
-
-def _stable_hash(text: str) -> int:
-    """A process-independent string hash (Python's ``hash`` changes with PYTHONHASHSEED)."""
-    return zlib.crc32(text.encode("utf-8"))
-
-
-def _weak_vector(size: int, seed_string: str) -> np.ndarray:
-    """gensim's ``pseudorandom_weak_vector`` with a stable hash: (size,) float32 in +-0.5/size."""
-    once = np.random.Generator(np.random.SFC64(_stable_hash(seed_string) & 0xffffffff))
-    return (once.random(size).astype(np.float32) - 0.5) / size
-
-
-@dataclass
-class BowText:
-    """Binary bag of words over the ``dim`` most frequent training words: (n,) str -> (n, dim) uint8."""
-
-    words: list[str]
-
-    @property
-    def dim(self) -> int:
-        return len(self.words)
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        index = {w: j for j, w in enumerate(self.words)}
-        out = np.zeros((len(texts), self.dim), dtype=np.uint8)
-        for i, text in enumerate(texts):
-            cols = [index[w] for w in text_words(text) if w in index]
-            out[i, cols] = 1
-        return out
-
-
-@dataclass
-class Doc2VecText:
-    """gensim Doc2Vec (PV-DM by default) trained on the training texts; every text is *inferred*.
-
-    Inference for all splits, training texts included, so that a text has one vector wherever
-    it occurs (the database split repeats the training samples) and a vector depends on the
-    model and the text only, not on its position in the training corpus.
-    """
-
-    dim: int = 300
-    epochs: int = 20
-    window: int = 5
-    min_count: int = 1
-    dm: int = 1
-    negative: int = 5
-    sample: float = 1e-3
-    seed: int = 0
-    model: Any = field(default=None, repr=False)
-
-    name = "doc2vec"
-
-    def settings(self) -> dict:
-        return {"encoder": self.name, "dim": self.dim, "epochs": self.epochs, "window": self.window,
-                "min_count": self.min_count, "dm": self.dm, "negative": self.negative, "sample": self.sample,
-                "seed": self.seed, "workers": 1, "trained_on": "train split", "vectors": "infer_vector, all splits"}
-
-    def train(self, texts: list[str]) -> None:
-        gensim = _import_gensim()
-        docs = [gensim.models.doc2vec.TaggedDocument(text_words(t), [i]) for i, t in enumerate(texts)]
-        # workers=1: gensim's multi-threaded training is order-nondeterministic; the seed then
-        # fixes every random draw. hashfxn is unused by gensim 4 (vectors are seeded from
-        # `seed`), passed so that versions that do use it stay process-independent.
-        model = gensim.models.Doc2Vec(vector_size=self.dim, window=self.window, min_count=self.min_count,
-                                      dm=self.dm, negative=self.negative, hs=0, sample=self.sample,
-                                      epochs=self.epochs, seed=self.seed, workers=1, hashfxn=_stable_hash)
-        model.build_vocab(docs)
-        model.train(docs, total_examples=len(docs), epochs=self.epochs)
-        self.model = model
-
-    def save(self, folder: Path) -> None:
-        with atomic_directory(folder) as tmp:
-            self.model.save(str(tmp / "model"))
-
-    def load(self, folder: Path) -> None:
-        self.model = _import_gensim().models.Doc2Vec.load(str(folder / "model"))
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """(n,) str -> (n, dim) float32."""
-        return np.stack([_infer_doc2vec(self.model, text_words(t), self.seed) for t in texts]) if texts else \
-            np.zeros((0, self.dim), dtype=np.float32)
-
-
-def _infer_doc2vec(model, words: list[str], seed: int) -> np.ndarray:
-    """``Doc2Vec.infer_vector(words)``, made a pure function of (model, words).
-
-    gensim 4 seeds the start vector with Python's ``hash`` of the text (different in every
-    process) and draws window shrinking and negative samples from ``model.random``, whose state
-    depends on every earlier call. Here the start vector uses a stable hash and ``model.random``
-    is reseeded per text; the update loop is gensim's own. Returns (dim,) float32.
-    """
-    from gensim.models.doc2vec_inner import train_document_dbow, train_document_dm, train_document_dm_concat
-
-    size = model.dv.vector_size
-    vec = _weak_vector(size, " ".join(words)).reshape(1, size)
-    lockf = np.ones(1, dtype=np.float32)
-    work = np.zeros(model.layer1_size, dtype=np.float32)
-    neu1 = np.zeros(model.layer1_size, dtype=np.float32)
-    model.random = np.random.RandomState(seed)
-    alpha, min_alpha, epochs = model.alpha, model.min_alpha, model.epochs
-    alpha_delta = (alpha - min_alpha) / max(epochs - 1, 1)
-    for _ in range(epochs):
-        if model.sg:
-            train_document_dbow(model, words, [0], alpha, work, learn_words=False, learn_hidden=False,
-                                doctag_vectors=vec, doctags_lockf=lockf)
-        elif model.dm_concat:
-            train_document_dm_concat(model, words, [0], alpha, work, neu1, learn_words=False, learn_hidden=False,
-                                     doctag_vectors=vec, doctags_lockf=lockf)
-        else:
-            train_document_dm(model, words, [0], alpha, work, neu1, learn_words=False, learn_hidden=False,
-                              doctag_vectors=vec, doctags_lockf=lockf)
-        alpha -= alpha_delta
-    return vec[0]
-
-
-def _import_gensim():
-    try:
-        import gensim
-        import gensim.models.doc2vec  # noqa: F401
-    except ImportError:
-        raise ExtractError("--text-encoder doc2vec needs gensim (pip install 'scbch_dist[finetune]')") from None
-    return gensim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,7 +374,7 @@ def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2v
                        ("--doc2vec-window", doc2vec_window), ("--doc2vec-min-count", doc2vec_min_count)):
             if v < 1:
                 raise ExtractError(f"{opt} must be positive, got {v}")
-        gensim = _import_gensim()
+        gensim = import_gensim()
         text = Doc2VecText(dim=doc2vec_dim, epochs=doc2vec_epochs, window=doc2vec_window,
                            min_count=doc2vec_min_count, seed=seed)
         return text, {**text.settings(), "gensim": gensim.__version__}
@@ -717,7 +446,7 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
     source = {"kind": "extract", "dataset": str(src.resolve()), "dataset_name": meta.name,
               "meta_sha256": settings["source_meta_sha256"], "upstream": meta.source,
               "fingerprint": _fingerprint(fingerprint_view), **{k: settings[k] for k in ("image", "text")},
-              "versions": {"torch": torch.__version__, "torchvision": _import_torchvision().__version__}}
+              "versions": {"torch": torch.__version__, "torchvision": import_torchvision().__version__}}
     result = _assemble(job, out, name=name or meta.name, source=source, samples_per_shard=samples_per_shard,
                        block_size=block_size)
     shutil.rmtree(partial)
@@ -759,6 +488,11 @@ def main(argv: list[str] | None = None) -> None:
                    workers=args.workers, device=args.device, progress=not args.no_progress,
                    samples_per_shard=args.samples_per_shard, name=args.name)
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
+
+
+def console() -> None:
+    """The ``scbch-extract`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-extract")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from scbch_dist.io import atomic_save_with  # noqa: E402
+from scbch_dist.atomic import atomic_save_with  # noqa: E402
 
 
 def _save(fig: Figure, path: Path) -> None:

@@ -31,7 +31,7 @@ from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
 from scbch_dist.errors import RunDirError, ScbchError
-from scbch_dist.runlog import LOGGER_NAME, MetricsLog, setup_logging
+from scbch_dist.engine.runlog import LOGGER_NAME, MetricsLog, setup_logging
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scbch_dist.train", description=__doc__,
@@ -157,6 +157,11 @@ def check_same_dataset(run_dir: Path, data: setup.TrainingData, is_main: bool, l
         except ScbchError as e:
             error = e
     dist.raise_together(error, f"the main process refused to resume {run_dir} (its message is above)")
+
+
+def console() -> None:
+    """The ``scbch-train`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-train")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def test_train_errors_are_one_line(capsys, tmp_path):
 
 
 def test_the_other_entry_points_print_one_line(capsys, tmp_path):
-    from scbch_dist import extract, report, sweep
+    from scbch_dist import extract
+    from scbch_dist.experiments import report, sweep
     from scbch_dist.data import convert, noise
 
     assert one_line_exit(capsys, sweep.main, [str(tmp_path / "grid.yaml"), "--dry-run"]) == \
@@ -80,7 +81,7 @@ def test_a_neighbour_count_above_the_training_set_fails_before_training(tiny_dat
 
 
 def test_a_missing_search_backend_fails_before_training(tiny_dataset, tmp_path, monkeypatch):
-    from scbch_dist import knn
+    from scbch_dist.knn import backends as knn
 
     monkeypatch.setattr(knn, "faiss_available", lambda gpu=False: False)
     with pytest.raises(ConfigError, match=r"^bank.knn=faiss-cpu: bank.knn=faiss-cpu but faiss is not available"):
@@ -116,7 +117,7 @@ def test_duplicate_ids_fail_before_the_first_step(tiny_dataset, tmp_path):
 
 
 def test_more_user_mistakes_are_one_line(capsys, tmp_path):
-    from scbch_dist import sweep
+    from scbch_dist.experiments import sweep
 
     grid = tmp_path / "grid.yaml"
     for text, start in [("name: g\ndatasets: [flickr\n", f"{grid}: not valid YAML"),

@@ -17,6 +17,7 @@ import torch
 
 from conftest import random_dataset
 from scbch_dist import extract as ex
+from scbch_dist.models import encoders
 from scbch_dist.data.format import RawSample, ShardError, read_meta, read_vocab, sha256_file, text_words, write_raw_dataset
 from scbch_dist.data.noise import mixed_noise
 from scbch_dist.data.pipeline import load_split
@@ -184,11 +185,11 @@ def test_doc2vec_inference_is_gensims_with_a_stable_start(raw, monkeypatch):
     texts = ex._training_texts(raw, read_meta(raw))
     text.train(texts)
     monkeypatch.setattr(gd, "pseudorandom_weak_vector",
-                        lambda size, seed_string=None: ex._weak_vector(size, seed_string))
+                        lambda size, seed_string=None: encoders._weak_vector(size, seed_string))
     for caption in texts[:3] + ["a dog and an unknownword"]:
         words = text_words(caption)
         text.model.random = np.random.RandomState(3)
-        np.testing.assert_array_equal(text.model.infer_vector(words), ex._infer_doc2vec(text.model, words, 3))
+        np.testing.assert_array_equal(text.model.infer_vector(words), encoders._infer_doc2vec(text.model, words, 3))
     # and it is a pure function of the text: call order does not matter
     a = text.encode(texts[:4])
     b = text.encode(texts[3::-1])[::-1]
@@ -335,7 +336,7 @@ def test_a_search_replays_the_recipe_to_the_stored_features(raw, d2v, bow, which
     """A query typed or uploaded into a search of a run on the extracted dataset is encoded by the
     recipe meta.json records: the stored caption and image of a query sample give its stored features."""
     from scbch_dist.config import Config
-    from scbch_dist.query import DatasetItems, QueryEncoder, QueryError
+    from scbch_dist.retrieval.query import DatasetItems, QueryEncoder, QueryError
 
     root = {"d2v": d2v, "bow": bow}[which]
     meta = read_meta(root)

@@ -271,7 +271,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_codes_for_a_finished_run_without_codes_and_a_damaged_codes_file(capsys, tiny_dataset, tmp_path):
     pytest.importorskip("faiss")
-    from scbch_dist import index
+    from scbch_dist.retrieval import index
 
     run_dir = tmp_path / "run"
     main(tiny_args(tiny_dataset, run_dir, *SHORT, "run.save_codes=false"))
@@ -292,7 +292,7 @@ def test_codes_for_a_finished_run_without_codes_and_a_damaged_codes_file(capsys,
 @pytest.mark.slow
 def test_a_damaged_index_is_refused_and_a_wrong_one_fails_its_check(capsys, tiny_dataset, tmp_path):
     pytest.importorskip("faiss")
-    from scbch_dist import index, search
+    from scbch_dist.retrieval import index, search
 
     run_dir = tmp_path / "run"
     main(tiny_args(tiny_dataset, run_dir, *SHORT))
@@ -399,7 +399,7 @@ def test_negative_loss_settings_are_refused(setting):
 
 
 def test_failed_commands_leave_no_folders(capsys, tiny_dataset, tmp_path):
-    from scbch_dist import index
+    from scbch_dist.retrieval import index
 
     run_dir = tmp_path / "runs" / "x"
     with pytest.raises(ConfigError):

@@ -18,7 +18,7 @@ PIL = pytest.importorskip("PIL.Image")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-from scbch_dist.tables import IdTable  # noqa: E402
+from scbch_dist.id_table import IdTable  # noqa: E402
 from scbch_dist.data.transforms import BatchTransform, ImageTransform
 from scbch_dist.models.tokenizers import WordTokenizer  # noqa: E402
 from scbch_dist.losses import cscc_weights  # noqa: E402
@@ -226,7 +226,7 @@ def test_id_table_keeps_the_latest_row_of_each_id():
 def test_memory_refresh_equals_cscc_weights_on_the_same_codes(tmp_path):
     from scbch_dist.engine.bank import BankSource
     from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
-    from scbch_dist.runlog import setup_logging
+    from scbch_dist.engine.runlog import setup_logging
 
     g = torch.Generator().manual_seed(0)
     n, bits = 50, 8

@@ -224,13 +224,13 @@ def same_resume(ref: Reference, run: Path) -> Callable[[Outcome], str | None]:
 
 
 def search(run: Path) -> Outcome:
-    from scbch_dist.search import main
+    from scbch_dist.retrieval.search import main
 
     return invoke(main, [str(run), "--id", "3", "--json"], run.parent.parent)
 
 
 def check(run: Path) -> Outcome:
-    from scbch_dist.index import main
+    from scbch_dist.retrieval.index import main
 
     return invoke(main, ["check", str(run)], run.parent.parent)
 
@@ -241,13 +241,13 @@ def check_table(stdout: str) -> str:
 
 
 def build(run: Path) -> Outcome:
-    from scbch_dist.index import main
+    from scbch_dist.retrieval.index import main
 
     return invoke(main, ["build", str(run)], run.parent.parent)
 
 
 def report(run: Path) -> Outcome:
-    from scbch_dist.report import main
+    from scbch_dist.experiments.report import main
 
     return invoke(main, [str(run.parent)], run.parent.parent)
 
@@ -275,7 +275,7 @@ def same_report(ref: Reference, run: Path) -> Callable[[Outcome], str | None]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_dataset, tmp_path_factory) -> Reference:
-    from scbch_dist import index
+    from scbch_dist.retrieval import index
     from scbch_dist.train import main
 
     runs = tmp_path_factory.mktemp("fuzz") / "runs"

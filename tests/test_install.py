@@ -27,7 +27,7 @@ def installed(tmp_path_factory) -> Path:
     (wheel,) = (base / "dist").glob("scbch_dist-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "scbch_dist/configs/default.yaml" in names and "scbch_dist/configs/accelerate/cpu_2proc.yaml" in names
-    assert "scbch_dist/static/search.html" in names
+    assert "scbch_dist/retrieval/static/search.html" in names
     site = base / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                               str(wheel)], capture_output=True, text=True, timeout=600)

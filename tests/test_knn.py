@@ -107,7 +107,7 @@ def test_auto_takes_ivf_above_the_threshold(monkeypatch):
     params = SearchParams(exact_below=5000)
     assert resolve_backend("auto", torch.device("cpu"), 5000, params) == ("faiss-ivf" if faiss_available() else "torch-ivf")
     assert resolve_backend("auto", torch.device("cpu"), 4999, params) == ("faiss-cpu" if faiss_available() else "torch")
-    from scbch_dist import knn as knn_module
+    from scbch_dist.knn import backends as knn_module
 
     monkeypatch.setattr(knn_module, "faiss_available", lambda gpu=False: False)
     assert resolve_backend("auto", torch.device("cpu"), 5000, params) == "torch-ivf"
@@ -118,7 +118,7 @@ def test_auto_takes_ivf_above_the_threshold(monkeypatch):
 def test_a_float16_bank_is_searched_as_its_float16_values(backend):
     """A compressed (float16) bank gives the exact neighbours of its float16 rows, with float32
     similarities, on every backend that keeps it compressed or converts it piece by piece."""
-    from scbch_dist import knn as knn_module
+    from scbch_dist.knn import backends as knn_module
     from scbch_dist.knn import SearchParams
 
     if backend.startswith("faiss") and not faiss_available():
@@ -141,7 +141,7 @@ def test_a_float16_bank_is_searched_as_its_float16_values(backend):
 def test_exact_search_bounds_its_score_block_by_the_bank_size(monkeypatch):
     """knn_exact takes fewer query rows per matrix product as the bank grows (EXACT_SCORES entries of
     scores at most: 1 GB at the default), with the same result."""
-    from scbch_dist import knn as knn_module
+    from scbch_dist.knn import backends as knn_module
 
     g = torch.Generator().manual_seed(6)
     z = torch.nn.functional.normalize(torch.randn(400, 8, generator=g), dim=1)
@@ -159,7 +159,7 @@ def test_exact_search_bounds_its_score_block_by_the_bank_size(monkeypatch):
 def test_probe_lists_follow_the_votes_of_a_lists_queries():
     """Each list scans itself first, then the lists its queries name most often among their nearest;
     equal votes go to the nearer centroid."""
-    from scbch_dist.knn import probe_lists
+    from scbch_dist.knn.backends import probe_lists
 
     centroids = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]]), dim=1)
     query_top = torch.tensor([[0, 3], [0, 3], [0, 1], [2, 3], [1, 0]])  # list 0's queries: 3 twice, 1 once

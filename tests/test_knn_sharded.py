@@ -11,7 +11,7 @@ import torch
 
 from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.knn import knn
-from scbch_dist.knn_sharded import PAD_ID, knn_sharded, merge_topk
+from scbch_dist.knn.sharded import PAD_ID, knn_sharded, merge_topk
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))

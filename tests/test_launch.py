@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scbch_dist import slurm
-from scbch_dist.slurm import accelerate_command, first_host, rendezvous_port
+from scbch_dist.experiments import slurm
+from scbch_dist.experiments.slurm import accelerate_command, first_host, rendezvous_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_array_tasks_get_their_own_port_and_folder():
 
 def test_dry_run_prints_the_command():
     env = {**os.environ, "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]"}
-    out = subprocess.run([sys.executable, "-m", "scbch_dist.slurm", "--dry-run", "--gpus-per-node", "4", "--",
+    out = subprocess.run([sys.executable, "-m", "scbch_dist.experiments.slurm", "--dry-run", "--gpus-per-node", "4", "--",
                           "--config", "configs/flickr.yaml"], env=env, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--num_processes 8" in out.stdout and "--main_process_ip n1" in out.stdout

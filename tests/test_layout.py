@@ -35,10 +35,10 @@ def modules(*parts: str) -> list[Path]:
 RULES = [
     # (files, forbidden import prefixes)
     (("data",), ("scbch_dist.models", "scbch_dist.engine", "scbch_dist.methods", "scbch_dist.train")),
-    (("losses", "metrics.py"), ("scbch_dist.dist", "torch.distributed", "scbch_dist.knn", "scbch_dist.tables",
+    (("losses", "metrics.py"), ("scbch_dist.dist", "torch.distributed", "scbch_dist.knn", "scbch_dist.id_table",
                                 "scbch_dist.data", "scbch_dist.engine", "scbch_dist.methods")),
-    (("knn.py",), ("scbch_dist.dist", "torch.distributed", "scbch_dist.engine", "scbch_dist.methods")),
-    (("models", "tables.py", "dist.py", "config.py"), ("scbch_dist.engine", "scbch_dist.methods", "scbch_dist.train")),
+    (("knn/backends.py",), ("scbch_dist.dist", "torch.distributed", "scbch_dist.engine", "scbch_dist.methods")),
+    (("models", "id_table.py", "dist.py", "config.py"), ("scbch_dist.engine", "scbch_dist.methods", "scbch_dist.train")),
     (("methods",), ("scbch_dist.engine", "scbch_dist.train")),
     (("engine",), ("scbch_dist.train",)),
 ]

@@ -22,7 +22,7 @@ from scbch_dist.config import load_config, save_config, to_dict
 from scbch_dist.engine import rundir
 from scbch_dist.engine.checkpoint import FORMAT
 from scbch_dist.errors import RunDirError
-from scbch_dist.io import atomic_directory, atomic_save_npy, atomic_write_text
+from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_write_text
 
 LOG = logging.getLogger("test_rundir")
 
@@ -247,7 +247,7 @@ def test_outputs_honour_the_umask(tmp_path):
 def test_a_dataset_folder_is_on_disk_before_its_name_appears(tmp_path, monkeypatch):
     """Every file of a folder written with atomic_directory (a dataset: shards, meta.json) is
     fsynced before the rename that makes the folder visible."""
-    import scbch_dist.io as io_module
+    import scbch_dist.atomic as io_module
 
     synced, renamed = [], []
     real_fsync, real_rename = os.fsync, os.rename
@@ -278,7 +278,7 @@ def test_the_data_loader_leaves_the_training_rng_alone(tiny_dataset, workers):
 
 def test_a_table_checkpointed_inside_an_epoch_gives_back_each_ranks_view():
     """The agreed table plus this rank's own writes, replayed, is exactly the rank's table."""
-    from scbch_dist.tables import IdTable
+    from scbch_dist.id_table import IdTable
 
     table = IdTable(6, (2,), fill=1.0)
     table.assign(torch.arange(12.0).view(6, 2))

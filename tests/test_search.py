@@ -15,13 +15,14 @@ import torch
 
 pytest.importorskip("faiss")
 
-from scbch_dist import hamming, metrics  # noqa: E402
+from scbch_dist import metrics  # noqa: E402
+from scbch_dist.retrieval import hamming  # noqa: E402
 from scbch_dist.config import Config, IndexSettings, save_config, to_dict  # noqa: E402
 from scbch_dist.engine.checkpoint import model_fingerprint  # noqa: E402
 from scbch_dist.engine.evaluate import save_codes  # noqa: E402
 from scbch_dist.errors import RunDirError, ScbchError  # noqa: E402
-from scbch_dist.index import RunCodes, RunIndex, build, check, tie_aware_recall  # noqa: E402
-from scbch_dist.search import format_table, main as search_main  # noqa: E402
+from scbch_dist.retrieval.index import RunCodes, RunIndex, build, check, tie_aware_recall  # noqa: E402
+from scbch_dist.retrieval.search import format_table, main as search_main  # noqa: E402
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -203,7 +204,7 @@ def test_rebuild_replaces_the_index_and_changed_codes_are_refused(tmp_path):
     fake_run(run)
     build(run, log=lambda *_: None)
     fake_run(run, seed=1)  # the run's codes change (a resumed run finished again)
-    with pytest.raises(ScbchError, match="built from other codes.*rebuild it: python -m scbch_dist.index build"):
+    with pytest.raises(ScbchError, match="built from other codes.*rebuild it: python -m scbch_dist.retrieval.index build"):
         RunIndex.open(run, RunCodes.load(run))
     build(run, log=lambda *_: None)
     RunIndex.open(run, RunCodes.load(run))
@@ -269,11 +270,11 @@ def test_search_errors_are_one_line(tmp_path, capsys):
                           (["--kind", "hnsw", "--id", "1"], "no hnsw index"),
                           (["--image", str(tmp_path / "nope.png")], "nope.png: cannot read the image")):
         with pytest.raises(SystemExit) as stop:
-            cli.run(lambda: search_main([str(run), *args]), "python -m scbch_dist.search")
+            cli.run(lambda: search_main([str(run), *args]), "python -m scbch_dist.retrieval.search")
         err = capsys.readouterr().err
         assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     # the module's own entry point, once
-    out = subprocess.run([sys.executable, "-m", "scbch_dist.search", str(run), "--id", "50"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "scbch_dist.retrieval.search", str(run), "--id", "50"], capture_output=True,
                          text=True, cwd=REPO)
     assert out.returncode == 2 and out.stderr.strip() == \
-        "python -m scbch_dist.search: error: --id 50: the query split has ids 0..49"
+        "python -m scbch_dist.retrieval.search: error: --id 50: the query split has ids 0..49"

@@ -19,8 +19,8 @@ pytest.importorskip("transformers")
 from scbch_dist.config import IndexSettings  # noqa: E402
 from scbch_dist.digests import arrays_sha256  # noqa: E402
 from scbch_dist.errors import ScbchError  # noqa: E402
-from scbch_dist.index import RunCodes, build  # noqa: E402
-from scbch_dist.search import Searcher, main as search_main  # noqa: E402
+from scbch_dist.retrieval.index import RunCodes, build  # noqa: E402
+from scbch_dist.retrieval.search import Searcher, main as search_main  # noqa: E402
 from scbch_dist.train import main as train_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

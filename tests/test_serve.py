@@ -1,4 +1,4 @@
-"""The search service (scbch_dist.serve): its JSON API through FastAPI's TestClient on a tiny
+"""The search service (scbch_dist.retrieval.serve): its JSON API through FastAPI's TestClient on a tiny
 fine-tuned shapes run; what it refuses to a hostile client (large uploads, pixel bombs, foreign Host
 headers) and what it never tells one (absolute paths, tracebacks); the command's start-up line,
 port refusal and Ctrl-C; the page in a real headless Chromium (slow, skipped without selenium,
@@ -29,10 +29,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from scbch_dist import query, serve  # noqa: E402
-from scbch_dist.index import build  # noqa: E402
-from scbch_dist.search import Searcher, main as search_main  # noqa: E402
-from scbch_dist.serve import create_app, listen, url, warm_up  # noqa: E402
+from scbch_dist.retrieval import query, serve  # noqa: E402
+from scbch_dist.retrieval.index import build  # noqa: E402
+from scbch_dist.retrieval.search import Searcher, main as search_main  # noqa: E402
+from scbch_dist.retrieval.serve import create_app, listen, url, warm_up  # noqa: E402
 from scbch_dist.train import main as train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,14 +399,14 @@ def test_bad_options_are_one_line_usage_errors(args, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m scbch_dist.serve: error: ") and message in last, err
+    assert last.startswith("python -m scbch_dist.retrieval.serve: error: ") and message in last, err
 
 
 # -- the command ----------------------------------------------------------------------------------
 
 
 def start(run_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "scbch_dist.serve", str(run_dir), *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "scbch_dist.retrieval.serve", str(run_dir), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 

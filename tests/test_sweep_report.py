@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scbch_dist import report, sweep
+from scbch_dist.experiments import report, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_grid_expands_in_order_with_one_folder_per_run(tmp_path):
 def test_slurm_array_script_and_dry_run(tmp_path):
     out = tmp_path / "paper.sbatch"
     grid_path = REPO / "launch" / "grids" / "paper.yaml"
-    proc = subprocess.run([sys.executable, "-m", "scbch_dist.sweep", str(grid_path), "--dry-run"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "scbch_dist.experiments.sweep", str(grid_path), "--dry-run"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = [l for l in proc.stdout.splitlines() if l.startswith("[task")]
@@ -75,7 +75,7 @@ def test_local_sweep_runs_skips_done_and_reports(tiny_dataset, tmp_path):
                       "eval:\n  every: 1\ncscc:\n  warmup_epochs: 1\n  k: 5\nrun:\n  tensorboard: false\n")
     grid_path = write_grid(tmp_path / "g.yaml", name="tiny", runs_dir=str(tmp_path / "runs"), datasets=[str(config)],
                            bits=[8, 16], noise=[0.5], seeds=[0])
-    cmd = [sys.executable, "-m", "scbch_dist.sweep", str(grid_path), "--local"]
+    cmd = [sys.executable, "-m", "scbch_dist.experiments.sweep", str(grid_path), "--local"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     summaries = sorted((tmp_path / "runs").rglob("summary.json"))
@@ -171,7 +171,7 @@ def test_grid_refuses_control_characters_by_key(tmp_path, field, value, key):
 
 def test_sweep_command_refuses_an_injected_line_and_writes_nothing(tmp_path):
     grid = write_grid(tmp_path / "grid.yaml", name="x\nrm -rf ~", datasets=["flickr"], bits=[16], noise=[0.5])
-    cmd = [sys.executable, "-m", "scbch_dist.sweep", str(grid), "--slurm", str(tmp_path / "out.sbatch")]
+    cmd = [sys.executable, "-m", "scbch_dist.experiments.sweep", str(grid), "--slurm", str(tmp_path / "out.sbatch")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "grid.yaml: name holds a control character (newline)" in proc.stderr
@@ -229,7 +229,7 @@ def test_array_script_quotes_every_value(tmp_path):
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "ARGS_OUT": str(tmp_path / "args")}
     proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "args").read_text().splitlines() == ["-m", "scbch_dist.sweep", str(grid_path), "--task", "1"]
+    assert (tmp_path / "args").read_text().splitlines() == ["-m", "scbch_dist.experiments.sweep", str(grid_path), "--task", "1"]
     assert not list(tmp_path.glob("PWNED*"))
 
 

@@ -144,7 +144,7 @@ def test_long_codes_train_evaluate_and_pack(tiny_dataset, tmp_path, bits):
         pytest.approx(summary["final"]["i2t"]["map"], abs=1e-12)
     if bits == 1024:  # the exact Hamming index of these codes ranks as the metrics, to the same mAP
         pytest.importorskip("faiss")
-        from scbch_dist.index import build, check
+        from scbch_dist.retrieval.index import build, check
 
         build(run_dir, log=lambda *_: None)
         for row in check(run_dir):
@@ -162,7 +162,7 @@ def test_refresh_path_equals_the_cscc_weights_reference(tiny_dataset, tmp_path):
     from scbch_dist.losses import cscc_weights
     from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
     from scbch_dist.models import SCBCHModel
-    from scbch_dist.runlog import setup_logging
+    from scbch_dist.engine.runlog import setup_logging
 
     meta = read_meta(tiny_dataset)
     cfg = load_config(None, ["cscc.k=7", "cscc.gamma=0.3", "model.bits=16", "cscc.warmup_epochs=1"])

@@ -10,7 +10,7 @@ import torch
 from scbch_dist import dist
 from scbch_dist.losses import bsch_loss, quantization_loss
 from scbch_dist.methods import EpochContext, Method, Step, global_columns, register
-from scbch_dist.tables import IdTable
+from scbch_dist.id_table import IdTable
 
 
 @register

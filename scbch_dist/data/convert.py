@@ -557,5 +557,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 
+def console() -> None:
+    """The ``scbch-convert`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-convert")
+
+
 if __name__ == "__main__":
     cli.run(main, "python -m scbch_dist.data.convert")

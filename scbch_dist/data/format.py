@@ -41,7 +41,7 @@ import numpy as np
 
 from scbch_dist.errors import ScbchError
 from scbch_dist.digests import sha256_file  # noqa: F401  (shard checksums; re-exported for the data tools)
-from scbch_dist.io import atomic_save_npy, atomic_write_json
+from scbch_dist.atomic import atomic_save_npy, atomic_write_json
 
 FORMAT_NAME = "scbch_dist-shards"
 FORMAT_VERSION = 1
@@ -487,7 +487,7 @@ def write_dataset(root: str | Path, *, name: str, classes: list[str], splits: di
     ``splits`` maps each of train/query/database to ``(img, txt, lab)`` arrays with one row per
     sample. Rows that are not multi-hot 0/1 or features that are not finite are refused.
     """
-    from scbch_dist.io import atomic_directory
+    from scbch_dist.atomic import atomic_directory
 
     for s in SPLITS:
         if s not in splits:
@@ -601,7 +601,7 @@ def write_raw_dataset(root: str | Path, *, name: str, classes: list[str], splits
     """Write a raw image-text dataset folder atomically: shards, meta.json, labels/clean.npy and
     vocab.json (word counts of the training texts). ``splits`` maps train/query/database to
     iterables of RawSample, consumed once, in id order."""
-    from scbch_dist.io import atomic_directory
+    from scbch_dist.atomic import atomic_directory
 
     for s in SPLITS:
         if s not in splits:

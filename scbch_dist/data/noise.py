@@ -20,7 +20,7 @@ import numpy as np
 from scbch_dist import cli
 from scbch_dist.data.format import DatasetMeta
 from scbch_dist.errors import ScbchError
-from scbch_dist.io import atomic_save_npy
+from scbch_dist.atomic import atomic_save_npy
 
 # Label tables are checked by scbch_dist.data.verify (check_label_table, ...), which imports this
 # module: the functions below import it when called, not at the top.
@@ -149,7 +149,7 @@ def save_noise_file(path: str | Path, noisy: np.ndarray, clean: np.ndarray) -> N
     rows), which ``file:PATH`` reads back; atomically."""
     import h5py
 
-    from scbch_dist.io import atomic_save_with
+    from scbch_dist.atomic import atomic_save_with
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
@@ -300,6 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     clean = np.asarray(clean_training_labels(args.root, meta))
     save_noise_file(args.out, noisy, clean)
     print(json.dumps({"wrote": args.out, **noise_statistics(clean, noisy)}, indent=2))
+
+
+def console() -> None:
+    """The ``scbch-noise`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-noise")
 
 
 if __name__ == "__main__":

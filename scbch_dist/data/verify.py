@@ -34,7 +34,7 @@ from scbch_dist.data.format import (KEY_DIGITS, SPLITS, DatasetMeta, ShardError,
                                     read_vocab, sha256_file)
 from scbch_dist.data.noise import NoiseError, clean_training_labels
 from scbch_dist.data.pipeline import read_blocks
-from scbch_dist.io import atomic_write_json
+from scbch_dist.atomic import atomic_write_json
 
 
 def _key(i: int) -> str:
@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: meta.json has no sha256 for {', '.join(missing)}; "
               f"python -m scbch_dist.data.verify {args.root} --add-checksums records them")
     print(f"{args.root}: ok ({summary['seconds']:.1f} s)")
+
+
+def console() -> None:
+    """The ``scbch-verify`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-verify")
 
 
 if __name__ == "__main__":

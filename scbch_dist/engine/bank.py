@@ -27,7 +27,7 @@ import torch
 from scbch_dist import dist
 from scbch_dist.losses import cscc_bank_rows
 from scbch_dist.methods import Bank
-from scbch_dist.tables import IdTable
+from scbch_dist.id_table import IdTable
 
 
 class BankSource:

@@ -39,8 +39,8 @@ from scbch_dist import dist
 from scbch_dist.digests import IntegrityError, verify_listed, verify_manifest, write_manifest
 from scbch_dist.engine.state import RunState
 from scbch_dist.errors import ScbchError, first_line
-from scbch_dist.io import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree, honour_umask_tree
-from scbch_dist.runlog import json_safe
+from scbch_dist.atomic import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree, honour_umask_tree
+from scbch_dist.engine.runlog import json_safe
 
 FORMAT = 2  # 1: the single pickled checkpoints/last.pt of scbch_dist 0.1
 MODEL_FILE = "model.safetensors"

@@ -18,7 +18,7 @@ from scbch_dist import dist, metrics
 from scbch_dist.data.format import DatasetMeta
 from scbch_dist.digests import arrays_sha256
 from scbch_dist.engine.encode import encode_part
-from scbch_dist.io import atomic_save_with
+from scbch_dist.atomic import atomic_save_with
 from scbch_dist.models import binary_codes
 
 

@@ -30,8 +30,8 @@ from scbch_dist.errors import Preempted, ScbchError
 from scbch_dist.methods import EpochContext, Method, Step
 from scbch_dist.digests import write_sealed_json
 from scbch_dist.metrics import chance_map
-from scbch_dist.runlog import MetricsLog, json_safe
-from scbch_dist.tables import IdTable
+from scbch_dist.engine.runlog import MetricsLog, json_safe
+from scbch_dist.id_table import IdTable
 
 
 @dataclass

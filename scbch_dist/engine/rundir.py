@@ -27,7 +27,7 @@ from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
 from scbch_dist.errors import RunDirError
-from scbch_dist.io import atomic_write_text, remove_leftovers
+from scbch_dist.atomic import atomic_write_text, remove_leftovers
 
 LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder

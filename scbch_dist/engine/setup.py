@@ -98,7 +98,7 @@ def make_accelerator(cfg: Config, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from scbch_dist.runlog import tensorboard_available
+    from scbch_dist.engine.runlog import tensorboard_available
 
     launch = accelerate_launch_args()
     # before Accelerator(): refused on every rank alike, before any rank waits for another

@@ -29,10 +29,10 @@ import torch.nn as nn
 from scbch_dist import dist
 from scbch_dist.config import Config
 from scbch_dist.knn import SearchParams, knn
-from scbch_dist.knn_sharded import knn_sharded
+from scbch_dist.knn.sharded import knn_sharded
 from scbch_dist.losses import Columns, wide
 from scbch_dist.models import NoHead, TowerSpec
-from scbch_dist.tables import IdTable
+from scbch_dist.id_table import IdTable
 
 
 @dataclass

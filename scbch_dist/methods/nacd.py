@@ -19,7 +19,7 @@ from scbch_dist.losses import (class_thresholds, confidence_bce, confidence_from
 from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns, neighbours
 from scbch_dist.metrics import roc_auc
 from scbch_dist.models import Classifiers
-from scbch_dist.tables import IdTable
+from scbch_dist.id_table import IdTable
 
 
 class NACD(Method):

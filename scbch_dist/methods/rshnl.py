@@ -17,7 +17,7 @@ from scbch_dist.losses import center_terms, chl_loss, self_paced
 from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns
 from scbch_dist.metrics import roc_auc
 from scbch_dist.models import ClassCentres, TowerSpec
-from scbch_dist.tables import IdTable
+from scbch_dist.id_table import IdTable
 
 
 class RSHNL(Method):

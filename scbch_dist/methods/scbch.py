@@ -17,7 +17,7 @@ from scbch_dist.losses import scbch_loss, weights_from_neighbors
 from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns, neighbours
 from scbch_dist.metrics import roc_auc
 from scbch_dist.models import Classifiers
-from scbch_dist.tables import IdTable
+from scbch_dist.id_table import IdTable
 
 
 class SCBCH(Method):

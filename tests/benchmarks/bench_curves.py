@@ -53,7 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from PIL import Image  # noqa: E402  (matplotlib's own dependency)
 
-from scbch_dist import knn as knn_mod  # noqa: E402
+from scbch_dist.knn import backends as knn_mod  # noqa: E402
 from scbch_dist import metrics  # noqa: E402
 from scbch_dist.config import load_config  # noqa: E402
 from scbch_dist.data.format import write_dataset  # noqa: E402

@@ -1,4 +1,4 @@
-"""Hamming index kinds (scbch_dist.hamming: flat, hash, ivf, hnsw): build time, size, single-query
+"""Hamming index kinds (scbch_dist.retrieval.hamming: flat, hash, ivf, hnsw): build time, size, single-query
 latency and recall@10 against the exact result, at growing N. Prints Markdown tables; asserts nothing.
 
     python tests/benchmarks/bench_index.py [--sizes 1000 100000 1000000 10000000] [--bits 64 128]
@@ -70,7 +70,7 @@ import time
 import faiss
 import numpy as np
 
-from scbch_dist import hamming
+from scbch_dist.retrieval import hamming
 from scbch_dist.config import IndexSettings
 
 K = 10

@@ -38,7 +38,7 @@ from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.encode import encode_part
 from scbch_dist.engine.setup import make_optimizer
 from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
-from scbch_dist.runlog import setup_logging
+from scbch_dist.engine.runlog import setup_logging
 
 
 def time_steps(step, batches, warmup=2):

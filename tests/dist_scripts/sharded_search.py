@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from scbch_dist import dist as sdist
 from scbch_dist.knn import faiss_available
-from scbch_dist.knn_sharded import knn_sharded
+from scbch_dist.knn.sharded import knn_sharded
 
 BACKENDS = ["torch"] + (["faiss-cpu"] if faiss_available() else [])
 

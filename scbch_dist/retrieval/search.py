@@ -1,11 +1,11 @@
 """Search a run's database: a caption finds images, an image finds captions (docs/search.md).
 
-    python -m scbch_dist.search RUN_DIR --text "a red circle" [-k 10] [--json]
-    python -m scbch_dist.search RUN_DIR --image photo.jpg
-    python -m scbch_dist.search RUN_DIR --id 17 [--modality txt|img] [--from query|database]
+    python -m scbch_dist.retrieval.search RUN_DIR --text "a red circle" [-k 10] [--json]
+    python -m scbch_dist.retrieval.search RUN_DIR --image photo.jpg
+    python -m scbch_dist.retrieval.search RUN_DIR --id 17 [--modality txt|img] [--from query|database]
 
-The query is encoded with the run's trained model (scbch_dist.query) and searched in the other
-modality's index of the database (``python -m scbch_dist.index build RUN_DIR`` first; --kind
+The query is encoded with the run's trained model (scbch_dist.retrieval.query) and searched in the other
+modality's index of the database (``python -m scbch_dist.retrieval.index build RUN_DIR`` first; --kind
 picks among built ones). ``--id`` takes the stored code of a sample of the run's codes (the query
 split by default) and needs no model. Prints rank, id, Hamming distance, labels and, for datasets
 that hold them, the caption and where the image is stored; ``--json`` prints a JSON list, best
@@ -27,8 +27,8 @@ import numpy as np
 from scbch_dist import cli
 from scbch_dist.config import IndexSettings, load_config
 from scbch_dist.data.format import read_meta
-from scbch_dist.index import CODE_SPLITS, RunCodes, RunIndex, RunIndexError
-from scbch_dist.query import MAX_PIXELS, DatasetItems, QueryEncoder, QueryError, read_image
+from scbch_dist.retrieval.index import CODE_SPLITS, RunCodes, RunIndex, RunIndexError
+from scbch_dist.retrieval.query import MAX_PIXELS, DatasetItems, QueryEncoder, QueryError, read_image
 
 OTHER = {"img": "txt", "txt": "img"}
 
@@ -155,7 +155,7 @@ def format_table(result: Result) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scbch_dist.search", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.retrieval.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     query = p.add_mutually_exclusive_group(required=True)
@@ -192,5 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(result))
 
 
+def console() -> None:
+    """The ``scbch-search`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-search")
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m scbch_dist.search")
+    cli.run(main, "python -m scbch_dist.retrieval.search")

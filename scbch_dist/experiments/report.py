@@ -1,6 +1,6 @@
 """Collect run summaries into the paper's tables and precision-recall figures.
 
-    python -m scbch_dist.report RUNS_DIR [--out DIR] [--which best|final] [--pr-bits 64] [--pr-noise 0.8]
+    python -m scbch_dist.experiments.report RUNS_DIR [--out DIR] [--which best|final] [--pr-bits 64] [--pr-noise 0.8]
 
 Tables, one per dataset and noise model (mixed, redundant, replace, file, none) and tie policy: rows
 are methods (``run.method``), columns noise rate x code length, as Tables 1-2 of the SCBCH paper.
@@ -33,7 +33,7 @@ from scbch_dist.config import check_saved_config, flatten, read_yaml_mapping
 from scbch_dist.digests import read_sealed_json
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
-from scbch_dist.io import atomic_write_text
+from scbch_dist.atomic import atomic_write_text
 
 MODELS = ("mixed", "redundant", "replace", "file", "none")  # table order
 
@@ -224,7 +224,7 @@ def pr_figures(records: list[dict], out: Path, which: str, bits: int, noise: flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scbch_dist.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.experiments.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir", type=Path)
     p.add_argument("--out", type=Path, help="output folder (default: RUNS_DIR)")
@@ -254,5 +254,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(records)} runs", file=sys.stderr)
 
 
+def console() -> None:
+    """The ``scbch-report`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-report")
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m scbch_dist.report")
+    cli.run(main, "python -m scbch_dist.experiments.report")

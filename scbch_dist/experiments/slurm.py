@@ -1,7 +1,7 @@
 """Launch a training run from inside a SLURM allocation, on one or many nodes.
 
-    srun --ntasks-per-node=1 python -m scbch_dist.slurm --gpus-per-node 8 -- --config configs/X.yaml
-    python -m scbch_dist.slurm --dry-run --gpus-per-node 8 -- --config configs/X.yaml
+    srun --ntasks-per-node=1 python -m scbch_dist.experiments.slurm --gpus-per-node 8 -- --config configs/X.yaml
+    python -m scbch_dist.experiments.slurm --dry-run --gpus-per-node 8 -- --config configs/X.yaml
 
 Each node runs one ``accelerate launch`` that starts one process per GPU. The machine rank, the
 number of machines and the main address come from SLURM (SLURM_NODEID, SLURM_NNODES, the first
@@ -86,7 +86,7 @@ def requeue(env: dict) -> None:
     """Put this job back in the queue (node 0 only: one request per job)."""
     cmd = requeue_command(env)
     if cmd is not None and env.get("SLURM_NODEID", "0") == "0":
-        print(f"scbch_dist.slurm: preempted; {shlex.join(cmd)}", file=sys.stderr)
+        print(f"scbch_dist.experiments.slurm: preempted; {shlex.join(cmd)}", file=sys.stderr)
         subprocess.run(cmd, check=False)
 
 
@@ -136,7 +136,7 @@ def _drop_config(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(prog="python -m scbch_dist.slurm", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.experiments.slurm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("SLURM_GPUS_ON_NODE", 1)))
     p.add_argument("--accelerate-config", default="accelerate_config.yaml")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     run_dir = args.run_dir or run_dir_for(env)
     if launch_state(run_dir) == "done":
-        print(f"scbch_dist.slurm: {run_dir}/summary.json exists; the run is finished", file=sys.stderr)
+        print(f"scbch_dist.experiments.slurm: {run_dir}/summary.json exists; the run is finished", file=sys.stderr)
         return
     cmd = accelerate_command(env, args.gpus_per_node, train_args, accelerate_config=args.accelerate_config,
                              run_dir=run_dir, python=sys.executable)
@@ -156,5 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(supervise(cmd, run_dir, env))
 
 
+def console() -> None:
+    """The ``scbch-slurm`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-slurm")
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m scbch_dist.slurm")
+    cli.run(main, "python -m scbch_dist.experiments.slurm")

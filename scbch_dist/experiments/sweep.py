@@ -1,10 +1,10 @@
 """Sweeps: a grid of datasets x methods x code lengths x noise settings x seeds, as a SLURM array
 job or run locally (one run after another, or one per GPU).
 
-    python -m scbch_dist.sweep GRID.yaml --slurm sweep.sbatch   # write the array job script
-    python -m scbch_dist.sweep GRID.yaml --local [--gpus 0,1]   # run here
-    python -m scbch_dist.sweep GRID.yaml --dry-run              # print what would run
-    python -m scbch_dist.sweep GRID.yaml --task 7               # run task 7 (what each array task does)
+    python -m scbch_dist.experiments.sweep GRID.yaml --slurm sweep.sbatch   # write the array job script
+    python -m scbch_dist.experiments.sweep GRID.yaml --local [--gpus 0,1]   # run here
+    python -m scbch_dist.experiments.sweep GRID.yaml --dry-run              # print what would run
+    python -m scbch_dist.experiments.sweep GRID.yaml --task 7               # run task 7 (what each array task does)
 
 A grid file:
 
@@ -202,12 +202,12 @@ def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
             "signal": "B:USR1@180"}
     for key, value in grid.slurm.items():
         opts[key.replace("_", "-")] = value
-    lines = ["#!/usr/bin/env bash", f"# {len(runs)} runs of grid {grid.name!r}, written by python -m scbch_dist.sweep"]
+    lines = ["#!/usr/bin/env bash", f"# {len(runs)} runs of grid {grid.name!r}, written by python -m scbch_dist.experiments.sweep"]
     # sbatch reads directive values with shell-like quoting: a value with spaces, quotes or $(...)
     # stays one value, and shlex.quote leaves plain tokens (gpu:1, 04:00:00, %A_%a) as they are
     lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in opts.items()]
     lines += ["set -euo pipefail", "# each task is one run; a requeued task resumes from its checkpoint",
-              f"exec python -m scbch_dist.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
+              f"exec python -m scbch_dist.experiments.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +236,7 @@ def run_local(runs: list[Run], grid: Grid, gpus: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scbch_dist.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.experiments.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid")
     mode = p.add_mutually_exclusive_group(required=True)
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         if run.done:
             print(f"[task {run.task}] done already: {run.run_dir}/summary.json", file=sys.stderr)
             return
-        from scbch_dist.slurm import requeue
+        from scbch_dist.experiments.slurm import requeue
         from scbch_dist.train import main as train_main
 
         try:
@@ -280,5 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1 if run_local(runs, grid, gpus) else 0)
 
 
+def console() -> None:
+    """The ``scbch-sweep`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-sweep")
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m scbch_dist.sweep")
+    cli.run(main, "python -m scbch_dist.experiments.sweep")

@@ -166,7 +166,7 @@ class QueryEncoder:
 
     def text_features(self, text: str) -> np.ndarray:
         """(1, D) text feature of a feature dataset, as extraction stored it (its dtype)."""
-        from scbch_dist.extract import BowText
+        from scbch_dist.models.encoders import BowText
 
         words = text_words(text)
         source = self.meta.source["text"]
@@ -214,7 +214,7 @@ class QueryEncoder:
 
     @cached_property
     def _doc2vec(self):
-        from scbch_dist.extract import Doc2VecText
+        from scbch_dist.models.encoders import Doc2VecText
 
         source = self.meta.source["text"]
         names = ("dim", "epochs", "window", "min_count", "dm", "negative", "sample", "seed")
@@ -225,7 +225,7 @@ class QueryEncoder:
     @cached_property
     def _extractor(self):
         """The image feature extractor of an extracted dataset, rebuilt from meta.source."""
-        from scbch_dist.extract import IMAGE_ENCODERS, Preprocess
+        from scbch_dist.models.encoders import IMAGE_ENCODERS, Preprocess
         from scbch_dist.data.format import sha256_file
 
         image = self.meta.source["image"]

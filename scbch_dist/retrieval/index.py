@@ -1,10 +1,10 @@
 """A Hamming index over a finished run's codes (docs/search.md).
 
-    python -m scbch_dist.index build RUN_DIR [--split database] [--kind flat|hash|ivf|hnsw] [--nprobe 16 ...]
-    python -m scbch_dist.index check RUN_DIR [--split database] [--kind flat] [-k 10]
+    python -m scbch_dist.retrieval.index build RUN_DIR [--split database] [--kind flat|hash|ivf|hnsw] [--nprobe 16 ...]
+    python -m scbch_dist.retrieval.index check RUN_DIR [--split database] [--kind flat] [-k 10]
 
 ``build`` indexes both modalities' codes of one split of ``RUN_DIR/codes.npz`` with FAISS
-(scbch_dist.hamming) into ``RUN_DIR/index/<split>-<kind>/``:
+(scbch_dist.retrieval.hamming) into ``RUN_DIR/index/<split>-<kind>/``:
 
     index.json       kind, settings, code length, count, build times, the sha256 of codes.npz, the
                      fingerprint of the model that wrote the codes, the run's config, its own sha256
@@ -39,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-from scbch_dist import cli, hamming, metrics
+from scbch_dist import cli, metrics
+from scbch_dist.retrieval import hamming
 from scbch_dist.config import IndexSettings, check_saved_config, read_yaml_mapping
 from scbch_dist.digests import (IntegrityError, arrays_sha256, read_sealed_json, sha256_file, verify_manifest,
                                 write_manifest, write_sealed_json)
 from scbch_dist.engine.evaluate import CODES_DIGEST
 from scbch_dist.errors import ScbchError, first_line
-from scbch_dist.io import atomic_directory, atomic_save_npy
+from scbch_dist.atomic import atomic_directory, atomic_save_npy
 
 FORMAT = 1
 MODALITIES = ("img", "txt")
@@ -192,15 +193,15 @@ class RunIndex:
              overrides: dict | None = None) -> RunIndex:
         path = index_dir(run_dir, split, kind)
         if not (path / "index.json").is_file():
-            raise RunIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.index "
+            raise RunIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.retrieval.index "
                                 f"build {run_dir} --split {split} --kind {kind}")
         try:
             verify_manifest(path)  # (an index built before manifests has none: read as it is)
             record = read_sealed_json(path / "index.json")
         except IntegrityError as e:
-            raise RunIndexError(f"{e}; rebuild the index: python -m scbch_dist.index build {run_dir} --split {split} "
+            raise RunIndexError(f"{e}; rebuild the index: python -m scbch_dist.retrieval.index build {run_dir} --split {split} "
                                 f"--kind {kind}") from None
-        rebuild = f"rebuild it: python -m scbch_dist.index build {run_dir} --split {split} --kind {kind}"
+        rebuild = f"rebuild it: python -m scbch_dist.retrieval.index build {run_dir} --split {split} --kind {kind}"
         if record.get("format") != FORMAT:
             raise RunIndexError(f"{path / 'index.json'}: index format {record.get('format')!r}, this version reads "
                                 f"{FORMAT}; {rebuild}")
@@ -314,7 +315,7 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scbch_dist.index", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.retrieval.index", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = IndexSettings()
@@ -353,10 +354,15 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(str(x) for x in cells) + " |")
     found = failures(rows, min_recall=args.min_recall)
     for line in found:
-        print(f"python -m scbch_dist.index check: FAILED: {line}", file=sys.stderr)
+        print(f"python -m scbch_dist.retrieval.index check: FAILED: {line}", file=sys.stderr)
     if found:
         sys.exit(CHECK_FAILED)
 
 
+def console() -> None:
+    """The ``scbch-index`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-index")
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m scbch_dist.index")
+    cli.run(main, "python -m scbch_dist.retrieval.index")

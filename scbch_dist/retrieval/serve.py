@@ -1,14 +1,14 @@
 """Search a run from a browser: a small HTTP service and one page (docs/search.md).
 
-    python -m scbch_dist.serve RUN_DIR [--port 8000] [--host 127.0.0.1] [--kind flat] [-k 10] [--data-root DIR]
+    python -m scbch_dist.retrieval.serve RUN_DIR [--port 8000] [--host 127.0.0.1] [--kind flat] [-k 10] [--data-root DIR]
                                        [--allow-host NAME ...] [--max-pixels N]
 
-Opens the run once (scbch_dist.search.Searcher: its codes, the database index of --kind, the
+Opens the run once (scbch_dist.retrieval.search.Searcher: its codes, the database index of --kind, the
 dataset, and the model, loaded before the first request), prints the URL to open, and serves
 until Ctrl-C. Needs the ``serve`` extra (FastAPI and uvicorn). Endpoints, all JSON except the
 page and the images:
 
-    GET  /                                   the search page (scbch_dist/static/search.html)
+    GET  /                                   the search page (scbch_dist/retrieval/static/search.html)
     GET  /api/info                           the run: Searcher.describe() (the run by its folder's name), k
                                              (the default -k), max_upload (bytes), max_pixels
     GET  /api/search?text=...&k=10           a caption finds images
@@ -44,9 +44,9 @@ from pathlib import Path
 from scbch_dist import cli
 from scbch_dist.config import IndexSettings
 from scbch_dist.errors import ScbchError
-from scbch_dist.index import CODE_SPLITS
-from scbch_dist.query import MAX_PIXELS, check_image
-from scbch_dist.search import Searcher
+from scbch_dist.retrieval.index import CODE_SPLITS
+from scbch_dist.retrieval.query import MAX_PIXELS, check_image
+from scbch_dist.retrieval.search import Searcher
 
 MAX_K = 1000  # hits per search: a page of results, not a dump of the database
 MAX_UPLOAD = 32 << 20  # bytes of an uploaded query image
@@ -67,7 +67,7 @@ class ServeError(ScbchError):
 
 def page() -> str:
     """The search page, shipped inside the package (package-data static/*.html)."""
-    return resources.files("scbch_dist").joinpath("static/search.html").read_text(encoding="utf-8")
+    return resources.files("scbch_dist").joinpath("retrieval/static/search.html").read_text(encoding="utf-8")
 
 
 # -- which Host headers are answered ----------------------------------------------------------------
@@ -387,7 +387,7 @@ def port_number(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m scbch_dist.serve", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.retrieval.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free port)")
@@ -434,5 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     print("stopped", flush=True)
 
 
+def console() -> None:
+    """The ``scbch-serve`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-serve")
+
+
 if __name__ == "__main__":
-    cli.run(main, "python -m scbch_dist.serve")
+    cli.run(main, "python -m scbch_dist.retrieval.serve")
