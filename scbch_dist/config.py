@@ -23,7 +23,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from scbch_dist.errors import ScbchError
+from scbch_dist.data.shapes import ShapesConfig
+from scbch_dist.data.synthetic import SyntheticConfig
+from scbch_dist.errors import ConfigError, ScbchError
+from scbch_dist.knn.settings import KnnSettings
 
 
 @dataclass
@@ -37,34 +40,8 @@ class DataConfig:
     verify: bool = True  # read every shard before the first step: sha256, ids, labels (docs/engine.md, "Preflight")
 
 
-@dataclass
-class SyntheticConfig:
-    """The embedded default dataset (scbch_dist.data.synthetic); sized for a few CPU minutes."""
-
-    seed: int = 0
-    n_query: int = 1000
-    n_train: int = 6000
-    n_extra_database: int = 3000  # database = training rows + these
-    img_dim: int = 512
-    txt_dim: int = 1000
-    topics: int = 8
-    samples_per_shard: int = 1024
 
 
-@dataclass
-class ShapesConfig:
-    """The embedded raw image-caption dataset (scbch_dist.data.shapes): coloured shapes on a
-    background; labels are the shapes and colours present; captions mention some of them."""
-
-    seed: int = 0
-    n_query: int = 200
-    n_train: int = 2000
-    n_extra_database: int = 600  # database = training rows + these
-    image_size: int = 32  # pixels per side of the stored PNGs
-    max_shapes: int = 3  # shapes per image: 1..max_shapes
-    mention_prob: float = 0.7  # chance that the caption names each present shape and colour
-    distractors: int = 3  # filler words per caption (0..distractors)
-    samples_per_shard: int = 512
 
 
 @dataclass
@@ -123,17 +100,12 @@ class CSCCConfig:
 
 
 @dataclass
-class BankConfig:
+class BankConfig(KnnSettings):
     """The [u, v] bank of the training set that refreshes search: SCBCH's weights, NACD's
-    reconstruction (docs/distributed.md, "The refresh")."""
+    reconstruction (docs/distributed.md, "The refresh"). The search's own keys (bank.knn,
+    bank.nprobe, ...) are knn.KnnSettings'."""
 
-    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu | torch-ivf | faiss-ivf | faiss-ivfpq | faiss-hnsw (scbch_dist.knn)
-    exact_below: int = 200_000  # auto: an exact search below this many training rows, faiss-ivf (torch-ivf without FAISS) above
     float16_above: int = 200_000  # the bank's rows are float16 from this many training rows on (half the memory)
-    nlist: int = 0  # IVF lists; 0 picks about sqrt(N) (torch-ivf) or 4 sqrt(N) (faiss-ivf(pq))
-    nprobe: int = 32  # IVF lists scanned: per list of queries (torch-ivf) or per query (faiss-ivf(pq))
-    ef_search: int = 128  # faiss-hnsw: candidates per query
-    train_rows: int = 65536  # faiss-ivf(pq): rows of the bank (a seeded sample) the lists are trained on
     refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
     shard: bool = False  # no gathered bank: each rank keeps its own ids' rows (docs/distributed.md, "Sharded search")
 
@@ -212,10 +184,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-class ConfigError(ScbchError, ValueError):
-    pass
 
 
 @dataclass

@@ -26,3 +26,7 @@ def first_line(error: BaseException) -> str:
     or its type's name when it has none: what a one-line error quotes of its cause."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class ConfigError(ScbchError, ValueError):
+    """A setting of the config tree (a key, a value, a config file): the message names the key or file."""

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scbch_dist.config import ConfigError, ShapesConfig
 from scbch_dist.data.format import DatasetMeta, RawSample, ShardError, meta_path, read_meta, write_raw_dataset
+from scbch_dist.errors import ConfigError
 
 GENERATOR = "scbch_dist.data.shapes"
 SHAPES = ["circle", "square", "triangle", "cross", "star"]
@@ -46,6 +46,22 @@ FILLERS = [
 ]
 SUPERSAMPLE = 4  # objects are drawn at 4x and reduced: smooth edges at 32 px
 RADIUS = (0.17, 0.28)  # object radius as a fraction of the image side
+
+
+@dataclass
+class ShapesConfig:
+    """The embedded raw image-caption dataset (scbch_dist.data.shapes): coloured shapes on a
+    background; labels are the shapes and colours present; captions mention some of them."""
+
+    seed: int = 0
+    n_query: int = 200
+    n_train: int = 2000
+    n_extra_database: int = 600  # database = training rows + these
+    image_size: int = 32  # pixels per side of the stored PNGs
+    max_shapes: int = 3  # shapes per image: 1..max_shapes
+    mention_prob: float = 0.7  # chance that the caption names each present shape and colour
+    distractors: int = 3  # filler words per caption (0..distractors)
+    samples_per_shard: int = 512
 
 
 def _check(cfg: ShapesConfig) -> None:

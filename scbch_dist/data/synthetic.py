@@ -16,11 +16,11 @@ Structure, all deterministic by ``synthetic.seed``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scbch_dist.config import SyntheticConfig
 from scbch_dist.data.format import DatasetMeta, ShardError, read_meta, write_dataset
 from scbch_dist.data.releases import MIRFLICKR_CLASSES
 
@@ -37,6 +37,20 @@ TOPICS = [
     ["sea", "water", "river", "lake", "bird", "sky"],
     ["tree", "sky", "clouds", "structures", "plant_life"],
 ]
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset (scbch_dist.data.synthetic); sized for a few CPU minutes."""
+
+    seed: int = 0
+    n_query: int = 1000
+    n_train: int = 6000
+    n_extra_database: int = 3000  # database = training rows + these
+    img_dim: int = 512
+    txt_dim: int = 1000
+    topics: int = 8
+    samples_per_shard: int = 1024
 
 
 def generate_arrays(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
