@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from scbch_dist.data.synthetic import write_synthetic
-from scbch_dist.knn import knn
+from scbch_dist import knn
+from scbch_dist.knn import KnnSettings
 from scbch_dist.knn.sharded import PAD_ID, knn_sharded, merge_topk
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
@@ -19,6 +20,7 @@ import sharded_search as script  # noqa: E402
 from conftest import read_checkpoint, tiny_args, tiny_synthetic_config, torchrun  # noqa: E402
 
 BACKENDS = script.BACKENDS
+TORCH = KnnSettings(knn="torch")
 
 
 def assert_identical(got, ref):
@@ -29,29 +31,31 @@ def assert_identical(got, ref):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_process_equals_knn(backend):
-    """The bank in a shuffled order (the shard's ids not 0..N-1): the same neighbours as knn.knn, as ids."""
+    """The bank in a shuffled order (the shard's ids not 0..N-1): the same neighbours as knn.neighbours, as ids."""
     z = torch.nn.functional.normalize(torch.randn(157, 24, generator=torch.Generator().manual_seed(0)), dim=1)
     order = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(5))
     own = order[:40]
-    assert_identical(knn_sharded(z[own], z[order], order, 10, self_index=own, backend=backend),
-                     knn(z[own], z, 10, self_index=own, backend=backend))
-    assert_identical(knn_sharded(z[own], z[order], order, 10, backend=backend), knn(z[own], z, 10, backend=backend))
+    settings = KnnSettings(knn=backend)
+    assert_identical(knn_sharded(z[own], z[order], order, 10, self_index=own, settings=settings),
+                     knn.neighbours(z[own], z, 10, self_index=own, settings=settings))
+    assert_identical(knn_sharded(z[own], z[order], order, 10, settings=settings),
+                     knn.neighbours(z[own], z, 10, settings=settings))
 
 
 def test_one_process_self_rule_negative_neighbours_and_small_banks():
     # row 0's neighbours all have negative similarity: its own entry (0) ranks first
     z = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [-0.9, -0.5], [-0.2, -1.0], [-0.1, 1.0]])
     order = torch.tensor([4, 2, 0, 3, 1])  # the shard in another order: row j is id order[j]
-    s, i = knn_sharded(z[:1], z[order], order, 3, self_index=torch.tensor([0]), backend="torch")
+    s, i = knn_sharded(z[:1], z[order], order, 3, self_index=torch.tensor([0]), settings=TORCH)
     assert int(i[0, 0]) == 0 and float(s[0, 0]) == 0.0
-    assert_identical((s, i), knn(z[:1], z, 3, self_index=torch.tensor([0]), backend="torch"))
+    assert_identical((s, i), knn.neighbours(z[:1], z, 3, self_index=torch.tensor([0]), settings=TORCH))
     # a bank of exactly k rows (the self entry among them), and no queries at all
-    s, i = knn_sharded(z, z, torch.arange(5), 5, self_index=torch.arange(5), backend="torch")
-    assert_identical((s, i), knn(z, z, 5, self_index=torch.arange(5), backend="torch"))
-    s, i = knn_sharded(z[:0], z, torch.arange(5), 3, self_index=torch.arange(0), backend="torch")
+    s, i = knn_sharded(z, z, torch.arange(5), 5, self_index=torch.arange(5), settings=TORCH)
+    assert_identical((s, i), knn.neighbours(z, z, 5, self_index=torch.arange(5), settings=TORCH))
+    s, i = knn_sharded(z[:0], z, torch.arange(5), 3, self_index=torch.arange(0), settings=TORCH)
     assert s.shape == (0, 3) and i.shape == (0, 3)
     with pytest.raises(ValueError, match="k=6 neighbours requested from a bank of 5 rows"):
-        knn_sharded(z, z, torch.arange(5), 6, self_index=torch.arange(5), backend="torch")
+        knn_sharded(z, z, torch.arange(5), 6, self_index=torch.arange(5), settings=TORCH)
 
 
 def test_merge_topk_breaks_ties_by_id_whatever_the_shard_order():
@@ -132,9 +136,10 @@ def test_two_ranks_equal_the_unsharded_search(two_ranks, name, backend):
         if not queries.shape[0]:
             continue
         assert_no_ties(queries, z, case["k"], self_index)
-        assert_identical(got, knn(queries, z, case["k"], self_index=self_index, backend=backend))
+        assert_identical(got, knn.neighbours(queries, z, case["k"], self_index=self_index,
+                                             settings=KnnSettings(knn=backend)))
         if backend != "torch":
-            ref_s, ref_i = knn(queries, z, case["k"], self_index=self_index, backend="torch")
+            ref_s, ref_i = knn.neighbours(queries, z, case["k"], self_index=self_index, settings=TORCH)
             assert torch.equal(got[1], ref_i) and torch.allclose(got[0], ref_s, atol=1e-6, rtol=0)
 
 
@@ -148,7 +153,7 @@ def test_a_float16_bank_is_exchanged_and_searched_across_ranks(two_ranks):
         assert gathered.dtype == torch.float16 and torch.equal(gathered, z.half())
         s, i = two_ranks[rank]["float16"]
         assert s.dtype == torch.float32
-        assert_identical((s, i), knn(z[ids], z, 10, self_index=ids, backend="torch"))
+        assert_identical((s, i), knn.neighbours(z[ids], z, 10, self_index=ids, settings=TORCH))
 
 
 @pytest.mark.slow
@@ -172,12 +177,12 @@ def test_two_process_training_with_a_sharded_bank_equals_the_gathered_one(tiny_d
         root = tmp_path / "even"
         write_synthetic(root, tiny_synthetic_config(samples_per_shard=100))
     key = {"scbch": "cscc_weights", "nacd": "nacd"}[method]
+    own = {"scbch": ("scbch.warmup_epochs=1",), "nacd": ("nacd.warmup_epochs=1", "nacd.k=5")}  # each method's section
     runs = {}
     for shard in ("false", "true"):
         run_dir = tmp_path / f"shard_{shard}"
         torchrun("-m", "scbch_dist.train", *tiny_args(root, run_dir, "train.epochs=3", "eval.every=3",
-                                                       f"method.name={method}", "cscc.warmup_epochs=1",
-                                                       "nacd.warmup_epochs=1", "nacd.k=5", "bank.knn=torch",
+                                                       f"method.name={method}", *own[method], "bank.knn=torch",
                                                        f"bank.refresh={refresh}", f"bank.shard={shard}",
                                                        "run.tensorboard=false"))
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -221,6 +226,6 @@ def test_a_float16_bank_source_holds_float16_rows_and_finds_their_neighbours(ref
         assert half.rows.dtype == torch.float16 and torch.equal(half.rows, full.rows.half())
         assert half.rows.nbytes * 2 == full.rows.nbytes
         s, i = neighbours(cfg, half, 6)
-        ref_s, ref_i = knn(half.rows[half.own_ids].double(), half.rows.double(), 6, self_index=half.own_ids,
-                           backend="torch")
+        ref_s, ref_i = knn.neighbours(half.rows[half.own_ids].double(), half.rows.double(), 6,
+                                      self_index=half.own_ids, settings=TORCH)
         assert s.dtype == torch.float32 and torch.equal(i, ref_i) and torch.allclose(s.double(), ref_s, atol=1e-6)

@@ -1,59 +1,81 @@
-"""Nearest-neighbour search by inner product: a leaf module (tensors in, tensors out, no training
-state, no collectives). The engine's refresh searches the gathered [u, v] bank with it
-(docs/distributed.md).
+"""Nearest-neighbour search by inner product: the backends, their registry and the one entry that
+applies the self rule (``neighbours``). A leaf module: tensors in, tensors out, no training state,
+no collectives. The engine's refresh searches the gathered [u, v] bank with it (docs/distributed.md,
+"The refresh").
 
-Backends, chosen by ``bank.knn``. Exact, all returning the same neighbours up to ties:
+Backends, chosen by ``bank.knn`` (KnnSettings.knn). Exact, all returning the same neighbours up to ties:
 - ``faiss-gpu``: brute-force inner product on the GPU (``faiss.knn_gpu``), needs FAISS-GPU and CUDA;
 - ``faiss-cpu``: exact ``IndexFlatIP`` on the CPU;
-- ``torch``: exact matmul + topk in row chunks on the bank's device: the reference, and the
-  dependable path on a GPU without FAISS.
-Approximate, for banks where an exact search costs N^2 (SearchParams; docs/benchmarks.md, "The
-refresh at a million rows"):
+- ``torch``: exact matmul + topk in row chunks on the bank's device (knn.exact): the reference, and
+  the dependable path on a GPU without FAISS.
+Approximate, for banks where an exact search costs N^2 (docs/benchmarks.md, "The refresh at a
+million rows"):
 - ``torch-ivf``: ``nlist`` k-means lists trained on a seeded sample of the bank; the queries of a
   list are scored together by one matrix product against the rows of the ``nprobe`` lists they
-  vote for (knn_ivf). On the bank's device: CPU or GPU, no FAISS needed;
+  vote for. On the bank's device: CPU or GPU, no FAISS needed;
 - ``faiss-ivf``: FAISS's inverted file; each query scans its own ``nprobe`` nearest lists (on the
   GPU when the bank is on CUDA and FAISS-GPU is installed);
 - ``faiss-ivfpq``: the same lists holding product-quantised rows (dims / 4 bytes a row instead of
   4 dims: 16x less memory, lower recall);
 - ``faiss-hnsw``: a navigable small-world graph (no training; ``ef_search`` candidates per query).
 ``auto`` takes faiss-gpu on a CUDA device when it is installed, else torch there; on the CPU
-faiss-cpu when installed (1.4-2.2x faster than torch for 10k-100k banks on 2 cores,
-tests/benchmarks/bench_scale.py), else torch; from ``exact_below`` rows on it takes faiss-ivf (on
-the GPU with FAISS-GPU), or torch-ivf where FAISS (FAISS-GPU on CUDA) is missing.
+faiss-cpu when installed (the faster exact search there: docs/benchmarks.md#exact-cpu), else
+torch; from ``exact_below`` rows on it takes faiss-ivf (on the GPU with FAISS-GPU),
+or torch-ivf where FAISS (FAISS-GPU on CUDA) is missing.
 Every backend takes a float16 bank (docs/distributed.md, "A compressed bank") and returns float32
 similarities.
 
-The SCBCH similarity sets each sample's similarity to itself to 0 rather than removing it; every
-backend reproduces that exactly (a search for k + 1, then the self entry put back at 0).
+A backend is one function of the ``Backend`` signature, registered in ``REGISTRY`` by its name: it
+returns the plain top-``width`` of its queries against the base and knows nothing of the self
+rule. The SCBCH similarity sets each sample's similarity to itself to 0 rather than removing it;
+``neighbours`` does that once for every backend: a search for k + 1, then the self entry put back
+at 0 (put_self_back).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "torch", "faiss-cpu", "faiss-gpu", "torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
-FAISS_APPROXIMATE = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
-HALF = (torch.float16, torch.bfloat16)
-CHUNK_ROWS = 65536  # rows of a float16 bank converted to float32 at a time for FAISS
+from scbch_dist.knn import exact
+from scbch_dist.knn.exact import HALF, exact_topk
+from scbch_dist.knn.settings import KnnSettings
+
+SCORE_BLOCK = 1 << 24  # similarity entries (64 MB of float32) per matrix product of torch_ivf
+VOTES = 4  # nearest lists each query votes for in probe_lists
+HNSW_M = 32  # faiss-hnsw: links per node of the graph
 
 
-@dataclass(frozen=True)
-class SearchParams:
-    """Settings of the approximate backends and of ``auto`` (config: bank.*)."""
+class Backend(Protocol):
+    """What REGISTRY holds: one search function of this signature per backend name."""
 
-    nlist: int = 0  # IVF lists; 0: a power of two near sqrt(N) (torch-ivf) or 4 sqrt(N) (FAISS), >= 39 rows a list
-    nprobe: int = 32  # IVF lists scanned per query
-    ef_search: int = 128  # HNSW candidates per query (at least k + 1)
-    hnsw_m: int = 32  # HNSW links per node
-    train_rows: int = 65536  # rows (a seeded sample of the bank) the IVF lists are trained on
-    exact_below: int = 200_000  # auto: an exact backend below this many bank rows, IVF above
-    seed: int = 0
+    def __call__(self, queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+                 query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``width`` largest inner products of each query row against ``base``, no self rule.
+
+        Args:
+            queries: (m, d); base: (N, d), same device, float32 (float64 for a reference) or float16.
+            width: neighbours per query, <= N.
+            settings: the search's settings (bank.*); seed: of the IVF training sample (train.seed).
+            query_rows: (m,) the rows of ``base`` the queries are, when they are bank rows, else
+                None: a hint to save work (torch-ivf reuses the rows' lists), never a change of result.
+        Returns:
+            (sims, index): (m, width) float32 (float64 for float64 rows) descending, (m, width) int64
+            rows of ``base``; on the queries' device.
+        """
+
+
+# ------------------------------------------------------------------------------------------ torch
+
+
+def torch_exact(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+                query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch``: exact matmul + topk in chunks (exact_topk)."""
+    return exact_topk(queries, base, width)
 
 
 def auto_nlist(n: int, per_sqrt: float = 4.0) -> int:
@@ -64,42 +86,6 @@ def auto_nlist(n: int, per_sqrt: float = 4.0) -> int:
     while nlist > 1 and n < 39 * nlist:
         nlist //= 2
     return nlist
-
-
-def knn_exact(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.Tensor | None = None,
-              chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest inner products of each query row against ``base`` (torch reference).
-
-    Args:
-        queries: (m, d). base: (N, d), same device, same dtype or float16 (then the sims are float32).
-        self_index: (m,) optional row of ``base`` that is each query itself; that entry's
-            similarity is set to 0 (not removed), as the SCBCH weights define it.
-        chunk: query rows per matmul, bounding memory at chunk x N.
-    Returns:
-        (sims, index), each (m, k), sims in descending order.
-    """
-    if k > base.shape[0]:
-        raise ValueError(f"k={k} neighbours requested from a bank of {base.shape[0]} rows")
-    chunk = max(1, min(chunk, EXACT_SCORES // max(base.shape[0], 1)))
-    sims, index = [], []
-    for start in range(0, queries.shape[0], chunk):
-        q = queries[start:start + chunk]
-        if base.dtype not in HALF:
-            s = q @ base.T
-        else:  # a float16 bank, multiplied in float32 pieces (float16 matmul on a CPU is slow and coarse)
-            q = q.float()
-            s = torch.cat([q @ base[b:b + CHUNK_ROWS].float().T for b in range(0, base.shape[0], CHUNK_ROWS)], 1)
-        if self_index is not None:
-            rows = torch.arange(s.shape[0], device=s.device)
-            s[rows, self_index[start:start + chunk]] = 0.0
-        v, i = torch.topk(s, k, dim=1)
-        sims.append(v)
-        index.append(i)
-    return torch.cat(sims), torch.cat(index)
-
-
-SCORE_BLOCK = 1 << 24  # similarity entries (64 MB of float32) per matrix product of knn_ivf
-EXACT_SCORES = 1 << 28  # knn_exact: query rows per chunk shrink so a chunk's scores stay within 1 GB
 
 
 def assign_lists(rows: torch.Tensor, centroids: torch.Tensor, top: int = 1, chunk: int = 16384) -> torch.Tensor:
@@ -118,9 +104,9 @@ def probe_lists(query_top: torch.Tensor, centroids: torch.Tensor, nprobe: int) -
 
     A list's queries vote with their ``top`` nearest lists (query_top: (m, top), first = their own);
     the lists with the most votes are scanned, equal votes broken by centroid similarity. Voting
-    follows where the queries of a list actually lie; on a trained-like bank it finds 0.5 to 1
-    point more of the neighbours than the lists nearest to the centroid alone, with no more rows
-    scanned (docs/benchmarks.md)."""
+    follows where the queries of a list actually lie: on a trained-like bank it finds more of the
+    neighbours than the lists nearest to the centroid alone, with no more rows scanned
+    (docs/benchmarks.md, "The refresh at a million rows")."""
     nlist = centroids.shape[0]
     votes = torch.zeros(nlist, nlist, device=centroids.device)
     own = query_top[:, :1].expand_as(query_top)
@@ -130,9 +116,6 @@ def probe_lists(query_top: torch.Tensor, centroids: torch.Tensor, nprobe: int) -
     score = votes + (centroids @ centroids.T + 1) / 4.0001
     score.fill_diagonal_(float("inf"))
     return torch.topk(score, min(nprobe, nlist), dim=1).indices
-
-
-VOTES = 4  # nearest lists each query votes for in probe_lists
 
 
 def kmeans_ip(rows: torch.Tensor, nlist: int, *, iters: int = 10, seed: int = 0) -> torch.Tensor:
@@ -153,33 +136,48 @@ def kmeans_ip(rows: torch.Tensor, nlist: int, *, iters: int = 10, seed: int = 0)
     return centroids
 
 
-def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.Tensor | None = None,
-            params: SearchParams = SearchParams()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate ``k`` largest inner products by an inverted file searched in blocks (``torch-ivf``).
+def training_sample(n: int, nlist: int, train_rows: int, seed: int) -> np.ndarray:
+    """The sorted rows (of n) an IVF's ``nlist`` lists are trained on: ``train_rows`` of them, at
+    least 39 a list (FAISS's minimum), drawn with ``seed`` so every rank trains the same lists."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, max(train_rows, 39 * nlist)), replace=False))
+
+
+def _grouped(lists: torch.Tensor, nlist: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions sorted by list, and (nlist + 1,) offsets: list j holds order[starts[j]:starts[j + 1]]."""
+    order = torch.argsort(lists, stable=True)
+    starts = torch.zeros(nlist + 1, dtype=torch.long)
+    starts[1:] = torch.cumsum(torch.bincount(lists, minlength=nlist).cpu(), 0)
+    return order, starts
+
+
+def torch_ivf(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+              query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch-ivf``: an inverted file searched in blocks.
 
     The bank's rows are split into ``nlist`` k-means lists (trained on a seeded sample of
     ``train_rows`` rows). The queries of one list are searched together, by one matrix product,
-    against the rows of ``nprobe`` lists: itself and those its queries lie nearest to (probe_lists). On a
-    CPU this turns FAISS's per-query list scans into BLAS matrix products, 3-5x more candidate
-    pairs per second, at a coarser probing (docs/benchmarks.md); on a GPU it is IVF without FAISS. ``base`` may be
-    float16: blocks are cast to float32 one at a time, so the bank is never held in float32.
-
-    Args and returns as knn_exact. Queries whose probed lists hold fewer than k + 1 rows are
-    searched exactly.
+    against the rows of ``nprobe`` lists: itself and those its queries lie nearest to (probe_lists).
+    On a CPU this turns FAISS's per-query list scans into BLAS matrix products, more candidate
+    pairs per second at a coarser probing (docs/benchmarks.md, "The refresh at a million rows");
+    on a GPU it is IVF without FAISS. ``base`` may be float16: blocks are cast to float32 one at a
+    time, so the bank is never held in float32. Queries whose probed lists hold fewer than
+    ``width`` rows are searched exactly.
     """
     n = base.shape[0]
-    nlist = min(params.nlist or auto_nlist(n, per_sqrt=1.0), n)
-    sample = torch.from_numpy(training_sample(n, nlist, params))
-    centroids = kmeans_ip(base[sample.to(base.device)], nlist, seed=params.seed)
+    nlist = min(settings.nlist or auto_nlist(n, per_sqrt=1.0), n)
+    sample = torch.from_numpy(training_sample(n, nlist, settings.train_rows, seed))
+    centroids = kmeans_ip(base[sample.to(base.device)], nlist, seed=seed)
     votes = min(VOTES, nlist)
     base_top = assign_lists(base, centroids, top=votes).view(n, votes)
-    query_top = base_top[self_index] if self_index is not None else assign_lists(queries, centroids, top=votes).view(-1, votes)
+    if query_rows is not None:  # the queries are bank rows: their lists are known already
+        query_top = base_top[query_rows]
+    else:
+        query_top = assign_lists(queries, centroids, top=votes).view(-1, votes)
     members, starts = _grouped(base_top[:, 0], nlist)
     askers, q_starts = _grouped(query_top[:, 0], nlist)
-    probe = probe_lists(query_top, centroids, params.nprobe).cpu()
-    kk = min(k + 1, n) if self_index is not None else k
-    sims = torch.full((queries.shape[0], kk), -float("inf"), device=queries.device)
-    index = torch.full((queries.shape[0], kk), -1, dtype=torch.long, device=queries.device)
+    probe = probe_lists(query_top, centroids, settings.nprobe).cpu()
+    sims = torch.full((queries.shape[0], width), -float("inf"), device=queries.device)
+    index = torch.full((queries.shape[0], width), -1, dtype=torch.long, device=queries.device)
     sizes = starts[1:] - starts[:-1]
     # buffers reused by every block: fresh multi-megabyte tensors per list cost more in page faults
     # than the matrix products themselves on a 2-core CPU
@@ -192,7 +190,7 @@ def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: to
         if q_starts[g] == q_starts[g + 1]:
             continue
         cand = torch.cat([members[starts[j]:starts[j + 1]] for j in probe[g].tolist()])
-        if cand.numel() < kk:
+        if cand.numel() < width:
             continue  # left at -1: searched exactly below
         c = cand.numel()
         torch.index_select(base, 0, cand, out=gathered[:c])
@@ -200,34 +198,15 @@ def knn_ivf(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: to
             rows[:c].copy_(gathered[:c])
         for a in range(q_starts[g], q_starts[g + 1], block):
             q = askers[a:min(a + block, q_starts[g + 1])]
-            v, i = torch.topk(queries[q].float() @ rows[:c].T, kk, dim=1)
+            v, i = torch.topk(queries[q].float() @ rows[:c].T, width, dim=1)
             sims[q], index[q] = v, cand[i]
     short = (index < 0).any(1)
     if short.any():
-        sims[short], index[short] = knn_exact(queries[short], base, kk)
-    if self_index is None:
-        return sims, index
-    return put_self_back(sims, index, self_index.to(index.device), k)
+        sims[short], index[short] = exact_topk(queries[short], base, width)
+    return sims, index
 
 
-def training_sample(n: int, nlist: int, params: SearchParams) -> np.ndarray:
-    """The sorted rows (of n) an IVF's ``nlist`` lists are trained on: ``train_rows`` of them, at
-    least 39 a list (FAISS's minimum), drawn with ``seed`` so every rank trains the same lists."""
-    return np.sort(np.random.default_rng(params.seed).choice(n, min(n, max(params.train_rows, 39 * nlist)), replace=False))
-
-
-def _grouped(lists: torch.Tensor, nlist: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions sorted by list, and (nlist + 1,) offsets: list j holds order[starts[j]:starts[j + 1]]."""
-    order = torch.argsort(lists, stable=True)
-    starts = torch.zeros(nlist + 1, dtype=torch.long)
-    starts[1:] = torch.cumsum(torch.bincount(lists, minlength=nlist).cpu(), 0)
-    return order, starts
-
-
-def _faiss():
-    import faiss
-
-    return faiss
+# ------------------------------------------------------------------------------------------ FAISS
 
 
 def faiss_available(gpu: bool = False) -> bool:
@@ -241,22 +220,163 @@ def faiss_available(gpu: bool = False) -> bool:
         return False
 
 
-def resolve_backend(name: str, device: torch.device, rows: int = 0, params: SearchParams = SearchParams()) -> str:
-    """The backend ``name`` means for a bank of ``rows`` rows on ``device``."""
-    if name not in BACKENDS:
-        raise ValueError(f"bank.knn must be one of {BACKENDS}, got {name!r}")
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+_GPU_RESOURCES: dict = {}
+
+
+def _gpu_resources(device: torch.device):
+    """One StandardGpuResources per device and process (FAISS resources are not shareable)."""
+    key = device.index or 0
+    if key not in _GPU_RESOURCES:
+        _GPU_RESOURCES[key] = _faiss().StandardGpuResources()
+    return _GPU_RESOURCES[key]
+
+
+def float32_chunks(rows: torch.Tensor, chunk: int | None = None):
+    """Contiguous float32 numpy copies of ``rows`` (n, d), ``chunk`` (default CHUNK_ROWS) rows at a
+    time (FAISS takes float32 only; a float16 bank is converted piece by piece, never whole)."""
+    chunk = chunk or exact.CHUNK_ROWS
+    for start in range(0, rows.shape[0], chunk):
+        yield np.ascontiguousarray(rows[start:start + chunk].detach().cpu().float().numpy())
+
+
+def faiss_search(index, queries: torch.Tensor, base: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``width`` of the queries in a filled FAISS CPU or GPU ``index`` of ``base``, as the
+    Backend signature returns it. Queries whose scanned lists held fewer than ``width`` rows are
+    searched exactly. The results are written in place: at a million rows each is hundreds of MB
+    at the refresh's peak; the caller lets the index go before the self entry is put back."""
+    s = np.empty((queries.shape[0], width), np.float32)
+    i = np.empty((queries.shape[0], width), np.int64)
+    for start, q in zip(range(0, queries.shape[0], exact.CHUNK_ROWS), float32_chunks(queries, exact.CHUNK_ROWS)):
+        s[start:start + q.shape[0]], i[start:start + q.shape[0]] = index.search(q, width)
+    short = (i < 0).any(1)
+    if short.any():
+        rows = queries[torch.from_numpy(short).to(queries.device)].cpu()
+        s[short], i[short] = (t.numpy() for t in exact_topk(rows, base.cpu(), width))
+    return torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(queries.device)
+
+
+def faiss_flat(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+               query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``faiss-cpu``: an exact ``IndexFlatIP`` (it holds a float32 copy of a float16 bank)."""
+    index = _faiss().IndexFlatIP(base.shape[1])
+    for rows in float32_chunks(base):
+        index.add(rows)
+    return faiss_search(index, queries, base, width)
+
+
+def faiss_gpu(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+              query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``faiss-gpu``: brute force on the queries' GPU (``faiss.knn_gpu``), float16 read natively."""
+    faiss = _faiss()
+    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
+
+    res = _gpu_resources(queries.device)
+    dtype = torch.float16 if base.dtype == torch.float16 else torch.float32
+    sims, index = faiss.knn_gpu(res, queries.to(dtype).contiguous(), base.to(dtype).contiguous(), width,
+                                metric=faiss.METRIC_INNER_PRODUCT, device=queries.device.index or 0)
+    return sims.float(), index.long()
+
+
+def ivf_index(base: torch.Tensor, settings: KnnSettings, seed: int, *, pq: bool):
+    """A FAISS inverted file over ``base`` (N, d), trained on a seeded sample and filled: rows kept
+    whole (float16 rows as float16, FAISS's fp16 scalar quantiser, exact for them) or product
+    quantised (``pq``). The whole-row one moves to the bank's GPU when FAISS-GPU is installed."""
+    faiss = _faiss()
+    n, d = base.shape
+    nlist = settings.nlist or auto_nlist(n)
+    quantizer = faiss.IndexFlatIP(d)
+    if pq:
+        if d % 4:
+            raise ValueError(f"bank.knn=faiss-ivfpq needs a row width divisible by 4, got {d}")
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
+    elif base.dtype in HALF:
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT, False)  # rows, not residuals: exact
+    else:
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    if not pq and base.device.type == "cuda" and faiss_available(gpu=True):
+        index = faiss.index_cpu_to_gpu(_gpu_resources(base.device), base.device.index or 0, index)
+    sample = torch.from_numpy(training_sample(n, nlist, settings.train_rows, seed))
+    index.train(next(float32_chunks(base[sample.to(base.device)], n)))
+    index.nprobe = min(settings.nprobe, nlist)
+    for rows in float32_chunks(base):
+        index.add(rows)
+    return index
+
+
+def faiss_ivf(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+              query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``faiss-ivf``: each query scans its own ``nprobe`` nearest lists."""
+    return faiss_search(ivf_index(base, settings, seed, pq=False), queries, base, width)
+
+
+def faiss_ivfpq(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+                query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``faiss-ivfpq``: faiss-ivf's lists holding product-quantised rows."""
+    return faiss_search(ivf_index(base, settings, seed, pq=True), queries, base, width)
+
+
+def faiss_hnsw(queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings, seed: int,
+               query_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``faiss-hnsw``: a graph of HNSW_M links per node, searched with ``ef_search`` candidates (at
+    least ``width``); float16 rows stored as float16."""
+    faiss = _faiss()
+    d = base.shape[1]
+    index = (faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+             if base.dtype in HALF else faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT))
+    for rows in float32_chunks(base):
+        index.add(rows)
+    index.hnsw.efSearch = max(settings.ef_search, width)
+    return faiss_search(index, queries, base, width)
+
+
+# ------------------------------------------------------------------------------ registry and entry
+
+REGISTRY: dict[str, Backend] = {
+    "torch": torch_exact,
+    "faiss-cpu": faiss_flat,
+    "faiss-gpu": faiss_gpu,
+    "torch-ivf": torch_ivf,
+    "faiss-ivf": faiss_ivf,
+    "faiss-ivfpq": faiss_ivfpq,
+    "faiss-hnsw": faiss_hnsw,
+}
+BACKENDS = ("auto", *REGISTRY)  # the values bank.knn accepts (config validation)
+
+
+def resolve_backend(settings: KnnSettings, device: torch.device, rows: int) -> str:
+    """The registered backend ``settings.knn`` means for a bank of ``rows`` rows on ``device``.
+    Raises where FAISS is asked for and missing, so that every rank of a sharded search fails
+    alike, before the ring starts."""
+    name = settings.knn
     if name == "auto":
-        if rows >= params.exact_below:  # FAISS's per-query probing finds more at equal time (docs/benchmarks.md)
-            if device.type == "cuda":
-                return "faiss-ivf" if faiss_available(gpu=True) else "torch-ivf"
-            return "faiss-ivf" if faiss_available() else "torch-ivf"
-        if device.type == "cuda":
-            return "faiss-gpu" if faiss_available(gpu=True) else "torch"
-        return "faiss-cpu" if faiss_available() else "torch"
+        gpu = device.type == "cuda"
+        faiss = faiss_available(gpu=gpu)
+        if rows >= settings.exact_below:  # FAISS's per-query probing finds more at equal time (docs/benchmarks.md)
+            return "faiss-ivf" if faiss else "torch-ivf"
+        if gpu:
+            return "faiss-gpu" if faiss else "torch"
+        return "faiss-cpu" if faiss else "torch"
+    if name not in REGISTRY:
+        raise ValueError(f"bank.knn must be one of {('auto', *REGISTRY)}, got {name!r}")
     if name.startswith("faiss") and not faiss_available(gpu=name == "faiss-gpu"):
         raise RuntimeError(f"bank.knn={name} but {'FAISS-GPU with CUDA' if name == 'faiss-gpu' else 'faiss'} "
                            f"is not available; install the 'faiss' or 'gpu' extra or use bank.knn=torch")
     return name
+
+
+def search(backend: str, queries: torch.Tensor, base: torch.Tensor, width: int, *, settings: KnnSettings,
+           seed: int = 0, query_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain top-``width`` of the registered ``backend`` (a name resolve_backend returned), no
+    self rule: see Backend. The step of the sharded search at each shard."""
+    return REGISTRY[backend](queries, base, width, settings=settings, seed=seed, query_rows=query_rows)
 
 
 def put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Tensor,
@@ -269,9 +389,10 @@ def put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Ten
     the true top k lies among the returned rows plus the self entry. Done CHUNK_ROWS queries at a
     time: its temporaries are a few times the result's size, which at a million rows is
     hundreds of MB."""
-    if sims.shape[0] > CHUNK_ROWS:
-        parts = [put_self_back(sims[a:a + CHUNK_ROWS], index[a:a + CHUNK_ROWS], self_index[a:a + CHUNK_ROWS], k)
-                 for a in range(0, sims.shape[0], CHUNK_ROWS)]
+    chunk = exact.CHUNK_ROWS
+    if sims.shape[0] > chunk:
+        parts = [put_self_back(sims[a:a + chunk], index[a:a + chunk], self_index[a:a + chunk], k)
+                 for a in range(0, sims.shape[0], chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     is_self = index == self_index[:, None]
     sims = torch.where(is_self, torch.zeros_like(sims), sims)
@@ -284,104 +405,29 @@ def put_self_back(sims: torch.Tensor, index: torch.Tensor, self_index: torch.Ten
     return top[:, :k], torch.gather(index, 1, pos[:, :k])
 
 
-def float32_chunks(rows: torch.Tensor, chunk: int | None = None):
-    """Contiguous float32 numpy copies of ``rows`` (n, d), ``chunk`` (default CHUNK_ROWS) rows at a
-    time (FAISS takes float32 only; a float16 bank is converted piece by piece, never whole)."""
-    chunk = chunk or CHUNK_ROWS
-    for start in range(0, rows.shape[0], chunk):
-        yield np.ascontiguousarray(rows[start:start + chunk].detach().cpu().float().numpy())
+def neighbours(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.Tensor | None = None,
+               settings: KnnSettings | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``base`` by inner product, for each query, with the backend
+    ``settings.knn`` (default: KnnSettings(), ``auto``).
 
-
-def approximate_index(backend: str, base: torch.Tensor, params: SearchParams):
-    """A FAISS index of ``backend`` over ``base`` (N, d), trained and filled. A float16 bank is
-    stored as float16 in the index (scalar quantiser fp16: exact for float16 rows), so the index
-    takes half the memory of a float32 one. faiss-ivf moves to the bank's GPU when FAISS-GPU is
-    installed."""
-    faiss = _faiss()
-    n, d = base.shape
-    half = base.dtype in HALF
-    if backend == "faiss-hnsw":
-        index = (faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-                 if half else faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT))
-    else:
-        nlist = params.nlist or auto_nlist(n)
-        quantizer = faiss.IndexFlatIP(d)
-        if backend == "faiss-ivfpq":
-            if d % 4:
-                raise ValueError(f"bank.knn=faiss-ivfpq needs a row width divisible by 4, got {d}")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
-        elif half:
-            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                                  faiss.METRIC_INNER_PRODUCT, False)  # rows, not residuals: exact
-        else:
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = params.seed
-        if backend == "faiss-ivf" and base.device.type == "cuda" and faiss_available(gpu=True):
-            index = faiss.index_cpu_to_gpu(_gpu_resources(base.device), base.device.index or 0, index)
-        sample = torch.from_numpy(training_sample(n, nlist, params))
-        index.train(next(float32_chunks(base[sample.to(base.device)], n)))
-        index.nprobe = min(params.nprobe, nlist)
-    for rows in float32_chunks(base):
-        index.add(rows)
-    return index
-
-
-def knn(queries: torch.Tensor, base: torch.Tensor, k: int, *, self_index: torch.Tensor | None = None,
-        backend: str = "auto", params: SearchParams = SearchParams()) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` nearest rows of ``base`` by inner product, for each query; see knn_exact.
-    Approximate backends may miss true neighbours (recall below 1), never the self rule.
-
-    ``queries`` and ``base`` may be float16 (a compressed bank, docs/distributed.md): torch-ivf,
-    faiss-ivf, faiss-hnsw and faiss-gpu keep it so; the other exact backends compute in float32
-    pieces (torch) or hold a float32 copy inside the index (faiss-cpu). Similarities come back
-    as float32."""
-    backend = resolve_backend(backend, queries.device, base.shape[0], params)
-    if backend == "torch":
-        return knn_exact(queries, base, k, self_index=self_index)
-    if backend == "torch-ivf":
-        return knn_ivf(queries, base, k, self_index=self_index, params=params)
-    faiss = _faiss()
-    kk = min(k + 1, base.shape[0]) if self_index is not None else k
-    if backend == "faiss-gpu":
-        import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
-
-        res = _gpu_resources(queries.device)
-        dtype = torch.float16 if base.dtype == torch.float16 else torch.float32  # knn_gpu reads float16 natively
-        sims, index = faiss.knn_gpu(res, queries.to(dtype).contiguous(), base.to(dtype).contiguous(), kk,
-                                    metric=faiss.METRIC_INNER_PRODUCT, device=queries.device.index or 0)
-        sims, index = sims.float(), index.long()
-    else:
-        if backend in FAISS_APPROXIMATE:
-            index_ = approximate_index(backend, base, params)
-            if backend == "faiss-hnsw":
-                index_.hnsw.efSearch = max(params.ef_search, kk)
-        else:
-            index_ = faiss.IndexFlatIP(base.shape[1])
-            for rows in float32_chunks(base):
-                index_.add(rows)
-        # results written in place, and the index let go before the self entry is put back: at a
-        # million rows each of these is hundreds of MB at the refresh's peak
-        s = np.empty((queries.shape[0], kk), np.float32)
-        i = np.empty((queries.shape[0], kk), np.int64)
-        for start, q in zip(range(0, queries.shape[0], CHUNK_ROWS), float32_chunks(queries, CHUNK_ROWS)):
-            s[start:start + q.shape[0]], i[start:start + q.shape[0]] = index_.search(q, kk)
-        del index_
-        short = (i < 0).any(1)  # fewer than kk rows in the scanned lists: those queries searched exactly
-        if short.any():
-            s[short], i[short] = (t.numpy() for t in knn_exact(queries[torch.from_numpy(short).to(queries.device)].cpu(),
-                                                               base.cpu(), kk))
-        sims, index = torch.from_numpy(s).to(queries.device), torch.from_numpy(i).to(queries.device)
+    Args:
+        queries: (m, d); base: (N, d), same device; either may be float16 (a compressed bank,
+            docs/distributed.md: torch-ivf, faiss-ivf, faiss-hnsw and faiss-gpu keep it so, the
+            others compute in float32 pieces or hold a float32 copy inside their index).
+        self_index: (m,) optional row of ``base`` that is each query itself: that entry counts as
+            similarity 0, not removed (the SCBCH definition, as exact_topk computes it).
+        seed: of the IVF lists' training sample (the engine passes train.seed).
+    Returns:
+        (sims, index), each (m, k): float32 similarities descending, int64 rows of ``base``.
+        Approximate backends may miss true neighbours (recall below 1), never the self rule.
+    """
+    settings = settings if settings is not None else KnnSettings()
+    n = base.shape[0]
+    if k > n:
+        raise ValueError(f"k={k} neighbours requested from a bank of {n} rows")
+    backend = resolve_backend(settings, queries.device, n)
     if self_index is None:
-        return sims, index
+        return search(backend, queries, base, k, settings=settings, seed=seed)
+    # the self entry needs one row more; the index (if any) is let go before the self entry is put back
+    sims, index = search(backend, queries, base, min(k + 1, n), settings=settings, seed=seed, query_rows=self_index)
     return put_self_back(sims, index, self_index.to(index.device), k)
-
-
-_GPU_RESOURCES: dict = {}
-
-
-def _gpu_resources(device: torch.device):
-    """One StandardGpuResources per device and process (FAISS resources are not shareable)."""
-    key = device.index or 0
-    if key not in _GPU_RESOURCES:
-        _GPU_RESOURCES[key] = _faiss().StandardGpuResources()
-    return _GPU_RESOURCES[key]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scbch_dist.losses.scbch import Columns, cscc_bank_rows, jaccard_similarity, wide
+from scbch_dist.losses.scbch import Columns, cscc_bank_rows, jaccard_similarity, self_neighbours, wide
 
 
 def confidence_bce(p_img: torch.Tensor, p_txt: torch.Tensor, confidence: torch.Tensor, *,
@@ -110,16 +110,14 @@ def confidence_from_neighbors(neighbor_sims: torch.Tensor, neighbor_index: torch
 
 def reconstruct_confidence(h_img: torch.Tensor, h_txt: torch.Tensor, confidence: torch.Tensor, labels: torch.Tensor,
                            *, k: int = 20, mix: float = 0.2) -> torch.Tensor:
-    """The after-epoch reconstruction over a whole training set in one process (the reference the
-    distributed refresh equals): sim = (u u^T + v v^T) / 2 with its diagonal 0 (SCBCH's bank), the
-    k largest entries of each row, then confidence_from_neighbors. Returns (N, C)."""
-    z = cscc_bank_rows(h_img, h_txt)
-    n = z.shape[0]
-    if k > n:
-        raise ValueError(f"k={k} neighbours requested from {n} samples")
-    sims = z @ z.T / 2
-    sims.fill_diagonal_(0.0)
-    top, index = torch.topk(sims, k, dim=1)
+    """The after-epoch reconstruction over a whole training set in one process: sim = (u u^T +
+    v v^T) / 2 with its diagonal 0 (SCBCH's bank), the k largest entries of each row, then
+    confidence_from_neighbors. Returns (N, C).
+
+    Reference only: the engine computes this in NACD's refresh (methods.nacd, epoch_end:
+    knn.neighbours on the bank, then confidence_from_neighbors, each rank for its own ids); tests
+    check the engine against it."""
+    top, index = self_neighbours(cscc_bank_rows(h_img, h_txt), k)
     return confidence_from_neighbors(top, index, confidence, labels, mix=mix)
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from scbch_dist.knn.exact import exact_topk
+
 
 def wide(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 unless it is float32 or float64 already (the dtype every loss computes in)."""
@@ -151,6 +153,10 @@ def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor,
                  gamma: float = 0.5) -> torch.Tensor:
     """CSCC sample weights of the whole training set, (N,); in [gamma, 1] when neighbour sims are >= 0.
 
+    Reference only: the engine computes these weights in SCBCH's refresh (methods.scbch,
+    epoch_start: knn.neighbours on the bank, then weights_from_neighbors, each rank for its own
+    ids); tests check the engine against this one-process version.
+
     Args:
         h_img, h_txt: (N, L) codes of every training sample (model in eval mode).
         labels: (N, C) training labels (the possibly noisy ones).
@@ -159,19 +165,19 @@ def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor,
     soft label s_i = sum_k a_ik y_k; w_i = gamma + (1 - gamma) cos(y_i, s_i) with cos as
     torch.cosine_similarity (each norm clamped at 1e-8, so an all-zero label row gets gamma).
     """
-    z = cscc_bank_rows(h_img, h_txt)
+    sims, index = self_neighbours(cscc_bank_rows(h_img, h_txt), k)
+    return weights_from_neighbors(sims, index, labels, gamma=gamma)
+
+
+def self_neighbours(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's k nearest rows of the bank z (N, 2L) by sim = z z^T / 2 = (u u^T + v v^T) / 2,
+    its own similarity counted as 0 (not removed), exactly: (sims, index), each (N, k), descending.
+    The one-process reference of the refresh's search (cscc_weights, reconstruct_confidence)."""
     n = z.shape[0]
     if k > n:
         raise ValueError(f"k={k} neighbours requested from {n} samples")
-    sims, index = [], []
-    for start in range(0, n, 4096):  # 4096 x N similarities at a time
-        s = z[start:start + 4096] @ z.T
-        rows = torch.arange(s.shape[0], device=s.device)
-        s[rows, start + rows] = 0.0  # the self similarity counts as 0, it is not removed
-        v, i = torch.topk(s, k, dim=1)
-        sims.append(v)
-        index.append(i)
-    return weights_from_neighbors(torch.cat(sims) / 2, torch.cat(index), labels, gamma=gamma)
+    sims, index = exact_topk(z, z, k, self_index=torch.arange(n, device=z.device))
+    return sims / 2, index  # halving is exact: the same order and bits as topk of z z^T / 2
 
 
 def scbch_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, weights: torch.Tensor | None, *, margin: float,

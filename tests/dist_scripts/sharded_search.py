@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from scbch_dist import dist as sdist
-from scbch_dist.knn import faiss_available
+from scbch_dist.knn import KnnSettings, faiss_available
 from scbch_dist.knn.sharded import knn_sharded
 
 BACKENDS = ["torch"] + (["faiss-cpu"] if faiss_available() else [])
@@ -56,15 +56,16 @@ if __name__ == "__main__":
         ids = case["ids"][rank]
         z = bank(sum(len(i) for i in case["ids"]))
         for backend in BACKENDS:
+            settings = KnnSettings(knn=backend)
             if "queries" in case:
-                out[name, backend] = knn_sharded(case["queries"][rank], z[ids], ids, case["k"], backend=backend)
+                out[name, backend] = knn_sharded(case["queries"][rank], z[ids], ids, case["k"], settings=settings)
             else:
-                out[name, backend] = knn_sharded(z[ids], z[ids], ids, case["k"], self_index=ids, backend=backend)
+                out[name, backend] = knn_sharded(z[ids], z[ids], ids, case["k"], self_index=ids, settings=settings)
     # a float16 bank (bank.float16_above): rows travel and are searched as float16 (dyadic rows are
     # exact in float16), and the gathered bank is exchanged in float16
     ids = cases()["uneven"]["ids"][rank]
     z16 = bank(157).half()
-    out["float16"] = knn_sharded(z16[ids], z16[ids], ids, 10, self_index=ids, backend="torch")
+    out["float16"] = knn_sharded(z16[ids], z16[ids], ids, 10, self_index=ids, settings=KnnSettings(knn="torch"))
     out["gather_float16"] = sdist.gather_by_id({"id": ids, "z": z16[ids]}, 157)["z"]
     # blocks of 3 and 0 rows from rank 0, of 1 and 2 rows from rank 1
     blocks = [torch.arange(6.0).reshape(3, 2) + 10 * rank, torch.arange(2 * rank, dtype=torch.int64)]
