@@ -9,8 +9,8 @@ Four forms, one per kind of file:
 
 Reading checks the digest; a mismatch is an ``IntegrityError`` naming the file, never a silently
 different result. Files written before digests existed carry none and are read as they are.
-sha256 runs at about 1.1 GB/s on one core of the 2-core CI machine (1.2 s for a paper-width
-checkpoint of 1.36 GB).
+Checking a checkpoint on every read costs about a second at paper width (docs/benchmarks.md,
+"Figures quoted in the code").
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import pytest
 
 from conftest import MIRFLICKR, needs_mirflickr, random_dataset
 from scbch_dist.data.format import read_meta, write_dataset
-from scbch_dist.data.noise import (NoiseError, mixed_noise, noise_statistics, parse_noise, redundant_noise,
-                                   replacement_noise, training_labels)
+from scbch_dist.data.labels import NoiseError
+from scbch_dist.data.noise import (mixed_noise, noise_statistics, parse_noise, redundant_noise, replacement_noise,
+                                   training_labels)
 from scbch_dist.data.noise import main as noise_main
 
 

@@ -16,8 +16,8 @@ Logical sample (one per id; ids are dense per split, 0..count-1):
 Physical layout. ``layout: "block"`` (what the writer produces) stores up to ``block_size``
 consecutive samples per tar member group, keyed by the first id (zero padded): members
 ``<key>.id.npy`` (n,) int64, ``<key>.img.npy`` (n, D_img), ``<key>.txt.npy`` (n, D_txt),
-``<key>.lab.npy`` (n, C) uint8. Tiny feature vectors read ~100x faster this way than one tar
-member per field per sample. ``layout: "sample"`` (one sample per key, key = zero-padded id,
+``<key>.lab.npy`` (n, C) uint8. Tiny feature vectors read much faster this way than one tar
+member per field per sample (docs/benchmarks.md, "Figures quoted in the code"). ``layout: "sample"`` (one sample per key, key = zero-padded id,
 vectors of shape (D,)) is read too, so shards written by other WebDataset tools work.
 Raw datasets always use the sample layout: ``<key>.<jpg|png|webp>``, ``<key>.txt``, ``<key>.lab.npy``,
 plus ``vocab.json`` beside meta.json (the words of the training texts with their counts, the one

@@ -19,15 +19,8 @@ import numpy as np
 
 from scbch_dist import cli
 from scbch_dist.data.format import DatasetMeta
-from scbch_dist.errors import ScbchError
+from scbch_dist.data.labels import NoiseError, check_label_values, clean_training_labels
 from scbch_dist.atomic import atomic_save_npy
-
-# Label tables are checked by scbch_dist.data.verify (check_label_table, ...), which imports this
-# module: the functions below import it when called, not at the top.
-
-
-class NoiseError(ScbchError, ValueError):
-    """A bad noise setting, noise file or label table; the message names the file or setting."""
 
 
 def mixed_noise(labels: np.ndarray, rate: float, *, seed: int) -> np.ndarray:
@@ -180,8 +173,6 @@ def load_noise_file(path: str | Path, clean: np.ndarray) -> np.ndarray:
             true = np.asarray(f["True"][()])
     except OSError as e:
         raise NoiseError(f"{path}: not a readable HDF5 file ({e})") from None
-    from scbch_dist.data.verify import check_label_values
-
     if noisy.shape != clean.shape or true.shape != clean.shape:
         raise NoiseError(f"{path}: 'result' {noisy.shape} / 'True' {true.shape} do not match the "
                          f"dataset's training labels {clean.shape}")
@@ -229,19 +220,6 @@ def parse_noise(spec: str) -> NoiseSpec:
     raise NoiseError(f"data.noise={spec!r}: expected none, mixed:RATE, redundant:R, replace:R or file:PATH")
 
 
-def clean_training_labels(root: str | Path, meta: DatasetMeta) -> np.ndarray:
-    """labels/clean.npy, memory-mapped: (N_train, C) 0/1. A missing, unreadable or truncated file,
-    a wrong shape or dtype, or a value other than 0/1 is a NoiseError naming the file."""
-    from scbch_dist.data.verify import check_label_table, load_label_file
-
-    path = Path(root) / "labels" / "clean.npy"
-    if not path.is_file():
-        raise NoiseError(f"{path}: missing (every dataset folder carries its clean training labels)")
-    clean = load_label_file(path)
-    check_label_table(path, clean, meta)
-    return clean
-
-
 def _holds(path: Path, table: np.ndarray) -> bool:
     """Whether ``path`` is a readable .npy file holding exactly ``table``."""
     try:
@@ -254,9 +232,10 @@ def training_labels(root: str | Path, meta: DatasetMeta, spec: str, *, seed: int
     """The (N_train, C) uint8 label table training reads, for ``data.noise`` = ``spec``.
 
     A generated table is built anew for every run (a function of the clean labels, the model, the
-    rate and the seed; 0.7-2.4 s for 1M rows), so no file can change what a run trains on. It is
-    also written to ``labels/<name>-seed<seed>.npy`` beside the shards, for inspection and other
-    code bases, when that file is missing or holds something else.
+    rate and the seed; cheap even at 1M rows: docs/benchmarks.md, "Figures quoted in the code"), so
+    no file can change what a run trains on. It is also written to ``labels/<name>-seed<seed>.npy``
+    beside the shards, for inspection and other code bases, when that file is missing or holds
+    something else.
     """
     noise = parse_noise(spec)
     clean = clean_training_labels(root, meta)

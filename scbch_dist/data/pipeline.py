@@ -159,8 +159,9 @@ def _keep_numpy(block: Block) -> Block:
 def _loader(dataset: IterableDataset, workers: int, *, persistent: bool = False) -> DataLoader:
     """A DataLoader of ``dataset``'s blocks in ``workers`` processes (0: in this process);
     ``persistent``: the workers outlive each iteration and serve the next one (``_close``)."""
-    # Blocks travel from workers as pickled numpy arrays: for a few large arrays per message
-    # that is several times faster than torch's per-tensor shared-memory handles.
+    # Blocks travel from workers as pickled numpy arrays: for a few large arrays per message that
+    # is faster than torch's per-tensor shared-memory handles (docs/benchmarks.md, "Figures quoted
+    # in the code").
     # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG at
     # every iterator otherwise, which would move the training RNG (dropout) by one draw per epoch
     # and pass, and a run resumed inside an epoch could not continue it exactly.
@@ -317,7 +318,10 @@ def pass_batches(root: str | Path, meta: DatasetMeta, split: str, *, batch_size:
 
 
 def load_split(root: str | Path, meta: DatasetMeta, split: str, *, workers: int = 0) -> Block:
-    """A whole split in memory, rows ordered by id (tests, tools and small datasets)."""
+    """A whole split in memory, rows ordered by id: {"id": (count,), "img", "txt", "lab": (count, ...)}.
+
+    Reference only: the engine reads splits as streams (TrainStream for training, pass_batches for
+    refreshes and evaluation), never through this; tests and benchmarks compare shards with it."""
     count = meta.splits[split].count
     out = {"id": np.arange(count, dtype=np.int64)}
     filled = np.zeros(count, dtype=bool)

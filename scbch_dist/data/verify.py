@@ -16,8 +16,8 @@ shards, a noise table holding something other than 0/1. This module finds them i
 - ``labels/clean.npy`` row for row against the training shards' ``lab.npy``;
 - ``labels/clean.npy`` and every cached noise table: shape (N_train, C), integer dtype, only 0/1.
 
-Every problem is a ShardError or NoiseError whose one-line message names the file, the sample key
-and the field; the CLI prints it and exits with status 2.
+Every problem is a ShardError or NoiseError (label tables: data.labels) whose one-line message
+names the file, the sample key and the field; the CLI prints it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -30,67 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist import cli
-from scbch_dist.data.format import (KEY_DIGITS, SPLITS, DatasetMeta, ShardError, meta_path, read_meta,
-                                    read_vocab, sha256_file)
-from scbch_dist.data.noise import NoiseError, clean_training_labels
+from scbch_dist.data.format import SPLITS, DatasetMeta, ShardError, meta_path, read_meta, read_vocab, sha256_file
+from scbch_dist.data.labels import check_label_table, clean_training_labels, load_label_file, sample_key
 from scbch_dist.data.pipeline import read_blocks
 from scbch_dist.atomic import atomic_write_json
-
-
-def _key(i: int) -> str:
-    return f"{int(i):0{KEY_DIGITS}d}"
 
 
 def _reason(e: BaseException) -> str:
     """An exception's message on one line (numpy's and h5py's may span several)."""
     return " ".join(str(e).split()) or type(e).__name__
-
-
-# ----------------------------------------------------------------------------------------------
-# Label tables (labels/clean.npy, labels/<noise>.npy, imported noise files)
-
-
-def load_label_file(path: str | Path) -> np.ndarray:
-    """A label table from a .npy file, memory-mapped (read-only). A missing, truncated or
-    unreadable file is a NoiseError naming it (np.load raises ValueError, EOFError or OSError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NoiseError(f"{path}: missing")
-    with open(path, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":  # numpy would call any other file "pickled data"
-            raise NoiseError(f"{path}: not a .npy file (no NumPy header)")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise NoiseError(f"{path}: not a readable .npy file ({_reason(e)})") from None
-
-
-def check_label_values(where: str, table: np.ndarray) -> None:
-    """Every entry of the (N, C) ``table`` is 0 or 1 (any numeric dtype: published HDF5 files hold
-    float64). ``where`` starts the message (a file, or a file and its dataset)."""
-    table = np.asarray(table)
-    if table.dtype.kind not in "biuf":
-        raise NoiseError(f"{where}: dtype {table.dtype} is not numeric (labels must be 0/1)")
-    if table.dtype.kind == "b":
-        return
-    bad = (table != 0) & (table != 1)  # NaN is unequal to both: caught too
-    if bad.any():
-        row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)  # the first, in row-major order
-        value = table[row, col]
-        shown = int(value) if table.dtype.kind in "iu" or float(value).is_integer() else float(value)
-        raise NoiseError(f"{where}: row {_key(row)} class {col} has value {shown} (labels must be 0/1)")
-
-
-def check_label_table(path: str | Path, table: np.ndarray, meta: DatasetMeta) -> None:
-    """A label table of the training split: shape (N_train, C) as meta.json says, an integer or
-    bool dtype, values only 0/1. Errors (NoiseError) name ``path``, and for a bad value the row
-    (sample key) and the class column."""
-    want = (meta.splits["train"].count, meta.num_classes)
-    if table.shape != want:
-        raise NoiseError(f"{path}: shape {table.shape}, expected {want} (training samples x classes of meta.json)")
-    if table.dtype.kind not in "biu":
-        raise NoiseError(f"{path}: dtype {table.dtype}, expected an integer or bool table of 0/1 labels")
-    check_label_values(str(path), table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +105,7 @@ def _verify_shard(root: Path, meta: DatasetMeta, split: str, name: str, clean: n
         if clean is not None:
             differ = (np.asarray(clean[ids]) != block["lab"]).any(axis=1)
             if differ.any():
-                key = _key(ids[int(np.argmax(differ))])
+                key = sample_key(ids[int(np.argmax(differ))])
                 raise ShardError(f"{root / 'labels' / 'clean.npy'}: row {key} differs from field 'lab.npy' of "
                                  f"sample {key} in {path}")
 
@@ -172,11 +120,11 @@ def check_id_counts(root: str | Path, meta: DatasetMeta, split: str, id_counts: 
     repeated = np.flatnonzero(id_counts > 1)
     if len(repeated):
         i = int(repeated[0])
-        raise ShardError(f"{root}: split {split!r}: sample {_key(i)} occurs {int(id_counts[i])} times "
+        raise ShardError(f"{root}: split {split!r}: sample {sample_key(i)} occurs {int(id_counts[i])} times "
                          f"(ids must be unique)")
     missing = np.flatnonzero(id_counts == 0)
     if len(missing):
-        raise ShardError(f"{root}: split {split!r}: sample {_key(missing[0])} is missing "
+        raise ShardError(f"{root}: split {split!r}: sample {sample_key(missing[0])} is missing "
                          f"(ids must be dense 0..N-1)")
 
 

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -235,57 +236,80 @@ def fit(run: Run, state: RunState, config: dict, resumed: EpochProgress | None =
     """Train from ``state.epoch`` (and ``resumed``, an epoch begun before a checkpoint) to
     train.epochs; ``config`` (the resolved config) goes into every checkpoint. A stop request
     (run.stop) ends the run with a checkpoint and errors.Preempted."""
-    cfg, method = run.cfg, run.method
+    cfg = run.cfg
     for epoch in range(state.epoch, cfg.train.epochs):
-        progress = resumed if resumed is not None and resumed.epoch == epoch else None
-        if progress is None:
-            # dropout and drop-connect draw from a stream fixed by (seed, epoch, rank), on CPU and CUDA:
-            # ranks draw different masks, and a run resumed at an epoch boundary draws what it would
-            # have (inside an epoch, the checkpoint's RNG state continues it)
-            torch.manual_seed(training_seed(cfg.train.seed, epoch, run.accelerator.process_index))
-            t0 = time.perf_counter()
-            diagnostics = method.epoch_start(epoch_context(run, epoch))
-            state.hook_seconds += time.perf_counter() - t0
-            progress = EpochProgress(epoch, diagnostics, torch.zeros(len(method.terms), dtype=torch.float64,
-                                                                     device=run.accelerator.device))
-        else:
+        if resumed is not None and resumed.epoch == epoch:
+            progress = resumed
             run.log.info(f"continuing epoch {epoch + 1} after step {progress.step} of {run.data.stream.steps_per_epoch}")
-
+        else:
+            progress = start_epoch(run, state, epoch)
         result = train_one_epoch(run, progress)
-        if result is None:
-            state.partial = progress.shared(run.accelerator.num_processes)
-            save(run, state, config, progress.rank_state(run_tables(run)))
-            run.stop.served()
-            raise Preempted(f"stopped by {run.stop.describe()} after step {progress.step} of epoch {epoch + 1}; "
-                            f"checkpoint written; continue with --resume {run.run_dir}")
-        state.partial = None
-        state.samples += result.pop("samples")
-        state.train_seconds += result["train"]["seconds"]
-        record: dict = {"epoch": epoch + 1, **progress.record, **result}
-
-        t0 = time.perf_counter()
-        record.update(method.epoch_end(epoch_context(run, epoch)))
-        state.hook_seconds += time.perf_counter() - t0
-        if any(k not in ("epoch", "loss", "train") for k in record):
-            state.diagnostics.append({k: v for k, v in record.items() if k not in ("loss", "train")})
-
-        if evaluates(cfg, epoch):
-            evaluation = evaluate_epoch(run, state, epoch)
-            if evaluation is not None:
-                record["eval"] = evaluation
-        run.metrics.write(record, step=epoch + 1)
-        run.log.info(epoch_line(record, cfg.train.epochs, method))
-        state.epoch = epoch + 1
-        if cfg.run.checkpoint:
-            save(run, state, config)
-        dist.barrier()
-        if state.epoch < cfg.train.epochs and run.stop.agreed():
-            if not cfg.run.checkpoint:
+        if result is not None:
+            finish_epoch(run, state, progress, result)
+            if cfg.run.checkpoint:
                 save(run, state, config)
-            run.stop.served()
-            raise Preempted(f"stopped by {run.stop.describe()} after epoch {state.epoch}; checkpoint written; "
-                            f"continue with --resume {run.run_dir}")
+            dist.barrier()
+        # a stop request ends the run after a step inside an epoch (train_one_epoch returned None, on
+        # every rank alike) or after any epoch but the last; agreed() is a collective, so every rank
+        # asks it at the same point
+        if result is None or (state.epoch < cfg.train.epochs and run.stop.agreed()):
+            stop_with_checkpoint(run, state, config, progress if result is None else None)
     return state
+
+
+def start_epoch(run: Run, state: RunState, epoch: int) -> EpochProgress:
+    """The method's epoch_start hook, and the progress of the epoch about to start."""
+    # dropout and drop-connect draw from a stream fixed by (seed, epoch, rank), on CPU and CUDA:
+    # ranks draw different masks, and a run resumed at an epoch boundary draws what it would
+    # have (inside an epoch, the checkpoint's RNG state continues it)
+    torch.manual_seed(training_seed(run.cfg.train.seed, epoch, run.accelerator.process_index))
+    t0 = time.perf_counter()
+    diagnostics = run.method.epoch_start(epoch_context(run, epoch))
+    state.hook_seconds += time.perf_counter() - t0
+    return EpochProgress(epoch, diagnostics, torch.zeros(len(run.method.terms), dtype=torch.float64,
+                                                         device=run.accelerator.device))
+
+
+def finish_epoch(run: Run, state: RunState, progress: EpochProgress, result: dict) -> None:
+    """After an epoch's last step: the method's epoch_end hook, the evaluation (when due), the
+    metrics record and the log line; ``state.epoch`` becomes the epochs done."""
+    cfg, method, epoch = run.cfg, run.method, progress.epoch
+    state.partial = None
+    state.samples += result.pop("samples")
+    state.train_seconds += result["train"]["seconds"]
+    record: dict = {"epoch": epoch + 1, **progress.record, **result}
+
+    t0 = time.perf_counter()
+    record.update(method.epoch_end(epoch_context(run, epoch)))
+    state.hook_seconds += time.perf_counter() - t0
+    if any(k not in ("epoch", "loss", "train") for k in record):
+        state.diagnostics.append({k: v for k, v in record.items() if k not in ("loss", "train")})
+
+    if evaluates(cfg, epoch):
+        evaluation = evaluate_epoch(run, state, epoch)
+        if evaluation is not None:
+            record["eval"] = evaluation
+    run.metrics.write(record, step=epoch + 1)
+    run.log.info(epoch_line(record, cfg.train.epochs, method))
+    state.epoch = epoch + 1
+
+
+def stop_with_checkpoint(run: Run, state: RunState, config: dict, unfinished: EpochProgress | None) -> NoReturn:
+    """The run's one exit on a stop request (collective): a checkpoint of where it stands, the STOP
+    file removed, then errors.Preempted. ``unfinished``: the epoch it stopped inside, whose
+    checkpoint carries each rank's part of it; None at an epoch's end, where fit has already
+    written the checkpoint when run.checkpoint is on."""
+    if unfinished is not None:
+        state.partial = unfinished.shared(run.accelerator.num_processes)
+        save(run, state, config, unfinished.rank_state(run_tables(run)))
+        where = f"step {unfinished.step} of epoch {unfinished.epoch + 1}"
+    else:
+        if not run.cfg.run.checkpoint:
+            save(run, state, config)
+        where = f"epoch {state.epoch}"
+    run.stop.served()
+    raise Preempted(f"stopped by {run.stop.describe()} after {where}; checkpoint written; "
+                    f"continue with --resume {run.run_dir}")
 
 
 def save(run: Run, state: RunState, config: dict, rank_state: dict[str, torch.Tensor] | None = None) -> None:

@@ -34,21 +34,24 @@ from scbch_dist.errors import ScbchError
 KINDS = ("flat", "hash", "ivf", "hnsw")
 # Below this many queries a search runs on one OpenMP thread: FAISS splits its work by query, so
 # more threads add only a fork-join per call, and on a busy machine that join waits for a
-# descheduled thread (a 64-bit query against 9,000 codes: 35 ms on 2 threads under load, 0.04 ms on 1).
+# descheduled thread, which costs far more than the search (docs/benchmarks.md, "Figures quoted in
+# the code").
 ONE_THREAD_BELOW = 64
 EXACT_KINDS = ("flat",)
 MAX_BITS = 4096  # FAISS's binary indexes take any whole number of bytes; the trainer makes up to 1024
 
 
-class IndexError_(ScbchError, ValueError):
-    """A setting or input the index cannot take; the message names it."""
+class HammingIndexError(ScbchError, ValueError):
+    """The one error of the index stack (hamming, index, search): a setting or input the index
+    cannot take, or a run's codes or index folder that cannot be used as asked; the message names
+    the setting or file."""
 
 
 def faiss_module():
     try:
         import faiss
     except ImportError:
-        raise IndexError_("the Hamming index needs FAISS: pip install 'scbch_dist[faiss]'") from None
+        raise HammingIndexError("the Hamming index needs FAISS: pip install 'scbch_dist[faiss]'") from None
     return faiss
 
 
@@ -62,7 +65,7 @@ def pack(codes: np.ndarray) -> np.ndarray:
     byte j // 8), zero padded. Any order works as long as queries and database share it."""
     codes = np.asarray(codes)
     if codes.ndim != 2:
-        raise IndexError_(f"codes must be (n, L), got shape {codes.shape}")
+        raise HammingIndexError(f"codes must be (n, L), got shape {codes.shape}")
     return np.ascontiguousarray(np.packbits(codes.astype(bool), axis=1, bitorder="little"))
 
 
@@ -89,19 +92,19 @@ class Resolved:
 def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolved:
     """Fill the automatic (0) settings for ``count`` codes of ``bits`` bits; refuse bad ones by name."""
     if kind not in KINDS:
-        raise IndexError_(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+        raise HammingIndexError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     if not 1 <= bits <= MAX_BITS:
-        raise IndexError_(f"codes of {bits} bits: the index takes 1 to {MAX_BITS}")
+        raise HammingIndexError(f"codes of {bits} bits: the index takes 1 to {MAX_BITS}")
     if count < 1:
-        raise IndexError_("no codes to index")
+        raise HammingIndexError("no codes to index")
     if kind == "flat":
         return Resolved(kind, bits, count)
     if kind == "ivf":
         # about sqrt(N), FAISS wants 39 per list; at most 1024: the k-means (256 codes a list) costs
-        # ~nlist^2, about 30 s at 1024 lists of 64 bits on 2 cores, while scanning longer lists is cheap
+        # ~nlist^2, while scanning longer lists is cheap (docs/benchmarks.md, "Figures quoted in the code")
         nlist = settings.nlist or max(1, min(count // 39, round(math.sqrt(count)), 1024))
         if nlist > count:
-            raise IndexError_(f"index.nlist={nlist} lists for {count} codes: at most one list per code")
+            raise HammingIndexError(f"index.nlist={nlist} lists for {count} codes: at most one list per code")
         return Resolved(kind, bits, count, nlist=nlist, nprobe=min(settings.nprobe, nlist))
     if kind == "hnsw":
         return Resolved(kind, bits, count, hnsw_m=settings.hnsw_m, ef_construction=settings.ef_construction,
@@ -112,10 +115,10 @@ def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolv
     hash_bits = settings.hash_bits or min(width, max(8, math.ceil(math.log2(count))), max(8, width // 3))
     tables = settings.hash_tables or max(1, width // hash_bits)
     if hash_bits * tables > width:
-        raise IndexError_(f"index.hash_tables={tables} x index.hash_bits={hash_bits} = {hash_bits * tables} bits, "
-                          f"more than the {width} bits of a code")
+        raise HammingIndexError(f"index.hash_tables={tables} x index.hash_bits={hash_bits} = {hash_bits * tables} bits, "
+                                f"more than the {width} bits of a code")
     if hash_bits > 63:
-        raise IndexError_(f"index.hash_bits={hash_bits}: at most 63 bits a table")
+        raise HammingIndexError(f"index.hash_bits={hash_bits}: at most 63 bits a table")
     return Resolved(kind, bits, count, hash_bits=hash_bits, hash_tables=tables, hash_flips=settings.hash_flips)
 
 
@@ -164,10 +167,10 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     finds fewer than k' codes for a query pads its row with distance -1 and position -1 at the end.
     """
     if k < 1:
-        raise IndexError_(f"-k {k}: must be at least 1")
+        raise HammingIndexError(f"-k {k}: must be at least 1")
     packed = pack(queries)
     if packed.shape[1] * 8 != index.d:
-        raise IndexError_(f"queries of {queries.shape[1]} bits against an index of {index.d} bits")
+        raise HammingIndexError(f"queries of {queries.shape[1]} bits against an index of {index.d} bits")
     k = min(k, index.ntotal)
     with omp_threads(1 if len(packed) < ONE_THREAD_BELOW else None):
         distances, positions = index.search(packed, k)
