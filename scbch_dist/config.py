@@ -1,23 +1,31 @@
-"""The typed configuration tree: the only home of defaults.
+"""The typed configuration tree: the only home of the shared defaults.
 
 A run's configuration is built in three layers, later layers winning:
-  1. the dataclass defaults below (the paper's SCBCH settings where the paper has one);
+  1. the dataclass defaults below, and those of the method's settings;
   2. a YAML file (``--config configs/X.yaml``), nested like the tree;
   3. repeatable ``--set a.b=value`` overrides, values parsed as YAML scalars.
 
-OmegaConf merges the layers into the structured schema and checks keys and types; unknown keys and
-values of the wrong type are errors that name the key, so a typo in a sweep never silently trains
-the default. ``validate`` adds the value rules.
+The sections here are every method's (data, model, bank, train, eval, run, ...). A method's own
+settings are a section named after it (``scbch.*``, ``nacd.*``), whose dataclass, defaults and value
+rules live in the method's module (``Method.settings_type``, ``Method.check_settings``): the method
+the layers name (``method.name``) is looked up in the registry, and the schema is ``Config`` with
+that one section (``config_type``). OmegaConf merges the layers into it and checks keys and types;
+unknown keys and values of the wrong type are errors that name the key, so a typo in a sweep never
+silently trains the default. ``validate`` adds the value rules.
+
+A run's saved config.yaml is read back with ``read_run_config``, which turns the layout of earlier
+versions into this one (``migrate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +35,7 @@ from scbch_dist.data.shapes import ShapesConfig
 from scbch_dist.data.synthetic import SyntheticConfig
 from scbch_dist.errors import ConfigError, ScbchError
 from scbch_dist.knn.settings import KnnSettings
+from scbch_dist.methods import METHODS, get_method
 
 
 @dataclass
@@ -38,10 +47,6 @@ class DataConfig:
     workers: int = 0  # loader worker processes; 0 reads in the training process (fastest for feature shards)
     shuffle_buffer: int = 16384  # samples held by the training shuffle buffer
     verify: bool = True  # read every shard before the first step: sha256, ids, labels (docs/engine.md, "Preflight")
-
-
-
-
 
 
 @dataclass
@@ -76,27 +81,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "scbch"  # scbch | nacd | rshnl (scbch_dist.methods); each method's settings are its own section
-
-
-@dataclass
-class LossConfig:
-    """SCBCH's loss (docs/objective.md)."""
-
-    margin: float = 0.15  # BSCH margin (MIRFlickr setting)
-    shift: float = 0.8  # BSCH shift xi (MIRFlickr setting)
-    bsch_weight: float = 0.7  # alpha
-    quant_weight: float = 0.3  # beta
-    cscc_weight: float = 1.0
-
-
-@dataclass
-class CSCCConfig:
-    """SCBCH's sample weights (docs/objective.md)."""
-
-    k: int = 20  # neighbours per sample
-    gamma: float = 0.5  # base weight
-    warmup_epochs: int = 5  # epochs trained with all weights 1
+    name: str = "scbch"  # scbch | nacd | rshnl (scbch_dist.methods); the method's settings are the section of its name
 
 
 @dataclass
@@ -108,34 +93,6 @@ class BankConfig(KnnSettings):
     float16_above: int = 200_000  # the bank's rows are float16 from this many training rows on (half the memory)
     refresh: str = "pass"  # pass: encode the training set anew (paper) | memory: latest codes from training batches
     shard: bool = False  # no gathered bank: each rank keeps its own ids' rows (docs/distributed.md, "Sharded search")
-
-
-@dataclass
-class NACDConfig:
-    """NACD (Su et al., NeurIPS 2025) as its published code sets it (docs/methods.md, "NACD")."""
-
-    alpha: float = 0.3  # weight of the contrastive term on reliable labels (CRCH)
-    beta: float = 0.7  # weight of the quantisation term
-    margin: float = 0.2  # CRCH margin m
-    shift: float = 1.0  # CRCH shift s
-    k: int = 20  # neighbours of the confidence reconstruction
-    mix: float = 0.2  # lambda: share of the reconstruction in the new confidences
-    warmup_epochs: int = 10  # epochs without reconstruction (the first follows epoch index 10)
-    omega_start: float = 0.95  # EMA weight of the old confidence at epoch 0, moving linearly ...
-    omega_end: float = 0.80  # ... to this at epoch E
-    threshold: float = 0.5  # class thresholds until the first reconstruction
-
-
-@dataclass
-class RSHNLConfig:
-    """RSHNL (Pu et al., AAAI 2025) as its published code sets it (docs/methods.md, "RSHNL")."""
-
-    q: float = 0.01  # of the GCE-MAE loss l_q
-    gamma: float = 5.0  # self-paced threshold: samples with loss above it get weight 0
-    self_paced_from: int = 5  # tp: the first epoch (0-based) with self-paced weights
-    tau: float = 1.0  # temperature of the contrastive term
-    cal_weight: float = 1.0  # lamda: centre aggregation (CAL)
-    chl_weight: float = 0.1  # alpha: contrastive hashing (CHL)
 
 
 @dataclass
@@ -171,19 +128,52 @@ class RunConfig:
 
 @dataclass
 class Config:
+    """The sections every method shares. A run's config is an instance of ``config_type(method)``:
+    this with the method's settings section, ``cfg.<method.name>`` (``cfg.scbch.margin``)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    cscc: CSCCConfig = field(default_factory=CSCCConfig)
     bank: BankConfig = field(default_factory=BankConfig)
-    nacd: NACDConfig = field(default_factory=NACDConfig)
-    rshnl: RSHNLConfig = field(default_factory=RSHNLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    method_section: ClassVar[str | None] = None  # the key of the method's section (config_type); None: none
+
+    def __reduce__(self):
+        # config_type makes a method's class at run time, which pickle cannot find by name: it is
+        # made again from the section's key and settings type (a class of the method's module)
+        section = type(self).method_section
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _restore, (section, type(values[section]) if section else None, values)
+
+
+@functools.cache
+def config_type(section: str | None, settings_type: type | None) -> type[Config]:
+    """``Config`` with the method's settings section ``section`` (the method's name) of the
+    dataclass ``settings_type``: the schema a run's layers merge into. One class per method (cached),
+    so that configs of one method compare equal field by field."""
+    if section is None or settings_type is None:
+        return Config
+    if section in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"method.name={section}: the name of its settings section is taken by the config's own "
+                          f"{section}.* section; rename the method")
+    fields = [(section, settings_type, field(default_factory=settings_type))]
+    return dataclasses.make_dataclass(f"Config_{section}", fields, bases=(Config,),
+                                      namespace={"method_section": section, "__module__": __name__})
+
+
+def _restore(section: str | None, settings_type: type | None, values: dict) -> Config:
+    return config_type(section, settings_type)(**values)
+
+
+def method_config_type(name: str) -> type[Config]:
+    """The config class of the registered method ``name`` (a ConfigError naming method.name if none)."""
+    method = get_method(name)
+    return config_type(method.name, method.settings_type)
 
 
 @dataclass
@@ -207,9 +197,9 @@ class IndexSettings:
 _KINDS = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
 
 
-def _annotation(parts: list[str]) -> Any:
-    """The type of the config field at the path ``parts`` (Config for none), or None if unknown."""
-    node: Any = Config
+def _annotation(schema: type, parts: list[str]) -> Any:
+    """The type of the field of ``schema`` at the path ``parts`` (the schema for none), or None if unknown."""
+    node: Any = schema
     for part in parts:
         if not dataclasses.is_dataclass(node):
             return None
@@ -217,9 +207,9 @@ def _annotation(parts: list[str]) -> Any:
     return node
 
 
-def _field_kind(key: str) -> str:
+def _field_kind(schema: type, key: str) -> str:
     """What the field at dotted ``key`` holds, in words ("an integer", "a list", ...)."""
-    annotation = _annotation(key.split("[")[0].split("."))
+    annotation = _annotation(schema, key.split("[")[0].split("."))
     if annotation is not None and "[" in key:  # an item of a list
         (annotation,) = typing.get_args(annotation)
     if typing.get_origin(annotation) in (list, typing.List):
@@ -229,29 +219,29 @@ def _field_kind(key: str) -> str:
     return _KINDS.get(annotation, "a value")
 
 
-def _known_keys(key: str) -> str:
-    section = _annotation(key.split(".")[:-1])
+def _known_keys(schema: type, key: str) -> str:
+    section = _annotation(schema, key.split(".")[:-1])
     return ", ".join(f.name for f in dataclasses.fields(section)) if dataclasses.is_dataclass(section) else ""
 
 
-def _merge(base: DictConfig, layer: dict, source: str) -> DictConfig:
-    """``layer`` merged into ``base``; OmegaConf checks keys and types, the message names the key."""
+def _merge(base: DictConfig, layer: dict, source: str, schema: type) -> DictConfig:
+    """``layer`` merged into ``base`` (of ``schema``); OmegaConf checks keys and types, the message names the key."""
     try:
         return OmegaConf.merge(base, OmegaConf.create(layer))
     except ConfigKeyError as e:
         key = e.full_key or "?"
-        raise ConfigError(f"{source}unknown config key {key!r}; known keys here: {_known_keys(key)}") from None
+        raise ConfigError(f"{source}unknown config key {key!r}; known keys here: {_known_keys(schema, key)}") from None
     except OmegaConfBaseException as e:
         if e.full_key:
-            raise ConfigError(f"{source}config key {e.full_key!r}: expected {_field_kind(e.full_key)}, "
+            raise ConfigError(f"{source}config key {e.full_key!r}: expected {_field_kind(schema, e.full_key)}, "
                               f"got {e.value!r}") from None
-        key = _section_given_a_value(layer)
+        key = _section_given_a_value(layer, schema)
         if key:
             raise ConfigError(f"{source}config key {key!r} is a section; give it a mapping of its keys") from None
         raise ConfigError(f"{source}{str(e).splitlines()[0]}") from None
 
 
-def _section_given_a_value(layer: dict, node: Any = Config, prefix: str = "") -> str:
+def _section_given_a_value(layer: dict, node: Any, prefix: str = "") -> str:
     """The dotted key of the first section in ``layer`` set to a plain value ("" if none)."""
     hints = typing.get_type_hints(node)
     for key, value in layer.items():
@@ -326,18 +316,108 @@ def find_config(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (packaged configs: {known})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then each ``key=value`` override in order, merged as
-    OmegaConf structured configs (dinov2's pattern); then ``validate``."""
-    merged = OmegaConf.structured(Config)
-    if path is not None:
-        path = find_config(path)
-        merged = _merge(merged, read_yaml_mapping(path), f"{path}: ")
-    for text in overrides or []:
-        merged = _merge(merged, parse_override(text), "")
+# The layout of scbch_dist 0.1: SCBCH's settings were loss.* and cscc.* (now scbch.*), and a run's
+# config.yaml held the sections of every method of that version.
+MOVED_SECTIONS = {"loss": "scbch", "cscc": "scbch"}
+V0_METHODS = ("scbch", "nacd", "rshnl")
+
+
+def migrate(tree: dict) -> dict:
+    """A run's saved config tree (config.yaml, the checkpoint's or codes.npz's ``config``) in the
+    current layout: loss.* and cscc.* of an SCBCH run become scbch.*, and the sections of the
+    methods the run did not use are dropped. A tree of this version comes back unchanged."""
+    tree = dict(tree)
+    method = tree.get("method")
+    name = method.get("name", MethodConfig.name) if isinstance(method, dict) else MethodConfig.name
+    moved: dict = {}
+    for old, new in MOVED_SECTIONS.items():
+        section = tree.pop(old, None)
+        if new == name and isinstance(section, dict):
+            moved.update(section)
+    if moved:
+        tree[name] = {**moved, **(tree.get(name) or {})}
+    for other in V0_METHODS:
+        if other != name:
+            tree.pop(other, None)
+    return tree
+
+
+def read_run_config(path: str | Path) -> dict:
+    """A run's config.yaml as a tree of the current layout: its digest checked first (over the file's
+    own text, check_saved_config), then ``migrate``d. Every reader of a run's settings goes through here."""
+    check_saved_config(path)
+    return migrate(read_yaml_mapping(path, "run config"))
+
+
+def _refuse_moved(layer: dict, source: str) -> None:
+    """A setting given in the layout of an earlier version (loss.margin) is an error naming the new key."""
+    for old, new in MOVED_SECTIONS.items():
+        if old in layer:
+            section = layer[old]
+            key = next(iter(section), None) if isinstance(section, dict) else None
+            raise ConfigError(f"{source}{old}.{key} moved to {new}.{key}" if key is not None else
+                              f"{source}{old}.* moved to {new}.*")
+
+
+def _method_name(layers: list[tuple[dict, str]]) -> str:
+    """method.name as the layers set it: the default, then each layer in order (the last wins)."""
+    name = MethodConfig.name
+    for layer, _ in layers:
+        method = layer.get("method")
+        if isinstance(method, dict) and "name" in method:
+            name = method["name"]
+    return name
+
+
+def _resolve(files: list[tuple[dict, str]], overrides: list[str]) -> Config:
+    """Config files (tree, source), then ``key=value`` overrides, merged into the schema of the method
+    they name (the registry's settings type under its name); then ``validate``. A file may hold the
+    sections of other registered methods (configs/default.yaml keeps SCBCH's and trains NACD with
+    --set method.name=nacd): they are not part of the run. An override of one is an error."""
+    sets = [(parse_override(text), "") for text in overrides]
+    for layer, source in files + sets:
+        _refuse_moved(layer, source)
+    name = _method_name(files + sets)
+    schema = method_config_type(name)
+    others = set(METHODS) - {name}
+    merged = OmegaConf.structured(schema)
+    for layer, source in files:
+        merged = _merge(merged, {k: v for k, v in layer.items() if k not in others}, source, schema)
+    for layer, source in sets:
+        for key in others & set(layer):
+            setting = ".".join([key, *_first_path(layer[key])])
+            raise ConfigError(f"{setting} is a setting of method {key}, and method.name is {name}; set "
+                              f"method.name={key} to train {key}")
+        merged = _merge(merged, layer, source, schema)
     cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def _first_path(value: Any) -> list[str]:
+    """The keys down to the first leaf of a nested override ({'k': 5} -> ['k'])."""
+    path = []
+    while isinstance(value, dict) and value:
+        key, value = next(iter(value.items()))
+        path.append(str(key))
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override in order, merged as
+    OmegaConf structured configs (dinov2's pattern) into the schema of the method they name; then
+    ``validate``."""
+    files = []
+    if path is not None:
+        path = find_config(path)
+        files.append((read_yaml_mapping(path), f"{path}: "))
+    return _resolve(files, list(overrides or []))
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run's saved config.yaml (``read_run_config``: digest checked, earlier layouts migrated),
+    then each ``key=value`` override: the settings a resume continues with, or a finished run's."""
+    return _resolve([(read_run_config(path), f"{path}: ")], list(overrides or []))
 
 
 def _floats(node: Any, prefix: str = ""):
@@ -387,8 +467,6 @@ def validate(cfg: Config) -> None:
     for key, value in {"train.epochs": cfg.train.epochs, "eval.every": cfg.eval.every}.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if cfg.cscc.k < 1 or not 0.0 <= cfg.cscc.gamma <= 1.0:
-        raise ConfigError("cscc.k must be >= 1 and cscc.gamma in [0, 1]")
     if cfg.data.generate not in ("", "synthetic", "shapes"):
         raise ConfigError(f"data.generate must be '', 'synthetic' or 'shapes', got {cfg.data.generate!r}")
     choices = {"model.image.kind": (cfg.model.image.kind, ("features", "timm", "efficientnet-lite0")),
@@ -401,28 +479,10 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
-    positive = {"nacd.k": cfg.nacd.k, "rshnl.q": cfg.rshnl.q, "rshnl.gamma": cfg.rshnl.gamma, "rshnl.tau": cfg.rshnl.tau}
-    for key, value in {"cscc.warmup_epochs": cfg.cscc.warmup_epochs, "nacd.warmup_epochs": cfg.nacd.warmup_epochs,
-                       "rshnl.self_paced_from": cfg.rshnl.self_paced_from}.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    # a negative weight turns a loss term into a reward; a negative margin or shift moves the
-    # thresholds to the wrong side of the positive pair (docs/objective.md): both train silently wrong
-    not_negative = {"loss.margin": cfg.loss.margin, "loss.shift": cfg.loss.shift,
-                    "loss.bsch_weight": cfg.loss.bsch_weight, "loss.quant_weight": cfg.loss.quant_weight,
-                    "loss.cscc_weight": cfg.loss.cscc_weight, "nacd.alpha": cfg.nacd.alpha, "nacd.beta": cfg.nacd.beta,
-                    "nacd.margin": cfg.nacd.margin, "nacd.shift": cfg.nacd.shift,
-                    "rshnl.cal_weight": cfg.rshnl.cal_weight, "rshnl.chl_weight": cfg.rshnl.chl_weight}
-    for key, value in not_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    for key, value in {"nacd.mix": cfg.nacd.mix, "nacd.omega_start": cfg.nacd.omega_start,
-                       "nacd.omega_end": cfg.nacd.omega_end, "nacd.threshold": cfg.nacd.threshold}.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    method = get_method(cfg.method.name)
+    settings = getattr(cfg, method.name, None)
+    if settings is not None:
+        method.check_settings(settings)
     from scbch_dist.data.noise import parse_noise
 
     try:
@@ -434,7 +494,18 @@ def validate(cfg: Config) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts; the method's section right after ``method``, where a reader looks for it."""
+    tree = dataclasses.asdict(cfg)
+    section = type(cfg).method_section
+    if section is None:
+        return tree
+    settings = tree.pop(section)
+    out = {}
+    for key, value in tree.items():
+        out[key] = value
+        if key == "method":
+            out[section] = settings
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from scbch_dist import cli, dist
-from scbch_dist.config import DEFAULT_CONFIG, Config, check_saved_config, flat_dict, load_config, to_dict
+from scbch_dist.config import DEFAULT_CONFIG, Config, flat_dict, load_config, load_run_config, to_dict
 from scbch_dist.engine import rundir, setup
 from scbch_dist.data.fingerprint import check_same_data
 from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files, read_run_state
@@ -63,8 +63,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
             raise RunDirError("--resume and --overwrite contradict each other: continue the run, or start afresh")
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
-        check_saved_config(run_dir / "config.yaml")
-        return load_config(run_dir / "config.yaml", [*args.set, f"run.dir={run_dir}"])
+        # its digest checked, an earlier version's layout migrated (config.migrate)
+        return load_run_config(run_dir / "config.yaml", [*args.set, f"run.dir={run_dir}"])
     return load_config(args.config or DEFAULT_CONFIG, args.set)
 
 
@@ -119,7 +119,7 @@ def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, sto
         method = method_class(cfg, data.train)
         preflight(cfg, data, method, accelerator, log)
         t_data = time.perf_counter() - t_data
-        model = setup.build_network(cfg, data, method)
+        model = setup.build_network(method_class, cfg, data.meta, data.vocab_size)
         model, optimizer = setup.prepare(accelerator, model, setup.make_optimizer(model, cfg, accelerator.device), cfg)
         portable_model_files(accelerator)
         bank = setup.build_bank(cfg, data, model, accelerator, log)

@@ -88,10 +88,13 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
 
 
 def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Command-line arguments of a short run on ``tiny_dataset`` (16 bits, width 64, 6 epochs)."""
+    """Command-line arguments of a short run on ``tiny_dataset`` (16 bits, width 64, 6 epochs; SCBCH
+    warmed up 2 epochs with 5 neighbours, settings another ``method.name`` in ``extra`` does not take)."""
     settings = [f"data.root={root}", "data.generate=", "data.noise=mixed:0.5", f"run.dir={run_dir}",
                 "model.bits=16", "model.hidden=64", "train.batch_size=32", "train.epochs=6", "train.lr=3e-3",
-                "eval.every=3", "cscc.warmup_epochs=2", "cscc.k=5", "run.progress=false", "eval.topk=[50]"]
+                "eval.every=3", "run.progress=false", "eval.topk=[50]"]
+    if not any(s.startswith("method.name=") and s != "method.name=scbch" for s in extra):
+        settings += ["scbch.warmup_epochs=2", "scbch.k=5"]
     return [a for s in [*settings, *extra] for a in ("--set", s)]
 
 

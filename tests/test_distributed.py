@@ -76,8 +76,8 @@ def test_trainer_runs_with_two_processes_and_two_workers_each(tiny_dataset, tmp_
     raises otherwise)."""
     run_dir = tmp_path / "two"
     sets = [f"data.root={tiny_dataset}", "data.generate=", "data.workers=2", f"run.dir={run_dir}", "model.bits=16",
-            "model.hidden=32", "train.batch_size=64", "train.epochs=3", "eval.every=3", "cscc.warmup_epochs=1",
-            "cscc.k=5", "run.progress=false", "run.tensorboard=false"]
+            "model.hidden=32", "train.batch_size=64", "train.epochs=3", "eval.every=3", "scbch.warmup_epochs=1",
+            "scbch.k=5", "run.progress=false", "run.tensorboard=false"]
     torchrun("-m", "scbch_dist.train", *[a for s in sets for a in ("--set", s)])
     import json
 

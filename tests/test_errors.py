@@ -73,8 +73,8 @@ def copy_dataset(src: Path, dst: Path) -> Path:
 
 def test_a_neighbour_count_above_the_training_set_fails_before_training(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"^cscc.k=400 must be below the training count \(400 samples"):
-        main(tiny_args(tiny_dataset, run_dir, "cscc.k=400"))
+    with pytest.raises(ConfigError, match=r"^scbch.k=400 must be below the training count \(400 samples"):
+        main(tiny_args(tiny_dataset, run_dir, "scbch.k=400"))
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "run.lock").exists()
     with pytest.raises(ConfigError, match=r"^nacd.k=500 must be below"):
         main(tiny_args(tiny_dataset, tmp_path / "nacd", "method.name=nacd", "nacd.k=500"))

@@ -336,7 +336,7 @@ def test_asked_explicitly_the_embedded_data_is_written_anywhere(tmp_path):
     root = tmp_path / "elsewhere"
     main(["--set", f"data.root={root}", "--set", "data.generate=synthetic", "--set", f"run.dir={tmp_path / 'run'}",
           *[a for s in ("synthetic.n_train=300", "synthetic.n_query=40", "synthetic.n_extra_database=60",
-                        "model.hidden=64", "train.epochs=1", "cscc.warmup_epochs=1", "cscc.k=5", "run.progress=false")
+                        "model.hidden=64", "train.epochs=1", "scbch.warmup_epochs=1", "scbch.k=5", "run.progress=false")
             for a in ("--set", s)]])
     assert (root / "meta.json").is_file()
 
@@ -366,7 +366,7 @@ def test_a_query_split_without_labels_fails_before_the_first_step(tmp_path):
     write_dataset(root, name="random", classes=[f"c{i}" for i in range(4)], splits=arrays, img_dtype="float32",
                   txt_dtype="float32")
     with pytest.raises(ShardError, match=rf"^{root / 'meta.json'}: no query row has a label \(7 unlabelled\)"):
-        main(tiny_args(root, tmp_path / "run", "cscc.k=3", "train.batch_size=8"))
+        main(tiny_args(root, tmp_path / "run", "scbch.k=3", "train.batch_size=8"))
     assert not (tmp_path / "run").exists()
 
 
@@ -386,12 +386,12 @@ def test_a_shard_deleted_while_reading_is_named_missing(tiny_dataset, tmp_path):
         list(blocks)
 
 
-@pytest.mark.parametrize("setting", ["loss.margin=-5", "loss.bsch_weight=-1", "loss.shift=-0.1", "nacd.alpha=-0.3",
-                                     "rshnl.chl_weight=-1", "loss.cscc_weight=-2"])
+@pytest.mark.parametrize("setting", ["scbch.margin=-5", "scbch.bsch_weight=-1", "scbch.shift=-0.1", "nacd.alpha=-0.3",
+                                     "rshnl.chl_weight=-1", "scbch.cscc_weight=-2"])
 def test_negative_loss_settings_are_refused(setting):
     key = setting.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key} must be >= 0, got -"):
-        load_config(None, [setting])
+        load_config(None, [f"method.name={key.split('.')[0]}", setting])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_failed_commands_leave_no_folders(capsys, tiny_dataset, tmp_path):
 
     run_dir = tmp_path / "runs" / "x"
     with pytest.raises(ConfigError):
-        main(tiny_args(tiny_dataset, run_dir, "cscc.k=400"))  # refused in the preflight
+        main(tiny_args(tiny_dataset, run_dir, "scbch.k=400"))  # refused in the preflight
     assert not (tmp_path / "runs").exists()  # neither the run folder nor the runs/ it made
     line = one_line_exit(capsys, index.main, ["build", str(tmp_path / "runs" / "nope")])
     assert line == f"{tmp_path / 'runs' / 'nope'}: no such run folder" and not (tmp_path / "runs" / "nope").exists()

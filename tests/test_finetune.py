@@ -238,12 +238,12 @@ def test_memory_refresh_equals_cscc_weights_on_the_same_codes(tmp_path):
     for part in perm.split(16):  # batches in a shuffled order, as training sees them
         source.record(part, {"h_img": h_img[part], "h_txt": h_txt[part]})
     source.memory.sync()
-    cfg = load_config(None, ["cscc.k=5", "bank.knn=torch", f"model.bits={bits}", "cscc.warmup_epochs=0"])
+    cfg = load_config(None, ["scbch.k=5", "bank.knn=torch", f"model.bits={bits}", "scbch.warmup_epochs=0"])
     train = TrainingSet(n, 5, labels, None, cpu)
     method = SCBCH(cfg, train)
     diag = method.epoch_start(EpochContext(0, 1, train, source.build, tmp_path, False))
     assert diag["cscc_weights"]["source"] == "memory" and diag["cscc_weights"]["memory_coverage"] == 1.0
-    want = cscc_weights(h_img, h_txt, labels, k=5, gamma=cfg.cscc.gamma)
+    want = cscc_weights(h_img, h_txt, labels, k=5, gamma=cfg.scbch.gamma)
     torch.testing.assert_close(method.weights.values, want, rtol=1e-6, atol=1e-6)
 
 

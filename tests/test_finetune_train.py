@@ -26,7 +26,7 @@ def raw_args(root: Path, run_dir: Path, *extra: str, config: str = "configs/fine
     """configs/finetune-tiny.yaml on a smaller shapes dataset: 400 steps of 32 (the tiny model
     leaves chance level after about 200)."""
     settings = [f"data.root={root}", "data.generate=shapes", *SMALL_SHAPES, f"run.dir={run_dir}", "train.epochs=20",
-                "eval.every=10", "train.batch_size=32", "cscc.warmup_epochs=2", "cscc.k=10", "bank.refresh=memory",
+                "eval.every=10", "train.batch_size=32", "scbch.warmup_epochs=2", "scbch.k=10", "bank.refresh=memory",
                 "run.progress=false", "run.tensorboard=false", *extra]
     return ["--config", str(REPO / config), *[a for s in settings for a in ("--set", s)]]
 
@@ -74,7 +74,7 @@ def test_a_resumed_raw_run_ends_where_the_uninterrupted_run_ends(memory_run, sha
 
 def test_pass_refresh_and_bf16_autocast_on_cpu(shapes_root, tmp_path):
     run_dir = tmp_path / "bf16"
-    summary = main(raw_args(shapes_root, run_dir, "train.epochs=2", "cscc.warmup_epochs=1", "bank.refresh=pass",
+    summary = main(raw_args(shapes_root, run_dir, "train.epochs=2", "scbch.warmup_epochs=1", "bank.refresh=pass",
                             "train.mixed_precision=bf16"))
     recs = records(run_dir)
     assert recs[1]["cscc_weights"]["source"] == "pass"
@@ -129,6 +129,6 @@ def test_extracted_features_train_with_the_feature_trainer(shapes_root, memory_r
     run_dir = tmp_path / "run"
     summary = main([*[a for s in (f"data.root={feats}", "data.generate=", "data.noise=mixed:0.5", f"run.dir={run_dir}",
                                   "model.bits=32", "model.hidden=256", "train.epochs=6", "train.batch_size=64",
-                                  "train.lr=1e-3", "eval.every=6", "cscc.warmup_epochs=2", "cscc.k=10",
+                                  "train.lr=1e-3", "eval.every=6", "scbch.warmup_epochs=2", "scbch.k=10",
                                   "run.progress=false", "run.tensorboard=false") for a in ("--set", s)]])
     assert summary["final"]["avg_map"] > summary["chance_map"] + 0.05

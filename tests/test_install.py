@@ -45,7 +45,7 @@ def test_the_installed_package_runs_the_headline_command_from_an_empty_folder(in
     where = run_installed(installed, tmp_path, "-c", "import scbch_dist; print(scbch_dist.__file__)")
     assert where.returncode == 0 and where.stdout.strip().startswith(str(installed)), where.stdout + where.stderr
     small = ["synthetic.n_train=400", "synthetic.n_query=60", "synthetic.n_extra_database=100", "model.hidden=64",
-             "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1", "cscc.k=5", "run.progress=false"]
+             "train.epochs=2", "eval.every=2", "scbch.warmup_epochs=1", "scbch.k=5", "run.progress=false"]
     proc = run_installed(installed, tmp_path, "-m", "scbch_dist.train", *[a for s in small for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())

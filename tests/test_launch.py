@@ -102,7 +102,7 @@ def test_accelerate_config_for_two_cpu_processes(tiny_dataset, tmp_path):
     exe = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     run_dir = tmp_path / "acc2"
     sets = [f"data.root={tiny_dataset}", "data.generate=", f"run.dir={run_dir}", "model.bits=16", "model.hidden=32",
-            "train.batch_size=64", "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1", "cscc.k=5",
+            "train.batch_size=64", "train.epochs=2", "eval.every=2", "scbch.warmup_epochs=1", "scbch.k=5",
             "run.progress=false", "run.tensorboard=false"]
     cmd = [exe, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
            "--main_process_port", "0", "-m", "scbch_dist.train", *[a for s in sets for a in ("--set", s)]]

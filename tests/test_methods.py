@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import toy_method  # noqa: F401  (registers contrast-only)
+import toy_method  # noqa: F401  (registers contrast_only)
 from conftest import read_checkpoint, tiny_args, tiny_synthetic_config, torchrun
 from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.config import ConfigError
@@ -18,7 +18,7 @@ from scbch_dist.methods import METHODS, SCBCH, get_method
 from scbch_dist.train import main
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
-TOY = ("method.name=contrast-only", "run.method=ContrastOnly", "run.tensorboard=false")
+TOY = ("method.name=contrast_only", "run.method=ContrastOnly", "run.tensorboard=false")
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -26,14 +26,99 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def test_registry():
-    assert get_method("scbch") is SCBCH and METHODS["contrast-only"].terms == ("total", "bsch", "quant")
-    with pytest.raises(KeyError, match="method.name must be one of"):
+    assert get_method("scbch") is SCBCH and METHODS["contrast_only"].terms == ("total", "bsch", "quant")
+    with pytest.raises(ConfigError, match="method.name must be one of"):
         get_method("nope")
 
 
 def test_an_unknown_method_is_refused_naming_the_key(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="method.name must be one of .*'scbch'.*got 'nope'"):
         main(tiny_args(tiny_dataset, tmp_path / "r", "method.name=nope", "train.epochs=1"))
+
+
+# A whole method as a user writes it: one module with its settings (the section ``plain_bsch.*``),
+# their rule and its loss. Nothing of the package changes for it.
+NEW_METHOD = """
+from dataclasses import dataclass
+
+from scbch_dist.errors import ConfigError
+from scbch_dist.losses import bsch_loss, quantization_loss
+from scbch_dist.methods import Method, global_columns, register
+
+
+@dataclass
+class PlainSettings:
+    margin: float = 0.15  # BSCH margin
+    quant_weight: float = 0.3
+
+
+@register
+class PlainBSCH(Method):
+    name = "plain_bsch"
+    terms = ("total", "bsch", "quant")
+    settings_type = PlainSettings
+
+    @classmethod
+    def check_settings(cls, settings):
+        if settings.quant_weight < 0:
+            raise ConfigError(f"plain_bsch.quant_weight must be >= 0, got {settings.quant_weight}")
+
+    def loss(self, out, step):
+        cols = global_columns(out["h_img"], out["h_txt"], step.labels)
+        n = cols.h_img.shape[0] if cols is not None else None
+        bsch = bsch_loss(out["h_img"], out["h_txt"], step.labels, margin=self.settings.margin, shift=0.8, columns=cols)
+        quant = quantization_loss(out["h_img"], out["h_txt"], n_total=n)
+        return {"total": bsch + self.settings.quant_weight * quant, "bsch": bsch, "quant": quant}
+"""
+
+
+def test_a_new_method_module_trains_with_its_own_settings_section(tiny_dataset, tmp_path, monkeypatch):
+    """A method module written into tmp_path, imported, selected and configured from the command
+    line: its section is the run's (config.yaml, codes.npz), with its defaults, its types and rules
+    checked, and no other method's section; then a resume reads it back."""
+    import importlib
+    import sys
+
+    import yaml
+
+    from scbch_dist.config import load_run_config
+
+    (tmp_path / "plain_bsch_method.py").write_text(NEW_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("plain_bsch_method")
+        run_dir = tmp_path / "run"
+        mine = ("method.name=plain_bsch", "plain_bsch.margin=0.25", "train.epochs=1", "eval.every=1",
+                "run.tensorboard=false")
+        with pytest.raises(ConfigError, match="^plain_bsch.quant_weight must be >= 0, got -1.0$"):
+            main(tiny_args(tiny_dataset, run_dir, *mine, "plain_bsch.quant_weight=-1"))
+        with pytest.raises(ConfigError, match="'plain_bsch.margin': expected a number"):
+            main(tiny_args(tiny_dataset, run_dir, *mine, "plain_bsch.margin=wide"))
+        with pytest.raises(ConfigError, match="^scbch.k is a setting of method scbch, and method.name is plain_bsch"):
+            main(tiny_args(tiny_dataset, run_dir, *mine, "scbch.k=3"))
+        summary = main(tiny_args(tiny_dataset, run_dir, *mine))
+        assert summary["run"]["method_name"] == "plain_bsch"
+        assert set(records(run_dir)[0]["loss"]) == {"total", "bsch", "quant"}
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["plain_bsch"] == {"margin": 0.25, "quant_weight": 0.3}
+        assert not {"scbch", "nacd", "rshnl", "loss", "cscc"} & set(saved)
+        assert load_run_config(run_dir / "config.yaml").plain_bsch.margin == 0.25
+        resumed = main(["--resume", str(run_dir), "--set", "train.epochs=2"])
+        assert resumed["run"]["epochs"] == 2
+    finally:
+        METHODS.pop("plain_bsch", None)
+        sys.modules.pop("plain_bsch_method", None)
+
+
+def test_a_method_with_settings_needs_a_name_that_can_key_its_section():
+    from dataclasses import make_dataclass
+
+    from scbch_dist.methods import Method, register
+
+    bad = type("Bad", (Method,), {"name": "bad-name", "settings_type": make_dataclass("S", [("x", int, 1)])})
+    with pytest.raises(ValueError, match="identifier"):
+        register(bad)
+    assert "bad-name" not in METHODS
 
 
 @pytest.mark.slow
@@ -82,6 +167,8 @@ def test_a_method_from_outside_the_package_on_two_processes(tmp_path):
 # ---- the peer methods end to end (docs/methods.md)
 
 PEERS = {"nacd": ("redundant:1.0", "nacd"), "rshnl": ("replace:0.5", "rshnl")}
+# each method's warm-up shortened to one epoch, in its own section (another method's is refused)
+WARM_UP = {"scbch": "scbch.warmup_epochs=1", "nacd": "nacd.warmup_epochs=1", "rshnl": "rshnl.self_paced_from=1"}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +196,7 @@ def test_each_method_beats_chance_on_the_embedded_default(embedded_default, tmp_
     # until the confidences separate), 0.70 after 8 at width 1024 (measured); the others after 1 or 2
     longer = ("train.epochs=8", "model.hidden=1024") if name == "nacd" else ()
     summary = main(default_args(embedded_default, tmp_path / name, f"method.name={name}", f"data.noise={noise}",
-                                "cscc.warmup_epochs=1", "nacd.warmup_epochs=1", "rshnl.self_paced_from=1", *longer))
+                                WARM_UP[name], *longer))
     assert summary["run"]["method"] == name.upper() and summary["run"]["noise"]["model"] == noise.split(":")[0]
     assert summary["final"]["avg_map"] > summary["chance_map"] + 0.1, (summary["final"]["avg_map"], summary["chance_map"])
     diagnostics = summary["diagnostics"]
@@ -160,7 +247,7 @@ def test_the_peer_methods_on_two_processes(tiny_dataset, tmp_path, name):
     run_dir = tmp_path / name
     torchrun("-m", "scbch_dist.train",
              *tiny_args(tiny_dataset, run_dir, f"method.name={name}", f"data.noise={PEERS[name][0]}", "train.epochs=3",
-                        "eval.every=3", "nacd.warmup_epochs=1", "rshnl.self_paced_from=1", "run.tensorboard=false"))
+                        "eval.every=3", WARM_UP[name], "run.tensorboard=false"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run"]["world_size"] == 2 and summary["run"]["method_name"] == name
     recs = records(run_dir)

@@ -22,11 +22,12 @@ from scbch_dist.train import main
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = ("train.epochs=4", "eval.every=2", "cscc.warmup_epochs=1", "run.tensorboard=false")
-CASES = {"scbch-memory": ("bank.refresh=memory",),  # the memory bank: rows written by every step
+SETTINGS = ("train.epochs=4", "eval.every=2", "run.tensorboard=false")
+SCBCH = ("scbch.warmup_epochs=1",)
+CASES = {"scbch-memory": (*SCBCH, "bank.refresh=memory"),  # the memory bank: rows written by every step
          "nacd": ("method.name=nacd", "data.noise=redundant:1.0", "nacd.warmup_epochs=1"),  # per-batch EMA table
          # loader workers that persist over epochs: the resumed run's start at epoch 2, mid-epoch
-         "scbch-workers": ("data.workers=2",)}
+         "scbch-workers": (*SCBCH, "data.workers=2")}
 
 
 def stop_after_step(monkeypatch, n: int, how: str, run_dir: Path) -> None:
@@ -107,7 +108,7 @@ def test_a_crash_between_the_records_and_the_checkpoint_repeats_no_epoch(tiny_da
     and in the middle of writing a checkpoint file: the resume cuts the records back and removes
     the unfinished files."""
     full, part = tmp_path / "full", tmp_path / "part"
-    main(tiny_args(tiny_dataset, full, *SETTINGS))
+    main(tiny_args(tiny_dataset, full, *SETTINGS, *SCBCH))
     save_checkpoint = loop.save_checkpoint
 
     def killed_while_writing_epoch_3(accelerator, run_dir, state, *args):
@@ -120,7 +121,7 @@ def test_a_crash_between_the_records_and_the_checkpoint_repeats_no_epoch(tiny_da
 
     monkeypatch.setattr(loop, "save_checkpoint", killed_while_writing_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        main(tiny_args(tiny_dataset, part, *SETTINGS))
+        main(tiny_args(tiny_dataset, part, *SETTINGS, *SCBCH))
     monkeypatch.undo()
     assert [json.loads(x)["epoch"] for x in (part / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     main(["--resume", str(part)])

@@ -130,14 +130,14 @@ def test_a_fresh_run_that_fails_before_its_first_epoch_leaves_the_folder_free(ti
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="cscc.k=400 must be below the training count"):
-        main(tiny_args(tiny_dataset, run_dir, "cscc.k=400"))
+    with pytest.raises(ConfigError, match="scbch.k=400 must be below the training count"):
+        main(tiny_args(tiny_dataset, run_dir, "scbch.k=400"))
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # its config.yaml and log.txt went
 
 
 @pytest.mark.parametrize("sets, changed", [
     (["data.noise=mixed:0.2"], "data.noise: 'none' -> 'mixed:0.2'"),
-    (["train.seed=3", "loss.margin=0.2"], "loss.margin: 0.15 -> 0.2; train.seed: 0 -> 3"),
+    (["train.seed=3", "scbch.margin=0.2"], "scbch.margin: 0.15 -> 0.2; train.seed: 0 -> 3"),
     (["model.bits=32"], "model.bits: 64 -> 32"),
 ])
 def test_a_resume_with_other_settings_is_refused_naming_each_key(tmp_path, sets, changed):

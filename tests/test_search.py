@@ -17,10 +17,11 @@ pytest.importorskip("faiss")
 
 from scbch_dist import metrics  # noqa: E402
 from scbch_dist.retrieval import hamming  # noqa: E402
+from scbch_dist.retrieval.hamming import HammingIndexError  # noqa: E402
 from scbch_dist.config import Config, IndexSettings, save_config, to_dict  # noqa: E402
 from scbch_dist.engine.checkpoint import model_fingerprint  # noqa: E402
 from scbch_dist.engine.evaluate import save_codes  # noqa: E402
-from scbch_dist.errors import RunDirError, ScbchError  # noqa: E402
+from scbch_dist.errors import RunDirError  # noqa: E402
 from scbch_dist.retrieval.index import RunCodes, RunIndex, build, check, tie_aware_recall  # noqa: E402
 from scbch_dist.retrieval.search import format_table, main as search_main  # noqa: E402
 
@@ -105,11 +106,11 @@ def test_tie_aware_recall_counts_equally_near_codes_alike():
 
 
 def test_resolve_refuses_bad_settings_by_name():
-    with pytest.raises(ScbchError, match="--kind 'lsh'"):
+    with pytest.raises(HammingIndexError, match="--kind 'lsh'"):
         hamming.resolve(IndexSettings(), "lsh", 64, 10)
-    with pytest.raises(ScbchError, match="index.hash_tables=5 x index.hash_bits=16"):
+    with pytest.raises(HammingIndexError, match="index.hash_tables=5 x index.hash_bits=16"):
         hamming.resolve(IndexSettings(hash_bits=16, hash_tables=5), "hash", 64, 100)
-    with pytest.raises(ScbchError, match="8192 bits"):
+    with pytest.raises(HammingIndexError, match="8192 bits"):
         hamming.resolve(IndexSettings(), "flat", 8192, 100)
     assert hamming.resolve(IndexSettings(), "ivf", 64, 100).nlist == 2  # 39 codes a list at least
     assert hamming.resolve(IndexSettings(), "hash", 64, 1 << 20).hash_bits == 20
@@ -204,7 +205,7 @@ def test_rebuild_replaces_the_index_and_changed_codes_are_refused(tmp_path):
     fake_run(run)
     build(run, log=lambda *_: None)
     fake_run(run, seed=1)  # the run's codes change (a resumed run finished again)
-    with pytest.raises(ScbchError, match="built from other codes.*rebuild it: python -m scbch_dist.retrieval.index build"):
+    with pytest.raises(HammingIndexError, match="built from other codes.*rebuild it: python -m scbch_dist.retrieval.index build"):
         RunIndex.open(run, RunCodes.load(run))
     build(run, log=lambda *_: None)
     RunIndex.open(run, RunCodes.load(run))
@@ -215,13 +216,13 @@ def test_codes_of_another_run_are_refused_naming_the_keys(tmp_path):
     fake_run(tmp_path / "a", bits=24)
     fake_run(tmp_path / "b", bits=32, train__lr=0.01)
     (tmp_path / "b" / "codes.npz").replace(tmp_path / "a" / "codes.npz")
-    with pytest.raises(ScbchError, match=r"written by another run.*model.bits: 32 -> 24.*train.lr"):
+    with pytest.raises(HammingIndexError, match=r"written by another run.*model.bits: 32 -> 24.*train.lr"):
         build(tmp_path / "a", log=lambda *_: None)
     assert not (tmp_path / "a" / "index").exists()
 
 
 def test_missing_codes_a_held_run_and_not_a_run_are_one_line_errors(tmp_path):
-    with pytest.raises(ScbchError, match="not a run folder"):
+    with pytest.raises(HammingIndexError, match="not a run folder"):
         RunCodes.load(tmp_path)
     run = tmp_path / "run"
     fake_run(run)
@@ -230,9 +231,9 @@ def test_missing_codes_a_held_run_and_not_a_run_are_one_line_errors(tmp_path):
         build(run, log=lambda *_: None)
     (run / "run.lock").unlink()
     (run / "codes.npz").unlink()
-    with pytest.raises(ScbchError, match="codes.npz: missing.*--resume"):
+    with pytest.raises(HammingIndexError, match="codes.npz: missing.*--resume"):
         build(run, log=lambda *_: None)
-    with pytest.raises(ScbchError, match="no flat index of the database codes; build it"):
+    with pytest.raises(HammingIndexError, match="no flat index of the database codes; build it"):
         RunIndex.open(run, None)
 
 

@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("serve")
     settings = [f"data.root={base / 'shapes'}", "data.generate=shapes", "shapes.n_train=200", "shapes.n_query=20",
                 "shapes.n_extra_database=40", "model.hidden=64", "model.image.kwargs.depth=1", "model.text.kwargs.num_hidden_layers=1",
-                f"run.dir={base / 'run'}", "train.epochs=1", "eval.every=1", "cscc.warmup_epochs=1",
+                f"run.dir={base / 'run'}", "train.epochs=1", "eval.every=1", "scbch.warmup_epochs=1",
                 "run.progress=false", "run.tensorboard=false"]
     train(["--config", str(REPO / "configs/finetune-tiny.yaml"), *[a for s in settings for a in ("--set", s)]])
     build(base / "run", log=lambda *a: None)

@@ -72,7 +72,7 @@ def test_slurm_array_script_and_dry_run(tmp_path):
 def test_local_sweep_runs_skips_done_and_reports(tiny_dataset, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(f"data:\n  root: {tiny_dataset}\nmodel:\n  hidden: 32\ntrain:\n  epochs: 2\n  batch_size: 64\n"
-                      "eval:\n  every: 1\ncscc:\n  warmup_epochs: 1\n  k: 5\nrun:\n  tensorboard: false\n")
+                      "eval:\n  every: 1\nscbch:\n  warmup_epochs: 1\n  k: 5\nrun:\n  tensorboard: false\n")
     grid_path = write_grid(tmp_path / "g.yaml", name="tiny", runs_dir=str(tmp_path / "runs"), datasets=[str(config)],
                            bits=[8, 16], noise=[0.5], seeds=[0])
     cmd = [sys.executable, "-m", "scbch_dist.experiments.sweep", str(grid_path), "--local"]
@@ -148,6 +148,10 @@ def test_grid_with_a_method_axis(tmp_path):
     assert nacd.run_dir == tmp_path / "runs" / "flickr" / "nacd" / "64bit_redundant-2.0_seed0"
     scbch = next(r for r in runs if r.method == "scbch")
     assert scbch.argv(grid)[:2] == ["--config", "configs/flickr.yaml"]
+    # a setting of a method's own section goes to that method's runs only
+    grid.set = ["train.epochs=3", "scbch.k=10", "nacd.k=7"]
+    assert [s for s in scbch.argv(grid) if s.endswith(("epochs=3", ".k=10", ".k=7"))] == ["train.epochs=3", "scbch.k=10"]
+    assert [s for s in nacd.argv(grid) if s.endswith(("epochs=3", ".k=10", ".k=7"))] == ["train.epochs=3", "nacd.k=7"]
 
 
 # --- hostile grids: nothing a grid holds may reach the batch script as shell code -----------------
@@ -259,20 +263,20 @@ def test_report_averages_seeds_of_one_config_only(tmp_path):
             same = {"data.workers": seed, "data.verify": bool(seed), "eval.batch_size": 256 * (seed + 1),
                     "run.tensorboard": bool(seed), "run.method": ""}
             fake_summary(tmp_path, "SCBCH", "flickr", 0.5, bits, seed, 0.786 + delta, 0.78 + delta, config=same)
-    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.60, 0.60, config={"loss.margin": 0.3}, folder="other")
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.60, 0.60, config={"scbch.margin": 0.3}, folder="other")
     report.main([str(tmp_path)])
     text = (tmp_path / "report.md").read_text()
     sd = 100 * np.std([0.786, 0.806], ddof=1)
     cell = f"79.6 ± {sd:.1f} / 79.0 ± {sd:.1f}"
-    assert f"| SCBCH [loss.margin=0.15] | {cell} | {cell} |" in text
-    assert "| SCBCH [loss.margin=0.3] |  | 60.0 / 60.0 |" in text
+    assert f"| SCBCH [scbch.margin=0.15] | {cell} | {cell} |" in text
+    assert "| SCBCH [scbch.margin=0.3] |  | 60.0 / 60.0 |" in text
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     assert sorted((r["variant"], r["bits"], r["seeds"]) for r in rows) == [
-        ("loss.margin=0.15", "16", "2"), ("loss.margin=0.15", "64", "2"), ("loss.margin=0.3", "64", "1")]
+        ("scbch.margin=0.15", "16", "2"), ("scbch.margin=0.15", "64", "2"), ("scbch.margin=0.3", "64", "1")]
 
 
 def test_report_numbers_configs_that_differ_in_many_keys(tmp_path, capsys):
-    a = {"loss.margin": 0.2, "loss.shift": 1.0, "train.lr": 0.001}
+    a = {"scbch.margin": 0.2, "scbch.shift": 1.0, "train.lr": 0.001}
     fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.70, 0.70, config={}, folder="a")
     fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, 0.75, 0.74, config=a, folder="b")
     fake_summary(tmp_path, "NACD", "flickr", 0.5, 64, 0, 0.72, 0.71, config={"method.name": "nacd"}, folder="c")
@@ -281,13 +285,13 @@ def test_report_numbers_configs_that_differ_in_many_keys(tmp_path, capsys):
     text = (tmp_path / "report.md").read_text()
     assert "±" not in text and "| NACD | 72.0 / 71.0 | 2.0 |" in text  # alone in its row: no label
     assert "| SCBCH #1 | 70.0 / 70.0 | 2.0 |" in text and "| SCBCH #2 | 75.0 / 74.0 | 2.0 |" in text
-    assert "SCBCH #1: loss.margin=0.15, loss.shift=0.8, train.lr=0.0001" in text
-    assert "SCBCH #2: loss.margin=0.2, loss.shift=1.0, train.lr=0.001" in text
+    assert "SCBCH #1: scbch.margin=0.15, scbch.shift=0.8, train.lr=0.0001" in text
+    assert "SCBCH #2: scbch.margin=0.2, scbch.shift=1.0, train.lr=0.001" in text
     assert "| SCBCH [no config.yaml] | 65.0 / 64.0 | 2.0 |" in text
     variants = sorted(r["variant"] for r in csv.DictReader(open(tmp_path / "report.csv")))
     assert variants == ["", "#1", "#2", "no config.yaml"]
-    err = [line for line in capsys.readouterr().err.splitlines() if "loss.margin" in line]
-    assert len(err) == 1 and "loss.shift" in err[0] and "train.lr" in err[0] and "config.yaml" in err[0]
+    err = [line for line in capsys.readouterr().err.splitlines() if "scbch.margin" in line]
+    assert len(err) == 1 and "scbch.shift" in err[0] and "train.lr" in err[0] and "config.yaml" in err[0]
 
 
 # --- figures: what can be checked without looking at pixels ----------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -77,9 +78,9 @@ def test_cscc_weights_separate_corrupted_rows(short_run):
 @pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_dataset, tmp_path):
     full = tmp_path / "full"
-    main(tiny_args(tiny_dataset, full, "train.epochs=4", "eval.every=2", "cscc.warmup_epochs=1"))
+    main(tiny_args(tiny_dataset, full, "train.epochs=4", "eval.every=2", "scbch.warmup_epochs=1"))
     part = tmp_path / "part"
-    main(tiny_args(tiny_dataset, part, "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1"))
+    main(tiny_args(tiny_dataset, part, "train.epochs=2", "eval.every=2", "scbch.warmup_epochs=1"))
     summary = main(["--resume", str(part), "--set", "train.epochs=4"])  # extends the finished run
     model_a, tables_a, state_a = read_checkpoint(full)
     model_b, tables_b, state_b = read_checkpoint(part)
@@ -96,6 +97,79 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_dataset, tmp_path):
                        for d in state_b["state"]["diagnostics"]]
 
 
+def as_version_0_1(tree: dict) -> dict:
+    """A config tree of this version in the layout scbch_dist 0.1 saved: SCBCH's settings as loss.*
+    and cscc.*, and the section of every method of that version with its defaults."""
+    from dataclasses import asdict
+
+    from scbch_dist.methods import NACDSettings, RSHNLSettings
+
+    tree = dict(tree)
+    scbch = tree.pop("scbch")
+    old = {}
+    for key, value in tree.items():
+        old[key] = value
+        if key == "method":
+            old["loss"] = {k: scbch[k] for k in ("margin", "shift", "bsch_weight", "quant_weight", "cscc_weight")}
+            old["cscc"] = {k: scbch[k] for k in ("k", "gamma", "warmup_epochs")}
+        if key == "bank":
+            old["nacd"], old["rshnl"] = asdict(NACDSettings()), asdict(RSHNLSettings())
+    return old
+
+
+def rewrite_as_version_0_1(run_dir: Path) -> None:
+    """Every saved config of a run folder (config.yaml, each checkpoint's run_state.json, codes.npz)
+    in the layout of version 0.1, with its digests made anew, as that version wrote them."""
+    import yaml
+
+    from scbch_dist.digests import arrays_sha256, seal_text, write_manifest
+    from scbch_dist.engine.evaluate import CODES_DIGEST
+
+    tree = as_version_0_1(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert list(tree) == list(yaml.safe_load((Path(__file__).parent / "data" / "config-v0.1.yaml").read_text()))
+    (run_dir / "config.yaml").write_text(seal_text(yaml.safe_dump(tree, sort_keys=False)))
+    for folder in (run_dir / "checkpoints").glob("epoch-*"):
+        record = json.loads((folder / "run_state.json").read_text())
+        record["config"] = as_version_0_1(record["config"])
+        (folder / "run_state.json").write_text(json.dumps(record))
+        write_manifest(folder)
+    with np.load(run_dir / "codes.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != CODES_DIGEST}
+    arrays["config"] = np.array(json.dumps(as_version_0_1(json.loads(str(arrays["config"]))), sort_keys=True))
+    arrays[CODES_DIGEST] = np.array(arrays_sha256(arrays))
+    np.savez_compressed(run_dir / "codes.npz", **arrays)
+
+
+@pytest.mark.slow
+def test_a_run_folder_of_version_0_1_is_reported_indexed_and_resumed(tiny_dataset, tmp_path):
+    """A run whose saved configs are in the layout before each method's section became its own
+    (loss.*, cscc.*, nacd.*, rshnl.* all at once): the report and the index read it in this layout,
+    and a resume that extends it ends where an uninterrupted run ends."""
+    from scbch_dist.experiments.report import collect
+
+    settings = ("eval.every=2", "scbch.warmup_epochs=1", "run.tensorboard=false")
+    full = tmp_path / "full"
+    main(tiny_args(tiny_dataset, full, "train.epochs=4", *settings))
+    part = tmp_path / "part"
+    main(tiny_args(tiny_dataset, part, "train.epochs=2", *settings))
+    rewrite_as_version_0_1(part)
+    (record,) = collect(tmp_path / "part")
+    assert record["config"]["scbch.k"] == 5
+    assert not any(k.startswith(("loss.", "cscc.", "nacd.")) for k in record["config"])
+    if importlib.util.find_spec("faiss") is not None:
+        from scbch_dist.retrieval.index import build
+
+        build(part, log=lambda *_: None)  # codes.npz and config.yaml, both of 0.1, compared in this layout
+    summary = main(["--resume", str(part), "--set", "train.epochs=4"])
+    model_a, tables_a, state_a = read_checkpoint(full)
+    model_b, tables_b, state_b = read_checkpoint(part)
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(tables_a[k], tables_b[k]) for k in tables_a)
+    assert state_b["config"] == {**state_a["config"], "run": {**state_a["config"]["run"], "dir": str(part)}}
+    assert summary["final"]["avg_map"] == json.loads((full / "summary.json").read_text())["final"]["avg_map"]
+    assert "scbch:" in (part / "config.yaml").read_text() and "loss:" not in (part / "config.yaml").read_text()
+
+
 @pytest.mark.slow
 def test_accelerate_launch_runs_the_module(tiny_dataset, tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
@@ -104,7 +178,7 @@ def test_accelerate_launch_runs_the_module(tiny_dataset, tmp_path):
     run_dir = tmp_path / "launched"
     cmd = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "scbch_dist.train",
-           *tiny_args(tiny_dataset, run_dir, "train.epochs=2", "eval.every=2", "cscc.warmup_epochs=1")]
+           *tiny_args(tiny_dataset, run_dir, "train.epochs=2", "eval.every=2", "scbch.warmup_epochs=1")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,7 +205,7 @@ def test_pack_bits_matches_numpy(bits):
 def test_long_codes_train_evaluate_and_pack(tiny_dataset, tmp_path, bits):
     run_dir = tmp_path / f"b{bits}"
     summary = main(tiny_args(tiny_dataset, run_dir, f"model.bits={bits}", "train.epochs=2", "eval.every=2",
-                             "cscc.warmup_epochs=1", "run.tensorboard=false"))
+                             "scbch.warmup_epochs=1", "run.tensorboard=false"))
     assert summary["final"]["avg_map"] > summary["chance_map"]
     codes = np.load(run_dir / "codes.npz")
     assert int(codes["bits"]) == bits and codes["database_txt"].shape == (520, bits // 8)
@@ -165,7 +239,7 @@ def test_refresh_path_equals_the_cscc_weights_reference(tiny_dataset, tmp_path):
     from scbch_dist.engine.runlog import setup_logging
 
     meta = read_meta(tiny_dataset)
-    cfg = load_config(None, ["cscc.k=7", "cscc.gamma=0.3", "model.bits=16", "cscc.warmup_epochs=1"])
+    cfg = load_config(None, ["scbch.k=7", "scbch.gamma=0.3", "model.bits=16", "scbch.warmup_epochs=1"])
     torch.manual_seed(0)
     model = SCBCHModel(meta.dim("img"), meta.dim("txt"), 16, 32, meta.num_classes)
     labels = torch.from_numpy(np.load(tiny_dataset / "labels" / "clean.npy"))

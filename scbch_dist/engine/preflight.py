@@ -10,7 +10,6 @@ shards (rank r takes shards r, r + W, ...).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -23,7 +22,6 @@ from scbch_dist.data.format import SPLITS, check_split
 from scbch_dist.data.verify import check_evaluation_labels, check_id_counts, verify_shards
 from scbch_dist.errors import ScbchError
 from scbch_dist.methods import Method
-from scbch_dist.methods.base import search_params
 
 
 def check_settings(cfg: Config, method: Method, count: int, device: torch.device) -> None:
@@ -38,12 +36,12 @@ def check_settings(cfg: Config, method: Method, count: int, device: torch.device
         raise ConfigError(f"{key}={k} must be below the training count ({count} samples: each sample's "
                           f"neighbours exclude itself)")
     try:
-        params = search_params(cfg)
-        backend = knn.resolve_backend(cfg.bank.knn, device, count, params)
-        # a tiny search: FAISS imported and its index type built now, not at the first refresh
+        backend = knn.resolve_backend(cfg.bank, device, count)
+        # a tiny search: FAISS imported and its index type built now, not at the first refresh (the
+        # backend's default settings: the configured nlist may exceed the 512 rows)
         rows = torch.nn.functional.normalize(torch.randn(512, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-        knn.knn(rows.to(device), rows.to(device), 1, self_index=torch.arange(512, device=device), backend=backend,
-                params=dataclasses.replace(params, nlist=0))
+        knn.neighbours(rows.to(device), rows.to(device), 1, self_index=torch.arange(512, device=device),
+                       settings=knn.KnnSettings(knn=backend))
     except (RuntimeError, ImportError, ValueError) as e:
         raise ConfigError(f"bank.knn={cfg.bank.knn}: {str(e).splitlines()[0]}") from None
 

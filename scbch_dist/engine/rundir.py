@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from scbch_dist.config import flatten, save_config, to_dict
+from scbch_dist.config import flatten, migrate, save_config, to_dict
 from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
@@ -40,7 +40,8 @@ SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.met
 
 
 def safe_keys(method_class) -> tuple[str, ...]:
-    """SAFE_ON_RESUME less the keys that shape the method's training (Method.schedule_keys)."""
+    """SAFE_ON_RESUME less the keys that shape the method's training (Method.schedule_keys). The
+    method's own section (``scbch.*``) is never safe: it is what the method trains with."""
     return tuple(k for k in SAFE_ON_RESUME if k not in method_class.schedule_keys)
 
 
@@ -312,7 +313,7 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
             root = Path(cfg.data.root)
             if (root / "meta.json").is_file():  # (a missing embedded dataset is written again, then checked)
                 check_same_data(state.dataset, file_fingerprint(root), root, run_dir)
-            changes = changed_keys(stored, to_dict(cfg), safe)
+            changes = changed_keys(migrate(stored), to_dict(cfg), safe)  # (stored in an earlier layout, maybe)
             if changes:
                 raise RunDirError(f"--resume {run_dir}: the run was trained with other settings ({'; '.join(changes)}); "
                                   f"a resume may change only {', '.join(safe)}; start a new run in another run.dir")

@@ -206,18 +206,18 @@ def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: b
 
 
 def method_class(cfg: Config) -> type[Method]:
-    """The class ``method.name`` names; checked before any data is read."""
-    try:
-        return get_method(cfg.method.name)
-    except KeyError as e:
-        raise ConfigError(e.args[0]) from None
+    """The class ``method.name`` names (load_config has checked that it is registered)."""
+    return get_method(cfg.method.name)
 
 
-def build_network(cfg: Config, data: TrainingData, method: Method) -> HashingModel:
-    """The method's towers and head, initialised from train.seed (towers first, then the head)."""
+def build_network(method: type[Method], cfg: Config, meta: DatasetMeta, vocab_size: int | None = None) -> HashingModel:
+    """The network ``method`` trains on a dataset of ``meta``: its towers (``method.tower_spec``) and
+    head (``method.build_head``), initialised from train.seed, towers first, then the head.
+    ``vocab_size``: the tokenizer's, for a randomly initialised text encoder. Training builds it here,
+    and so does a query of a finished run (retrieval.query), whose weights then replace the draw."""
     torch.manual_seed(cfg.train.seed)
-    return models.build_model(cfg.model, data.meta, spec=method.tower_spec(), make_head=method.build_head,
-                              vocab_size=data.vocab_size)
+    return models.build_model(cfg.model, meta, spec=method.tower_spec(cfg),
+                              make_head=lambda: method.build_head(cfg, meta.num_classes), vocab_size=vocab_size)
 
 
 def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelerator, log: logging.Logger) -> BankSource:
@@ -236,8 +236,8 @@ def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelera
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """train.optimizer with L2 weight decay: Adam (SCBCH, RSHNL) or RMSprop (NACD), torch's defaults
     otherwise, as the published code; fine-tuned backbones at train.backbone_lr. The fused Adam kernel
-    computes the same update in one pass over the parameters: 0.94 s -> 0.10 s per step at paper
-    width on 2 CPU cores."""
+    computes the same update in one pass over the parameters, much faster per step
+    (docs/benchmarks.md, "Figures quoted in the code")."""
     groups = model.param_groups(cfg.train.lr, cfg.train.backbone_lr)
     kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.optimizer == "rmsprop":

@@ -6,7 +6,7 @@ Tables, one per dataset and noise model (mixed, redundant, replace, file, none) 
 are methods (``run.method``), columns noise rate x code length, as Tables 1-2 of the SCBCH paper.
 Runs average as seeds only when their resolved configs (config.yaml beside summary.json) agree on
 everything but the seed, the columns and the keys in NO_EFFECT_KEYS; configs that differ otherwise
-share no cell: each gets its own row, labelled with the keys that differ (``SCBCH [loss.margin=0.3]``,
+share no cell: each gets its own row, labelled with the keys that differ (``SCBCH [scbch.margin=0.3]``,
 or ``SCBCH #1`` with a footnote when more than two differ), and a line on stderr names them.
 Each cell is "best / final": the average of I2T and T2I mAP x 100 at each run's best evaluated epoch
 (the paper's protocol) and at its last (mean +- sd over seeds when there are several); the last
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist import cli, plots
-from scbch_dist.config import check_saved_config, flatten, read_yaml_mapping
+from scbch_dist.config import flatten, read_run_config
 from scbch_dist.digests import read_sealed_json
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
@@ -73,8 +73,7 @@ def _run_config(path: Path) -> dict | None:
     """The run's resolved config as ``{"model.bits": 64, ...}``; None for a summary without one."""
     if not path.is_file():
         return None
-    check_saved_config(path)
-    return flatten(read_yaml_mapping(path, "run config"))
+    return flatten(read_run_config(path))  # digest checked; an earlier version's layout migrated
 
 
 def _is_variant_key(key: str) -> bool:

@@ -15,7 +15,7 @@ A grid file:
     bits: [16, 32, 64, 128]
     noise: [0.2, 0.5, 0.8]          # mixed-noise rates, or full specs ("redundant:1.0", "file:PATH", "none")
     seeds: [0]
-    set: [train.epochs=50]          # overrides for every run
+    set: [train.epochs=50]          # overrides for every run; one of a method's section (scbch.k=10): its runs only
     slurm: {partition: gpu, time: "04:00:00", gres: "gpu:1", cpus_per_task: 8}
 
 With ``methods``, a method other than scbch starts from configs/<method>-<dataset>.yaml (its
@@ -49,6 +49,7 @@ from scbch_dist import cli
 from scbch_dist.config import ConfigError, find_config, read_yaml_mapping
 from scbch_dist.engine.rundir import launch_state
 from scbch_dist.errors import Preempted
+from scbch_dist.methods import METHODS
 
 CONFIG_DIR = Path("configs")  # a checkout's configs/ (a link to the packaged ones); else the packaged ones
 
@@ -154,8 +155,11 @@ class Run:
         state = launch_state(self.run_dir)
         if state == "resume":
             return ["--resume", str(self.run_dir)]
+        # a setting of a method's own section goes to that method's runs: with methods [scbch, nacd],
+        # scbch.k=10 is not a setting of the nacd runs (train refuses one given to another method)
+        mine = [s for s in grid.set if self.method is None or _section(s) not in METHODS or _section(s) == self.method]
         sets = [f"model.bits={self.bits}", f"data.noise={self.noise}", f"train.seed={self.seed}",
-                f"run.dir={self.run_dir}", "run.progress=false", *grid.set]
+                f"run.dir={self.run_dir}", "run.progress=false", *mine]
         if self.method is not None:
             sets.insert(0, f"method.name={self.method}")
         return ["--config", str(config_path(self.dataset, self.method)), *[a for s in sets for a in ("--set", s)],
@@ -164,6 +168,11 @@ class Run:
     @property
     def done(self) -> bool:
         return launch_state(self.run_dir) == "done"
+
+
+def _section(setting: str) -> str:
+    """The section a ``key=value`` override sets ("scbch" for "scbch.k=10")."""
+    return setting.split("=", 1)[0].split(".", 1)[0].strip()
 
 
 def config_path(dataset: str, method: str | None = None) -> Path:

@@ -1,28 +1,40 @@
 """Training methods on one engine (docs/methods.md). ``method.name`` selects one from ``METHODS``;
-``register`` adds another (a new module, or a variant in a test) without touching the engine."""
+``register`` adds another (a new module, or a variant in a test) without touching the engine or the
+config: a method's settings are its own section (``Method.settings_type``), which the config asks
+this registry for (``config.load_config``).
+
+This package does not import ``scbch_dist.config`` at run time (the config imports the registry)."""
 
 from __future__ import annotations
 
-from scbch_dist.methods.base import Bank, EpochContext, Method, Step, TrainingSet, global_columns
-from scbch_dist.methods.nacd import NACD
-from scbch_dist.methods.rshnl import RSHNL
-from scbch_dist.methods.scbch import SCBCH
+from scbch_dist.errors import ConfigError
+from scbch_dist.methods.base import (Bank, EpochContext, Method, Refresh, Step, TrainingSet, check_values,
+                                     global_columns, refresh_from_neighbours, separation)
+from scbch_dist.methods.nacd import NACD, NACDSettings
+from scbch_dist.methods.rshnl import RSHNL, RSHNLSettings
+from scbch_dist.methods.scbch import SCBCH, SCBCHSettings
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SCBCH, NACD, RSHNL)}
 
-__all__ = ["Bank", "EpochContext", "METHODS", "Method", "NACD", "RSHNL", "SCBCH", "Step", "TrainingSet", "get_method", "global_columns",
-           "register"]
+__all__ = ["Bank", "EpochContext", "METHODS", "Method", "NACD", "NACDSettings", "RSHNL", "RSHNLSettings", "Refresh",
+           "SCBCH", "SCBCHSettings", "Step", "TrainingSet", "check_values", "get_method", "global_columns",
+           "refresh_from_neighbours", "register", "separation"]
 
 
 def register(method: type[Method]) -> type[Method]:
-    """Make ``method`` selectable as ``method.name: <its name>`` (usable as a class decorator)."""
+    """Make ``method`` selectable as ``method.name: <its name>`` (usable as a class decorator). Its
+    name is also the key of its settings section: a Python identifier (``my_method``, not ``my-method``)."""
     if not method.name:
         raise ValueError(f"{method.__name__} has no name")
+    if method.settings_type is not None and not method.name.isidentifier():
+        raise ValueError(f"{method.__name__}.name={method.name!r} keys its settings section: it must be an "
+                         "identifier (letters, digits, _)")
     METHODS[method.name] = method
     return method
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise KeyError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
+    """The method class registered as ``name``; a ConfigError naming method.name and the known ones."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
     return METHODS[name]

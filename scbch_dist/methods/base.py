@@ -11,28 +11,37 @@ A method
   engine for the gathered [u, v] bank of the whole training set (``EpochContext.bank``);
 - returns its diagnostics from the epoch hooks, as entries of the epoch's metrics record.
 
+A method also owns its settings: a dataclass (``settings_type``) that is the config section named
+after it (``scbch.*``, ``nacd.*``), with its defaults, and the value rules for it
+(``check_settings``); the config asks the registry for them, so adding a method is one module and
+neither the engine nor the config changes.
+
 Methods run on every rank with this rank's rows; batch-coupled terms gather the global batch with
-``global_columns``. Adding a method is one module here plus its config defaults; the engine does
-not change.
+``global_columns``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from scbch_dist import dist
-from scbch_dist.config import Config
-from scbch_dist.knn import SearchParams, knn
+from scbch_dist import knn
 from scbch_dist.knn.sharded import knn_sharded
 from scbch_dist.losses import Columns, wide
 from scbch_dist.models import NoHead, TowerSpec
+from scbch_dist.errors import ConfigError
 from scbch_dist.id_table import IdTable
+from scbch_dist.metrics import roc_auc
+
+if TYPE_CHECKING:  # the config asks this package for the methods' settings: no import back at run time
+    from scbch_dist.config import Config
 
 
 @dataclass
@@ -89,13 +98,16 @@ class EpochContext:
 
 
 class Method:
-    """The base: a method with no extra modules, no state and no hooks. Subclasses set ``name``
-    (the value of ``method.name``), ``terms`` (the loss terms they return, "total" first) and
-    override what they need."""
+    """The base: a method with no settings, no extra modules, no state and no hooks. Subclasses set
+    ``name`` (the value of ``method.name``, and the key of their config section), ``terms`` (the
+    loss terms they return, "total" first) and override what they need."""
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # the report's row label unless run.method names a variant
     terms: ClassVar[tuple[str, ...]] = ("total",)
+    # the dataclass of the method's config section ``<name>.*`` (its defaults and comments), which
+    # the method reads as ``self.settings``; None: the method has no settings
+    settings_type: ClassVar[type | None] = None
     # settings the engine checks for the method: the config key of its neighbour count (must be
     # below the training count), and the keys outside its section that shape its training, which
     # a resume may therefore not change (NACD's EMA schedule follows train.epochs)
@@ -104,13 +116,22 @@ class Method:
 
     def __init__(self, cfg: Config, train: TrainingSet):
         self.cfg, self.train = cfg, train
+        self.settings: Any = getattr(cfg, self.name) if self.settings_type is not None else None
 
-    def tower_spec(self) -> TowerSpec:
+    @classmethod
+    def check_settings(cls, settings: Any) -> None:
+        """The value rules of the method's section that a type check cannot express (config.validate
+        calls it); a ConfigError naming the key (``scbch.k``) otherwise."""
+
+    @classmethod
+    def tower_spec(cls, cfg: Config) -> TowerSpec:
+        """The hash towers' layout the method trains (hidden layers per modality, last-layer bias)."""
         return TowerSpec()
 
-    def build_head(self) -> nn.Module:
+    @classmethod
+    def build_head(cls, cfg: Config, num_classes: int) -> nn.Module:
         """The method's trainable modules on the codes: {h_img, h_txt} -> extra outputs. Built after
-        the towers, under the run's seed."""
+        the towers, under the run's seed (engine.setup.build_network)."""
         return NoHead()
 
     def tables(self) -> dict[str, IdTable]:
@@ -135,24 +156,18 @@ class Method:
         return ""
 
 
-def search_params(cfg: Config) -> SearchParams:
-    """knn.SearchParams from bank.* (the index is seeded by train.seed)."""
-    b = cfg.bank
-    return SearchParams(nlist=b.nlist, nprobe=b.nprobe, ef_search=b.ef_search, train_rows=b.train_rows,
-                        exact_below=b.exact_below, seed=cfg.train.seed)
-
-
 def neighbours(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest bank rows of each id this rank searches (``bank.own_ids``), each id's own
     row counting as similarity 0 (docs/objective.md); (sims, index), each (m, k), index holding ids.
-    bank.knn chooses the search; a sharded bank is searched across the ranks (a collective)."""
+    bank.* (a knn.KnnSettings) chooses the search, train.seed seeds an IVF's lists; a sharded bank
+    is searched across the ranks (a collective)."""
     if bank.sharded:
-        return knn_sharded(bank.rows, bank.rows, bank.own_ids, k, self_index=bank.own_ids, backend=cfg.bank.knn,
-                           params=search_params(cfg))
+        return knn_sharded(bank.rows, bank.rows, bank.own_ids, k, self_index=bank.own_ids, settings=cfg.bank,
+                           seed=cfg.train.seed)
     own = bank.own_ids
     everyone = own.shape[0] == bank.rows.shape[0] and bool((own == torch.arange(own.shape[0], device=own.device)).all())
     queries = bank.rows if everyone else bank.rows[own]  # one process searches every row: no copy of the bank
-    return knn(queries, bank.rows, k, self_index=own, backend=cfg.bank.knn, params=search_params(cfg))
+    return knn.neighbours(queries, bank.rows, k, self_index=own, settings=cfg.bank, seed=cfg.train.seed)
 
 
 def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor) -> Columns | None:
@@ -167,3 +182,52 @@ def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tenso
     txt_all, _ = dist.gather_rows(h_txt, with_grad=True, counts=counts)
     lab_all, _ = dist.gather_rows(labels, counts=counts)
     return Columns(img_all, txt_all, lab_all, offset)
+
+
+def check_values(section: str, settings: Any, *, at_least_one: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                 not_negative: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
+    """The common value rules of a method's section, each a ConfigError naming ``section.key``:
+    integers at least 1 (a count), numbers above 0, at least 0, and in [0, 1] (a share)."""
+    rules = [(at_least_one, lambda v: v >= 1, "must be at least 1"), (positive, lambda v: v > 0, "must be positive"),
+             (not_negative, lambda v: v >= 0, "must be >= 0"), (unit, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")]
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(settings, name)
+            if not ok(value):
+                raise ConfigError(f"{section}.{name} {rule}, got {value}")
+
+
+@dataclass
+class Refresh:
+    """Per-id values recomputed from each id's neighbours in the bank (``refresh_from_neighbours``)."""
+
+    values: torch.Tensor  # (N, ...) the new value of every training id, in id order, on every rank
+    source: str  # the bank's: "pass" | "memory"
+    coverage: float | None  # the bank's (memory: the fraction of rows from the last epoch)
+    seconds: float  # the bank, the search, the values and their gather
+
+
+def refresh_from_neighbours(cfg: Config, ctx: EpochContext, k: int,
+                            compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Refresh:
+    """A refresh of per-id state (SCBCH's weights, NACD's confidences), a collective: the bank, the
+    ``k`` nearest neighbours of this rank's ids (``neighbours``), ``compute(sims, index, own_ids)``
+    -> (m, ...) values of those ids, and the values of every rank gathered by id. ``sims`` is the
+    similarity of docs/objective.md, z z^T / 2 of the bank rows z = [u, v]: in [-1, 1]."""
+    t0 = time.perf_counter()
+    bank = ctx.bank()
+    with torch.no_grad():
+        sims, index = neighbours(cfg, bank, k)
+        own = compute(sims / 2, index, bank.own_ids)
+        values = dist.gather_by_id({"id": bank.own_ids, "values": own}, ctx.train.count)["values"]
+    return Refresh(values, bank.source, bank.coverage, time.perf_counter() - t0)
+
+
+def separation(scores: np.ndarray, positive: np.ndarray | None,
+               names: tuple[str, str] = ("clean", "corrupted")) -> dict:
+    """How well ``scores`` tell the ``positive`` rows (clean rows, true labels) from the others: the
+    mean of each group (``<name>_mean``) and the ROC-AUC of the scores as a positive-vs-other score.
+    Empty without both groups (no noise, or every row corrupted)."""
+    if positive is None or positive.all() or not positive.any():
+        return {}
+    return {f"{names[0]}_mean": float(scores[positive].mean()), f"{names[1]}_mean": float(scores[~positive].mean()),
+            "auc": roc_auc(scores, positive)}

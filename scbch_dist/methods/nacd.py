@@ -1,13 +1,12 @@
-"""NACD (Su et al., NeurIPS 2025) as a method: its classifier pair, the per-id confidence table
-(an EMA after every batch, a neighbour reconstruction after every epoch past the warm-up) and the
-class thresholds, with the loss L_cls + alpha CRCH + beta L_q (docs/methods.md, "NACD").
-
-Settings: ``nacd.*``; the reconstruction searches the engine's bank (``bank.knn``, ``bank.refresh``).
+"""NACD (Su et al., NeurIPS 2025) as a method: its settings (``nacd.*``), its classifier pair, the
+per-id confidence table (an EMA after every batch, a neighbour reconstruction after every epoch past
+the warm-up) and the class thresholds, with the loss L_cls + alpha CRCH + beta L_q (docs/methods.md,
+"NACD"). The reconstruction searches the engine's bank (``bank.knn``, ``bank.refresh``).
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,16 +15,33 @@ import torch.nn as nn
 from scbch_dist import dist, plots
 from scbch_dist.losses import (class_thresholds, confidence_bce, confidence_from_neighbors, crch_loss, ema_confidence,
                                ema_weight, quantization_loss)
-from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, global_columns, neighbours
-from scbch_dist.metrics import roc_auc
+from scbch_dist.methods.base import (EpochContext, Method, Step, TrainingSet, check_values, global_columns,
+                                     refresh_from_neighbours, separation)
 from scbch_dist.models import Classifiers
 from scbch_dist.id_table import IdTable
+
+
+@dataclass
+class NACDSettings:
+    """The config section ``nacd.*``, as NACD's published code sets it (docs/methods.md, "NACD")."""
+
+    alpha: float = 0.3  # weight of the contrastive term on reliable labels (CRCH)
+    beta: float = 0.7  # weight of the quantisation term
+    margin: float = 0.2  # CRCH margin m
+    shift: float = 1.0  # CRCH shift s
+    k: int = 20  # neighbours of the confidence reconstruction
+    mix: float = 0.2  # lambda: share of the reconstruction in the new confidences
+    warmup_epochs: int = 10  # epochs without reconstruction (the first follows epoch index 10)
+    omega_start: float = 0.95  # EMA weight of the old confidence at epoch 0, moving linearly ...
+    omega_end: float = 0.80  # ... to this at epoch E
+    threshold: float = 0.5  # class thresholds until the first reconstruction
 
 
 class NACD(Method):
     name = "nacd"
     label = "NACD"
     terms = ("total", "cls", "crch", "quant")
+    settings_type = NACDSettings
     knn_key = "nacd.k"
     schedule_keys = ("train.epochs",)
 
@@ -33,17 +49,25 @@ class NACD(Method):
         super().__init__(cfg, train)
         self.confidence = IdTable(train.count, (train.num_classes,), device=train.device)
         self.confidence.assign(train.labels.float())  # c starts at y: every candidate fully trusted
-        self.thresholds = IdTable(train.num_classes, fill=cfg.nacd.threshold, device=train.device)  # one row per class
+        # one row per class
+        self.thresholds = IdTable(train.num_classes, fill=self.settings.threshold, device=train.device)
 
-    def build_head(self) -> nn.Module:
-        return Classifiers(self.cfg.model.bits, self.train.num_classes)
+    @classmethod
+    def check_settings(cls, settings: NACDSettings) -> None:
+        check_values(cls.name, settings, at_least_one=("k",), not_negative=("alpha", "beta", "margin", "shift",
+                                                                            "warmup_epochs"),
+                     unit=("mix", "omega_start", "omega_end", "threshold"))
+
+    @classmethod
+    def build_head(cls, cfg, num_classes: int) -> nn.Module:
+        return Classifiers(cfg.model.bits, num_classes)
 
     def tables(self) -> dict[str, IdTable]:
         return {"confidence": self.confidence, "thresholds": self.thresholds}
 
     def loss(self, out: dict[str, torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         """With the confidences and thresholds as they stand before this batch's update."""
-        s = self.cfg.nacd
+        s = self.settings
         c = self.confidence[step.ids]
         cols = global_columns(out["h_img"], out["h_txt"], step.labels)
         n = cols.h_img.shape[0] if cols is not None else None
@@ -55,7 +79,7 @@ class NACD(Method):
         return {"total": cls + s.alpha * crch + s.beta * quant, "cls": cls, "crch": crch, "quant": quant}
 
     def after_batch(self, out: dict[str, torch.Tensor], step: Step) -> None:
-        s = self.cfg.nacd
+        s = self.settings
         omega = ema_weight(step.epoch, self.cfg.train.epochs, s.omega_start, s.omega_end)
         self.confidence.update(step.ids, ema_confidence(self.confidence[step.ids], out["p_img"], out["p_txt"],
                                                         step.labels, omega=omega))
@@ -63,18 +87,14 @@ class NACD(Method):
     def epoch_end(self, ctx: EpochContext) -> dict:
         """After the warm-up: each rank reconstructs the confidences of its own ids from their k
         nearest neighbours in the bank, the rows are gathered by id, and the thresholds follow."""
-        s = self.cfg.nacd
+        s = self.settings
         diag: dict = {}
         if ctx.epoch >= s.warmup_epochs:
-            t0 = time.perf_counter()
-            bank = ctx.bank()
-            with torch.no_grad():
-                sims, index = neighbours(self.cfg, bank, s.k)
-                own = confidence_from_neighbors(sims / 2, index, self.confidence.values, self.train.labels,
-                                                own_index=bank.own_ids, mix=s.mix)
-                self.confidence.assign(dist.gather_by_id({"id": bank.own_ids, "c": own}, self.train.count)["c"])
-                self.thresholds.assign(class_thresholds(self.confidence.values))
-            diag.update(source=bank.source, seconds=time.perf_counter() - t0)
+            refresh = refresh_from_neighbours(self.cfg, ctx, s.k, lambda sims, index, own: confidence_from_neighbors(
+                sims, index, self.confidence.values, self.train.labels, own_index=own, mix=s.mix))
+            self.confidence.assign(refresh.values)
+            self.thresholds.assign(class_thresholds(self.confidence.values))
+            diag.update(source=refresh.source, seconds=refresh.seconds)
         confidence = self.confidence.values.cpu().numpy()
         diag.update(confidence_diagnostics(confidence, self.train.labels.cpu().numpy(), self.train.clean),
                     threshold_mean=float(self.thresholds.values.mean()))
@@ -100,7 +120,4 @@ def confidence_diagnostics(confidence: np.ndarray, labels: np.ndarray, clean: np
     out = {"candidate_mean": float(confidence[candidates].mean()) if candidates.any() else 0.0}
     if clean is None:
         return out
-    scores, true = confidence[candidates], (clean > 0)[candidates]
-    if true.any() and (~true).any():
-        out.update(true_mean=float(scores[true].mean()), false_mean=float(scores[~true].mean()), auc=roc_auc(scores, true))
-    return out
+    return {**out, **separation(confidence[candidates], (clean > 0)[candidates], names=("true", "false"))}

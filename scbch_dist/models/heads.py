@@ -133,7 +133,11 @@ class HashingModel(nn.Module):
 
 class SCBCHModel(HashingModel):
     """The SCBCH network (NACD's too): SCBCH's towers and the two classifiers. Without backbones the
-    inputs are stored feature vectors of width img_dim / txt_dim."""
+    inputs are stored feature vectors of width img_dim / txt_dim.
+
+    Reference only: the engine builds this network from the config with build_model (the default
+    TowerSpec) and the method's head (Classifiers); tests and benchmarks build it directly, without
+    a config, and check the engine's pieces with it."""
 
     def __init__(self, img_dim: int, txt_dim: int, bits: int, hidden: int, num_classes: int, *,
                  img_backbone: nn.Module | None = None, txt_backbone: nn.Module | None = None):

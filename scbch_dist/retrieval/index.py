@@ -41,11 +41,12 @@ import numpy as np
 
 from scbch_dist import cli, metrics
 from scbch_dist.retrieval import hamming
-from scbch_dist.config import IndexSettings, check_saved_config, read_yaml_mapping
+from scbch_dist.retrieval.hamming import HammingIndexError
+from scbch_dist.config import IndexSettings, migrate, read_run_config
 from scbch_dist.digests import (IntegrityError, arrays_sha256, read_sealed_json, sha256_file, verify_manifest,
                                 write_manifest, write_sealed_json)
 from scbch_dist.engine.evaluate import CODES_DIGEST
-from scbch_dist.errors import ScbchError, first_line
+from scbch_dist.errors import first_line
 from scbch_dist.atomic import atomic_directory, atomic_save_npy
 
 FORMAT = 1
@@ -53,10 +54,6 @@ MODALITIES = ("img", "txt")
 CODE_SPLITS = ("query", "database")  # the splits codes.npz holds
 SEARCH_KNOBS = ("nprobe", "ef_search", "hash_flips")  # settings a search may change without a rebuild
 CHECK_FAILED = 1  # exit status of a check that ran and found a problem (2: it could not run, cli.EXIT_ERROR)
-
-
-class RunIndexError(ScbchError, ValueError):
-    """The run's codes or index cannot be used as asked; the message names the file."""
 
 
 def _config_without_outputs(config: dict) -> dict:
@@ -80,12 +77,13 @@ class RunCodes:
         run_dir = Path(run_dir)
         path = run_dir / "codes.npz"
         if not (run_dir / "config.yaml").is_file():
-            raise RunIndexError(f"{run_dir}: not a run folder (no config.yaml)")
+            raise HammingIndexError(f"{run_dir}: not a run folder (no config.yaml)")
         if not path.is_file():
-            raise RunIndexError(f"{path}: missing; a run writes its codes after its last epoch (unless "
-                                f"run.save_codes is false): write them with python -m scbch_dist.train --resume {run_dir} "
-                                "--set run.save_codes=true")
-        check_saved_config(run_dir / "config.yaml")  # first: codes are compared with it below
+            raise HammingIndexError(f"{path}: missing; a run writes its codes after its last epoch (unless "
+                                    f"run.save_codes is false): write them with python -m scbch_dist.train --resume {run_dir} "
+                                    "--set run.save_codes=true")
+        # first: codes are compared with it below (its digest checked, an earlier layout migrated)
+        run_config = read_run_config(run_dir / "config.yaml")
         arrays = read_codes(path)
         bits = int(arrays["bits"])
         try:
@@ -94,34 +92,33 @@ class RunCodes:
             labels = {s: np.asarray(arrays[f"{s}_lab"]) for s in CODE_SPLITS}
             stored = json.loads(str(arrays["config"])) if "config" in arrays else None
         except (ValueError, KeyError) as e:
-            raise RunIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
+            raise HammingIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
         model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
-        run_config = read_yaml_mapping(run_dir / "config.yaml", "run config")
         if stored is not None:
             from scbch_dist.engine.rundir import changed_keys
 
-            changed = changed_keys(_config_without_outputs(stored), _config_without_outputs(run_config), ())
+            changed = changed_keys(_config_without_outputs(migrate(stored)), _config_without_outputs(run_config), ())
             if changed:
-                raise RunIndexError(f"{path}: written by another run or an unfinished resume (config.yaml differs: "
-                                    f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
+                raise HammingIndexError(f"{path}: written by another run or an unfinished resume (config.yaml differs: "
+                                        f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
         return cls(run_dir, bits, codes, labels, model_sha256, run_config, sha256_file(path))
 
 
 def read_codes(path: Path) -> dict[str, np.ndarray]:
     """Every array of a codes.npz, its digest checked (codes written before digests are read as
-    they are). A damaged file is a RunIndexError naming it, with the way to write it again."""
+    they are). A damaged file is a HammingIndexError naming it, with the way to write it again."""
     again = (f"delete it and write it again: python -m scbch_dist.train --resume {path.parent} "
              "--set run.save_codes=true")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise RunIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first_line(e)}); {again}") from None
+        raise HammingIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first_line(e)}); {again}") from None
     stored = arrays.pop(CODES_DIGEST, None)
     if stored is not None and str(stored) != arrays_sha256(arrays):
-        raise RunIndexError(f"{path}: its content differs from the sha256 it was written with (corrupted); {again}")
+        raise HammingIndexError(f"{path}: its content differs from the sha256 it was written with (corrupted); {again}")
     if "bits" not in arrays:
-        raise RunIndexError(f"{path}: not a codes file (no 'bits'); {again}")
+        raise HammingIndexError(f"{path}: not a codes file (no 'bits'); {again}")
     return arrays
 
 
@@ -143,7 +140,7 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
 
     run_dir = Path(run_dir)
     if split not in CODE_SPLITS:
-        raise RunIndexError(f"--split {split!r}: codes.npz holds {' and '.join(CODE_SPLITS)}")
+        raise HammingIndexError(f"--split {split!r}: codes.npz holds {' and '.join(CODE_SPLITS)}")
     with RunLock(run_dir, create=False):
         codes = RunCodes.load(run_dir)
         target = index_dir(run_dir, split, settings.kind)
@@ -193,23 +190,23 @@ class RunIndex:
              overrides: dict | None = None) -> RunIndex:
         path = index_dir(run_dir, split, kind)
         if not (path / "index.json").is_file():
-            raise RunIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.retrieval.index "
-                                f"build {run_dir} --split {split} --kind {kind}")
+            raise HammingIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.retrieval.index "
+                                    f"build {run_dir} --split {split} --kind {kind}")
         try:
             verify_manifest(path)  # (an index built before manifests has none: read as it is)
             record = read_sealed_json(path / "index.json")
         except IntegrityError as e:
-            raise RunIndexError(f"{e}; rebuild the index: python -m scbch_dist.retrieval.index build {run_dir} --split {split} "
-                                f"--kind {kind}") from None
+            raise HammingIndexError(f"{e}; rebuild the index: python -m scbch_dist.retrieval.index build {run_dir} --split {split} "
+                                    f"--kind {kind}") from None
         rebuild = f"rebuild it: python -m scbch_dist.retrieval.index build {run_dir} --split {split} --kind {kind}"
         if record.get("format") != FORMAT:
-            raise RunIndexError(f"{path / 'index.json'}: index format {record.get('format')!r}, this version reads "
-                                f"{FORMAT}; {rebuild}")
+            raise HammingIndexError(f"{path / 'index.json'}: index format {record.get('format')!r}, this version reads "
+                                    f"{FORMAT}; {rebuild}")
         try:
             if record["codes_sha256"] != codes.sha256:
-                raise RunIndexError(f"{path}: built from other codes than {run_dir}/codes.npz now holds (built "
-                                    f"{record['built']}, model {record['model_sha256'][:12] or '?'}; the codes now: "
-                                    f"model {codes.model_sha256[:12] or '?'}); {rebuild}")
+                raise HammingIndexError(f"{path}: built from other codes than {run_dir}/codes.npz now holds (built "
+                                        f"{record['built']}, model {record['model_sha256'][:12] or '?'}; the codes now: "
+                                        f"model {codes.model_sha256[:12] or '?'}); {rebuild}")
             ids = np.load(path / "ids.npy", allow_pickle=False)
             indexes, settings = {}, {}
             for m in MODALITIES:
@@ -219,10 +216,10 @@ class RunIndex:
                 indexes[m] = hamming.read(path / record["modalities"][m]["file"], resolved)
                 settings[m] = resolved
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # an index of an earlier version, damaged
-            if isinstance(e, RunIndexError):
+            if isinstance(e, HammingIndexError):
                 raise
-            raise RunIndexError(f"{path}: not a readable index ({type(e).__name__}: {first_line(e)[:200]}); "
-                                f"{rebuild}") from None
+            raise HammingIndexError(f"{path}: not a readable index ({type(e).__name__}: {first_line(e)[:200]}); "
+                                    f"{rebuild}") from None
         return cls(path, record, ids, indexes, settings)
 
     def search(self, modality: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +255,7 @@ def check(run_dir: str | Path, *, split: str = "database", kind: str = "flat", k
     try:
         summary = read_sealed_json(summary_path).get("final") or {} if summary_path.is_file() else {}
     except IntegrityError as e:
-        raise RunIndexError(str(e)) from None
+        raise HammingIndexError(str(e)) from None
     rows = []
     for direction, (q_mod, d_mod) in {"i2t": ("img", "txt"), "t2i": ("txt", "img")}.items():
         queries, database = codes.codes[f"{other}_{q_mod}"], codes.codes[f"{split}_{d_mod}"]

@@ -248,11 +248,9 @@ class QueryEncoder:
         """The run's network with the checkpoint's weights, on CPU, in eval mode."""
         from safetensors.torch import load_file
 
-        from scbch_dist import models
         from scbch_dist.engine.checkpoint import (MODEL_FILE, CheckpointError, latest_checkpoint, model_fingerprint,
                                                   verify_model_file)
-        from scbch_dist.engine.setup import method_class
-        from scbch_dist.methods import TrainingSet
+        from scbch_dist.engine.setup import build_network, method_class
 
         try:
             path = latest_checkpoint(self.run_dir) / MODEL_FILE
@@ -266,14 +264,9 @@ class QueryEncoder:
         if self.model_sha256 and model_fingerprint(state) != self.model_sha256:
             raise QueryError(f"{path}: not the model that wrote codes.npz (the run went on after it); finish the run "
                              "(python -m scbch_dist.train --resume RUN_DIR) so that codes and model agree")
-        count, classes = self.meta.splits["train"].count, self.meta.num_classes
-        train = TrainingSet(count=count, num_classes=classes, labels=torch.zeros(count, classes, dtype=torch.uint8),
-                            corrupted=None, device=torch.device("cpu"))
-        method = method_class(self.cfg)(self.cfg, train)
         vocab = self._tokenizer.vocab_size if self.meta.kind("txt") == "text" else None
-        with torch.random.fork_rng(devices=[]):  # the weights are overwritten: the draw does not matter
-            net = models.build_model(self.cfg.model, self.meta, spec=method.tower_spec(), make_head=method.build_head,
-                                     vocab_size=vocab)
+        with torch.random.fork_rng(devices=[]):  # the weights are overwritten: the caller's random state is kept
+            net = build_network(method_class(self.cfg), self.cfg, self.meta, vocab)
         net.load_state_dict(state, strict=True)
         return net.eval()
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from scbch_dist import cli
-from scbch_dist.config import IndexSettings, load_config
+from scbch_dist.config import IndexSettings, load_run_config
 from scbch_dist.data.format import read_meta
-from scbch_dist.retrieval.index import CODE_SPLITS, RunCodes, RunIndex, RunIndexError
+from scbch_dist.retrieval.hamming import HammingIndexError
+from scbch_dist.retrieval.index import CODE_SPLITS, RunCodes, RunIndex
 from scbch_dist.retrieval.query import MAX_PIXELS, DatasetItems, QueryEncoder, QueryError, read_image
 
 OTHER = {"img": "txt", "txt": "img"}
@@ -80,12 +81,12 @@ class Searcher:
         self.run_dir = Path(run_dir)
         self.codes = RunCodes.load(self.run_dir)
         self.index = RunIndex.open(self.run_dir, self.codes, split="database", kind=kind, overrides=overrides)
-        self.cfg = load_config(self.run_dir / "config.yaml")
+        self.cfg = load_run_config(self.run_dir / "config.yaml")
         self.root = dataset_root(self.cfg, self.run_dir, data_root)
         self.meta = read_meta(self.root)
         if self.meta.num_classes != self.codes.labels["database"].shape[1]:
-            raise RunIndexError(f"{self.root}: {self.meta.num_classes} classes, but {self.run_dir}/codes.npz has "
-                                f"{self.codes.labels['database'].shape[1]}: not the run's dataset")
+            raise HammingIndexError(f"{self.root}: {self.meta.num_classes} classes, but {self.run_dir}/codes.npz has "
+                                    f"{self.codes.labels['database'].shape[1]}: not the run's dataset")
         self.items = DatasetItems(self.root, self.meta)
         self.encoder = QueryEncoder(self.cfg, self.root, self.meta, self.run_dir, self.codes.model_sha256,
                                     max_pixels=max_pixels)

@@ -60,7 +60,7 @@ from scbch_dist.data.format import write_dataset  # noqa: E402
 from scbch_dist.data.pipeline import TrainStream  # noqa: E402
 from scbch_dist.engine.loop import train_step  # noqa: E402
 from scbch_dist.engine.setup import make_optimizer  # noqa: E402
-from scbch_dist.knn import SearchParams, auto_nlist, faiss_available, knn  # noqa: E402
+from scbch_dist.knn import KnnSettings, auto_nlist, faiss_available, neighbours  # noqa: E402
 from scbch_dist.methods import SCBCH, Step, TrainingSet  # noqa: E402
 from scbch_dist.models import SCBCHModel  # noqa: E402
 
@@ -170,13 +170,13 @@ def measure_exact(bank: torch.Tensor, backend: str, budget_pairs: float = 2e9) -
     t = time.perf_counter()
     for start in range(0, q, block):
         stop = min(q, start + block)
-        knn(bank[start:stop], bank, K, self_index=torch.arange(start, stop), backend=backend)
+        neighbours(bank[start:stop], bank, K, self_index=torch.arange(start, stop), settings=KnnSettings(knn=backend))
     return {"seconds": (time.perf_counter() - t) * n / q, "queries_timed": q}
 
 
 @contextmanager
 def recording_ivf():
-    """Records what knn_ivf computes on its way (its k-means centroids, the two groupings by list
+    """Records what torch_ivf computes on its way (its k-means centroids, the two groupings by list
     and the lists each list's queries scan), to count the candidate pairs it scanned. Restores the
     module on exit."""
     names = {"kmeans_ip": "centroids", "_grouped": "grouped", "probe_lists": "probe"}
@@ -199,22 +199,22 @@ def recording_ivf():
             setattr(knn_mod, name, fn)
 
 
-def ivf_nlist(n: int, params: SearchParams) -> int:
-    """The lists knn_ivf makes for a bank of n rows: a power of two near sqrt(n) (auto_nlist's
+def ivf_nlist(n: int, settings: KnnSettings) -> int:
+    """The lists torch-ivf makes for a bank of n rows: a power of two near sqrt(n) (auto_nlist's
     per_sqrt=1), or 4 sqrt(n) where auto_nlist predates that argument."""
-    if params.nlist:
-        return min(params.nlist, n)
+    if settings.nlist:
+        return min(settings.nlist, n)
     try:
         return min(auto_nlist(n, per_sqrt=1.0), n)
     except TypeError:
         return min(auto_nlist(n), n)
 
 
-def ivf_work(n: int, params: SearchParams, seen: dict | None) -> dict:
+def ivf_work(n: int, settings: KnnSettings, seen: dict | None) -> dict:
     """Candidate pairs torch-ivf scanned over a bank of n rows searched by itself, and its
     multiply-adds per bank dimension (pairs + k-means + assigning the rows to lists). From what
     ``recording_ivf`` saw; if it saw something else, the pairs are estimated for lists of equal size."""
-    nlist = ivf_nlist(n, params)
+    nlist = ivf_nlist(n, settings)
     pairs, how = None, "estimated (equal lists)"
     if seen and len(seen["centroids"]) == 1 and len(seen["grouped"]) >= 1:
         centroids = seen["centroids"][0]
@@ -224,11 +224,11 @@ def ivf_work(n: int, params: SearchParams, seen: dict | None) -> dict:
         if len(seen["probe"]) == 1:  # the lists each list's queries scan (probe_lists)
             probe = seen["probe"][0].cpu()
         else:  # the lists nearest to each list's centroid
-            probe = torch.topk(centroids @ centroids.T, min(params.nprobe, nlist), dim=1).indices.cpu()
+            probe = torch.topk(centroids @ centroids.T, min(settings.nprobe, nlist), dim=1).indices.cpu()
         if sizes.numel() == nlist and asks.numel() == nlist and probe.shape[0] == nlist:
             pairs, how = float((asks * sizes[probe].sum(1)).sum()), "counted"
-    train = min(n, max(params.train_rows, 39 * nlist))
-    nprobe = min(params.nprobe, nlist)
+    train = min(n, max(settings.train_rows, 39 * nlist))
+    nprobe = min(settings.nprobe, nlist)
     uniform = n * n * nprobe / nlist
     pairs = uniform if pairs is None else pairs
     macs = pairs + 10 * train * nlist + n * nlist  # per bank dimension; the k-means runs 10 iterations
@@ -236,26 +236,23 @@ def ivf_work(n: int, params: SearchParams, seen: dict | None) -> dict:
             "nlist": nlist, "nprobe": nprobe}
 
 
-def torch_ivf(bank: torch.Tensor, params: SearchParams):
-    try:
-        return knn(bank, bank, K, self_index=torch.arange(bank.shape[0]), backend="torch-ivf", params=params)
-    except ValueError:  # not wired into knn() yet: the function itself
-        return knn_mod.knn_ivf(bank, bank, K, self_index=torch.arange(bank.shape[0]), params=params)
+def torch_ivf(bank: torch.Tensor, settings: KnnSettings):
+    return neighbours(bank, bank, K, self_index=torch.arange(bank.shape[0]), settings=settings)
 
 
 def measure_approx(bank: torch.Tensor, backend: str) -> dict:
     """Seconds of an approximate refresh over the whole bank (build + search of every row)."""
-    params = SearchParams()
+    settings = KnnSettings(knn=backend)
     n = bank.shape[0]
     if backend == "torch-ivf":
         before = cpu_matmul_flops()  # the matmul rate beside the search: other jobs move both
         with recording_ivf() as seen:
             t = time.perf_counter()
-            torch_ivf(bank, params)
+            torch_ivf(bank, settings)
             seconds = time.perf_counter() - t
-        return {"seconds": seconds, "cpu_flops": max(before, cpu_matmul_flops()), **ivf_work(n, params, seen)}
+        return {"seconds": seconds, "cpu_flops": max(before, cpu_matmul_flops()), **ivf_work(n, settings, seen)}
     t = time.perf_counter()
-    knn(bank, bank, K, self_index=torch.arange(n), backend=backend, params=params)
+    neighbours(bank, bank, K, self_index=torch.arange(n), settings=settings)
     return {"seconds": time.perf_counter() - t}
 
 
@@ -432,7 +429,7 @@ def project(res: dict) -> None:
     loader_rate = n_meas / d["loader"]["seconds"]  # samples/s of one reader (this machine's CPU)
     eval_per_row = res["phases"]["eval"][-1] / n_meas
     ivf = d.get("torch-ivf")
-    params = SearchParams()
+    settings = KnnSettings()
     row_bytes = DIMS * 2  # float16 bank rows (knn takes a float16 bank; the engine's float32 doubles this)
     top_bytes = (K + 1) * (4 + 8)  # a query's running top-(k+1): float32 similarities, int64 ids
     if ivf:
@@ -442,9 +439,9 @@ def project(res: dict) -> None:
 
     def ivf_seconds(bank: int, queries: int, searches: int, own: bool) -> float:
         """torch-ivf on a GPU: ``searches`` indexes over ``bank`` rows, each searched by ``queries``."""
-        nlist = ivf_nlist(bank, params)
-        train = min(bank, max(params.train_rows, 39 * nlist))
-        nprobe = min(params.nprobe, nlist)
+        nlist = ivf_nlist(bank, settings)
+        train = min(bank, max(settings.train_rows, 39 * nlist))
+        nprobe = min(settings.nprobe, nlist)
         pairs = ivf["imbalance"] * queries * bank * nprobe / nlist
         macs = pairs + 10 * train * nlist + bank * nlist + (0 if own else queries * nlist)
         return searches * (2 * DIMS * macs / (ivf_eff * GPU_FLOPS) + nlist * LIST_OVERHEAD)
@@ -516,9 +513,9 @@ def project(res: dict) -> None:
               f"{cpu_flops / 1e9:.0f} GFLOP/s matmul (the best measured beside it); on a GPU the same fraction of "
               f"{GPU_FLOPS / 1e12:.0f} TFLOP/s (CPU->GPU ratio {GPU_FLOPS / cpu_flops:,.0f}x), plus "
               f"{LIST_OVERHEAD * 1e3:.1f} ms of launches per list; lists as unbalanced as measured here; "
-              f"nprobe {params.nprobe} of "
-              f"{ivf_nlist(n, params)} lists over the gathered bank, of "
-              + ", ".join(f"{ivf_nlist(n // w, params)} over a {w}-way shard" for w in GPUS))
+              f"nprobe {settings.nprobe} of "
+              f"{ivf_nlist(n, settings)} lists over the gathered bank, of "
+              + ", ".join(f"{ivf_nlist(n // w, settings)} over a {w}-way shard" for w in GPUS))
     print(f"- evaluation metrics per database row as measured at {n_meas:,} rows ({eval_per_row * 1e6:.1f} us), "
           "computed once on the main process; the database encoding costs about the encode pass")
     print("- phases summed, no overlap (an upper bound: loader workers overlap the steps)")

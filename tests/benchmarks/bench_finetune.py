@@ -95,7 +95,8 @@ def _step_rate(cfg: Config, batch: int, steps: int, image_size: int, length: int
     per_rank = batch // accelerator.num_processes
     cfg.train.batch_size = batch
     method = SCBCH(cfg, TrainingSet(per_rank, 11, torch.zeros(per_rank, 11, dtype=torch.uint8), None, accelerator.device))
-    model = build_model(cfg.model, _RawMeta(), spec=method.tower_spec(), make_head=method.build_head, vocab_size=vocab)
+    model = build_model(cfg.model, _RawMeta(), spec=method.tower_spec(cfg), make_head=lambda: method.build_head(cfg, 11),
+                        vocab_size=vocab)
     model, optimizer = prepare(accelerator, model, make_optimizer(model, cfg, accelerator.device), cfg)
     g = torch.Generator().manual_seed(accelerator.process_index)
     data = {"img": torch.randint(0, 256, (per_rank, 3, image_size, image_size), dtype=torch.uint8, generator=g),

@@ -128,7 +128,7 @@ def main():
     train = TrainingSet(meta.splits["train"].count, meta.num_classes, labels, None, device)
     bank = BankSource("pass", train.count, a.bits, device, log=setup_logging(None, True),
                       encode_train=lambda: encode_part(model, root, meta, "train", batch_size=2048, device=device))
-    SCBCH(cfg, train).epoch_start(EpochContext(cfg.cscc.warmup_epochs, a.epochs, train, bank.build, Path("."), False))
+    SCBCH(cfg, train).epoch_start(EpochContext(cfg.scbch.warmup_epochs, a.epochs, train, bank.build, Path("."), False))
     refresh = time.perf_counter() - t
     t = time.perf_counter()
     _, codes = evaluate(model, root, meta, batch_size=2048, device=device)
@@ -157,7 +157,7 @@ def main():
     # ours is charged in full (read in the training process).
     published_eval = encode + published_map + published_pr
 
-    e, every, warm = a.epochs, a.eval_every, cfg.cscc.warmup_epochs
+    e, every, warm = a.epochs, a.eval_every, cfg.scbch.warmup_epochs
     ours_epoch = steps_per_epoch * (ours_step + 128 * our_load)
     published_epoch = steps_per_epoch * published_step
     ours_total = e * ours_epoch + (e - warm) * refresh + math.ceil(e / every) * our_eval

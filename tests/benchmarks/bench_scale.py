@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from scbch_dist import metrics
 from scbch_dist.config import SyntheticConfig, load_config
 from scbch_dist.data.synthetic import generate_arrays
-from scbch_dist.knn import SearchParams, faiss_available, knn, knn_exact
+from scbch_dist import knn
+from scbch_dist.knn import KnnSettings, exact_topk, faiss_available
 from scbch_dist.losses import confidence_from_neighbors, weights_from_neighbors
 from scbch_dist.methods.base import Bank, neighbours
 
@@ -62,7 +63,7 @@ def bench_refresh(sizes, bits_list, budget_pairs=2e9):
                 dev = torch.device("cuda" if backend == "faiss-gpu" else "cpu")
                 b = bank.to(dev)
                 t = time.perf_counter()
-                knn(b[:q], b, 20, self_index=torch.arange(q, device=dev), backend=backend)
+                knn.neighbours(b[:q], b, 20, self_index=torch.arange(q, device=dev), settings=KnnSettings(knn=backend))
                 seconds = (time.perf_counter() - t) * n / q
                 print(f"| {n:>10} | {bits:>4} | {backend:<9} | {q:>13} | {seconds:>18.2f} |")
 
@@ -107,9 +108,9 @@ def reset_peak_memory() -> int:
     return _status_bytes("VmRSS")
 
 
-def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchParams(), bank="trained-like",
+def bench_quality(sizes, bits_list, backends, k=20, sample=2000, settings=KnnSettings(), bank="trained-like",
                   float16=False):
-    print(f"{bank} bank, {'float16' if float16 else 'float32'} rows, nprobe {params.nprobe}")
+    print(f"{bank} bank, {'float16' if float16 else 'float32'} rows, nprobe {settings.nprobe}")
     print(f"| {'bank rows':>10} | {'bits':>4} | {'backend':<11} | {'search (s)':>10} | {'bank (MB)':>9} | "
           f"{'peak above bank (MB)':>20} | {'recall@20':>9} | {'mean |dw|':>9} | {'max |dw|':>8} | "
           f"{'mean |dc|':>9} | {'max |dc|':>8} |")
@@ -121,7 +122,7 @@ def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchPa
             if float16:
                 z = z.half()
             rows = torch.from_numpy(np.sort(np.random.default_rng(1).choice(n, min(sample, n), replace=False)))
-            ref_s, ref_i = knn_exact(z[rows], z, k, self_index=rows)
+            ref_s, ref_i = exact_topk(z[rows], z, k, self_index=rows)
             # NACD's reconstruction reads the neighbours' confidences: a fixed random table on the labels
             confidence = labels.float() * torch.rand(labels.shape, generator=torch.Generator().manual_seed(0))
             w_ref = weights_from_neighbors(ref_s / 2, ref_i, labels, own_index=rows)
@@ -130,7 +131,8 @@ def bench_quality(sizes, bits_list, backends, k=20, sample=2000, params=SearchPa
             for backend in backends:
                 base = reset_peak_memory()
                 t = time.perf_counter()
-                cfg = load_config(None, [f"bank.knn={backend}", f"bank.nprobe={params.nprobe}", f"bank.nlist={params.nlist}"])
+                cfg = load_config(None, [f"bank.knn={backend}", f"bank.nprobe={settings.nprobe}",
+                                         f"bank.nlist={settings.nlist}"])
                 sims, index = neighbours(cfg, Bank(z, torch.arange(n), "pass", 0.0), k)  # as the refresh of 1 process
                 seconds = time.perf_counter() - t
                 peak = (_status_bytes("VmHWM") - base) / 2**20
@@ -238,8 +240,8 @@ def main():
     p.add_argument("--backends", nargs="+", default=["torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
     p.add_argument("--bank", choices=sorted(BANKS), default="trained-like")
     p.add_argument("--float16", action="store_true", help="the bank's rows in float16 (bank.float16_above)")
-    p.add_argument("--nlist", type=int, default=SearchParams.nlist)
-    p.add_argument("--nprobe", type=int, default=SearchParams.nprobe)
+    p.add_argument("--nlist", type=int, default=KnnSettings.nlist)
+    p.add_argument("--nprobe", type=int, default=KnnSettings.nprobe)
     p.add_argument("--sizes", type=int, nargs="+")
     p.add_argument("--bits", type=int, nargs="+", default=[64, 128])
     p.add_argument("--hidden", type=int, default=1024)
@@ -250,7 +252,7 @@ def main():
         bench_refresh(a.sizes or [10000, 100000, 1000000], a.bits)
     elif a.what == "quality":
         bench_quality(a.sizes or [100000, 1000000], a.bits, a.backends, bank=a.bank, float16=a.float16,
-                      params=SearchParams(nprobe=a.nprobe, nlist=a.nlist))
+                      settings=KnnSettings(nprobe=a.nprobe, nlist=a.nlist))
     elif a.what == "memory":
         bench_memory(a.sizes or [1000000], a.bits if a.bits != [64, 128] else [128],
                      a.backends if a.backends != p.get_default("backends") else ["auto"])

@@ -26,6 +26,9 @@ from scbch_dist.methods import METHODS, Bank, EpochContext, Step, TrainingSet  #
 from scbch_dist.models import build_model  # noqa: E402
 
 METHOD_NAMES = ("scbch", "nacd", "rshnl")
+# each method's own section: warm-ups that end within the five steps, neighbours among the 16 ids
+SETTINGS = {"scbch": ("scbch.margin=0.2", "scbch.shift=1.0", "scbch.warmup_epochs=2", "scbch.k=4"),
+            "nacd": ("nacd.k=4", "nacd.warmup_epochs=4"), "rshnl": ("rshnl.self_paced_from=2",)}
 
 
 class FeatureMeta:
@@ -37,15 +40,15 @@ class FeatureMeta:
 
 
 def run(name: str, accelerator, out: Path) -> None:
-    cfg = load_config(None, ["model.bits=8", "model.hidden=16", "train.lr=1e-2", "loss.margin=0.2", "loss.shift=1.0",
-                             "cscc.warmup_epochs=2", "cscc.k=4", "nacd.k=4", "nacd.warmup_epochs=4", "rshnl.self_paced_from=2",
-                             "bank.knn=torch", "train.epochs=5", f"method.name={name}"])
+    cfg = load_config(None, ["model.bits=8", "model.hidden=16", "train.lr=1e-2", *SETTINGS[name], "bank.knn=torch",
+                             "train.epochs=5", f"method.name={name}"])
     world, rank = accelerator.num_processes, accelerator.process_index
     labels = feature_batch(99)["lab"]  # one label row per id, for every step
     train = TrainingSet(16, 5, labels, None, accelerator.device)
     method = METHODS[name](cfg, train)
     torch.manual_seed(0)
-    model = build_model(cfg.model, FeatureMeta(), spec=method.tower_spec(), make_head=method.build_head).double()
+    model = build_model(cfg.model, FeatureMeta(), spec=method.tower_spec(cfg),
+                        make_head=lambda: method.build_head(cfg, 5)).double()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import toy_method  # noqa: E402,F401  (registers contrast-only)
+import toy_method  # noqa: E402,F401  (registers contrast_only)
 
 from scbch_dist.train import main  # noqa: E402
 
