@@ -17,6 +17,7 @@ exits with the same status (docs/distributed.md, "Errors under a launcher").
 from __future__ import annotations
 
 import errno
+import faulthandler
 import json
 import logging
 import os
@@ -30,6 +31,10 @@ from scbch_dist.errors import Preempted, ScbchError
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 75
 RANK_ZERO_GRACE_S = 10.0  # how long another rank waits, under a launcher, for rank 0 to fail and print (report)
+# ``kill -USR2 PID`` prints every thread's stack of that process to stderr and the run goes on: how
+# to see where a run that seems stuck waits (a collective, a loader worker). SIGUSR1 asks a run to
+# stop (engine/stop.py), so the dump has the other user signal. Loader workers inherit it.
+STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)  # absent on Windows
 
 # OSErrors in which the file system refuses what the run asked of it, for a reason the user fixes
 # outside the program: space (ENOSPC, EDQUOT, EFBIG: a file-size limit), permission (EROFS,
@@ -107,6 +112,17 @@ def report(line: str, status: int) -> None:
     leave(status)
 
 
+def _stacks_on_signal() -> None:
+    """``kill -USR2 PID`` prints this process's stacks (``STACKS_SIGNAL``), where stderr is a file
+    descriptor: not where a caller has replaced sys.stderr (a captured test, an embedding program)."""
+    if STACKS_SIGNAL is None:
+        return
+    try:
+        faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError and a ValueError
+        pass
+
+
 def leave(status: int) -> None:
     """Exit with ``status``. A worker of a multi-process launch (WORLD_SIZE > 1) flushes its output
     and skips the interpreter's teardown (os._exit): gloo's worker threads may still hold the last
@@ -132,6 +148,7 @@ def _world_size() -> int:
 def run(main: Callable[[], object], prog: str | None = None) -> None:
     """Call ``main``; a known error becomes one line on stderr and exit status 2 (75: preempted)."""
     prog = prog or sys.argv[0]
+    _stacks_on_signal()
     try:
         main()
         if _world_size() > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -133,6 +134,44 @@ def torchrun(*args: str, nproc: int = 2) -> None:
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if exe is None:
         pytest.skip("torchrun not installed")
-    proc = subprocess.run([exe, "--standalone", "--nproc_per_node", str(nproc), *args], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = launch([exe, "--standalone", "--nproc_per_node", str(nproc), *args], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), read from /proc; empty where there is none."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(c) for c in children]
+        frontier += [int(c) for c in children]
+    return found
+
+
+def launch(cmd: list[str], *, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a launcher command (torchrun, accelerate launch) from the repository root, its output
+    captured. If it outlives ``timeout`` (a hang), every process it started is asked for its
+    threads' stacks (``kill -USR2``: scbch_dist.cli registers faulthandler on it), then the whole
+    session is killed and the test fails with the end of stderr, stacks included."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(proc.pid):  # not the launcher itself: USR2 would only end it
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except OSError:
+                pass
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... still running after {timeout:.0f} s; the stacks of its processes and "
+                    f"the end of its stderr:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

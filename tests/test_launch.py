@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import launch
 from scbch_dist.experiments import slurm
 from scbch_dist.experiments.slurm import accelerate_command, first_host, rendezvous_port
 
@@ -106,8 +107,7 @@ def test_accelerate_config_for_two_cpu_processes(tiny_dataset, tmp_path):
             "run.progress=false", "run.tensorboard=false"]
     cmd = [exe, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
            "--main_process_port", "0", "-m", "scbch_dist.train", *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = launch(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["run"]["world_size"] == 2
 

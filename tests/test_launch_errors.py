@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, launch
 from scbch_dist import cli, dist
 from scbch_dist.config import ConfigError
 from scbch_dist.engine import setup
@@ -209,7 +209,7 @@ def launcher(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which(args[0], path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip(f"{args[0]} not installed")
-    return subprocess.run([exe, *args[1:]], cwd=REPO, env=CPU_ENV, capture_output=True, text=True, timeout=600)
+    return launch([exe, *args[1:]], env=CPU_ENV)
 
 
 def assert_reported_once(proc: subprocess.CompletedProcess, prog: str = PROG) -> str:
@@ -350,3 +350,15 @@ def test_a_worker_of_a_multi_process_launch_skips_the_interpreter_teardown(monke
     with pytest.raises(SystemExit):
         cli.run(raises(ConfigError("x")), "prog")
     assert exits == [0, 2]
+
+
+def test_a_hung_launch_fails_with_the_stacks_of_its_processes():
+    """conftest.launch on a launcher whose worker never ends: the worker (under cli.run) prints its
+    threads' stacks on SIGUSR2, and the test fails with them instead of a bare timeout."""
+    worker = "import time; from scbch_dist import cli; cli.run(lambda: time.sleep(120))"
+    parent = f"import subprocess, sys; subprocess.call([sys.executable, '-c', {worker!r}])"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        launch([sys.executable, "-c", parent], timeout=5)
+    message = str(failed.value)
+    assert "still running after 5 s" in message
+    assert "Current thread" in message and "<lambda>" in message, message[-2000:]

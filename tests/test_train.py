@@ -17,7 +17,7 @@ import torch
 from scbch_dist.errors import RunDirError
 from scbch_dist.train import main
 
-from conftest import read_checkpoint, tiny_args
+from conftest import launch, read_checkpoint, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_accelerate_launch_runs_the_module(tiny_dataset, tmp_path):
            "--dynamo_backend", "no", "-m", "scbch_dist.train",
            *tiny_args(tiny_dataset, run_dir, "train.epochs=2", "eval.every=2", "scbch.warmup_epochs=1")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run"]["world_size"] == 1 and summary["final"]["epoch"] == 2
