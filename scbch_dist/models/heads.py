@@ -122,10 +122,12 @@ class HashingModel(nn.Module):
         return self.txt_head(self.txt_backbone(x, mask))
 
     def param_groups(self, lr: float, backbone_lr: float) -> list[dict]:
-        """Optimizer groups: heads and the method's modules at ``lr``, fine-tuned backbones at ``backbone_lr``."""
-        backbone = [p for m in (self.img_backbone, self.txt_backbone) for p in m.parameters()]
+        """Optimizer groups: heads and the method's modules at ``lr``, fine-tuned backbones at
+        ``backbone_lr``; frozen parameters (a locked CLIP tower's) are in none."""
+        backbone = [p for m in (self.img_backbone, self.txt_backbone) for p in m.parameters() if p.requires_grad]
         ids = {id(p) for p in backbone}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr, "name": "heads"}]
+        frozen = {id(p) for p in self.parameters() if not p.requires_grad}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids | frozen], "lr": lr, "name": "heads"}]
         if backbone:
             groups.append({"params": backbone, "lr": backbone_lr, "name": "backbones"})
         return groups

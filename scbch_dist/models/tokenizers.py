@@ -7,6 +7,7 @@ call them (data.transforms.BatchTransform), after the shuffle.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +16,7 @@ import numpy as np
 
 from scbch_dist.data.format import read_vocab, text_words
 from scbch_dist.models.backbones import text_source
+from scbch_dist.models.clip import clip_source, import_open_clip, open_clip_config
 
 
 class Tokenizer(Protocol):
@@ -65,9 +67,38 @@ class HFTokenizer:
         return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def make_tokenizer(text_cfg, root: str | Path) -> Tokenizer:
-    """The tokenizer that matches ``model.text``: the model directory's own for pretrained
-    encoders, a word-level one over the dataset's training vocabulary for random ones."""
+class OpenClipTokenizer:
+    """open_clip's tokenizer of a model: texts -> (ids, mask) (n, context_length) int64; the mask
+    marks real tokens (ids != 0), which the text tower does not need but the pipeline carries."""
+
+    def __init__(self, source):
+        open_clip = import_open_clip()
+        open_clip_config(source)  # refuses a tokenizer from the hub
+        self.tokenizer = open_clip.get_tokenizer(source.name)
+        self.vocab_size = int(getattr(self.tokenizer, "vocab_size", 49408))
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer(list(texts)).numpy().astype(np.int64)
+        return ids, (ids != 0).astype(np.int64)
+
+
+def clip_tokenizer(clip_cfg) -> Tokenizer:
+    """The tokenizer of the CLIP model ``model.clip`` names, at the model's context length."""
+    source = clip_source(clip_cfg)
+    if source.library == "open_clip":
+        return OpenClipTokenizer(source)
+    config = json.loads((source.directory / "config.json").read_text())
+    length = config.get("text_config", {}).get("max_position_embeddings", 77)
+    return HFTokenizer(source.directory, length)
+
+
+def make_tokenizer(model_cfg, root: str | Path) -> Tokenizer:
+    """The tokenizer that matches ``model.text``: a CLIP model's own (model.clip), the model
+    directory's own for pretrained encoders, a word-level one over the dataset's training
+    vocabulary for random ones."""
+    text_cfg = model_cfg.text
+    if text_cfg.kind == "clip":
+        return clip_tokenizer(model_cfg.clip)
     directory, _ = text_source(text_cfg)
     if directory is None:
         words, _ = read_vocab(root)

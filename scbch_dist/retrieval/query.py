@@ -192,9 +192,11 @@ class QueryEncoder:
         return feature.astype(self.meta.fields["img"].dtype)
 
     def _tokenize(self, text: str, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        from scbch_dist.models.tokenizers import HFTokenizer
+        from scbch_dist.models.tokenizers import HFTokenizer, WordTokenizer
 
         tokenizer = self._tokenizer
+        if not isinstance(tokenizer, (HFTokenizer, WordTokenizer)):  # CLIP's byte pairs spell any word
+            return tokenizer([text])
         if isinstance(tokenizer, HFTokenizer):  # word pieces cover most words; refuse what maps to [UNK]
             inner = tokenizer.tokenizer
             bad = [w for w in words if inner.unk_token_id in inner(w, add_special_tokens=False)["input_ids"]]
@@ -210,7 +212,7 @@ class QueryEncoder:
     def _tokenizer(self):
         from scbch_dist.models.tokenizers import make_tokenizer
 
-        return make_tokenizer(self.cfg.model.text, self.root)
+        return make_tokenizer(self.cfg.model, self.root)
 
     @cached_property
     def _doc2vec(self):

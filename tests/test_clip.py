@@ -1,0 +1,226 @@
+"""CLIP backbones (models/clip.py, docs/finetuning.md "CLIP"): tiny random models of open_clip and
+transformers written offline, loaded back through the config, equal to the library's own
+embeddings; locked groups stay bit-identical under training; bad settings are one-line errors;
+a CLIP run trains on 1 and 2 processes alike, learns and is searched by caption."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+pytest.importorskip("transformers")
+
+from conftest import REPO, one_line_exit, torchrun  # noqa: E402
+from scbch_dist.config import ConfigError, load_config  # noqa: E402
+from scbch_dist.data.shapes import ShapesConfig, write_shapes  # noqa: E402
+from scbch_dist.engine.setup import make_optimizer  # noqa: E402
+from scbch_dist.models import WeightsError, build_model  # noqa: E402
+from scbch_dist.models.clip import OPENAI_MEAN, OPENAI_STD, build_clip_towers, write_tiny  # noqa: E402
+from scbch_dist.models.tokenizers import clip_tokenizer  # noqa: E402
+from scbch_dist.train import main  # noqa: E402
+
+LIBRARIES = ("open_clip", "transformers")
+CAPTIONS = ["a red circle", "two blue squares and a green triangle", ""]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random CLIP of each library, in its local layout."""
+    base = tmp_path_factory.mktemp("clip")
+    return {library: write_tiny(base / library, library) for library in LIBRARIES}
+
+
+def clip_settings(weights, *extra: str):
+    return load_config(None, ["model.image.kind=clip", "model.text.kind=clip", "model.image.image_size=32",
+                              f"model.clip.weights={weights}", "model.bits=16", "model.hidden=32", *extra])
+
+
+def images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def test_both_libraries_tokenize_captions_alike(tiny):
+    """The transformers tokenizer of the tiny model is CLIP's own byte pairs: the same ids as open_clip's."""
+    ids = {lib: clip_tokenizer(clip_settings(tiny[lib]).model.clip)(CAPTIONS) for lib in LIBRARIES}
+    open_ids, open_mask = ids["open_clip"]
+    hf_ids, hf_mask = ids["transformers"]
+    assert open_ids.shape == hf_ids.shape == (3, 32)
+    assert np.array_equal(open_mask, hf_mask) and open_mask.sum(1).tolist() == [5, 9, 2]  # start, words, end
+    assert np.array_equal(np.where(open_mask == 1, open_ids, 0), np.where(hf_mask == 1, hf_ids, 0))
+    assert open_ids[0, 0] == 49406 and open_ids[0, 4] == 49407  # start and end of text
+
+
+def test_open_clip_towers_are_the_models_own_embeddings(tiny):
+    import open_clip
+
+    reference = open_clip.create_model(f"local-dir:{tiny['open_clip']}").eval()
+    towers = build_clip_towers(clip_settings(tiny["open_clip"]).model.clip)
+    ids, mask = clip_tokenizer(clip_settings(tiny["open_clip"]).model.clip)(CAPTIONS)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(towers.image.eval()(x), reference.encode_image(normalised(x)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(towers.text.eval()(torch.from_numpy(ids), torch.from_numpy(mask)),
+                                   reference.encode_text(torch.from_numpy(ids)), rtol=1e-5, atol=1e-6)
+    assert (towers.image_size, towers.context_length, towers.image.out_dim, towers.text.out_dim) == (32, 32, 64, 64)
+    assert not any("logit" in name for name, _ in towers.text.named_parameters())  # no parameter without a gradient
+
+
+def test_transformers_towers_are_the_models_own_embeddings(tiny):
+    import transformers
+
+    reference = transformers.CLIPModel.from_pretrained(str(tiny["transformers"]), local_files_only=True).eval()
+    settings = clip_settings(tiny["transformers"]).model.clip
+    towers = build_clip_towers(settings)
+    ids, mask = clip_tokenizer(settings)(CAPTIONS)
+    x = images()
+    with torch.no_grad():
+        image_ref = reference.visual_projection(reference.vision_model(pixel_values=normalised(x)).pooler_output)
+        text_out = reference.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+        text_ref = reference.text_projection(text_out.pooler_output)
+        torch.testing.assert_close(towers.image.eval()(x), image_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(towers.text.eval()(torch.from_numpy(ids), torch.from_numpy(mask)), text_ref,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_locked_groups_stay_bit_identical_and_the_rest_moves(tiny, library):
+    """image_unlocked_groups=1 trains the image tower's last group (its projection) only;
+    text_unlocked_layers=0 freezes the text tower: after three steps those parameters are
+    unchanged to the bit, the unlocked ones and the heads have moved."""
+    cfg = clip_settings(tiny[library], "model.clip.image_unlocked_groups=1", "model.clip.text_unlocked_layers=0",
+                        "train.backbone_lr=1e-2")
+    model = build_model(cfg.model, None)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    ids, mask = clip_tokenizer(cfg.model.clip)(CAPTIONS)
+    for step in range(3):
+        out = model(images(seed=step), torch.from_numpy(ids), torch.from_numpy(mask))
+        loss = -(out["h_img"] * out["h_txt"]).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = dict(model.named_parameters())
+    frozen = [k for k in before if k not in trainable]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    moved = {k for k in trainable if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("img_backbone") for k in moved) and not any(k.startswith("txt_backbone") for k in trainable)
+    assert any(k.startswith("img_head") for k in moved) and any(k.startswith("txt_head") for k in moved)
+    image_trainable = [k for k in trainable if k.startswith("img_backbone")]
+    # the projection only: open_clip's a parameter, transformers' a bias-free linear layer
+    assert len(image_trainable) == 1, image_trainable
+
+
+def test_bad_clip_settings_are_one_line_errors(tiny, tmp_path):
+    checkpoint = next(tiny["open_clip"].glob("*.safetensors"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "open_clip_config.json").write_text((tiny["open_clip"] / "open_clip_config.json").read_text())
+    cases = {
+        ("model.clip.weights=",): "model.clip.weights is empty",
+        (f"model.clip.weights={tmp_path / 'missing'}",): f"model.clip.weights: {tmp_path / 'missing'} does not exist",
+        (f"model.clip.weights={empty}",): "is neither an open_clip model directory",
+        (f"model.clip.weights={config_only}",): "has open_clip_config.json but no weights file",
+        (f"model.clip.weights={checkpoint}",): "is a checkpoint file; model.clip.name must name",
+        (f"model.clip.weights={checkpoint}", "model.clip.name=ViT-B-32"): "does not fit open_clip model 'ViT-B-32'",
+        ("model.clip.weights=random", "model.clip.name=ViT-Nope"): "model.clip.name='ViT-Nope' is neither",
+        ("model.clip.weights=random", "model.clip.name=ViT-B-16-SigLIP"): "from the Hugging Face hub",
+        (f"model.clip.weights={tiny['open_clip']}", "model.image.image_size=224"):
+            "model.image.image_size=224, but the CLIP model of model.clip takes 32-pixel images",
+        (f"model.clip.weights={tiny['transformers']}", "model.clip.image_unlocked_groups=9"):
+            "model.clip.image_unlocked_groups=9, but this tower has 4 groups",
+        ("model.clip.text_unlocked_layers=5",): "model.clip.text_unlocked_layers=5, but this tower has 4 groups",
+    }
+    for sets, message in cases.items():
+        with pytest.raises(WeightsError) as raised:
+            build_model(clip_settings(tiny["open_clip"], *sets).model, None)  # the later --set wins
+        text = str(raised.value)
+        assert message in text and "\n" not in text, (sets, text)
+
+
+def test_unpaired_clip_kinds_and_bad_lock_counts_are_config_errors():
+    with pytest.raises(ConfigError, match="model.image.kind=clip with model.text.kind=bert: a CLIP model is a pair"):
+        load_config(None, ["model.image.kind=clip", "model.text.kind=bert"])
+    with pytest.raises(ConfigError, match="model.clip.text_unlocked_layers must be -1"):
+        load_config(None, ["model.clip.text_unlocked_layers=-2"])
+
+
+def test_the_tiny_model_command_writes_a_whole_folder_once(tmp_path, capsys):
+    from scbch_dist.models.clip import main as clip_main
+
+    clip_main(["tiny", str(tmp_path / "m")])
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert not list(tmp_path.glob(".m.partial-*"))
+    assert json.loads((tmp_path / "m" / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 64
+    assert one_line_exit(capsys, clip_main, ["tiny", str(tmp_path / "m")]) == \
+        f"{tmp_path / 'm'} exists and is not empty; the tiny model is written to a new folder"
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_two_processes_step_like_one_process(tiny, library, tmp_path):
+    """Three steps of SCBCH on a fine-tuned tiny CLIP: 2 processes x 8 rows equal 1 x 16 (float64)."""
+    import subprocess
+
+    script = REPO / "tests" / "dist_scripts" / "clip_steps.py"
+    proc = subprocess.run([sys.executable, str(script), str(tiny[library]), str(tmp_path / "one.pt")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(str(script), str(tiny[library]), str(tmp_path / "two.pt"))
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    torch.testing.assert_close(one["losses"], two["losses"], rtol=0, atol=1e-10)
+    for k in one["params"]:
+        torch.testing.assert_close(one["params"][k], two["params"][k], rtol=0, atol=1e-6, msg=k)
+    backbone = [k for k in one["params"] if "backbone" in k]
+    assert max(float((one["params"][k] - one["initial"][k]).abs().max()) for k in backbone) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def clip_run(tiny, tmp_path_factory):
+    """configs/clip-tiny.yaml, shortened, on a small shapes dataset."""
+    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    write_shapes(root, ShapesConfig(n_train=640, n_query=64, n_extra_database=64, samples_per_shard=160))
+    run_dir = tmp_path_factory.mktemp("runs") / "clip"
+    sets = [f"data.root={root}", "data.generate=", f"model.clip.weights={tiny['open_clip']}", f"run.dir={run_dir}",
+            "train.epochs=8", "eval.every=4", "train.batch_size=32", "scbch.warmup_epochs=2", "scbch.k=10",
+            "run.progress=false", "run.tensorboard=false"]
+    summary = main(["--config", str(REPO / "configs" / "clip-tiny.yaml"), *[a for s in sets for a in ("--set", s)]])
+    return run_dir, summary
+
+
+@pytest.mark.slow
+def test_a_clip_run_learns_and_is_searched_by_caption(clip_run):
+    """Above chance; a stored caption or image, typed or uploaded again, is encoded by search
+    exactly as the run encoded it (the model's own tokenizer and normalisation replayed)."""
+    pytest.importorskip("faiss")
+    from scbch_dist.retrieval.index import RunCodes, build
+    from scbch_dist.retrieval.search import Searcher
+
+    run_dir, summary = clip_run
+    assert summary["final"]["avg_map"] > summary["chance_map"] + 0.05, (summary["final"], summary["chance_map"])
+    build(run_dir, log=lambda *_: None)
+    searcher = Searcher(run_dir)
+    codes = RunCodes.load(run_dir).codes
+    for i in (0, 9):
+        np.testing.assert_array_equal(searcher.encoder.encode_text(searcher.items.caption("query", i))[0],
+                                      codes["query_txt"][i])
+        np.testing.assert_array_equal(searcher.encoder.encode_image(searcher.items.image("query", i)[0])[0],
+                                      codes["query_img"][i])
+    result = searcher.search_text("a red circle", k=5)
+    assert len(result.hits) == 5 and all(h.image for h in result.hits)
