@@ -113,6 +113,7 @@ class TrainConfig:
     optimizer: str = "adam"  # adam (SCBCH, RSHNL) | rmsprop (NACD)
     lr: float = 1e-4
     backbone_lr: float = 1e-5  # learning rate of fine-tuned backbones (heads and classifiers use lr)
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay in CLIP towers, the last layer at backbone_lr, each one below x this
     weight_decay: float = 1e-5
     mixed_precision: str = ""  # "" (Accelerate's setting) | no | bf16 | fp16
     seed: int = 0
@@ -464,6 +465,8 @@ def validate(cfg: Config) -> None:
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key} must be at least {low}, got {value}")
+    if not 0 < cfg.train.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay must be in (0, 1] (1: no decay), got {cfg.train.layer_decay}")
     if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:
         raise ConfigError(f"train.lr must be positive and train.backbone_lr, train.weight_decay >= 0, got "
                           f"{cfg.train.lr}, {cfg.train.backbone_lr}, {cfg.train.weight_decay}")

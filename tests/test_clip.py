@@ -157,6 +157,8 @@ def test_unpaired_clip_kinds_and_bad_lock_counts_are_config_errors():
         load_config(None, ["model.image.kind=clip", "model.text.kind=bert"])
     with pytest.raises(ConfigError, match="model.clip.text_unlocked_layers must be -1"):
         load_config(None, ["model.clip.text_unlocked_layers=-2"])
+    with pytest.raises(ConfigError, match=r"train.layer_decay must be in \(0, 1\]"):
+        load_config(None, ["train.layer_decay=1.5"])
 
 
 def test_the_tiny_model_command_writes_a_whole_folder_once(tmp_path, capsys):
@@ -192,16 +194,40 @@ def test_two_processes_step_like_one_process(tiny, library, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def clip_run(tiny, tmp_path_factory):
-    """configs/clip-tiny.yaml, shortened, on a small shapes dataset."""
+def small_shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes") / "shapes"
     write_shapes(root, ShapesConfig(n_train=640, n_query=64, n_extra_database=64, samples_per_shard=160))
-    run_dir = tmp_path_factory.mktemp("runs") / "clip"
-    sets = [f"data.root={root}", "data.generate=", f"model.clip.weights={tiny['open_clip']}", f"run.dir={run_dir}",
+    return root
+
+
+def clip_train(root: Path, run_dir: Path, weights: Path, *extra: str) -> dict:
+    """configs/clip-tiny.yaml, shortened, on the small shapes dataset."""
+    sets = [f"data.root={root}", "data.generate=", f"model.clip.weights={weights}", f"run.dir={run_dir}",
             "train.epochs=8", "eval.every=4", "train.batch_size=32", "scbch.warmup_epochs=2", "scbch.k=10",
-            "run.progress=false", "run.tensorboard=false"]
-    summary = main(["--config", str(REPO / "configs" / "clip-tiny.yaml"), *[a for s in sets for a in ("--set", s)]])
-    return run_dir, summary
+            "run.progress=false", "run.tensorboard=false", *extra]
+    return main(["--config", str(REPO / "configs" / "clip-tiny.yaml"), *[a for s in sets for a in ("--set", s)]])
+
+
+@pytest.fixture(scope="module")
+def clip_run(tiny, small_shapes, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "clip"
+    return run_dir, clip_train(small_shapes, run_dir, tiny["open_clip"])
+
+
+@pytest.mark.slow
+def test_memory_refresh_bf16_checkpointing_decay_and_locks_run_with_clip(tiny, small_shapes, tmp_path):
+    """The fine-tuning switches together on transformers' tiny CLIP: the memory refresh, bf16
+    autocast, gradient checkpointing in both towers, layer-wise decay, a half-locked image tower."""
+    run_dir = tmp_path / "run"
+    summary = clip_train(small_shapes, run_dir, tiny["transformers"], "train.epochs=3", "eval.every=3",
+                         "bank.refresh=memory", "train.mixed_precision=bf16", "model.image.grad_checkpointing=true",
+                         "model.text.grad_checkpointing=true", "train.layer_decay=0.7",
+                         "model.clip.image_unlocked_groups=2")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["cscc_weights"]["source"] == "memory"
+    assert all(np.isfinite(list(r["loss"].values())).all() for r in records)
+    assert "precision bf16" in (run_dir / "log.txt").read_text()
+    assert 0 < summary["final"]["avg_map"] <= 1
 
 
 @pytest.mark.slow
@@ -224,3 +250,79 @@ def test_a_clip_run_learns_and_is_searched_by_caption(clip_run):
                                       codes["query_img"][i])
     result = searcher.search_text("a red circle", k=5)
     assert len(result.hits) == 5 and all(h.image for h in result.hits)
+
+
+@pytest.mark.parametrize("unlocked", [0, 1, 2, 3, 4])
+def test_the_grouping_is_open_clips_lock(tiny, unlocked):
+    """tower_groups (which locks transformers' towers and sets the layer-wise decay) unlocks
+    exactly what open_clip's own lock_image_tower and lock_text_tower unlock, tower by tower."""
+    import open_clip
+
+    from scbch_dist.models.clip import _unlock_last, tower_groups
+
+    theirs = open_clip.create_model(f"local-dir:{tiny['open_clip']}")
+    theirs.lock_image_tower(unlocked_groups=unlocked)
+    theirs.lock_text_tower(unlocked_layers=unlocked)
+    ours = open_clip.create_model(f"local-dir:{tiny['open_clip']}")
+    _unlock_last(tower_groups(ours.visual), unlocked)
+    text_groups = tower_groups(ours)  # the CLIP model holds its text tower's parts itself
+    _unlock_last(text_groups, unlocked)
+    want = {k: p.requires_grad for k, p in theirs.named_parameters() if not k.startswith("logit")}
+    got = {k: p.requires_grad for k, p in ours.named_parameters() if not k.startswith("logit")}
+    assert got == want
+    assert len(text_groups) == len(tower_groups(ours.visual)) == 4  # embeddings, block 0, block 1 + norm, projection
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_layer_wise_decay_gives_each_layer_its_rate(tiny, library):
+    """train.layer_decay=0.5: the projection at backbone_lr, each group below at half the rate of
+    the one above, every trainable parameter in exactly one optimizer group."""
+    cfg = clip_settings(tiny[library], "train.layer_decay=0.5", "train.backbone_lr=1e-3", "model.clip.text_unlocked_layers=2")
+    model = build_model(cfg.model, None)
+    groups = model.param_groups(cfg.train.lr, cfg.train.backbone_lr, cfg.train.layer_decay)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(p.requires_grad for p in model.parameters())
+    rates = {g["name"]: g["lr"] for g in groups}
+    assert rates["heads"] == cfg.train.lr
+    assert [rates[f"img_backbone_layer_{i}"] for i in range(4)] == [1e-3 * 0.5 ** (3 - i) for i in range(4)]
+    assert [rates.get(f"txt_backbone_layer_{i}") for i in range(4)] == [None, None, 1e-3 * 0.5, 1e-3]  # two locked
+    assert "backbones" not in rates  # every backbone parameter is in a layer
+    assert [g["name"] for g in model.param_groups(1e-3, 1e-4)] == ["heads", "backbones"]  # no decay: one group
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("image, text", [(True, False), (False, True)])
+def test_gradient_checkpointing_recomputes_the_chosen_tower_with_the_same_gradients(tiny, library, image, text):
+    """With checkpointing a tower's blocks run forward again in the backward pass (counted in its
+    first block), the other tower's do not, and the gradients are those without it."""
+    from scbch_dist.models.clip import tower_groups
+
+    def step(checkpointing: tuple[bool, bool]):
+        cfg = clip_settings(tiny[library], f"model.image.grad_checkpointing={checkpointing[0]}",
+                            f"model.text.grad_checkpointing={checkpointing[1]}")
+        torch.manual_seed(0)
+        model = build_model(cfg.model, None).train()  # transformers loads in eval mode; checkpointing is for training
+        img_net, txt_net = model.img_backbone.net, model.txt_backbone.net
+        firsts = {"img": tower_groups(img_net, getattr(model.img_backbone, "projection", None))[1],
+                  "txt": tower_groups(txt_net, getattr(model.txt_backbone, "projection", None))[1]}
+        calls = {"img": 0, "txt": 0}
+        # counted in the block's MLP: forward hooks do not fire in checkpoint's recomputation, and
+        # transformers' layers recompute their class's forward, past one set on the instance
+        for name, block in firsts.items():
+            def counted(*args, name=name, forward=block.mlp.forward, **kwargs):
+                calls[name] += 1
+                return forward(*args, **kwargs)
+
+            block.mlp.forward = counted
+        ids, mask = clip_tokenizer(cfg.model.clip)(CAPTIONS)
+        out = model(images(), torch.from_numpy(ids), torch.from_numpy(mask))
+        (out["h_img"] * out["h_txt"]).sum().backward()
+        return calls, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    plain_calls, plain_grads = step((False, False))
+    calls, grads = step((image, text))
+    assert plain_calls == {"img": 1, "txt": 1}
+    assert calls == {"img": 2 if image else 1, "txt": 2 if text else 1}
+    assert grads.keys() == plain_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -235,10 +235,11 @@ def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelera
 
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """train.optimizer with L2 weight decay: Adam (SCBCH, RSHNL) or RMSprop (NACD), torch's defaults
-    otherwise, as the published code; fine-tuned backbones at train.backbone_lr. The fused Adam kernel
+    otherwise, as the published code; fine-tuned backbones at train.backbone_lr (layer by layer with
+    train.layer_decay). The fused Adam kernel
     computes the same update in one pass over the parameters, much faster per step
     (docs/benchmarks.md, "Figures quoted in the code")."""
-    groups = model.param_groups(cfg.train.lr, cfg.train.backbone_lr)
+    groups = model.param_groups(cfg.train.lr, cfg.train.backbone_lr, cfg.train.layer_decay)
     kwargs = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, **kwargs)

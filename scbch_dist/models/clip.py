@@ -167,6 +167,12 @@ class ClipImage(_ImageBackbone):
         super().__init__(mean, std)
         self.net, self.projection, self.out_dim = tower, projection, out_dim
 
+    def layer_groups(self) -> list[list[nn.Parameter]] | None:
+        """The tower's parameters by group, first to last (``tower_groups``): the layer-wise
+        learning-rate decay's layers."""
+        groups = tower_groups(self.net, self.projection)
+        return None if groups is None else [group_parameters(g) for g in groups]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.projection is None:  # open_clip: the tower ends with its projection
             out = self.net(x)
@@ -188,6 +194,10 @@ class OpenClipText(nn.Module):
                 setattr(model, name, None)
         self.net, self.out_dim = model, out_dim
 
+    def layer_groups(self) -> list[list[nn.Parameter]] | None:
+        groups = tower_groups(self.net)
+        return None if groups is None else [group_parameters(g) for g in groups]
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.net.encode_text(ids)
 
@@ -199,6 +209,9 @@ class HFClipText(nn.Module):
         super().__init__()
         self.net, self.projection, self.out_dim, self.use_mask = tower, projection or nn.Identity(), out_dim, use_mask
 
+    def layer_groups(self) -> list[list[nn.Parameter]] | None:
+        return [group_parameters(g) for g in tower_groups(self.net, self.projection)]
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # SigLIP was trained on texts padded to full length without a mask: the mask is CLIP's only
         pooled = self.net(input_ids=ids, attention_mask=mask if self.use_mask else None).pooler_output
@@ -207,17 +220,10 @@ class HFClipText(nn.Module):
 
 def _unlock_last(groups: Sequence, unlocked: int) -> None:
     """Freeze every parameter of ``groups``, then unfreeze those of the last ``unlocked`` groups."""
-    def params(group):
-        if isinstance(group, nn.Parameter):
-            return [group]
-        if isinstance(group, nn.Module):
-            return list(group.parameters())
-        return [p for g in group if g is not None for p in params(g)]
-
-    for p in params(groups):
+    for p in group_parameters(list(groups)):
         p.requires_grad_(False)
     if unlocked > 0:
-        for p in params(groups[-unlocked:]):
+        for p in group_parameters(list(groups[-unlocked:])):
             p.requires_grad_(True)
 
 
@@ -233,11 +239,9 @@ def build_clip_towers(clip_cfg, *, image_grad_checkpointing: bool = False,
     source = clip_source(clip_cfg)
     if source.library == "open_clip":
         towers = _open_clip_towers(source, clip_cfg)
-    else:
-        towers = _hf_towers(source, clip_cfg)
-    if image_grad_checkpointing or text_grad_checkpointing:
-        _grad_checkpointing(towers, image_grad_checkpointing, text_grad_checkpointing)
-    return towers
+        _open_clip_grad_checkpointing(towers, image_grad_checkpointing, text_grad_checkpointing)
+        return towers
+    return _hf_towers(source, clip_cfg, image_grad_checkpointing, text_grad_checkpointing)
 
 
 def _open_clip_towers(source: ClipSource, clip_cfg) -> ClipTowers:
@@ -278,7 +282,8 @@ def _open_clip_towers(source: ClipSource, clip_cfg) -> ClipTowers:
     return ClipTowers(image, OpenClipText(model, embed), size, int(model.context_length))
 
 
-def _hf_towers(source: ClipSource, clip_cfg) -> ClipTowers:
+def _hf_towers(source: ClipSource, clip_cfg, image_grad_checkpointing: bool,
+               text_grad_checkpointing: bool) -> ClipTowers:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -293,6 +298,8 @@ def _hf_towers(source: ClipSource, clip_cfg) -> ClipTowers:
             model = transformers.AutoModel.from_config(config)
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightsError(f"model.clip.weights: {directory} is not a loadable transformers model ({first_line(e)})") from None
+    if image_grad_checkpointing or text_grad_checkpointing:
+        _hf_grad_checkpointing(model, image_grad_checkpointing, text_grad_checkpointing)
     siglip = config.model_type == "siglip"
     processor = directory / "preprocessor_config.json"
     stats = json.loads(processor.read_text()) if processor.is_file() else {}
@@ -309,28 +316,68 @@ def _hf_towers(source: ClipSource, clip_cfg) -> ClipTowers:
                       int(config.vision_config.image_size), int(config.text_config.max_position_embeddings))
 
 
+def tower_groups(tower: nn.Module, projection: nn.Module | None = None) -> list | None:
+    """A CLIP tower's groups, first to last: its embeddings (with the pre-norm), each transformer
+    block but the last, the last with the final norm (and SigLIP's head), the projection. Entries
+    are modules, parameters or lists of them (None where a model has no such part). The grouping of
+    open_clip's ``lock_image_tower`` / ``lock_text_tower``, for an open_clip tower (its image tower,
+    or its CLIP without the image tower) and a transformers one (with ``projection`` beside it);
+    None for a tower of another shape (a ResNet or timm image tower of open_clip)."""
+    if hasattr(tower, "conv1") and hasattr(tower, "transformer"):  # open_clip's VisionTransformer
+        blocks = list(tower.transformer.resblocks)
+        return [[tower.conv1, tower.class_embedding, tower.positional_embedding, tower.ln_pre], *blocks[:-1],
+                [blocks[-1], tower.ln_post], tower.proj]
+    if hasattr(tower, "token_embedding") and hasattr(tower, "transformer"):  # open_clip's text tower
+        blocks = list(tower.transformer.resblocks)
+        return [[tower.token_embedding, tower.positional_embedding, getattr(tower, "cls_emb", None)], *blocks[:-1],
+                [blocks[-1], tower.ln_final], tower.text_projection]
+    if hasattr(tower, "embeddings") and hasattr(tower, "encoder"):  # transformers' CLIP or SigLIP tower
+        layers = list(tower.encoder.layers)
+        return [[tower.embeddings, getattr(tower, "pre_layrnorm", None)], *layers[:-1],
+                [layers[-1], getattr(tower, "post_layernorm", None), getattr(tower, "final_layer_norm", None),
+                 getattr(tower, "head", None)], projection]
+    return None
+
+
+def group_parameters(group) -> list[nn.Parameter]:
+    """The parameters of one entry of ``tower_groups``."""
+    if group is None:
+        return []
+    if isinstance(group, nn.Parameter):
+        return [group]
+    if isinstance(group, nn.Module):
+        return list(group.parameters())
+    return [p for g in group for p in group_parameters(g)]
+
+
 def _lock_hf(tower: nn.Module, projection: nn.Module | None, key: str, unlocked: int) -> None:
-    """open_clip's grouping on a transformers tower: embeddings (and the pre-norm), each encoder
-    layer, the last layer with the final norm and head, the projection."""
+    """open_clip's locking on a transformers tower (``tower_groups``)."""
     if unlocked < 0:
         return
-    layers = list(tower.encoder.layers)
-    first = [tower.embeddings, getattr(tower, "pre_layrnorm", None)]
-    last = [layers[-1], getattr(tower, "post_layernorm", None), getattr(tower, "final_layer_norm", None),
-            getattr(tower, "head", None)]
-    groups = [first, *layers[:-1], last, projection]
+    groups = tower_groups(tower, projection)
     _check_unlocked(key, unlocked, len(groups))
     _unlock_last(groups, unlocked)
 
 
-def _grad_checkpointing(towers: ClipTowers, image: bool, text: bool) -> None:
-    for enabled, tower in ((image, towers.image.net), (text, towers.text.net)):
+def _open_clip_grad_checkpointing(towers: ClipTowers, image: bool, text: bool) -> None:
+    if image:
+        towers.image.net.set_grad_checkpointing(True)
+    if text:  # the text tower's blocks (the model's own switch would reach for the image tower too)
+        towers.text.net.transformer.grad_checkpointing = True
+
+
+def _hf_grad_checkpointing(model: nn.Module, image: bool, text: bool) -> None:
+    """transformers' switch is the whole model's: turned on there, then off in a tower not asked for."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for enabled, tower in ((image, model.vision_model), (text, model.text_model)):
         if not enabled:
-            continue
-        if hasattr(tower, "set_grad_checkpointing"):  # open_clip's vision tower; its CLIP (text) too
-            tower.set_grad_checkpointing(True)
-        else:  # transformers: every encoder layer re-runs its forward in the backward pass
-            tower.encoder.gradient_checkpointing = True
+            for module in tower.modules():
+                if isinstance(getattr(module, "gradient_checkpointing", None), bool):
+                    module.gradient_checkpointing = False
 
 
 # --- the tiny model of configs/clip-tiny.yaml and the tests -----------------------------------------

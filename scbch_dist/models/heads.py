@@ -121,15 +121,28 @@ class HashingModel(nn.Module):
             return self.img_head(self.img_backbone(x))
         return self.txt_head(self.txt_backbone(x, mask))
 
-    def param_groups(self, lr: float, backbone_lr: float) -> list[dict]:
+    def param_groups(self, lr: float, backbone_lr: float, layer_decay: float = 1.0) -> list[dict]:
         """Optimizer groups: heads and the method's modules at ``lr``, fine-tuned backbones at
-        ``backbone_lr``; frozen parameters (a locked CLIP tower's) are in none."""
-        backbone = [p for m in (self.img_backbone, self.txt_backbone) for p in m.parameters() if p.requires_grad]
-        ids = {id(p) for p in backbone}
-        frozen = {id(p) for p in self.parameters() if not p.requires_grad}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in ids | frozen], "lr": lr, "name": "heads"}]
-        if backbone:
-            groups.append({"params": backbone, "lr": backbone_lr, "name": "backbones"})
+        ``backbone_lr``; frozen parameters (a locked CLIP tower's) are in none. With
+        ``layer_decay`` < 1, a backbone that has layers (``layer_groups()``: a CLIP tower's
+        groups, first to last) gets one group per layer, the last at ``backbone_lr`` and each one
+        below at ``layer_decay`` times the lr of the one above (layer-wise learning-rate decay)."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for m in (self.img_backbone, self.txt_backbone) for p in m.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in backbone_ids], "lr": lr, "name": "heads"}]
+        plain = []
+        for name, backbone in (("img", self.img_backbone), ("txt", self.txt_backbone)):
+            layers = backbone.layer_groups() if layer_decay != 1.0 and hasattr(backbone, "layer_groups") else None
+            placed = set()
+            for depth, layer in enumerate(reversed(layers or [])):  # depth 0: the last layer
+                params = [p for p in layer if p.requires_grad and id(p) not in placed]
+                placed.update(id(p) for p in layer)
+                if params:
+                    groups.append({"params": params, "lr": backbone_lr * layer_decay ** depth,
+                                   "name": f"{name}_backbone_layer_{len(layers) - 1 - depth}"})
+            plain += [p for p in backbone.parameters() if p.requires_grad and id(p) not in placed]
+        if plain:
+            groups.insert(1, {"params": plain, "lr": backbone_lr, "name": "backbones"})
         return groups
 
 
