@@ -36,6 +36,7 @@ from scbch_dist.data.synthetic import SyntheticConfig
 from scbch_dist.errors import ConfigError, ScbchError
 from scbch_dist.knn.settings import KnnSettings
 from scbch_dist.methods import METHODS, get_method
+from scbch_dist.models.clip import ClipSettings
 
 
 @dataclass
@@ -72,13 +73,9 @@ class TextBackboneConfig:
 
 
 @dataclass
-class ClipConfig:
-    """The CLIP model of model.image.kind=clip and model.text.kind=clip (models/clip.py)."""
-
-    weights: str = ""  # a local model directory (open_clip's layout, or transformers' CLIPModel/SiglipModel), an open_clip checkpoint file (with name), or "random" (with name)
-    name: str = ""  # the architecture for a checkpoint file or random weights: an open_clip model config (ViT-B-32, ...) or a local model directory
-    image_unlocked_groups: int = -1  # -1: the whole image tower trains; N >= 0: all but its last N groups frozen (0: frozen)
-    text_unlocked_layers: int = -1  # the same for the text tower (open_clip's lock_text_tower)
+class ClipConfig(ClipSettings):
+    """The CLIP model of model.image.kind=clip and model.text.kind=clip (models/clip.py, whose
+    ClipSettings hold the keys, defaults and comments: extraction reads the same settings)."""
 
 
 @dataclass

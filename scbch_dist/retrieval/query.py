@@ -114,6 +114,8 @@ class QueryEncoder:
         text = self.meta.source.get("text", {}) if self.meta.source.get("kind") == "extract" else {}
         if text.get("encoder") == "bow" and text.get("words"):
             return None
+        if text.get("encoder") == "clip" and text.get("weights"):  # _clip says so if the model is gone
+            return None
         if text.get("encoder") == "doc2vec" and text.get("model") and (self.root / text["model"]).is_file():
             return None
         made_by = text.get("encoder") or self.meta.source.get("kind") or self.meta.source.get("generator") or "an unknown recipe"
@@ -170,7 +172,9 @@ class QueryEncoder:
 
         words = text_words(text)
         source = self.meta.source["text"]
-        if source["encoder"] == "bow":
+        if source["encoder"] == "clip":  # byte pairs spell any word
+            x = self._clip("text").encode([text])
+        elif source["encoder"] == "bow":
             # the training texts' words that the bag leaves out are dropped, as extraction did
             raw = Path(self.meta.source.get("dataset", ""))
             known, where = set(source["words"]), f"the bag of words of {self.root}"
@@ -224,6 +228,33 @@ class QueryEncoder:
         text.load((self.root / source["model"]).parent)
         return text
 
+    def _clip(self, part: str):
+        """The CLIP model that extracted the dataset's ``part`` ("image" or "text") features, from
+        meta.source: its weights where they were, checked by digest."""
+        from scbch_dist.models.encoders import ClipFeatures, ExtractError, weights_sha256
+
+        recipe = self.meta.source[part]
+        key = (recipe["weights"], recipe.get("name", ""))
+        if key not in self._clips:
+            if recipe["weights"] != "random":
+                path = Path(recipe["weights"])
+                if not path.exists():
+                    raise QueryError(f"{path}: the CLIP model that made the {part} features of {self.root} is gone; put "
+                                     "it back there to query by " + ("image" if part == "image" else "text") +
+                                     ", or query by --id")
+                if recipe.get("weights_sha256") and weights_sha256(path) != recipe["weights_sha256"]:
+                    raise QueryError(f"{path}: not the CLIP model that made the {part} features of {self.root} "
+                                     "(sha256 differs)")
+            try:
+                self._clips[key] = ClipFeatures(*key)
+            except ExtractError as e:
+                raise QueryError(f"{self.root}/meta.json: {e}") from None
+        return self._clips[key]
+
+    @cached_property
+    def _clips(self) -> dict:
+        return {}
+
     @cached_property
     def _extractor(self):
         """The image feature extractor of an extracted dataset, rebuilt from meta.source."""
@@ -231,6 +262,9 @@ class QueryEncoder:
         from scbch_dist.data.format import sha256_file
 
         image = self.meta.source["image"]
+        if image["encoder"] == "clip":
+            clip = self._clip("image")
+            return clip.image_net, clip.preprocess
         if image["encoder"] not in IMAGE_ENCODERS:
             raise QueryError(f"{self.root}/meta.json: image encoder {image['encoder']!r} is not one this version knows")
         encoder = IMAGE_ENCODERS[image["encoder"]]
