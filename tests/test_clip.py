@@ -230,24 +230,32 @@ def test_memory_refresh_bf16_checkpointing_decay_and_locks_run_with_clip(tiny, s
     assert 0 < summary["final"]["avg_map"] <= 1
 
 
+def assert_search_replays_stored_codes(run_dir: Path, rows: tuple[int, ...]):
+    """Index the run; stored query captions and images, encoded again by search, give their stored
+    codes. Returns the Searcher."""
+    from scbch_dist.retrieval.index import RunCodes, build
+    from scbch_dist.retrieval.search import Searcher
+
+    build(run_dir, log=lambda *_: None)
+    searcher = Searcher(run_dir)
+    codes = RunCodes.load(run_dir).codes
+    for i in rows:
+        np.testing.assert_array_equal(searcher.encoder.encode_text(searcher.items.caption("query", i))[0],
+                                      codes["query_txt"][i])
+        np.testing.assert_array_equal(searcher.encoder.encode_image(searcher.items.image("query", i)[0])[0],
+                                      codes["query_img"][i])
+    return searcher
+
+
 @pytest.mark.slow
 def test_a_clip_run_learns_and_is_searched_by_caption(clip_run):
     """Above chance; a stored caption or image, typed or uploaded again, is encoded by search
     exactly as the run encoded it (the model's own tokenizer and normalisation replayed)."""
     pytest.importorskip("faiss")
-    from scbch_dist.retrieval.index import RunCodes, build
-    from scbch_dist.retrieval.search import Searcher
 
     run_dir, summary = clip_run
     assert summary["final"]["avg_map"] > summary["chance_map"] + 0.05, (summary["final"], summary["chance_map"])
-    build(run_dir, log=lambda *_: None)
-    searcher = Searcher(run_dir)
-    codes = RunCodes.load(run_dir).codes
-    for i in (0, 9):
-        np.testing.assert_array_equal(searcher.encoder.encode_text(searcher.items.caption("query", i))[0],
-                                      codes["query_txt"][i])
-        np.testing.assert_array_equal(searcher.encoder.encode_image(searcher.items.image("query", i)[0])[0],
-                                      codes["query_img"][i])
+    searcher = assert_search_replays_stored_codes(run_dir, (0, 9))
     result = searcher.search_text("a red circle", k=5)
     assert len(result.hits) == 5 and all(h.image for h in result.hits)
 
@@ -338,9 +346,7 @@ def test_clip_features_extract_train_and_are_replayed_by_search(tiny, small_shap
     from scbch_dist.data.pipeline import load_split
     from scbch_dist.extract import extract
     from scbch_dist.models.encoders import ClipFeatures, ExtractError
-    from scbch_dist.retrieval.index import RunCodes, build
     from scbch_dist.retrieval.query import DatasetItems
-    from scbch_dist.retrieval.search import Searcher
 
     with pytest.raises(ExtractError, match="the clip encoders need --clip-weights"):
         extract(small_shapes, tmp_path / "x", image_encoder="clip", text_encoder="bow")
@@ -370,14 +376,7 @@ def test_clip_features_extract_train_and_are_replayed_by_search(tiny, small_shap
           "--set", "model.hidden=64", "--set", "train.epochs=3", "--set", "eval.every=3", "--set", "scbch.k=10",
           "--set", "scbch.warmup_epochs=1", "--set", "train.batch_size=64", "--set", "run.progress=false",
           "--set", "run.tensorboard=false"])
-    build(run_dir, log=lambda *_: None)
-    searcher = Searcher(run_dir)
-    codes = RunCodes.load(run_dir).codes
-    for i in (0, 5):
-        np.testing.assert_array_equal(searcher.encoder.encode_text(searcher.items.caption("query", i))[0],
-                                      codes["query_txt"][i])
-        np.testing.assert_array_equal(searcher.encoder.encode_image(searcher.items.image("query", i)[0])[0],
-                                      codes["query_img"][i])
+    assert_search_replays_stored_codes(run_dir, (0, 5))
 
 
 def test_clip_loss_by_hand():
@@ -406,3 +405,14 @@ def test_contrastive_pretraining_beats_random_initialisation(tiny, small_shapes,
     pretrained = clip_train(small_shapes, tmp_path / "a", tmp_path / "pre", *short)["final"]["avg_map"]
     random = clip_train(small_shapes, tmp_path / "b", tiny["open_clip"], *short)["final"]["avg_map"]
     assert pretrained > random + 0.03, (pretrained, random)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_a_clip_model_held_in_bf16_takes_uint8_images_and_token_ids(tiny, library):
+    """DeepSpeed bf16 casts the weights themselves and does not autocast: the CLIP towers follow."""
+    cfg = clip_settings(tiny[library])
+    model = build_model(cfg.model, None).to(torch.bfloat16)
+    ids, mask = clip_tokenizer(cfg.model.clip)(CAPTIONS)
+    out = model(images(), torch.from_numpy(ids), torch.from_numpy(mask))
+    assert out["h_img"].dtype == out["h_txt"].dtype == torch.bfloat16
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
