@@ -364,7 +364,8 @@ def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2v
                   clip: ClipFeatures | None = None) -> tuple[BowText | Doc2VecText | ClipFeatures, dict]:
     """The text encoder (untrained) and its settings for the fingerprint and meta.source."""
     if kind == "clip":
-        return clip, {"encoder": "clip", "dim": clip.dim, "layer": "the model's text embedding", **clip.provenance}
+        return clip, {"encoder": "clip", "dim": clip.dim, "layer": f"the model's {clip.provenance['features']} text "
+                      "features", **clip.provenance}
     if kind == "bow":
         if bow_dim < 1:
             raise ExtractError(f"--bow-dim must be positive, got {bow_dim}")
@@ -393,7 +394,8 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
             doc2vec_epochs: int = 20, doc2vec_window: int = 5, doc2vec_min_count: int = 1, seed: int = 0,
             img_dtype: str = "float16", txt_dtype: str | None = None, batch_size: int = 64, workers: int = 0,
             device: str = "auto", progress: bool = True, samples_per_shard: int = 2048, block_size: int = 256,
-            name: str | None = None, clip_weights: str | None = None, clip_name: str = "") -> DatasetMeta:
+            name: str | None = None, clip_weights: str | None = None, clip_name: str = "",
+            clip_features: str = "projected") -> DatasetMeta:
     """Extract image and text features of the raw dataset ``src`` into the feature dataset ``out``.
 
     Args:
@@ -406,6 +408,7 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
             (binary, the ``bow_dim`` most frequent training words) or clip (the text embedding).
         clip_weights, clip_name: the CLIP model of the clip encoders, as the config's
             model.clip.weights and model.clip.name (local files only).
+        clip_features: "projected" (the joint-space embeddings) or "pooled" (before the projections).
         img_dtype / txt_dtype: storage; txt_dtype defaults to uint8 for bow, float16 for doc2vec.
         batch_size, workers, device, progress: execution only; they are not part of the settings
             fingerprint, so a run may resume elsewhere.
@@ -434,13 +437,13 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
                            "checkpoint file (with --clip-name), or 'random' with --clip-name")
     if clip_weights and not uses_clip:
         raise ExtractError("--clip-weights applies to --image-encoder clip or --text-encoder clip only")
-    clip = ClipFeatures(clip_weights, clip_name, device=dev) if uses_clip else None
+    clip = ClipFeatures(clip_weights, clip_name, features=clip_features, device=dev) if uses_clip else None
     text, text_settings = _text_encoder(text_encoder, src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
                                         doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
                                         doc2vec_min_count=doc2vec_min_count, seed=seed, clip=clip)
     if image_encoder == "clip":  # the model's own input size and preprocessing
         net, img_dim, prep = clip.image_net, clip.image_dim, clip.preprocess
-        image_settings = {"encoder": "clip", "layer": "the model's image embedding", "dim": img_dim,
+        image_settings = {"encoder": "clip", "layer": f"the model's {clip_features} image features", "dim": img_dim,
                           **clip.provenance}
     else:
         encoder = IMAGE_ENCODERS[image_encoder]
@@ -492,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the clip encoders' model: a local CLIP model directory (open_clip's layout or transformers'), "
                         "an open_clip checkpoint file (with --clip-name), or 'random' (with --clip-name)")
     p.add_argument("--clip-name", default="", help="the open_clip model config (ViT-B-32, ...) of a checkpoint file")
+    p.add_argument("--clip-features", default="projected", choices=ClipFeatures.FEATURES,
+                   help="projected: the joint-space embeddings (default); pooled: each tower's features before "
+                        "its projection")
     p.add_argument("--bow-dim", type=int, default=1386, help="bag-of-words width (default 1386, MIRFlickr's)")
     p.add_argument("--doc2vec-dim", type=int, default=300, help="Doc2Vec width (default 300, the MS-COCO release's)")
     p.add_argument("--doc2vec-epochs", type=int, default=20)
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
                    img_dtype=args.img_dtype, txt_dtype=args.txt_dtype, batch_size=args.batch_size,
                    workers=args.workers, device=args.device, progress=not args.no_progress,
                    samples_per_shard=args.samples_per_shard, name=args.name, clip_weights=args.clip_weights,
-                   clip_name=args.clip_name)
+                   clip_name=args.clip_name, clip_features=args.clip_features)
     print(f"wrote {args.out}: {meta.describe()}", file=sys.stderr)
 
 

@@ -416,3 +416,44 @@ def test_a_clip_model_held_in_bf16_takes_uint8_images_and_token_ids(tiny, librar
     out = model(images(), torch.from_numpy(ids), torch.from_numpy(mask))
     assert out["h_img"].dtype == out["h_txt"].dtype == torch.bfloat16
     assert all(torch.isfinite(v.float()).all() for v in out.values())
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_pooled_clip_features_are_the_projected_ones_before_their_projection(tiny, library):
+    """extract --clip-features pooled: each tower's features before its projection; applying the
+    model's projection to them gives the projected (default) features."""
+    from scbch_dist.models.encoders import ClipFeatures, ExtractError
+
+    projected, pooled = ClipFeatures(str(tiny[library])), ClipFeatures(str(tiny[library]), features="pooled")
+    x = normalised(images())
+    with torch.no_grad():
+        a, b = projected.image_net(x), pooled.image_net(x)
+        if library == "open_clip":
+            image_proj = lambda v: v @ projected.image_net.image.net.proj  # noqa: E731
+            text_proj = lambda v: v @ projected.text_net.net.text_projection  # noqa: E731
+        else:
+            image_proj, text_proj = projected.image_net.image.projection, projected.text_net.projection
+        torch.testing.assert_close(image_proj(b), a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(text_proj(torch.from_numpy(pooled.encode(CAPTIONS))),
+                                   torch.from_numpy(projected.encode(CAPTIONS)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, b)  # the projection is not the identity
+    assert (pooled.provenance["features"], projected.provenance["features"]) == ("pooled", "projected")
+    with pytest.raises(ExtractError, match="--clip-features must be one of"):
+        ClipFeatures(str(tiny[library]), features="hidden")
+
+
+def test_a_missing_open_clip_package_is_named(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip raises ImportError
+    with pytest.raises(WeightsError, match=r"needs open-clip-torch \(pip install 'scbch_dist\[finetune\]'\)"):
+        build_model(clip_settings(tiny["open_clip"]).model, None)
+
+
+@pytest.mark.slow
+def test_training_with_bad_clip_weights_exits_2_before_the_first_step(small_shapes, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    sets = [f"data.root={small_shapes}", "data.generate=", f"run.dir={run_dir}",
+            f"model.clip.weights={tmp_path / 'nowhere'}"]
+    line = one_line_exit(capsys, main, ["--config", str(REPO / "configs" / "clip-tiny.yaml"),
+                                        *[a for s in sets for a in ("--set", s)]])
+    assert line.startswith(f"model.clip.weights: {tmp_path / 'nowhere'} does not exist"), line
+    assert not (run_dir / "metrics.jsonl").exists()

@@ -239,6 +239,33 @@ class HFClipText(nn.Module):
         return self.projection(pooled)
 
 
+def drop_projections(towers: ClipTowers) -> None:
+    """Make both towers output their pooled features before the projection into the joint space
+    (extraction's ``--clip-features pooled``): open_clip's ViT and text transformer without ``proj``
+    / ``text_projection``, transformers' towers without their projection layers (SigLIP has none:
+    its pooled and projected features are one)."""
+    image, text = towers.image, towers.text
+    if isinstance(image.projection, nn.Linear):  # transformers
+        image.out_dim, image.projection = image.projection.in_features, nn.Identity()
+    elif image.projection is None:  # open_clip: the projection is the tower's last parameter
+        if not isinstance(getattr(image.net, "proj", None), nn.Parameter):
+            raise WeightsError("--clip-features pooled: this open_clip image tower has no separate projection "
+                               "(a ResNet or timm tower); use --clip-features projected")
+        image.out_dim, image.net.proj = image.net.proj.shape[0], None
+    if isinstance(text, HFClipText):
+        if isinstance(text.projection, nn.Linear):
+            text.out_dim, text.projection = text.projection.in_features, nn.Identity()
+    else:
+        projection = getattr(text.net, "text_projection", None)
+        if isinstance(projection, nn.Linear):
+            text.out_dim, text.net.text_projection = projection.in_features, None
+        elif isinstance(projection, nn.Parameter):
+            text.out_dim, text.net.text_projection = projection.shape[0], None
+        else:
+            raise WeightsError("--clip-features pooled: this open_clip text tower has no separate projection; use "
+                               "--clip-features projected")
+
+
 def _unlock_last(groups: Sequence, unlocked: int) -> None:
     """Freeze every parameter of ``groups``, then unfreeze those of the last ``unlocked`` groups."""
     for p in group_parameters(list(groups)):

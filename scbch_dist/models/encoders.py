@@ -324,17 +324,27 @@ class _ClipImageFeatures(nn.Module):
 class ClipFeatures:
     """Frozen CLIP embeddings: the towers of models.clip in eval mode, the model's preprocessing
     and tokenizer. ``weights``/``name`` as model.clip.weights/name (a local model directory, a
-    checkpoint file with its open_clip config name, or random with a name)."""
+    checkpoint file with its open_clip config name, or random with a name). ``features``:
+    "projected" (the joint-space embeddings) or "pooled" (each tower's pooled features before its
+    projection)."""
 
-    def __init__(self, weights: str, name: str = "", *, device: torch.device | None = None):
+    FEATURES = ("projected", "pooled")
+
+    def __init__(self, weights: str, name: str = "", *, features: str = "projected",
+                 device: torch.device | None = None):
         from scbch_dist.models.backbones import WeightsError
-        from scbch_dist.models.clip import ClipSettings, build_clip_towers
+        from scbch_dist.models.clip import ClipSettings, build_clip_towers, drop_projections
+
+        if features not in self.FEATURES:
+            raise ExtractError(f"--clip-features must be one of {self.FEATURES}, got {features!r}")
         from scbch_dist.models.tokenizers import clip_tokenizer
 
         settings = ClipSettings(weights=weights, name=name)
         try:
             towers = build_clip_towers(settings)
             self.tokenizer = clip_tokenizer(settings)
+            if features == "pooled":
+                drop_projections(towers)
         except WeightsError as e:  # the same checks as training, under extraction's option names
             raise ExtractError(str(e).replace("model.clip.weights", "--clip-weights")
                                .replace("model.clip.name", "--clip-name")) from None
@@ -346,6 +356,7 @@ class ClipFeatures:
                                      interpolation="bicubic" if towers.interpolation == "bicubic" else "bilinear")
         path = Path(weights).expanduser()
         self.provenance = {"weights": "random" if weights == "random" else str(path.resolve()), "name": name,
+                           "features": features,
                            **({"weights_sha256": weights_sha256(path)} if weights != "random" else {})}
 
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:

@@ -234,7 +234,7 @@ class QueryEncoder:
         from scbch_dist.models.encoders import ClipFeatures, ExtractError, weights_sha256
 
         recipe = self.meta.source[part]
-        key = (recipe["weights"], recipe.get("name", ""))
+        key = (recipe["weights"], recipe.get("name", ""), recipe.get("features", "projected"))
         if key not in self._clips:
             if recipe["weights"] != "random":
                 path = Path(recipe["weights"])
@@ -246,7 +246,7 @@ class QueryEncoder:
                     raise QueryError(f"{path}: not the CLIP model that made the {part} features of {self.root} "
                                      "(sha256 differs)")
             try:
-                self._clips[key] = ClipFeatures(*key)
+                self._clips[key] = ClipFeatures(key[0], key[1], features=key[2])
             except ExtractError as e:
                 raise QueryError(f"{self.root}/meta.json: {e}") from None
         return self._clips[key]
