@@ -279,3 +279,16 @@ def test_search_errors_are_one_line(tmp_path, capsys):
                          text=True, cwd=REPO)
     assert out.returncode == 2 and out.stderr.strip() == \
         "python -m scbch_dist.retrieval.search: error: --id 50: the query split has ids 0..49"
+
+
+def test_codes_whose_compression_field_is_damaged_are_a_one_line_error(tmp_path):
+    """A flipped byte in the archive's compression-method field makes zipfile raise
+    NotImplementedError (found by the fuzz test): still the index's one-line error."""
+    run = tmp_path / "run"
+    fake_run(run)
+    data = bytearray((run / "codes.npz").read_bytes())
+    entry = data.find(b"PK\x01\x02")  # the first central-directory entry; its method is 2 bytes at +10
+    data[entry + 10:entry + 12] = (0x63).to_bytes(2, "little")
+    (run / "codes.npz").write_bytes(bytes(data))
+    with pytest.raises(HammingIndexError, match=r"codes.npz: not a readable codes file \(NotImplementedError"):
+        RunCodes.load(run)

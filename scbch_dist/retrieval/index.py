@@ -112,7 +112,8 @@ def read_codes(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    # NotImplementedError: zipfile on a damaged compression-method field of the archive
+    except (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
         raise HammingIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first_line(e)}); {again}") from None
     stored = arrays.pop(CODES_DIGEST, None)
     if stored is not None and str(stored) != arrays_sha256(arrays):
