@@ -292,3 +292,4 @@ def test_codes_whose_compression_field_is_damaged_are_a_one_line_error(tmp_path)
     (run / "codes.npz").write_bytes(bytes(data))
     with pytest.raises(HammingIndexError, match=r"codes.npz: not a readable codes file \(NotImplementedError"):
         RunCodes.load(run)
+
