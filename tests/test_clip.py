@@ -429,10 +429,10 @@ def test_pooled_clip_features_are_the_projected_ones_before_their_projection(tin
     with torch.no_grad():
         a, b = projected.image_net(x), pooled.image_net(x)
         if library == "open_clip":
-            image_proj = lambda v: v @ projected.image_net.image.net.proj  # noqa: E731
+            image_proj = lambda v: v @ projected.image_net.backbone.net.proj  # noqa: E731
             text_proj = lambda v: v @ projected.text_net.net.text_projection  # noqa: E731
         else:
-            image_proj, text_proj = projected.image_net.image.projection, projected.text_net.projection
+            image_proj, text_proj = projected.image_net.backbone.projection, projected.text_net.projection
         torch.testing.assert_close(image_proj(b), a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(text_proj(torch.from_numpy(pooled.encode(CAPTIONS))),
                                    torch.from_numpy(projected.encode(CAPTIONS)), rtol=1e-5, atol=1e-5)

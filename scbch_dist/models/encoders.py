@@ -101,7 +101,8 @@ def _vgg19_fc7(weights: str | None, seed: int) -> tuple[nn.Module, dict]:
 
 
 class _PooledFeatures(nn.Module):
-    """A backbone's pooled features of normalised float input: (n, 3, S, S) -> (n, dim)."""
+    """A backbone's pooled features of normalised float input: (n, 3, S, S) -> (n, dim) (Lite0's,
+    a CLIP image tower's: ``features`` skips the backbone's own uint8 normalisation)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -310,17 +311,6 @@ def weights_sha256(path: Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-class _ClipImageFeatures(nn.Module):
-    """A CLIP image tower on normalised float input (Preprocess did the normalising)."""
-
-    def __init__(self, image: nn.Module):
-        super().__init__()
-        self.image = image
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.image.features(x)
-
-
 class ClipFeatures:
     """Frozen CLIP embeddings: the towers of models.clip in eval mode, the model's preprocessing
     and tokenizer. ``weights``/``name`` as model.clip.weights/name (a local model directory, a
@@ -349,7 +339,7 @@ class ClipFeatures:
             raise ExtractError(str(e).replace("model.clip.weights", "--clip-weights")
                                .replace("model.clip.name", "--clip-name")) from None
         self.device = device or torch.device("cpu")
-        self.image_net = _ClipImageFeatures(towers.image).eval().to(self.device)
+        self.image_net = _PooledFeatures(towers.image).eval().to(self.device)  # on normalised input
         self.text_net = towers.text.eval().to(self.device)
         self.image_dim, self.dim = towers.image.out_dim, towers.text.out_dim
         self.preprocess = Preprocess(towers.image_size, towers.mean, towers.std, resize_side=towers.image_size,
