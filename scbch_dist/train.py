@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         log = setup_logging(run_dir, is_main)
         with StopRequest(run_dir, is_main=is_main) as stop:
-            return _train(args, cfg, run_dir, method_class, accelerator, log, stop, t_start)
+            summary = _train(args, cfg, run_dir, method_class, accelerator, log, stop, t_start)
+        # every rank leaves together: a rank that tears down its process group while the main one still
+        # writes the summary aborts at exit now and then ("terminate called without an active exception")
+        dist.barrier()
+        return summary
     except BaseException:
         if lock is not None and not args.resume:
             logging.getLogger(LOGGER_NAME).handlers.clear()  # log.txt closed before it may go
