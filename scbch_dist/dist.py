@@ -36,6 +36,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def share(n: int) -> slice:
+    """This rank's contiguous share of ``n`` items (shares in rank order cover 0..n-1 once; they
+    differ in size by at most one)."""
+    w, r = world_size(), rank()
+    return slice(r * n // w, (r + 1) * n // w)
+
+
 def all_counts(n: int, device: torch.device) -> list[int]:
     """Every rank's ``n``, in rank order."""
     if not is_distributed():

@@ -56,6 +56,15 @@ def _shares_label(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     return out
 
 
+def _shared_labels(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Packed label words (q, W), (N, W) -> (q, N) uint8: the number of common labels (the graded
+    relevance of NDCG)."""
+    out = np.bitwise_count(q[:, None, 0] & d[None, :, 0])
+    for w in range(1, q.shape[1]):
+        out += np.bitwise_count(q[:, None, w] & d[None, :, w])
+    return out
+
+
 def hamming_distances(query_codes: Array, db_codes: Array) -> torch.Tensor:
     """(q, L), (N, L) -> (q, N) int32 Hamming distances."""
     qb, db = _bits(query_codes), _bits(db_codes)
@@ -200,25 +209,43 @@ def pr_curve_radius(h: Histograms) -> dict[str, list]:
 # Index-tie (stable sort) metrics
 
 
-def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None],
-                   k_points: np.ndarray) -> tuple[dict[int | None, np.ndarray], np.ndarray]:
-    """Ties by database order (a stable sort). Returns the AP for each cut-off in ``topk``
-    (None = all; (q,) each, NaN where the query has no relevant item) and the number of relevant
-    items among the first k for each k in ``k_points`` ((q, len(k_points)))."""
+def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None], k_points: np.ndarray,
+                   gains: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ties by database order (a stable sort). Returns, per query: the AP for each cut-off in
+    ``topk`` ((q, len(topk)); None = all; NaN where the query has no relevant item), the number of
+    relevant items among the first k for each k in ``k_points`` ((q, len(k_points))), and with
+    ``gains`` (the (q, N) shared-label counts) NDCG@K for each integer K in ``topk`` ((q, len(K)))."""
     order = np.argsort(dist, axis=1, kind="stable")  # radix sort for <= 16-bit integers
     hits = np.take_along_axis(rel, order, axis=1)
     cum = np.cumsum(hits, axis=1, dtype=np.int32)
     num_rel = cum[:, -1]
-    aps = {}
-    for k in topk:
+    aps = np.empty((len(dist), len(topk)))
+    for j, k in enumerate(topk):
         kk = dist.shape[1] if k is None else min(k, dist.shape[1])
         h, c = hits[:, :kk], cum[:, :kk]
         prec_sum = (np.where(h, c, 0) / np.arange(1, kk + 1)).sum(1)
         denom = c[:, -1]
         with np.errstate(divide="ignore", invalid="ignore"):
             ap = np.where(denom > 0, prec_sum / np.maximum(denom, 1), 0.0)
-        aps[k] = np.where(num_rel > 0, ap, np.nan)
-    return aps, cum[:, np.minimum(k_points, dist.shape[1]) - 1]
+        aps[:, j] = np.where(num_rel > 0, ap, np.nan)
+    cuts = [k for k in topk if k is not None]
+    ndcg = np.empty((len(dist), len(cuts) if gains is not None else 0))
+    if gains is not None and cuts:
+        ranked = np.take_along_axis(gains, order[:, :min(max(cuts), dist.shape[1])], axis=1)
+        ideal = -np.sort(-gains.astype(np.int16), axis=1, kind="stable")[:, :ranked.shape[1]]  # best gains first
+        for j, k in enumerate(cuts):
+            ndcg[:, j] = _ndcg(ranked[:, :k], ideal[:, :k])
+    return aps, cum[:, np.minimum(k_points, dist.shape[1]) - 1].astype(np.int64), ndcg
+
+
+def _ndcg(ranked: np.ndarray, ideal: np.ndarray) -> np.ndarray:
+    """(q, K) gains in ranked order and in the best order -> (q,) DCG / ideal DCG, with
+    DCG = sum over positions p = 1..K of (2^gain - 1) / log2(p + 1); NaN where the ideal is 0."""
+    discount = 1.0 / np.log2(np.arange(2, ranked.shape[1] + 2))
+    dcg = ((np.exp2(ranked.astype(np.float64)) - 1) * discount).sum(1)
+    best = ((np.exp2(ideal.astype(np.float64)) - 1) * discount).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(best > 0, dcg / best, np.nan)
 
 
 def expected_hits_at_k(h: Histograms, k_points: np.ndarray) -> np.ndarray:
@@ -271,14 +298,148 @@ class _Ranker:
         size = max(1, min(len(qb), (1 << 20) // len(db)))
         self.chunks = [slice(s, min(s + size, len(qb))) for s in range(0, len(qb), size)]
 
-    def map(self, fn, threads: int = 2) -> list:
-        """``fn(dist, rel)`` over every query chunk, in order; numpy's bitwise, bincount and sort
-        kernels release the GIL, so threads use the cores."""
+    def map(self, fn, threads: int = 2, graded: bool = False) -> list:
+        """``fn(dist, rel, gains)`` over every query chunk, in order (``gains``, the shared-label
+        counts, only when ``graded``, else None); numpy's bitwise, bincount and sort kernels release
+        the GIL, so threads use the cores."""
         def run(s: slice):
-            return fn(_popcount_distances(self.q_codes[s], self.d_codes, self.bits),
-                      _shares_label(self.q_labels[s], self.d_labels))
+            dist = _popcount_distances(self.q_codes[s], self.d_codes, self.bits)
+            if not graded:
+                return fn(dist, _shares_label(self.q_labels[s], self.d_labels), None)
+            gains = _shared_labels(self.q_labels[s], self.d_labels)
+            return fn(dist, gains > 0, gains)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             return list(pool.map(run, self.chunks))
+
+
+@dataclass
+class QueryScores:
+    """Per query, everything ``summarize_scores`` needs: the rows of every field concatenate over
+    query chunks, and over ranks that each scored a share of the queries (docs/evaluation.md)."""
+
+    count: np.ndarray  # (Q, L+1) int64: items at each Hamming distance
+    relevant: np.ndarray  # (Q, L+1) int64: relevant items at each distance
+    index_ap: np.ndarray  # (Q, 1 + len(topk)) float64: AP@all, then AP@K, ties by index; NaN: no relevant item
+    hits: np.ndarray  # (Q, len(k_points)) int64: relevant items among the first k, ties by index
+    ndcg: np.ndarray  # (Q, len(topk)) float64: NDCG@K (graded by shared labels), ties by index
+
+    FIELDS = ("count", "relevant", "index_ap", "hits", "ndcg")
+
+    @classmethod
+    def empty(cls, bits: int, topk: int, k_points: int) -> "QueryScores":
+        """No queries (a rank's share when there are fewer queries than ranks)."""
+        return cls(np.zeros((0, bits + 1), np.int64), np.zeros((0, bits + 1), np.int64), np.zeros((0, 1 + topk)),
+                   np.zeros((0, k_points), np.int64), np.zeros((0, topk)))
+
+    @classmethod
+    def concatenate(cls, parts: list["QueryScores"]) -> "QueryScores":
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
+
+
+def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
+                  topk: tuple[int, ...] | list[int] = (), curve_points: int = 16, threads: int = 2) -> QueryScores:
+    """The per-query pass of ``retrieval_metrics``: one ranking of the database per query, in
+    cache-sized query chunks. A share of the queries scores to that share's rows of the whole result,
+    bit for bit, so ranks can split the queries and concatenate (``QueryScores.concatenate``)."""
+    k_points = _k_points(len(db_codes), topk, curve_points)
+    if len(query_codes) == 0 and len(query_labels) == 0 and len(db_codes):
+        return QueryScores.empty(_bits(db_codes).shape[1], len(topk), len(k_points))
+    ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
+    cuts: list[int | None] = [None] + [int(k) for k in topk]
+
+    def score(dist, rel, gains):
+        counts = _histograms(dist, rel, ranker.bits + 1)
+        return (*counts, *_index_ranking(dist, rel, cuts, k_points, gains))
+    parts = ranker.map(score, threads, graded=bool(topk))
+    return QueryScores(*(np.concatenate([p[i] for p in parts]) for i in range(len(QueryScores.FIELDS))))
+
+
+def score_queries_torch(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
+                        db_labels: torch.Tensor, *, topk: tuple[int, ...] | list[int] = (), curve_points: int = 16,
+                        chunk_entries: int = 1 << 24) -> QueryScores:
+    """``score_queries`` with torch kernels on the codes' device: a GPU's, where the codes are (its
+    CPU run is what CI tests). Distances and shared-label counts are matrix products of +-1 codes
+    and 0/1 labels, exact in float32 (integers below 2^24); queries go in chunks of about
+    ``chunk_entries`` (query, item) pairs, which bounds memory at ~40 bytes a pair. Integer fields
+    equal ``score_queries``'; the float ones agree to rounding (their sums run in another order)."""
+    device = query_codes.device
+    _check_inputs(query_codes, db_codes, query_labels, db_labels)
+    q_sign, d_sign = (query_codes > 0).float() * 2 - 1, (db_codes > 0).float() * 2 - 1
+    if q_sign.shape[1] != d_sign.shape[1]:
+        raise ValueError(f"code lengths differ: queries {q_sign.shape[1]} bits, database {d_sign.shape[1]} bits")
+    q_lab, d_lab = (query_labels > 0).float(), (db_labels > 0).float()
+    bits, num_db = q_sign.shape[1], len(d_sign)
+    cuts = [int(k) for k in topk]
+    k_points = torch.from_numpy(_k_points(num_db, topk, curve_points)).clamp(max=num_db).to(device)
+    size = max(1, min(len(q_sign), chunk_entries // num_db))
+    parts = []
+    with torch.autocast(device.type, enabled=False):
+        for s in range(0, len(q_sign), size):
+            dist = ((bits - q_sign[s:s + size] @ d_sign.T) / 2).round().long()  # (c, N)
+            gains = (q_lab[s:s + size] @ d_lab.T).round().long()
+            rel = gains > 0
+            c = len(dist)
+            key = ((torch.arange(c, device=device)[:, None] * (bits + 1) + dist) * 2 + rel).flatten()
+            both = torch.bincount(key, minlength=c * (bits + 1) * 2).view(c, bits + 1, 2)
+            order = torch.sort(dist, dim=1, stable=True).indices
+            hits = rel.gather(1, order)
+            cum = hits.cumsum(1)
+            num_rel = cum[:, -1]
+            aps = []
+            for k in [None, *cuts]:
+                kk = num_db if k is None else min(k, num_db)
+                prec_sum = (torch.where(hits[:, :kk], cum[:, :kk], 0).double()
+                            / torch.arange(1, kk + 1, device=device, dtype=torch.float64)).sum(1)
+                denom = cum[:, kk - 1]
+                ap = torch.where(denom > 0, prec_sum / denom.clamp(min=1), 0.0)
+                aps.append(torch.where(num_rel > 0, ap, float("nan")))
+            ndcg = []
+            if cuts:
+                top = min(max(cuts), num_db)
+                ranked = gains.gather(1, order[:, :top])
+                ideal = gains.sort(dim=1, descending=True).values[:, :top]
+                discount = 1.0 / torch.log2(torch.arange(2, top + 2, device=device, dtype=torch.float64))
+                for k in cuts:
+                    dcg = ((torch.exp2(ranked[:, :k].double()) - 1) * discount[:k]).sum(1)
+                    best = ((torch.exp2(ideal[:, :k].double()) - 1) * discount[:k]).sum(1)
+                    ndcg.append(torch.where(best > 0, dcg / best.clamp(min=1e-300), float("nan")))
+            parts.append([both.sum(2), both[:, :, 1], torch.stack(aps, 1), cum[:, k_points - 1].long(),
+                          torch.stack(ndcg, 1) if ndcg else torch.empty(c, 0, dtype=torch.float64, device=device)])
+    return QueryScores(*(torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(len(QueryScores.FIELDS))))
+
+
+def _k_points(num_db: int, topk, curve_points: int) -> np.ndarray:
+    """The top-k cut-offs counted per query: the PR curve's, then each K of ``topk``."""
+    return np.concatenate([pr_points(num_db, curve_points), np.asarray([int(k) for k in topk], dtype=np.int64)])
+
+
+def summarize_scores(scores: QueryScores, num_db: int, *, topk: tuple[int, ...] | list[int] = (),
+                     curve_points: int = 16) -> dict:
+    """Every metric of ``retrieval_metrics`` from its per-query scores (means over the queries with
+    at least one relevant database item)."""
+    h = Histograms(scores.count, scores.relevant)
+    curve_k = pr_points(num_db, curve_points)
+    k_points = _k_points(num_db, topk, curve_points)
+    expected = expected_hits_at_k(h, k_points)
+    num_rel = h.num_relevant
+    scored = num_rel > 0
+    at_k = {int(k): j for j, k in enumerate(k_points) if j >= len(curve_k)}
+    column = {int(k): j for j, k in enumerate(topk)}
+    hits = scores.hits
+    return {
+        "map": _mean(scores.index_ap[:, 0]),
+        "map_tie_aware": _mean(tie_aware_ap(h)),
+        "map_at_k": {k: _mean(scores.index_ap[:, 1 + column[k]]) for k in at_k},
+        "map_at_k_tie_aware": {k: _mean(tie_aware_ap_at_k(h, k)) for k in at_k},
+        "precision_at_k": {k: float((hits[scored, j] / min(k, num_db)).mean()) for k, j in at_k.items()},
+        "precision_at_k_tie_aware": {k: float((expected[scored, j] / min(k, num_db)).mean()) for k, j in at_k.items()},
+        "recall_at_k": {k: float((hits[scored, j] / num_rel[scored]).mean()) for k, j in at_k.items()},
+        "ndcg_at_k": {k: _mean(scores.ndcg[:, column[k]]) for k in at_k},
+        "pr_radius": pr_curve_radius(h),
+        "pr_topk": _topk_curves(hits[:, : len(curve_k)], num_rel, curve_k),
+        "num_queries": int(len(scored)),
+        "num_queries_scored": int(scored.sum()),
+    }
 
 
 def retrieval_metrics(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
@@ -286,37 +447,15 @@ def retrieval_metrics(query_codes: Array, db_codes: Array, query_labels: Array, 
     """Every ranking metric from one pass over query chunks.
 
     Returns ``map`` and ``map_tie_aware`` (mAP@all), per K in ``topk``: ``map_at_k``,
-    ``precision_at_k`` and their ``*_tie_aware`` twins; ``pr_radius`` (precision-recall over
+    ``precision_at_k`` and their ``*_tie_aware`` twins, ``recall_at_k`` and ``ndcg_at_k`` (graded
+    relevance: the number of shared labels; ties by index); ``pr_radius`` (precision-recall over
     Hamming radius 0..L) and ``pr_topk`` (over the first k items, ``curve_points`` values of k
     from 1 to N, ties by index); ``num_queries`` and ``num_queries_scored``. Means are over
     queries with at least one relevant database item.
     """
-    ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
-    cuts: list[int | None] = [None] + [int(k) for k in topk]
-    curve_k = pr_points(len(db_codes), curve_points)
-    k_points = np.concatenate([curve_k, np.asarray([int(k) for k in topk], dtype=np.int64)])
-    parts = ranker.map(lambda dist, rel: (_histograms(dist, rel, ranker.bits + 1),
-                                          _index_ranking(dist, rel, cuts, k_points)), threads)
-    h = Histograms(np.concatenate([p[0][0] for p in parts]), np.concatenate([p[0][1] for p in parts]))
-    index_ap = {k: np.concatenate([p[1][0][k] for p in parts]) for k in cuts}
-    hits = np.concatenate([p[1][1] for p in parts])
-    expected = expected_hits_at_k(h, k_points)
-    num_rel = h.num_relevant
-    scored = num_rel > 0
-    at_k = {int(k): j for j, k in enumerate(k_points) if j >= len(curve_k)}
-    n_db = len(db_codes)
-    return {
-        "map": _mean(index_ap[None]),
-        "map_tie_aware": _mean(tie_aware_ap(h)),
-        "map_at_k": {k: _mean(index_ap[k]) for k in at_k},
-        "map_at_k_tie_aware": {k: _mean(tie_aware_ap_at_k(h, k)) for k in at_k},
-        "precision_at_k": {k: float((hits[scored, j] / min(k, n_db)).mean()) for k, j in at_k.items()},
-        "precision_at_k_tie_aware": {k: float((expected[scored, j] / min(k, n_db)).mean()) for k, j in at_k.items()},
-        "pr_radius": pr_curve_radius(h),
-        "pr_topk": _topk_curves(hits[:, : len(curve_k)], num_rel, curve_k),
-        "num_queries": int(len(scored)),
-        "num_queries_scored": int(scored.sum()),
-    }
+    scores = score_queries(query_codes, db_codes, query_labels, db_labels, topk=topk, curve_points=curve_points,
+                           threads=threads)
+    return summarize_scores(scores, len(db_codes), topk=topk, curve_points=curve_points)
 
 
 def ranked_average_precision(ranking: Array, query_labels: Array, db_labels: Array) -> np.ndarray:
@@ -359,9 +498,9 @@ def mean_average_precision(query_codes: Array, db_codes: Array, query_labels: Ar
         raise ValueError(f"topk must be a positive integer or None, got {topk}")
     ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
     if ties == "index":
-        parts = ranker.map(lambda dist, rel: _index_ranking(dist, rel, [topk], np.ones(1, np.int64))[0][topk])
+        parts = ranker.map(lambda dist, rel, _: _index_ranking(dist, rel, [topk], np.ones(1, np.int64))[0][:, 0])
     else:
-        def tie_aware(dist, rel):
+        def tie_aware(dist, rel, _):
             h = Histograms(*_histograms(dist, rel, ranker.bits + 1))
             return tie_aware_ap(h) if topk is None else tie_aware_ap_at_k(h, topk)
         parts = ranker.map(tie_aware)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -16,9 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scbch_dist.config import SyntheticConfig
+from scbch_dist import metrics
+from scbch_dist.config import Config, SyntheticConfig, save_config, to_dict
 from scbch_dist.data.format import write_dataset
 from scbch_dist.data.synthetic import write_synthetic
+from scbch_dist.engine.evaluate import save_codes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCBCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -175,3 +178,30 @@ def launch(cmd: list[str], *, env: dict | None = None, timeout: float = 600) -> 
         pytest.fail(f"{' '.join(cmd[:6])} ... still running after {timeout:.0f} s; the stacks of its processes and "
                     f"the end of its stderr:\n{err[-12000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_with_codes(path, *, bits: int = 24, n_query: int = 50, n_db: int = 400, seed: int = 0, **config) -> dict:
+    """A finished run's files as train writes them, with codes near shared centres."""
+    rng = np.random.default_rng(seed)
+    cfg = Config()
+    cfg.model.bits = bits
+    cfg.run.dir = str(path)
+    for key, value in config.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path / "config.yaml")
+    labels = {s: (rng.random((n, 6)) < 0.3).astype(np.uint8) for s, n in (("query", n_query), ("database", n_db))}
+    centres = rng.random((6, bits)) < 0.5
+    codes = {}
+    for s in ("query", "database"):
+        base = centres[labels[s].argmax(1)]
+        for m in ("img", "txt"):
+            codes[f"{s}_{m}"] = base ^ (rng.random(base.shape) < 0.15)
+        codes[f"{s}_lab"] = labels[s]
+    save_codes(codes, path / "codes.npz", model_sha256="ab" * 32, config=to_dict(cfg))
+    summary = {d: metrics.retrieval_metrics(codes[f"query_{q}"], codes[f"database_{t}"], labels["query"],
+                                            labels["database"]) for d, q, t in (("i2t", "img", "txt"),
+                                                                                  ("t2i", "txt", "img"))}
+    (path / "summary.json").write_text(json.dumps({"final": {d: {"map": summary[d]["map"]} for d in summary}}))
+    return codes

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +184,80 @@ def test_precision_at_k_and_topk_curve_equal_brute_force(seed):
         assert curve["recall"][j] == pytest.approx(np.mean([r.sum() / rel[q].sum() for r, q in zip(ranked, scored)]),
                                                    abs=1e-12)
     assert curve["recall"][-1] == pytest.approx(1.0)  # the whole database retrieves everything
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ndcg_and_recall_at_k_equal_a_per_query_loop(seed):
+    """NDCG@K with graded relevance (shared labels; gain 2^g - 1, discount log2(p + 1)) and
+    recall@K, ties by index, against explicit loops over a database of 2 label words."""
+    rng = np.random.default_rng(seed)
+    qc, dc = rng.integers(0, 2, (20, 8)), rng.integers(0, 2, (90, 8))
+    ql, dl = rng.random((20, 70)) < 0.08, rng.random((90, 70)) < 0.08  # 70 classes: two packed words
+    out = metrics.retrieval_metrics(qc, dc, ql, dl, topk=[1, 10, 200])
+    dist = metrics.hamming_distances(qc, dc).numpy()
+    gains = ql.astype(int) @ dl.T.astype(int)
+    scored = [q for q in range(20) if gains[q].any()]
+    assert len(scored) > 5
+    for k in (1, 10, 200):
+        ndcg, recall = [], []
+        for q in scored:
+            ranked = gains[q][np.argsort(dist[q], kind="stable")][:k]
+            ideal = np.sort(gains[q])[::-1][:k]
+            disc = [1 / math.log2(p + 2) for p in range(len(ranked))]
+            ndcg.append(sum((2.0 ** g - 1) * d for g, d in zip(ranked, disc)) /
+                        sum((2.0 ** g - 1) * d for g, d in zip(ideal, disc)))
+            recall.append((ranked > 0).sum() / (gains[q] > 0).sum())
+        assert out["ndcg_at_k"][k] == pytest.approx(np.mean(ndcg), abs=1e-12)
+        assert out["recall_at_k"][k] == pytest.approx(np.mean(recall), abs=1e-12)
+    assert out["recall_at_k"][200] == pytest.approx(1.0)  # K beyond the database: everything found
+
+
+def test_scores_of_query_shares_concatenate_to_the_whole_bit_for_bit():
+    """What lets ranks split the queries: any split, scored separately and concatenated, gives the
+    same per-query rows and the same metrics to the last bit."""
+    rng = np.random.default_rng(5)
+    qc, dc = rng.integers(0, 2, (301, 32)), rng.integers(0, 2, (7000, 32))
+    ql, dl = rng.random((301, 24)) < 0.15, rng.random((7000, 24)) < 0.15
+    whole = metrics.score_queries(qc, dc, ql, dl, topk=[50, 1000])
+    cuts = [0, 1, 150, 301]
+    parts = [metrics.score_queries(qc[a:b], dc, ql[a:b], dl, topk=[50, 1000], threads=1)
+             for a, b in zip(cuts, cuts[1:])]
+    joined = metrics.QueryScores.concatenate(parts)
+    for f in metrics.QueryScores.FIELDS:
+        assert np.array_equal(getattr(joined, f), getattr(whole, f), equal_nan=True), f
+    assert metrics.summarize_scores(joined, 7000, topk=[50, 1000]) == \
+        metrics.retrieval_metrics(qc, dc, ql, dl, topk=[50, 1000])
+
+
+def test_the_torch_path_scores_what_the_numpy_path_scores():
+    """The GPU path (matrix products, bincount and a stable sort in torch), run on the CPU: integer
+    fields equal, float ones to rounding, in chunks smaller than the queries."""
+    rng = np.random.default_rng(11)
+    qc, dc = rng.integers(0, 2, (57, 24)), rng.integers(0, 2, (400, 24))
+    ql, dl = rng.random((57, 70)) < 0.06, rng.random((400, 70)) < 0.06
+    ref = metrics.score_queries(qc, dc, ql, dl, topk=[5, 100], curve_points=7)
+    got = metrics.score_queries_torch(torch.from_numpy(qc * 2 - 1), torch.from_numpy(dc * 2 - 1),
+                                      torch.from_numpy(ql), torch.from_numpy(dl), topk=[5, 100], curve_points=7,
+                                      chunk_entries=4000)
+    for f in ("count", "relevant", "hits"):
+        assert np.array_equal(getattr(got, f), getattr(ref, f)), f
+    for f in ("index_ap", "ndcg"):
+        np.testing.assert_allclose(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-12)
+    assert np.isnan(ref.index_ap).any() and np.array_equal(np.isnan(got.index_ap), np.isnan(ref.index_ap))
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_metrics_of_one_to_the_last_bit(tmp_path):
+    """engine.evaluate.ranking_metrics on 2 gloo processes, each scoring its share of the queries
+    (1 query: one rank has none; 77: shares of 38 and 39), equals one process's
+    retrieval_metrics exactly, every number (JSON turns int keys into strings, on both sides)."""
+    scripts = Path(__file__).parent / "dist_scripts"
+    sys.path.insert(0, str(scripts))
+    import ranked_metrics as script
+    from conftest import torchrun
+
+    torchrun(str(scripts / "ranked_metrics.py"), str(tmp_path))
+    got = json.loads((tmp_path / "metrics.json").read_text())
+    for q in script.QUERY_COUNTS:
+        ref = json.loads(json.dumps(metrics.retrieval_metrics(*script.metric_case(q), topk=script.TOPK)))
+        assert got[str(q)] == ref, q

@@ -18,12 +18,12 @@ pytest.importorskip("faiss")
 from scbch_dist import metrics  # noqa: E402
 from scbch_dist.retrieval import hamming  # noqa: E402
 from scbch_dist.retrieval.hamming import HammingIndexError  # noqa: E402
-from scbch_dist.config import Config, IndexSettings, save_config, to_dict  # noqa: E402
+from scbch_dist.config import IndexSettings  # noqa: E402
 from scbch_dist.engine.checkpoint import model_fingerprint  # noqa: E402
-from scbch_dist.engine.evaluate import save_codes  # noqa: E402
 from scbch_dist.errors import RunDirError  # noqa: E402
 from scbch_dist.retrieval.index import RunCodes, RunIndex, build, check, tie_aware_recall  # noqa: E402
-from scbch_dist.retrieval.search import format_table, main as search_main  # noqa: E402
+from scbch_dist.retrieval.search import main as search_main  # noqa: E402
+from conftest import run_with_codes  # noqa: E402
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -141,36 +141,9 @@ def test_model_fingerprint_names_the_weights_not_their_order():
 # a run folder with stored codes (no training): config.yaml, codes.npz, summary.json
 
 
-def fake_run(path, *, bits: int = 24, n_query: int = 50, n_db: int = 400, seed: int = 0, **config) -> dict:
-    """A finished run's files as train writes them, with codes near shared centres."""
-    rng = np.random.default_rng(seed)
-    cfg = Config()
-    cfg.model.bits = bits
-    cfg.run.dir = str(path)
-    for key, value in config.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, path / "config.yaml")
-    labels = {s: (rng.random((n, 6)) < 0.3).astype(np.uint8) for s, n in (("query", n_query), ("database", n_db))}
-    centres = rng.random((6, bits)) < 0.5
-    codes = {}
-    for s in ("query", "database"):
-        base = centres[labels[s].argmax(1)]
-        for m in ("img", "txt"):
-            codes[f"{s}_{m}"] = base ^ (rng.random(base.shape) < 0.15)
-        codes[f"{s}_lab"] = labels[s]
-    save_codes(codes, path / "codes.npz", model_sha256="ab" * 32, config=to_dict(cfg))
-    summary = {d: metrics.retrieval_metrics(codes[f"query_{q}"], codes[f"database_{t}"], labels["query"],
-                                            labels["database"]) for d, q, t in (("i2t", "img", "txt"),
-                                                                                  ("t2i", "txt", "img"))}
-    (path / "summary.json").write_text(json.dumps({"final": {d: {"map": summary[d]["map"]} for d in summary}}))
-    return codes
-
-
 def test_build_writes_a_complete_index_folder_and_check_matches_the_summary(tmp_path):
     run = tmp_path / "run"
-    codes = fake_run(run)
+    codes = run_with_codes(run)
     path = build(run, settings=IndexSettings(kind="flat"), log=lambda *_: None)
     assert path == run / "index" / "database-flat"
     assert sorted(p.name for p in path.iterdir()) == ["ids.npy", "img.faissindex", "index.json", "manifest.json",
@@ -182,7 +155,7 @@ def test_build_writes_a_complete_index_folder_and_check_matches_the_summary(tmp_
     rows = check(run)
     summary = json.loads((run / "summary.json").read_text())["final"]
     for row in rows:
-        assert row["same_ranking"] and row[f"recall@10"] == 1.0
+        assert row["same_ranking"] and row["recall@10"] == 1.0
         assert row["map_from_index"] == pytest.approx(summary[row["direction"]]["map"], abs=1e-12)
     # a search by a stored query code: the exact ranking's first ten
     index = RunIndex.open(run, RunCodes.load(run))
@@ -194,7 +167,7 @@ def test_build_writes_a_complete_index_folder_and_check_matches_the_summary(tmp_
 @pytest.mark.parametrize("kind", ["hash", "ivf", "hnsw"])
 def test_approximate_index_of_a_run_reports_recall(tmp_path, kind):
     run = tmp_path / "run"
-    fake_run(run)
+    run_with_codes(run)
     build(run, settings=IndexSettings(kind=kind), log=lambda *_: None)
     rows = check(run, kind=kind, k=10)
     assert all("same_ranking" not in r and 0.9 <= r["recall@10"] <= 1.0 for r in rows)
@@ -202,9 +175,9 @@ def test_approximate_index_of_a_run_reports_recall(tmp_path, kind):
 
 def test_rebuild_replaces_the_index_and_changed_codes_are_refused(tmp_path):
     run = tmp_path / "run"
-    fake_run(run)
+    run_with_codes(run)
     build(run, log=lambda *_: None)
-    fake_run(run, seed=1)  # the run's codes change (a resumed run finished again)
+    run_with_codes(run, seed=1)  # the run's codes change (a resumed run finished again)
     with pytest.raises(HammingIndexError, match="built from other codes.*rebuild it: python -m scbch_dist.retrieval.index build"):
         RunIndex.open(run, RunCodes.load(run))
     build(run, log=lambda *_: None)
@@ -213,8 +186,8 @@ def test_rebuild_replaces_the_index_and_changed_codes_are_refused(tmp_path):
 
 
 def test_codes_of_another_run_are_refused_naming_the_keys(tmp_path):
-    fake_run(tmp_path / "a", bits=24)
-    fake_run(tmp_path / "b", bits=32, train__lr=0.01)
+    run_with_codes(tmp_path / "a", bits=24)
+    run_with_codes(tmp_path / "b", bits=32, train__lr=0.01)
     (tmp_path / "b" / "codes.npz").replace(tmp_path / "a" / "codes.npz")
     with pytest.raises(HammingIndexError, match=r"written by another run.*model.bits: 32 -> 24.*train.lr"):
         build(tmp_path / "a", log=lambda *_: None)
@@ -225,7 +198,7 @@ def test_missing_codes_a_held_run_and_not_a_run_are_one_line_errors(tmp_path):
     with pytest.raises(HammingIndexError, match="not a run folder"):
         RunCodes.load(tmp_path)
     run = tmp_path / "run"
-    fake_run(run)
+    run_with_codes(run)
     (run / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
     with pytest.raises(RunDirError, match="in use by pid"):
         build(run, log=lambda *_: None)
@@ -239,7 +212,7 @@ def test_missing_codes_a_held_run_and_not_a_run_are_one_line_errors(tmp_path):
 
 def test_search_by_stored_id_prints_a_table_and_json(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    codes = fake_run(run, data__root=str(tmp_path / "data"))
+    codes = run_with_codes(run, data__root=str(tmp_path / "data"))
     from tests.conftest import random_dataset
 
     random_dataset(tmp_path / "data", n_train=20, classes=6)  # the run's dataset: names its classes
@@ -261,7 +234,7 @@ def test_search_errors_are_one_line(tmp_path, capsys):
     from scbch_dist import cli
 
     run = tmp_path / "run"
-    fake_run(run, data__root=str(tmp_path / "data"))
+    run_with_codes(run, data__root=str(tmp_path / "data"))
     from tests.conftest import random_dataset
 
     random_dataset(tmp_path / "data", n_train=20, classes=6)
@@ -285,7 +258,7 @@ def test_codes_whose_compression_field_is_damaged_are_a_one_line_error(tmp_path)
     """A flipped byte in the archive's compression-method field makes zipfile raise
     NotImplementedError (found by the fuzz test): still the index's one-line error."""
     run = tmp_path / "run"
-    fake_run(run)
+    run_with_codes(run)
     data = bytearray((run / "codes.npz").read_bytes())
     entry = data.find(b"PK\x01\x02")  # the first central-directory entry; its method is 2 bytes at +10
     data[entry + 10:entry + 12] = (0x63).to_bytes(2, "little")

@@ -3,7 +3,8 @@ the codes.
 
 Each rank encodes a disjoint part of a split (the exactly-once pass); rows are gathered with
 their ids and written into tables by id, so the order in which parts arrive never matters.
-Metrics are computed once, from the complete tables.
+Every rank then scores its share of the queries against the whole database, and the main process
+summarizes the gathered per-query rows.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
     """I2T (image queries against the text database) and T2I, relevance by clean labels.
 
     Each rank encodes its part of query and database; the codes travel as packed bits (L/8 bytes
-    a code) and the metrics are computed once, on the main process. Returns ``(result, codes)``:
+    a code), every rank scores its share of the queries (``ranking_metrics``) and the main process
+    summarizes. Returns ``(result, codes)``:
     result has ``i2t`` and ``t2i`` (as metrics.retrieval_metrics returns), ``avg_map`` and
     ``avg_map_tie_aware`` (empty on other ranks); codes holds bool codes and labels by id.
     """
@@ -52,14 +54,37 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
             codes[f"{split}_{m}"] = np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool)
         codes[f"{split}_lab"] = whole["lab"].cpu().numpy()
     result: dict = {}
-    if dist.is_main():
-        result["i2t"] = metrics.retrieval_metrics(codes["query_img"], codes["database_txt"], codes["query_lab"],
-                                                  codes["database_lab"], topk=topk)
-        result["t2i"] = metrics.retrieval_metrics(codes["query_txt"], codes["database_img"], codes["query_lab"],
-                                                  codes["database_lab"], topk=topk)
-        result["avg_map"] = (result["i2t"]["map"] + result["t2i"]["map"]) / 2
-        result["avg_map_tie_aware"] = (result["i2t"]["map_tie_aware"] + result["t2i"]["map_tie_aware"]) / 2
+    for direction, q, d in (("i2t", "img", "txt"), ("t2i", "txt", "img")):
+        result[direction] = ranking_metrics(codes[f"query_{q}"], codes[f"database_{d}"], codes["query_lab"],
+                                            codes["database_lab"], topk=topk, device=device)
+    if not dist.is_main():
+        return {}, codes
+    result["avg_map"] = (result["i2t"]["map"] + result["t2i"]["map"]) / 2
+    result["avg_map_tie_aware"] = (result["i2t"]["map_tie_aware"] + result["t2i"]["map_tie_aware"]) / 2
     return result, codes
+
+
+def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray,
+                    *, topk: list[int] = (), device: torch.device = torch.device("cpu")) -> dict:
+    """Collective: metrics.retrieval_metrics over every rank. Each rank scores its contiguous share
+    of the queries against the whole database (every rank holds it) on ``torch.get_num_threads()``
+    threads, or with the torch kernels on a GPU; the per-query rows are gathered in rank order and
+    the main process summarizes them: the numbers of one process, to the last bit. Returns the
+    metrics on the main process, {} on the others."""
+    share = dist.share(len(query_codes))
+    if device.type == "cuda":
+        t = {k: torch.from_numpy(np.ascontiguousarray(v[share] if k.startswith("q") else v)).to(device)
+             for k, v in (("qc", query_codes), ("dc", db_codes), ("ql", query_labels), ("dl", db_labels))}
+        scores = metrics.score_queries_torch(t["qc"], t["dc"], t["ql"], t["dl"], topk=topk)
+    else:
+        scores = metrics.score_queries(query_codes[share], db_codes, query_labels[share], db_labels, topk=topk,
+                                       threads=torch.get_num_threads())
+    if dist.is_distributed():
+        counts = dist.all_counts(len(scores.count), device)
+        scores = metrics.QueryScores(*(dist.gather_rows(torch.from_numpy(getattr(scores, f)).to(device),
+                                                        counts=counts)[0].cpu().numpy()
+                                       for f in metrics.QueryScores.FIELDS))
+    return metrics.summarize_scores(scores, len(db_codes), topk=topk) if dist.is_main() else {}
 
 
 CODES_DIGEST = "sha256"  # the member of codes.npz that holds the digest of the others
@@ -83,7 +108,37 @@ def save_codes(codes: dict, path: Path, *, model_sha256: str = "", config: dict 
     atomic_save_with(path, write)
 
 
-HEADLINE = ("map", "map_tie_aware", "map_at_k", "map_at_k_tie_aware", "precision_at_k", "precision_at_k_tie_aware")
+HEADLINE = ("map", "map_tie_aware", "map_at_k", "map_at_k_tie_aware", "precision_at_k", "precision_at_k_tie_aware",
+            "recall_at_k", "ndcg_at_k")
+
+SELECTION = {"final": "the last evaluation (the model a run ends with)",
+             "best": "the evaluation of the highest avg_map on the test queries: selected on the test set, the "
+                     "protocol of the published code and the papers' tables"}
+
+
+def protocol(query_count: int, database_count: int, topk: list[int] = (), *, query_split: str = "query",
+             database_split: str = "database", labels: str = "clean") -> dict:
+    """The protocol card (docs/evaluation.md): what every number of an evaluation means, written
+    beside the numbers in summary.json and in ``python -m scbch_dist.evaluate``'s JSON."""
+    return {
+        "directions": "i2t: image query codes against text database codes; t2i: text against image",
+        "queries": f"{query_count} rows of the {query_split} split",
+        "database": f"{database_count} rows of the {database_split} split",
+        "relevance": f"a database item is relevant when it shares at least one {labels} label with the query; "
+                     "queries with no relevant item are left out of every mean",
+        "map": "mAP@all: AP over the whole ranked database, ties in Hamming distance broken by database index "
+               "(a stable sort), averaged over queries",
+        "map_tie_aware": "the same, as the exact expectation over random orders of tied items",
+        "at_k": {"k": [int(k) for k in topk],
+                 "map_at_k": "AP over the first K, normalised by the relevant items found there",
+                 "precision_at_k": "relevant items among the first K / K",
+                 "recall_at_k": "relevant items among the first K / all relevant items",
+                 "ndcg_at_k": "DCG / ideal DCG over the first K, gain 2^s - 1 for s shared labels, "
+                              "discount log2(position + 1), ties by index"},
+        "curves": "pr_radius: precision and recall within Hamming radius 0..L; pr_topk: over the first k "
+                  "items, 16 cut-offs from 1 to the database size",
+        "selection": SELECTION,
+    }
 
 
 def summarize(result: dict) -> dict:

@@ -23,7 +23,7 @@ from scbch_dist.config import Config, to_dict
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.checkpoint import CheckpointError, model_fingerprint, save_checkpoint
-from scbch_dist.engine.evaluate import curves, evaluate, save_codes, summarize
+from scbch_dist.engine.evaluate import curves, evaluate, protocol, save_codes, summarize
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
@@ -351,6 +351,7 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
         "final": final,
         "best": {"selected_by": "avg_map over evaluated epochs (the paper reports this best-over-epochs "
                                 "test mAP; 'final' is the honest last-epoch figure)", **best},
+        "protocol": protocol(data.meta.splits["query"].count, data.meta.splits["database"].count, cfg.eval.topk),
         "chance_map": state.chance_map,
         "run": {"dir": str(run.run_dir), "method": label, "method_name": cfg.method.name,
                 "dataset": data.meta.name, "noise": data.noise_info(), "bits": cfg.model.bits,

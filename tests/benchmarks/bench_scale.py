@@ -5,6 +5,7 @@
                                                    [--bank trained-like|labelled] [--float16] [--nprobe 32]
     python tests/benchmarks/bench_scale.py memory  [--sizes 1000000] [--bits 128] [--backends auto]
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
+    python tests/benchmarks/bench_scale.py eval-ranks [--sizes 100000 1000000]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
 refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N rows of [u, v]
@@ -24,6 +25,9 @@ memory: the peak memory of one refresh as the engine makes it with the defaults 
   unit bank: the process's high-water mark, reset once the bank is built.
 eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries against databases
   of N codes, both directions.
+eval-ranks: the same through engine.evaluate.ranking_metrics, one process on 1 and 2 threads and
+  two gloo processes of one thread each (each scores half the queries), with whether the numbers
+  are identical.
 steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
   global batch, through the real train_step.
 """
@@ -185,6 +189,52 @@ def bench_eval(sizes, bits=64, queries=2000, classes=24):
         print(f"| {n:>14} | {queries:>7} | {time.perf_counter() - t:>32.2f} |")
 
 
+EVAL_WORKER = r"""
+import json, sys, time, numpy as np, torch, torch.distributed as dist
+from scbch_dist.engine.evaluate import ranking_metrics
+n, bits, queries, classes = (int(v) for v in sys.argv[1:5])
+if "WORLD_SIZE" in __import__("os").environ:
+    dist.init_process_group("gloo")
+rng = np.random.default_rng(0)  # every rank builds the same codes: the tables a run's ranks hold
+ql, qc = rng.random((queries, classes)) < 0.15, rng.integers(0, 2, (queries, bits), dtype=np.uint8)
+dl, dc = rng.random((n, classes)) < 0.15, rng.integers(0, 2, (n, bits), dtype=np.uint8)
+if dist.is_initialized():
+    dist.barrier()
+t = time.perf_counter()
+out = [ranking_metrics(qc, dc, ql, dl, topk=[1000]) for _ in range(2)]  # I2T and T2I
+seconds = time.perf_counter() - t
+if not dist.is_initialized() or dist.get_rank() == 0:
+    print("EVAL", seconds, json.dumps(out[0]["map"]), json.dumps(out[0]["ndcg_at_k"]))
+if dist.is_initialized():
+    dist.barrier(); dist.destroy_process_group()
+"""
+
+
+def bench_eval_ranks(sizes, bits=64, queries=2000, classes=24):
+    """Every metric of both directions through engine.evaluate.ranking_metrics: one process on one
+    and on two threads, and two gloo processes on one thread each (each scoring half the queries)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    with open("/tmp/_scbch_eval_worker.py", "w") as f:
+        f.write(EVAL_WORKER)
+    print(f"| {'database codes':>14} | {'processes x threads':>19} | {'seconds':>8} | {'vs 1 x 1':>8} | mAP I2T (identical?) |")
+    print(f"|{'-' * 16}|{'-' * 21}|{'-' * 10}|{'-' * 10}|{'-' * 22}|")
+    for n in sizes:
+        args = [str(n), str(bits), str(queries), str(classes)]
+        rows = []
+        for procs, threads in ((1, 1), (1, 2), (2, 1)):
+            cmd = ([sys.executable, "/tmp/_scbch_eval_worker.py"] if procs == 1 else
+                   [torchrun, "--standalone", "--nproc_per_node", str(procs), "/tmp/_scbch_eval_worker.py"])
+            out = subprocess.run(cmd + args, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                 capture_output=True, text=True, check=True).stdout
+            line = next(line for line in out.splitlines() if line.startswith("EVAL"))
+            _, seconds, value, ndcg = line.split(" ", 3)
+            rows.append((procs, threads, float(seconds), value + " " + ndcg))
+        for procs, threads, seconds, value in rows:
+            same = "yes" if value == rows[0][3] else "NO"
+            print(f"| {n:>14} | {f'{procs} x {threads}':>19} | {seconds:>8.2f} | {seconds / rows[0][2]:>8.2f} | "
+                  f"{value.split()[0][:8]} ({same}) |", flush=True)
+
+
 STEP_WORKER = r"""
 import sys, time, torch
 from accelerate import Accelerator
@@ -236,7 +286,7 @@ def bench_steps(hidden, batch, steps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["refresh", "quality", "memory", "eval", "steps"])
+    p.add_argument("what", choices=["refresh", "quality", "memory", "eval", "eval-ranks", "steps"])
     p.add_argument("--backends", nargs="+", default=["torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
     p.add_argument("--bank", choices=sorted(BANKS), default="trained-like")
     p.add_argument("--float16", action="store_true", help="the bank's rows in float16 (bank.float16_above)")
@@ -258,6 +308,8 @@ def main():
                      a.backends if a.backends != p.get_default("backends") else ["auto"])
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
+    elif a.what == "eval-ranks":
+        bench_eval_ranks(a.sizes or [100000, 1000000])
     else:
         bench_steps(a.hidden, a.batch, a.steps)
 

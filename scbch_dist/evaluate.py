@@ -1,0 +1,100 @@
+"""Re-score a finished run's codes under any protocol, on one process or many (docs/evaluation.md).
+
+    python -m scbch_dist.evaluate RUN_DIR [--topk 50 100 5000] [--out FILE]
+    torchrun --nproc_per_node 2 -m scbch_dist.evaluate RUN_DIR --out FILE
+    accelerate launch -m scbch_dist.evaluate RUN_DIR --out FILE
+
+Reads RUN_DIR/codes.npz (its digest and its config checked against the run's), ranks the database
+for every query in both directions and writes one JSON: every metric of both directions (mAP@all
+with index ties and tie-aware, and per K of --topk mAP@K, precision@K, recall@K, NDCG@K; the
+precision-recall curves), the protocol card that says what each number means, the chance mAP,
+and the sha256 of the codes and of the model that wrote them. Under a launcher every process
+scores its share of the queries; the numbers are those of one process, to the last bit. Without
+--out the JSON goes to stdout. A run without codes, or with damaged ones, is a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scbch_dist import cli, dist
+from scbch_dist.atomic import atomic_write_json
+from scbch_dist.engine.evaluate import SELECTION, protocol, ranking_metrics
+from scbch_dist.engine.runlog import json_safe
+from scbch_dist.metrics import chance_map
+from scbch_dist.retrieval.index import RunCodes
+
+
+def score_run(run: RunCodes, topk: list[int], device: torch.device) -> dict:
+    """Collective: the evaluation record of a run's codes (the main process's; {} on the others)."""
+    t0 = time.perf_counter()
+    q_lab, d_lab = run.labels["query"], run.labels["database"]
+    result = {}
+    for direction, q, d in (("i2t", "img", "txt"), ("t2i", "txt", "img")):
+        result[direction] = ranking_metrics(run.codes[f"query_{q}"], run.codes[f"database_{d}"], q_lab, d_lab,
+                                            topk=topk, device=device)
+    if not dist.is_main():
+        return {}
+    card = protocol(len(q_lab), len(d_lab), topk)
+    card["selection"] = {"codes": "the run's final codes (codes.npz): " + SELECTION["final"]}
+    return json_safe({
+        "run": str(run.run_dir), "codes_sha256": run.sha256, "model_sha256": run.model_sha256, "bits": run.bits,
+        "protocol": card,
+        **result,
+        "avg_map": (result["i2t"]["map"] + result["t2i"]["map"]) / 2,
+        "avg_map_tie_aware": (result["i2t"]["map_tie_aware"] + result["t2i"]["map_tie_aware"]) / 2,
+        "chance_map": chance_map(q_lab, d_lab),
+        "world_size": dist.world_size(),
+        "seconds": time.perf_counter() - t0,
+    })
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scbch_dist.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a finished run's folder (it holds codes.npz)")
+    p.add_argument("--topk", type=int, nargs="*", default=None, metavar="K",
+                   help="the cut-offs K of mAP@K, precision@K, recall@K and NDCG@K (default: the run's eval.topk)")
+    p.add_argument("--out", type=Path, help="write the JSON here (atomically) instead of to stdout")
+    args = p.parse_args(argv)
+    if args.topk is not None and any(k < 1 for k in args.topk):
+        p.error(f"--topk takes positive integers, got {args.topk}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from accelerate import PartialState
+
+    state = PartialState()  # the process group under torchrun / accelerate launch; one process otherwise
+    try:
+        run = RunCodes.load(args.run_dir)
+        topk = args.topk if args.topk is not None else list(run.config.get("eval", {}).get("topk") or [])
+        record = score_run(run, sorted(set(topk)), state.device)
+        if dist.is_main():
+            if args.out:
+                atomic_write_json(args.out, record)
+                print(f"avg mAP {record['avg_map']:.4f} (I2T {record['i2t']['map']:.4f}, T2I {record['t2i']['map']:.4f}); "
+                      f"{record['world_size']} process(es), {record['seconds']:.1f} s. Wrote {args.out}", file=sys.stderr)
+            else:
+                json.dump(record, sys.stdout, indent=1)
+                sys.stdout.write("\n")
+        dist.barrier()  # every rank leaves together (train.py says why)
+        return record
+    finally:
+        state.destroy_process_group()
+
+
+def console() -> None:
+    """The ``scbch-evaluate`` command (pyproject's [project.scripts])."""
+    cli.run(main, "scbch-evaluate")
+
+
+if __name__ == "__main__":
+    cli.run(main, "python -m scbch_dist.evaluate")

@@ -1,0 +1,33 @@
+"""torchrun --standalone --nproc_per_node 2 ranked_metrics.py OUT: engine.evaluate.ranking_metrics of
+``metric_case(q)`` for several query counts (one below the number of ranks, one odd), each rank
+scoring its share; the main process saves the summaries to OUT/metrics.json for the test to compare
+with one process's metrics.retrieval_metrics."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from scbch_dist import dist as sdist
+from scbch_dist.engine.evaluate import ranking_metrics
+
+QUERY_COUNTS = (1, 2, 77)
+TOPK = [5, 300]
+
+
+def metric_case(q: int, n: int = 3000, bits: int = 32, classes: int = 70, seed: int = 4):
+    """Random codes and labels: ``q`` queries against ``n`` database items (labels of 2 packed words)."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, (q, bits)).astype(bool), rng.integers(0, 2, (n, bits)).astype(bool),
+            rng.random((q, classes)) < 0.05, rng.random((n, classes)) < 0.05)
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    out = {q: ranking_metrics(*metric_case(q), topk=TOPK) for q in QUERY_COUNTS}
+    if sdist.is_main():
+        Path(sys.argv[1]).joinpath("metrics.json").write_text(json.dumps(out))
+    dist.barrier()
+    dist.destroy_process_group()
