@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,36 @@ def test_the_peer_methods_on_two_processes(tiny_dataset, tmp_path, name):
     recs = records(run_dir)
     assert [set(r["loss"]) for r in recs] == [set(METHODS[name].terms)] * 3 and all(name in r for r in recs)
     assert summary["final"]["avg_map"] > summary["chance_map"]
+
+
+def test_noise_detection_at_the_methods_own_threshold_hand_values():
+    """separation's flagged rows as detection: 4 positives, 3 others; flagged rows 1 clean + 2 not."""
+    from scbch_dist.methods.base import separation
+
+    positive = np.array([1, 1, 1, 1, 0, 0, 0], dtype=bool)
+    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.3, 0.6])
+    d = separation(scores, positive, flagged=scores < 0.35)
+    assert d["flagged_fraction"] == pytest.approx(3 / 7)
+    assert d["flag_precision"] == pytest.approx(2 / 3) and d["flag_recall"] == pytest.approx(2 / 3)
+    assert np.isnan(separation(scores, positive, flagged=scores < 0)["flag_precision"])  # nothing flagged
+
+
+def test_nacd_flags_the_candidate_labels_below_their_class_threshold():
+    from scbch_dist.methods.nacd import confidence_diagnostics
+
+    labels = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]])
+    clean = np.array([[1, 0, 0], [1, 0, 1], [0, 1, 0]])  # false candidates: (0, 1) and (2, 2)
+    confidence = np.array([[0.9, 0.3, 0.0], [0.4, 0.0, 0.7], [0.0, 0.8, 0.5]])
+    d = confidence_diagnostics(confidence, labels, clean, thresholds=np.array([0.5, 0.5, 0.6]))
+    # below threshold: (0, 1) 0.3 < 0.5 (false), (1, 0) 0.4 < 0.5 (true), (2, 2) 0.5 < 0.6 (false)
+    assert d["flag_precision"] == pytest.approx(2 / 3) and d["flag_recall"] == 1.0
+    assert d["flagged_fraction"] == pytest.approx(3 / 6)
+
+
+def test_rshnl_flags_the_rows_self_paced_learning_leaves_out():
+    from scbch_dist.methods.rshnl import self_paced_diagnostics
+
+    weights = np.array([0.0, 0.5, 0.0, 0.9, 0.0])
+    corrupted = np.array([True, False, True, False, False])
+    d = self_paced_diagnostics(weights, corrupted)
+    assert d["flag_precision"] == pytest.approx(2 / 3) and d["flag_recall"] == 1.0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import ttest_ind
 
 from scbch_dist.experiments import report, sweep
 
@@ -356,3 +357,20 @@ def test_map_history_figure_marks_the_best_epoch(tmp_path):
     plots.plot_map_history(history, tmp_path / "map.png", 0.3)  # the old call still works
     plots.plot_map_history(history, tmp_path / "map2.png", 0.3, title="t")
     assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map2.png").stat().st_size > 0
+
+
+def test_the_lead_of_a_row_is_set_against_the_seed_spread(tmp_path):
+    """Three seeds per row: SCBCH's lead on NACD (2 points, sd 0.5) is beyond the seed spread; its
+    lead on RSHNL at 32 bits (0.3 points, sd 1) is within it (Welch's t-test)."""
+    for seed, jitter in enumerate((-0.005, 0.0, 0.005)):
+        fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.5, 64, seed, 0.80, 0.78 + jitter)
+        fake_summary(tmp_path, "NACD", "mirflickr25k", 0.5, 64, seed, 0.78, 0.76 + jitter)
+        fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.5, 32, seed, 0.80, 0.773 + 2 * jitter)
+        fake_summary(tmp_path, "RSHNL", "mirflickr25k", 0.5, 32, seed, 0.80, 0.77 - 2 * jitter)
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    p64 = ttest_ind([0.775, 0.78, 0.785], [0.755, 0.76, 0.765], equal_var=False).pvalue
+    assert f"- 0.5 / 64 bit, final: SCBCH leads NACD by +2.0, beyond the seed spread (Welch's t-test p = {p64:.3f}, " \
+           "3 and 3 seeds)" in text
+    assert "- 0.5 / 32 bit, final: SCBCH leads RSHNL by +0.3, within the seed spread" in text
+    assert p64 < 0.05

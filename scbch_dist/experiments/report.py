@@ -10,7 +10,9 @@ share no cell: each gets its own row, labelled with the keys that differ (``SCBC
 or ``SCBCH #1`` with a footnote when more than two differ), and a line on stderr names them.
 Each cell is "best / final": the average of I2T and T2I mAP x 100 at each run's best evaluated epoch
 (the paper's protocol) and at its last (mean +- sd over seeds when there are several); the last
-column is the method's cost, training seconds per epoch (steps and refreshes, no evaluation).
+column is the method's cost, training seconds per epoch (steps and refreshes, no evaluation). Under
+each table, for every column where the two leading rows both hold 2 or more seeds: the leader's
+lead in final mAP and whether it exceeds the seed spread (Welch's t-test at p < 0.05).
 Writes report.md, report.csv (one row per method x variant x dataset x noise x bits, both protocols
 and both tie policies) and pr_<dataset>.png (I2T and T2I, over Hamming radius and over top-k, one curve per
 method; ``--which`` picks the best or the final evaluation's curves).
@@ -152,6 +154,25 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
 
 
+SIGNIFICANCE = 0.05  # Welch's t-test level at which a difference of two rows exceeds their seed spread
+
+
+def compare_rows(leader: list[float], runner_up: list[float]) -> str | None:
+    """Whether the leader's final mAP over seeds differs from the runner-up's by more than the seed
+    spread explains: Welch's t-test (unequal variances), both rows with at least 2 seeds; None
+    otherwise."""
+    if len(leader) < 2 or len(runner_up) < 2:
+        return None
+    from scipy.stats import ttest_ind
+
+    diff = 100 * (float(np.mean(leader)) - float(np.mean(runner_up)))
+    if np.std(leader) == 0 and np.std(runner_up) == 0:  # no spread at all: t is undefined
+        return f"+{diff:.1f}, {'beyond' if diff else 'within'} the seed spread (no spread)"
+    p = float(ttest_ind(leader, runner_up, equal_var=False).pvalue)
+    verdict = "beyond" if p < SIGNIFICANCE else "within"
+    return f"+{diff:.1f}, {verdict} the seed spread (Welch's t-test p = {p:.3f}, {len(leader)} and {len(runner_up)} seeds)"
+
+
 def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None = None) -> str:
     """The tables; ``notes`` (from split_variants) go under the table of their dataset and noise model."""
     groups = _group(records)
@@ -179,7 +200,25 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
                 for note in (notes or {}).get((dataset, model), []):
                     out.write(f"\n- {note}")
                 out.write("\n\n" if (notes or {}).get((dataset, model)) else "\n")
+                out.write(_leaders(groups, dataset, model, columns, table_rows, key))
     return out.getvalue()
+
+
+def _leaders(groups: dict, dataset: str, model: str, columns: list, table_rows: list, key: str) -> str:
+    """Per column where two rows hold several seeds: the leading row by mean final mAP, its lead on
+    the runner-up and whether the seeds' spread explains it (compare_rows)."""
+    lines = []
+    for noise, bits in columns:
+        finals = []
+        for method, rank, variant in table_rows:
+            runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
+            if runs:
+                finals.append(([r["final"][key] for r in runs], row_label({"method": method, "variant": variant})))
+        finals.sort(key=lambda f: -float(np.mean(f[0])))
+        verdict = compare_rows(finals[0][0], finals[1][0]) if len(finals) > 1 else None
+        if verdict:
+            lines.append(f"- {noise:g} / {bits} bit, final: {finals[0][1]} leads {finals[1][1]} by {verdict}\n")
+    return "".join(lines) + ("\n" if lines else "")
 
 
 def csv_rows(records: list[dict]) -> list[dict]:

@@ -223,11 +223,20 @@ def refresh_from_neighbours(cfg: Config, ctx: EpochContext, k: int,
 
 
 def separation(scores: np.ndarray, positive: np.ndarray | None,
-               names: tuple[str, str] = ("clean", "corrupted")) -> dict:
+               names: tuple[str, str] = ("clean", "corrupted"), flagged: np.ndarray | None = None) -> dict:
     """How well ``scores`` tell the ``positive`` rows (clean rows, true labels) from the others: the
     mean of each group (``<name>_mean``) and the ROC-AUC of the scores as a positive-vs-other score.
+    With ``flagged`` (the rows the method itself sets aside at its own threshold): the fraction
+    flagged, and the precision (flagged rows that are not positive / flagged; NaN when none is)
+    and recall (not-positive rows flagged / not-positive rows) of flagging as noise detection.
     Empty without both groups (no noise, or every row corrupted)."""
     if positive is None or positive.all() or not positive.any():
         return {}
-    return {f"{names[0]}_mean": float(scores[positive].mean()), f"{names[1]}_mean": float(scores[~positive].mean()),
-            "auc": roc_auc(scores, positive)}
+    out = {f"{names[0]}_mean": float(scores[positive].mean()), f"{names[1]}_mean": float(scores[~positive].mean()),
+           "auc": roc_auc(scores, positive)}
+    if flagged is not None:
+        caught = int((flagged & ~positive).sum())
+        out.update(flagged_fraction=float(flagged.mean()),
+                   flag_precision=caught / int(flagged.sum()) if flagged.any() else float("nan"),
+                   flag_recall=caught / int((~positive).sum()))
+    return out

@@ -96,7 +96,8 @@ class NACD(Method):
             self.thresholds.assign(class_thresholds(self.confidence.values))
             diag.update(source=refresh.source, seconds=refresh.seconds)
         confidence = self.confidence.values.cpu().numpy()
-        diag.update(confidence_diagnostics(confidence, self.train.labels.cpu().numpy(), self.train.clean),
+        diag.update(confidence_diagnostics(confidence, self.train.labels.cpu().numpy(), self.train.clean,
+                                           self.thresholds.values.cpu().numpy()),
                     threshold_mean=float(self.thresholds.values.mean()))
         if ctx.is_main and ctx.evaluates and self.train.clean is not None:
             candidates = self.train.labels.cpu().numpy() > 0
@@ -113,11 +114,16 @@ class NACD(Method):
         return f"confidence true {d['true_mean']:.3f} false {d['false_mean']:.3f} auc {d['auc']:.3f}"
 
 
-def confidence_diagnostics(confidence: np.ndarray, labels: np.ndarray, clean: np.ndarray | None) -> dict:
-    """Over the candidate labels (y = 1): the mean confidence of true and of false ones, and the
-    ROC-AUC of the confidence as a true-vs-false score."""
+def confidence_diagnostics(confidence: np.ndarray, labels: np.ndarray, clean: np.ndarray | None,
+                           thresholds: np.ndarray | None = None) -> dict:
+    """Over the candidate labels (y = 1): the mean confidence of true and of false ones, the
+    ROC-AUC of the confidence as a true-vs-false score and, with the class ``thresholds`` (C,),
+    the precision and recall of the labels NACD holds unreliable (confidence below its class's
+    threshold) as false-label detection."""
     candidates = labels > 0
     out = {"candidate_mean": float(confidence[candidates].mean()) if candidates.any() else 0.0}
     if clean is None:
         return out
-    return {**out, **separation(confidence[candidates], (clean > 0)[candidates], names=("true", "false"))}
+    unreliable = None if thresholds is None else (confidence < thresholds[None, :])[candidates]
+    return {**out, **separation(confidence[candidates], (clean > 0)[candidates], names=("true", "false"),
+                                flagged=unreliable)}

@@ -96,10 +96,11 @@ class RSHNL(Method):
 
 
 def self_paced_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) -> dict:
-    """Mean, fraction at weight 0 and, with noise, the clean and corrupted means, the fractions at 0
-    and the ROC-AUC of the weights as a clean-vs-corrupted score."""
+    """Mean, fraction at weight 0 and, with noise, the clean and corrupted means, the fractions at 0,
+    the ROC-AUC of the weights as a clean-vs-corrupted score, and the precision and recall of the
+    rows at weight 0 (the ones self-paced learning leaves out) as corrupted-row detection."""
     out = {"mean": float(weights.mean()), "zero_fraction": float((weights == 0).mean())}
-    groups = separation(weights, ~corrupted if corrupted is not None else None)
+    groups = separation(weights, ~corrupted if corrupted is not None else None, flagged=weights == 0)
     if groups:
         groups.update(clean_zero_fraction=float((weights[~corrupted] == 0).mean()),
                       corrupted_zero_fraction=float((weights[corrupted] == 0).mean()))
