@@ -117,11 +117,21 @@ class TrainConfig:
     drop_last: bool = False  # the published code keeps the last, partial batch
 
 
+SELECTION_SCORES = ("pairs", "labels")  # eval.select
+
+
 @dataclass
 class EvalConfig:
     every: int = 5  # evaluate every N epochs (and always after the last)
     batch_size: int = 2048  # encoding batch
-    topk: list[int] = field(default_factory=list)  # also report mAP@K for these K
+    topk: list[int] = field(default_factory=list)  # also report mAP@K, precision@K, recall@K, NDCG@K for these K
+    # training rows held out of every batch and every refresh's neighbours, scored with their noisy
+    # labels at each evaluation to select a model without the test set ("selected" in summary.json)
+    validation: int = 0
+    # what picks the selected epoch: "pairs" (each held-out image's own text among all held-out texts
+    # and back, tie-aware mean reciprocal rank: no label, immune to label noise) or "labels" (mAP of
+    # half the held-out rows against the other half by their noisy labels)
+    select: str = "pairs"
 
 
 @dataclass
@@ -509,6 +519,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be positive, got {cfg.eval.topk}")
+    if cfg.eval.validation < 0 or cfg.eval.validation == 1:
+        raise ConfigError(f"eval.validation is a number of held-out training rows: 0 (none) or at least 2, "
+                          f"got {cfg.eval.validation}")
+    if cfg.eval.select not in SELECTION_SCORES:
+        raise ConfigError(f"eval.select must be one of {', '.join(SELECTION_SCORES)}, got {cfg.eval.select!r}")
+    if cfg.eval.validation and cfg.bank.refresh == "memory":
+        raise ConfigError("eval.validation holds rows out of the training batches, which bank.refresh=memory records "
+                          "its bank from: use bank.refresh=pass with a validation split")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -214,36 +214,56 @@ def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None], k_
     """Ties by database order (a stable sort). Returns, per query: the AP for each cut-off in
     ``topk`` ((q, len(topk)); None = all; NaN where the query has no relevant item), the number of
     relevant items among the first k for each k in ``k_points`` ((q, len(k_points))), and with
-    ``gains`` (the (q, N) shared-label counts) NDCG@K for each integer K in ``topk`` ((q, len(K)))."""
+    ``gains`` (the (q, N) shared-label counts) NDCG@K for each integer K in ``topk`` ((q, len(K))).
+
+    Only the ranks of the relevant items are kept after the sort: the j-th relevant item of a
+    query at rank p adds j / p to its precision sum, and the relevant items among the first k are
+    a search in the sorted ranks, so no work scales with N but the sort and one gather."""
+    q, n = dist.shape
     order = np.argsort(dist, axis=1, kind="stable")  # radix sort for <= 16-bit integers
-    hits = np.take_along_axis(rel, order, axis=1)
-    cum = np.cumsum(hits, axis=1, dtype=np.int32)
-    num_rel = cum[:, -1]
-    aps = np.empty((len(dist), len(topk)))
-    for j, k in enumerate(topk):
-        kk = dist.shape[1] if k is None else min(k, dist.shape[1])
-        h, c = hits[:, :kk], cum[:, :kk]
-        prec_sum = (np.where(h, c, 0) / np.arange(1, kk + 1)).sum(1)
-        denom = c[:, -1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ap = np.where(denom > 0, prec_sum / np.maximum(denom, 1), 0.0)
-        aps[:, j] = np.where(num_rel > 0, ap, np.nan)
+    rows, cols = np.nonzero(np.take_along_axis(rel, order, axis=1))  # row-major: ranks ascend within a row
+    num_rel = np.bincount(rows, minlength=q)
+    first = np.concatenate([[0], np.cumsum(num_rel)[:-1]])  # where each row's relevant items start
+    ordinal = np.arange(1, len(rows) + 1) - first[rows]  # j: 1, 2, ... within a row
+    precision = ordinal / (cols + 1.0)
+    aps = np.empty((q, len(topk)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j, k in enumerate(topk):
+            inside = slice(None) if k is None else cols < k
+            found = num_rel if k is None else np.bincount(rows[inside], minlength=q)
+            ap = np.bincount(rows[inside], weights=precision[inside], minlength=q) / np.maximum(found, 1)
+            aps[:, j] = np.where(num_rel > 0, ap, np.nan)
+    # relevant items among the first k: each row's sorted ranks searched, as one sorted key row * (n + 1) + rank
+    key = rows * (n + 1) + cols
+    targets = np.arange(q)[:, None] * (n + 1) + np.minimum(k_points, n)[None, :]
+    hits = np.searchsorted(key, targets) - first[:, None]
     cuts = [k for k in topk if k is not None]
-    ndcg = np.empty((len(dist), len(cuts) if gains is not None else 0))
+    ndcg = np.empty((q, len(cuts) if gains is not None else 0))
     if gains is not None and cuts:
-        ranked = np.take_along_axis(gains, order[:, :min(max(cuts), dist.shape[1])], axis=1)
-        ideal = -np.sort(-gains.astype(np.int16), axis=1, kind="stable")[:, :ranked.shape[1]]  # best gains first
+        ranked = np.take_along_axis(gains, order[:, :min(max(cuts), n)], axis=1)
         for j, k in enumerate(cuts):
-            ndcg[:, j] = _ndcg(ranked[:, :k], ideal[:, :k])
-    return aps, cum[:, np.minimum(k_points, dist.shape[1]) - 1].astype(np.int64), ndcg
+            ndcg[:, j] = _ndcg(ranked[:, :k], _ideal_dcg(gains, k))
+    return aps, hits.astype(np.int64), ndcg
 
 
-def _ndcg(ranked: np.ndarray, ideal: np.ndarray) -> np.ndarray:
-    """(q, K) gains in ranked order and in the best order -> (q,) DCG / ideal DCG, with
+def _ideal_dcg(gains: np.ndarray, k: int) -> np.ndarray:
+    """(q, N) gains -> (q,) the DCG of the best K: the gains' counts per value (one bincount), each
+    value's run of positions in descending order clipped to the first K, times its discounts."""
+    q, n = gains.shape
+    top = int(gains.max()) + 1 if gains.size else 1
+    counts = np.bincount((np.arange(q)[:, None] * top + gains).ravel(), minlength=q * top).reshape(q, top)[:, ::-1]
+    end = np.minimum(np.cumsum(counts, 1), k)  # positions [start, end) of each value, best first
+    start = np.concatenate([np.zeros((q, 1), np.int64), end[:, :-1]], 1)
+    discount = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, min(k, n) + 2)))])
+    value = np.exp2(np.arange(top - 1, -1, -1, dtype=np.float64)) - 1
+    return ((discount[end] - discount[start]) * value).sum(1)
+
+
+def _ndcg(ranked: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """(q, K) gains in ranked order and (q,) the ideal DCG -> (q,) DCG / ideal DCG, with
     DCG = sum over positions p = 1..K of (2^gain - 1) / log2(p + 1); NaN where the ideal is 0."""
     discount = 1.0 / np.log2(np.arange(2, ranked.shape[1] + 2))
     dcg = ((np.exp2(ranked.astype(np.float64)) - 1) * discount).sum(1)
-    best = ((np.exp2(ideal.astype(np.float64)) - 1) * discount).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(best > 0, dcg / best, np.nan)
 
@@ -381,7 +401,7 @@ def score_queries_torch(query_codes: torch.Tensor, db_codes: torch.Tensor, query
             c = len(dist)
             key = ((torch.arange(c, device=device)[:, None] * (bits + 1) + dist) * 2 + rel).flatten()
             both = torch.bincount(key, minlength=c * (bits + 1) * 2).view(c, bits + 1, 2)
-            order = torch.sort(dist, dim=1, stable=True).indices
+            order = torch.sort(dist.to(torch.int16 if bits < 1 << 15 else torch.int32), dim=1, stable=True).indices
             hits = rel.gather(1, order)
             cum = hits.cumsum(1)
             num_rel = cum[:, -1]
@@ -505,6 +525,26 @@ def mean_average_precision(query_codes: Array, db_codes: Array, query_labels: Ar
             return tie_aware_ap(h) if topk is None else tie_aware_ap_at_k(h, topk)
         parts = ranker.map(tie_aware)
     return _mean(np.concatenate(parts))
+
+
+def pair_reciprocal_rank(query_codes: Array, db_codes: Array) -> np.ndarray:
+    """(V,) for paired rows (query i's one relevant item is database row i: an image and its own
+    text), the expected reciprocal rank of that item in the Hamming ranking, ties in random order:
+    with n_< items strictly closer and n_= at its distance (itself included),
+    (H(n_< + n_=) - H(n_<)) / n_=. Its mean is the tie-aware mAP with one relevant item per query."""
+    qb, db = _bits(query_codes), _bits(db_codes)
+    if qb.shape != db.shape:
+        raise ValueError(f"paired codes differ in shape: {qb.shape} and {db.shape}")
+    q, d = pack_words(qb), pack_words(db)
+    harm = harmonic_numbers(len(d))
+    out = np.empty(len(q))
+    size = max(1, (1 << 20) // max(len(d), 1))
+    for s in range(0, len(q), size):
+        dist = _popcount_distances(q[s:s + size], d, qb.shape[1])
+        own = dist[np.arange(len(dist)), np.arange(s, s + len(dist))][:, None]
+        closer, tied = (dist < own).sum(1), (dist == own).sum(1)
+        out[s:s + size] = (harm[closer + tied] - harm[closer]) / tied
+    return out
 
 
 def chance_map(query_labels: Array, db_labels: Array) -> float:

@@ -261,3 +261,16 @@ def test_two_processes_score_the_metrics_of_one_to_the_last_bit(tmp_path):
     for q in script.QUERY_COUNTS:
         ref = json.loads(json.dumps(metrics.retrieval_metrics(*script.metric_case(q), topk=script.TOPK)))
         assert got[str(q)] == ref, q
+
+
+def test_pair_reciprocal_rank_is_the_tie_aware_map_with_one_relevant_item():
+    """Against the identity labels through retrieval_metrics, and against every tie order by hand."""
+    rng = np.random.default_rng(2)
+    img, txt = rng.integers(0, 2, (40, 4)), rng.integers(0, 2, (40, 4))  # 4 bits: many ties
+    own = np.eye(40, dtype=bool)
+    rr = metrics.pair_reciprocal_rank(img, txt)
+    assert rr.mean() == pytest.approx(metrics.retrieval_metrics(img, txt, own, own)["map_tie_aware"], abs=1e-12)
+    dist = metrics.hamming_distances(img[:6], txt[:6]).numpy()
+    small = metrics.pair_reciprocal_rank(img[:6], txt[:6])
+    for i in range(6):  # the mean over every order of the tied items of 1 / (rank of the partner)
+        assert small[i] == pytest.approx(np.mean([1 / (1 + list(o).index(i)) for o in tie_orders(dist[i])]), abs=1e-12)

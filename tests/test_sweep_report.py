@@ -374,3 +374,21 @@ def test_the_lead_of_a_row_is_set_against_the_seed_spread(tmp_path):
            "3 and 3 seeds)" in text
     assert "- 0.5 / 32 bit, final: SCBCH leads RSHNL by +0.3, within the seed spread" in text
     assert p64 < 0.05
+
+
+def test_runs_with_a_validation_split_report_the_selected_epoch(tmp_path):
+    for seed, chosen in ((0, 0.77), (1, 0.79)):
+        fake_summary(tmp_path, "RSHNL", "mirflickr25k", 0.5, 64, seed, 0.80, 0.72, spec="replace:0.5")
+        path = tmp_path / f"RSHNL-mirflickr25k-replace:0.5-64-{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["selected"] = {**summary["final"], "avg_map": chosen, "avg_map_tie_aware": chosen - 0.01}
+        path.write_text(json.dumps(summary))
+    fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.5, 64, 0, 0.81, 0.80, spec="replace:0.5")  # no validation split
+    report.main([str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    sd = 100 * np.std([0.77, 0.79], ddof=1)
+    assert "### mirflickr25k, replace noise: best / final / selected mAP" in text
+    assert f"| RSHNL | 80.0 ± 0.0 / 72.0 ± 0.0 / 78.0 ± {sd:.1f} |" in text
+    assert "| SCBCH | 81.0 / 80.0 / - |" in text
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "report.csv"))}
+    assert float(rows["RSHNL"]["selected_avg"]) == pytest.approx(0.78) and rows["SCBCH"]["selected_avg"] == ""

@@ -85,3 +85,14 @@ def clean_training_labels(root: str | Path, meta: DatasetMeta) -> np.ndarray:
     clean = load_label_file(path)
     check_label_table(path, clean, meta)
     return clean
+
+
+VALIDATION_SEED = 20260  # the draw of the held-out rows: fixed, so every seed and method of a sweep shares them
+
+
+def held_out_ids(count: int, rows: int) -> np.ndarray:
+    """The ``rows`` training ids held out for model selection (eval.validation), sorted: a uniform
+    draw that depends only on the training set's size, never on train.seed or the method."""
+    if not 0 <= rows < count:
+        raise ValueError(f"{rows} held-out rows of a training set of {count}")
+    return np.sort(np.random.default_rng([VALIDATION_SEED, count]).choice(count, rows, replace=False))

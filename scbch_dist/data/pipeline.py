@@ -103,10 +103,11 @@ class TrainShuffle(IterableDataset):
     """One pass of a rank's shards for (epoch, pass): shuffled chunks of samples (worker side)."""
 
     def __init__(self, urls: list[str], meta: DatasetMeta, *, seed: int, rank: int, world: int,
-                 buffer: int, chunk: int, transform: Transform | None = None):
+                 buffer: int, chunk: int, transform: Transform | None = None, held_out: np.ndarray | None = None):
         self.urls, self.meta, self.seed = urls, meta, seed
         self.rank, self.world, self.buffer, self.chunk = rank, world, max(buffer, 1), chunk
         self.transform = transform
+        self.held_out = held_out  # (N,) bool: ids never trained on (eval.validation), or None
         # (epoch, pass) of the next iteration, in shared memory: persistent loader workers hold
         # the copy of this object made when they started, so a plain attribute set later in the
         # main process would never reach them. Created here, before any worker starts, so forked
@@ -138,6 +139,8 @@ class TrainShuffle(IterableDataset):
         held = 0
         for block in itertools.chain(read_blocks(urls, self.meta, "train"), [None]):
             end = block is None
+            if not end and self.held_out is not None:
+                block = _take(block, np.flatnonzero(~self.held_out[block["id"]]))
             if not end:
                 window.append(block)
                 held += len(block["id"])
@@ -198,20 +201,23 @@ class TrainStream:
     buffer: int = 16384
     drop_last: bool = False
     transform: Transform | None = None  # raw datasets: decoding, augmentation, tokenisation
+    held_out: np.ndarray | None = None  # (N,) bool: training ids left out of every batch (eval.validation)
 
     def __post_init__(self):
         self.urls = [str(p) for p in check_split(self.root, self.meta, "train")]
         if len(self.urls) < self.world:
             raise ShardError(f"{self.root}: split 'train' has {len(self.urls)} shards, fewer than the "
                              f"{self.world} processes; rewrite it with smaller shards")
-        self.quota = -(-self.meta.splits["train"].count // self.world)  # samples per rank per epoch
+        trained = self.meta.splits["train"].count - (int(self.held_out.sum()) if self.held_out is not None else 0)
+        self.quota = -(-trained // self.world)  # samples per rank per epoch
         steps = self.quota // self.batch_size if self.drop_last else -(-self.quota // self.batch_size)
         if steps < 1:
             raise ShardError(f"{self.root}: {self.quota} training samples per process is less than one batch "
                              f"of {self.batch_size} with drop_last")
         self.steps_per_epoch = steps
         self.dataset = TrainShuffle(self.urls, self.meta, seed=self.seed, rank=self.rank, world=self.world,
-                                    buffer=self.buffer, chunk=self.batch_size, transform=self.transform)
+                                    buffer=self.buffer, chunk=self.batch_size, transform=self.transform,
+                                    held_out=self.held_out)
         self.loader = _loader(self.dataset, self.workers, persistent=True)
         self._generation = 0  # counts epoch() iterations begun; the latest one owns the loader
 
@@ -285,10 +291,11 @@ class PassDataset(IterableDataset):
     """Every id of ``split`` exactly once over all (rank, worker) pairs, as blocks."""
 
     def __init__(self, urls: list[str], meta: DatasetMeta, split: str, *, rank: int, world: int, batch_size: int,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, only: np.ndarray | None = None):
         self.urls, self.meta, self.split = urls, meta, split
         self.rank, self.world, self.batch_size = rank, world, batch_size
         self.transform = transform
+        self.only = only  # (count,) bool: the ids to read (before the transform decodes them), or None: all
 
     def __iter__(self) -> Iterator[Block]:
         for batch in self._batches():
@@ -298,6 +305,8 @@ class PassDataset(IterableDataset):
         pending: list[Block] = []
         held = 0
         for block in read_blocks(_assigned(self.urls, self.rank, self.world), self.meta, self.split):
+            if self.only is not None:
+                block = _take(block, np.flatnonzero(self.only[block["id"]]))
             pending.append(block)
             held += len(block["id"])
             while held >= self.batch_size:
@@ -308,11 +317,13 @@ class PassDataset(IterableDataset):
 
 
 def pass_batches(root: str | Path, meta: DatasetMeta, split: str, *, batch_size: int, rank: int = 0,
-                 world: int = 1, workers: int = 0, transform: Transform | None = None) -> Iterator[Block]:
+                 world: int = 1, workers: int = 0, transform: Transform | None = None,
+                 only: np.ndarray | None = None) -> Iterator[Block]:
     """This rank's part of one exactly-once pass over ``split``, as batches with ids (``transform``,
-    deterministic, applied in the workers)."""
+    deterministic, applied in the workers); ``only`` ((count,) bool) keeps those ids alone."""
     urls = [str(p) for p in check_split(root, meta, split)]
-    dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size, transform=transform)
+    dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size, transform=transform,
+                          only=only)
     for batch in _loader(dataset, workers):
         yield {f: np.asarray(v) for f, v in batch.items()}
 

@@ -36,8 +36,9 @@ class BankSource:
 
     def __init__(self, refresh: str, count: int, bits: int, device: torch.device,
                  encode_train: Callable[[], dict[str, torch.Tensor]], log: logging.Logger, *, shard: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, held_out: torch.Tensor | None = None):
         self.count, self.encode_train, self.log, self.shard, self.dtype = count, encode_train, log, shard, dtype
+        self.held_out = held_out  # (N,) bool: validation rows, in the bank but never a neighbour
         self.memory = IdTable(count, (2 * bits,), dtype=dtype, device=device) if refresh == "memory" else None
 
     def record(self, ids: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
@@ -54,14 +55,15 @@ class BankSource:
                 self.log.warning(f"CSCC memory refresh: {1 - self.memory.coverage:.1%} of the training rows "
                                  "are from earlier epochs")
             rows = self.memory.values[own] if self.shard else self.memory.values
-            return Bank(rows, own, "memory", time.perf_counter() - t0, self.memory.coverage, sharded=self.shard)
+            return Bank(rows, own, "memory", time.perf_counter() - t0, self.memory.coverage, sharded=self.shard,
+                        held_out=self.held_out)
         part = self.encode_train()
         z = cscc_bank_rows(part["h_img"], part["h_txt"]).to(self.dtype)
         if self.shard:
             self._check_exactly_once(part["id"])
-            return Bank(z, part["id"], "pass", time.perf_counter() - t0, sharded=True)
+            return Bank(z, part["id"], "pass", time.perf_counter() - t0, sharded=True, held_out=self.held_out)
         rows = dist.gather_by_id({"id": part["id"], "z": z}, self.count)["z"]
-        return Bank(rows, part["id"], "pass", time.perf_counter() - t0)
+        return Bank(rows, part["id"], "pass", time.perf_counter() - t0, held_out=self.held_out)
 
     def _check_exactly_once(self, ids: torch.Tensor) -> None:
         """A collective: the pass gave every id to exactly one rank (what gather_by_id checks when

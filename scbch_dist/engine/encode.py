@@ -19,9 +19,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def encode_part(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: str, *, batch_size: int,
-                device: torch.device, workers: int = 0, autocast=None, transform=None) -> dict[str, torch.Tensor]:
+                device: torch.device, workers: int = 0, autocast=None, transform=None,
+                only=None) -> dict[str, torch.Tensor]:
     """This rank's part of an exactly-once pass over ``split``: ids and continuous codes, the model
-    in eval mode. ``transform``: the deterministic loader transform of raw datasets (data.transforms).
+    in eval mode. ``transform``: the deterministic loader transform of raw datasets (data.transforms);
+    ``only``: a (count,) bool numpy mask of the ids to encode (default: all).
 
     Returns ``{"id": (n,), "h_img": (n, L) float32, "h_txt": (n, L) float32, "lab": (n, C) uint8}``.
     """
@@ -30,7 +32,7 @@ def encode_part(model: torch.nn.Module, root: Path, meta: DatasetMeta, split: st
     net = unwrap(model)
     parts: dict[str, list] = {"id": [], "h_img": [], "h_txt": [], "lab": []}
     for batch in pass_batches(root, meta, split, batch_size=batch_size, rank=dist.rank(),
-                              world=dist.world_size(), workers=workers, transform=transform):
+                              world=dist.world_size(), workers=workers, transform=transform, only=only):
         b = to_torch(batch, device)
         with (autocast or contextlib.nullcontext)():
             parts["h_img"].append(net.encode("img", b["img"]).float())

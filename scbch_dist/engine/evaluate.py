@@ -64,6 +64,43 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
     return result, codes
 
 
+def validate(model: torch.nn.Module, root: Path, meta: DatasetMeta, held_out: np.ndarray, labels: np.ndarray, *,
+             select: str = "pairs", batch_size: int, device: torch.device, workers: int = 0, autocast=None,
+             transform=None) -> dict:
+    """Collective: the validation scores of eval.validation (docs/evaluation.md, "Selecting a model
+    without the test set"). The held-out training rows ``held_out`` ((N,) bool) are encoded (the
+    pass reads only them) and ordered by id. ``labels``: rows at even positions are the queries,
+    rows at odd positions the database, relevance by the *noisy* training ``labels`` ((N, C)), the
+    only labels a user has (``i2t``, ``t2i``: mAP@all, index ties and tie-aware, and their
+    averages). ``pairs``: every held-out image against every held-out text, its own text the one
+    relevant item, and back (tie-aware mean reciprocal rank). ``score`` is the one eval.select
+    (``select``) names. Returns them on the main process, {} on the others."""
+    ids = np.flatnonzero(held_out)
+    part = encode_part(model, root, meta, "train", batch_size=batch_size, device=device, workers=workers,
+                       autocast=autocast, transform=transform, only=held_out)
+    position = torch.from_numpy(np.searchsorted(ids, part["id"].cpu().numpy())).to(device)
+    bits = part["h_img"].shape[1]
+    whole = dist.gather_by_id({"id": position, "img": pack_bits(binary_codes(part["h_img"])),
+                               "txt": pack_bits(binary_codes(part["h_txt"]))}, len(ids))
+    codes = {m: np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool) for m in ("img", "txt")}
+    lab = np.asarray(labels)[ids]
+    result = {d: ranking_metrics(codes[q][0::2], codes[t][1::2], lab[0::2], lab[1::2], device=device)
+              for d, q, t in (("i2t", "img", "txt"), ("t2i", "txt", "img"))}
+    if not dist.is_main():
+        return {}
+    out = {d: {"map": result[d]["map"], "map_tie_aware": result[d]["map_tie_aware"]} for d in ("i2t", "t2i")}
+    out["avg_map"] = (out["i2t"]["map"] + out["t2i"]["map"]) / 2
+    out["avg_map_tie_aware"] = (out["i2t"]["map_tie_aware"] + out["t2i"]["map_tie_aware"]) / 2
+    # pairs: every held-out image against every held-out text, its own text the one relevant item,
+    # and back: no label at all (V^2 distances, on the main process)
+    out["pairs"] = {d: float(metrics.pair_reciprocal_rank(codes[q], codes[t]).mean())
+                    for d, q, t in (("i2t", "img", "txt"), ("t2i", "txt", "img"))}
+    out["pairs"]["avg"] = (out["pairs"]["i2t"] + out["pairs"]["t2i"]) / 2
+    out["score"] = out["pairs"]["avg"] if select == "pairs" else out["avg_map"]
+    out["rows"] = int(len(ids))
+    return out
+
+
 def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray,
                     *, topk: list[int] = (), device: torch.device = torch.device("cpu")) -> dict:
     """Collective: metrics.retrieval_metrics over every rank. Each rank scores its contiguous share
@@ -113,7 +150,10 @@ HEADLINE = ("map", "map_tie_aware", "map_at_k", "map_at_k_tie_aware", "precision
 
 SELECTION = {"final": "the last evaluation (the model a run ends with)",
              "best": "the evaluation of the highest avg_map on the test queries: selected on the test set, the "
-                     "protocol of the published code and the papers' tables"}
+                     "protocol of the published code and the papers' tables",
+             "selected": "the evaluation of the highest validation score (eval.validation held-out training rows; "
+                         "eval.select: 'pairs', the mean reciprocal rank of each row's own other modality, or "
+                         "'labels', their mAP by noisy labels, half against half); the test set plays no part"}
 
 
 def protocol(query_count: int, database_count: int, topk: list[int] = (), *, query_split: str = "query",

@@ -23,7 +23,7 @@ from scbch_dist.config import Config, to_dict
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.checkpoint import CheckpointError, model_fingerprint, save_checkpoint
-from scbch_dist.engine.evaluate import curves, evaluate, protocol, save_codes, summarize
+from scbch_dist.engine.evaluate import curves, evaluate, protocol, save_codes, summarize, validate
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
@@ -170,6 +170,11 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
     result, codes = evaluate(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size,
                              device=run.accelerator.device, topk=cfg.eval.topk, workers=cfg.data.workers,
                              autocast=run.accelerator.autocast, transform=data.eval_transform)
+    validation = None
+    if data.held_out is not None:
+        validation = validate(run.model, data.root, data.meta, data.held_out, data.train.labels.cpu().numpy(),
+                              select=cfg.eval.select, batch_size=cfg.eval.batch_size, device=run.accelerator.device, workers=cfg.data.workers,
+                              autocast=run.accelerator.autocast, transform=data.eval_transform)
     state.eval_seconds += time.perf_counter() - t0
     if not run.is_main:
         return None
@@ -179,6 +184,8 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
     if state.chance_map is None:
         state.chance_map = chance_map(codes["query_lab"], codes["database_lab"])
     headline = summarize(result)
+    if validation is not None:
+        headline["validation"] = validation
     state.history.append({"epoch": epoch + 1, **headline, "curves": curves(result)})
     if epoch + 1 == cfg.train.epochs and cfg.run.save_codes:
         save_final_codes(run, codes)
@@ -332,6 +339,9 @@ def epoch_line(record: dict, epochs: int, method: Method) -> str:
     if "eval" in record:
         e = record["eval"]
         parts.append(f"mAP I2T {e['i2t']['map']:.4f} T2I {e['t2i']['map']:.4f} avg {e['avg_map']:.4f}")
+        if "validation" in e:
+            v = e["validation"]
+            parts.append(f"validation labels {v['avg_map']:.4f} pairs {v['pairs']['avg']:.4f}")
     return " | ".join(parts)
 
 
@@ -346,11 +356,16 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
     plots.plot_pr({label: final["curves"]}, run.run_dir / "plots" / "pr.png",
                   title=f"{data.meta.name}, {cfg.model.bits} bits, noise {data.noise.name}, epoch {final['epoch']}")
     best = max(state.history, key=lambda h: h["avg_map"])
+    validated = [h for h in state.history if "validation" in h]
+    selected = max(validated, key=lambda h: h["validation"]["score"]) if validated else None
     steps = data.stream.steps_per_epoch * state.epoch
     summary = {
         "final": final,
         "best": {"selected_by": "avg_map over evaluated epochs (the paper reports this best-over-epochs "
                                 "test mAP; 'final' is the honest last-epoch figure)", **best},
+        **({"selected": {"selected_by": f"the validation score ({cfg.eval.select}) over evaluated epochs "
+                                         "(eval.validation held-out training rows; no test data)", **selected}}
+           if selected is not None else {}),
         "protocol": protocol(data.meta.splits["query"].count, data.meta.splits["database"].count, cfg.eval.topk),
         "chance_map": state.chance_map,
         "run": {"dir": str(run.run_dir), "method": label, "method_name": cfg.method.name,
@@ -369,6 +384,8 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
     f, b = summary["final"], summary["best"]
     run.log.info(f"final (epoch {f['epoch']}): I2T {f['i2t']['map']:.4f}  T2I {f['t2i']['map']:.4f}  "
                  f"avg {f['avg_map']:.4f} (tie-aware {f['avg_map_tie_aware']:.4f}); best avg {b['avg_map']:.4f} "
-                 f"at epoch {b['epoch']}; chance {state.chance_map:.4f}; {seconds_total:.1f} s. "
+                 f"at epoch {b['epoch']}" + (f"; selected by validation: avg {selected['avg_map']:.4f} at epoch "
+                                             f"{selected['epoch']}" if selected is not None else "")
+                 + f"; chance {state.chance_map:.4f}; {seconds_total:.1f} s. "
                  f"Wrote {run.run_dir}/summary.json")
     return summary

@@ -15,6 +15,7 @@ from scbch_dist.config import Config, ConfigError
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.fingerprint import dataset_fingerprint
 from scbch_dist.data.format import DatasetMeta, read_meta
+from scbch_dist.data.labels import held_out_ids
 from scbch_dist.data.noise import (NoiseSpec, clean_training_labels, corrupted_rows, noise_statistics,
                                    training_labels)
 from scbch_dist.data.pipeline import TrainStream
@@ -168,6 +169,7 @@ class TrainingData:
     vocab_size: int | None  # the tokenizer's, for randomly initialised text encoders
     fingerprint: dict  # what the run trains on, as digests (data.fingerprint), on the main process ({} elsewhere):
     # it writes the run state that records it and checks a resume against it
+    held_out: np.ndarray | None = None  # (N,) bool: the validation rows (eval.validation), never trained on
 
     def noise_info(self) -> dict:
         """The noise model, its parameter, and what it did to the clean labels (noise_statistics)."""
@@ -189,20 +191,37 @@ def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: b
     tokenizer = make_tokenizer(cfg.model, root) if meta.kind("txt") == "text" else None
     train_transform, eval_transform = make_transforms(cfg.model.image, meta, tokenizer)
     world = accelerator.num_processes
+    held_out = validation_rows(cfg, meta.splits["train"].count)
     stream = TrainStream(root=root, meta=meta, batch_size=cfg.train.batch_size // world, seed=cfg.train.seed,
                          rank=accelerator.process_index, world=world, workers=cfg.data.workers,
-                         buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last, transform=train_transform)
+                         buffer=cfg.data.shuffle_buffer, drop_last=cfg.train.drop_last, transform=train_transform,
+                         held_out=held_out)
     train = TrainingSet(count=meta.splits["train"].count, num_classes=meta.num_classes, labels=labels,
                         corrupted=corrupted, device=accelerator.device, clean=clean_np)
     data = TrainingData(root, meta, cfg.data.noise, noise, train, stream, eval_transform,
                         tokenizer.vocab_size if tokenizer is not None else None,
-                        dataset_fingerprint(root, label_np) if dist.is_main() else {})
+                        dataset_fingerprint(root, label_np) if dist.is_main() else {}, held_out)
     info = data.noise_info()
     log.info(f"dataset {meta.name} at {root}: {meta.describe()}; noise {noise.name} ({info['corrupted_rows']} "
              f"corrupted training rows" + ("; {labels_added_per_row:.2f} labels added and {labels_removed_per_row:.2f} "
                                            "removed per row, {false_candidate_fraction:.1%} of the candidate labels "
-                                           "false".format(**info["statistics"]) if "statistics" in info else "") + ")")
+                                           "false".format(**info["statistics"]) if "statistics" in info else "") + ")"
+             + (f"; {int(held_out.sum())} training rows held out for validation (eval.validation)"
+                if held_out is not None else ""))
     return data
+
+
+def validation_rows(cfg: Config, count: int) -> np.ndarray | None:
+    """(count,) bool: the training rows eval.validation holds out (data.labels.held_out_ids), or None."""
+    rows = cfg.eval.validation
+    if not rows:
+        return None
+    if rows > count // 2:
+        raise ConfigError(f"eval.validation={rows}: more than half of the {count} training rows; hold out at most "
+                          f"{count // 2}")
+    mask = np.zeros(count, dtype=bool)
+    mask[held_out_ids(count, rows)] = True
+    return mask
 
 
 def method_class(cfg: Config) -> type[Method]:
@@ -229,8 +248,9 @@ def build_bank(cfg: Config, data: TrainingData, model: torch.nn.Module, accelera
                            transform=data.eval_transform)
 
     dtype = torch.float16 if data.train.count >= cfg.bank.float16_above else torch.float32
+    held_out = torch.from_numpy(data.held_out).to(accelerator.device) if data.held_out is not None else None
     return BankSource(cfg.bank.refresh, data.train.count, cfg.model.bits, accelerator.device, encode_train, log,
-                      shard=cfg.bank.shard, dtype=dtype)
+                      shard=cfg.bank.shard, dtype=dtype, held_out=held_out)
 
 
 def make_optimizer(model: HashingModel, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -9,7 +9,8 @@ everything but the seed, the columns and the keys in NO_EFFECT_KEYS; configs tha
 share no cell: each gets its own row, labelled with the keys that differ (``SCBCH [scbch.margin=0.3]``,
 or ``SCBCH #1`` with a footnote when more than two differ), and a line on stderr names them.
 Each cell is "best / final": the average of I2T and T2I mAP x 100 at each run's best evaluated epoch
-(the paper's protocol) and at its last (mean +- sd over seeds when there are several); the last
+(the paper's protocol) and at its last (mean +- sd over seeds when there are several), and
+"/ selected" at the epoch its validation rows select where runs hold out some (eval.validation); the last
 column is the method's cost, training seconds per epoch (steps and refreshes, no evaluation). Under
 each table, for every column where the two leading rows both hold 2 or more seeds: the leader's
 lead in final mAP and whether it exceeds the seed spread (Welch's t-test at p < 0.05).
@@ -66,6 +67,7 @@ def collect(runs_dir: Path) -> list[dict]:
                         "noise_model": noise.kind if noise else "mixed",
                         "noise": noise.rate if noise else float(run["noise"].get("rate", 0.0)),
                         "bits": int(run["bits"]), "seed": run.get("seed", 0), "best": s["best"], "final": s["final"],
+                        "selected": s.get("selected"),
                         "seconds_per_epoch": per_epoch, "config": _run_config(path.parent / "config.yaml"),
                         "variant": "", "variant_rank": 0})
     return records
@@ -182,16 +184,21 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
             rows = [r for r in records if r["dataset"] == dataset and r["noise_model"] == model]
             columns = sorted({(r["noise"], r["bits"]) for r in rows})
             table_rows = sorted({(r["method"], r["variant_rank"], r["variant"]) for r in rows})
+            validated = any(r["selected"] for r in rows)  # a third figure: the epoch the validation rows select
             for key, title in (("avg_map", "ties by database order"), ("avg_map_tie_aware", "tie-aware")):
-                out.write(f"### {dataset}, {model} noise: best / final mAP, average of I2T and T2I x 100 ({title})\n\n")
+                what = "best / final / selected" if validated else "best / final"
+                out.write(f"### {dataset}, {model} noise: {what} mAP, average of I2T and T2I x 100 ({title})\n\n")
                 out.write("| method | " + " | ".join(f"{n:g} / {b} bit" for n, b in columns) + " | s / epoch |\n")
                 out.write("| --- |" + " ---: |" * (len(columns) + 1) + "\n")
                 for method, rank, variant in table_rows:
                     cells = []
                     for noise, bits in columns:
                         runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
-                        cells.append(f"{_cell([r['best'][key] for r in runs])} / {_cell([r['final'][key] for r in runs])}"
-                                     if runs else "")
+                        cell = f"{_cell([r['best'][key] for r in runs])} / {_cell([r['final'][key] for r in runs])}"
+                        if validated:
+                            chosen = [r["selected"][key] for r in runs if r["selected"]]
+                            cell += f" / {_cell(chosen)}" if len(chosen) == len(runs) else " / -"
+                        cells.append(cell if runs else "")
                     cost = [r["seconds_per_epoch"] for r in rows
                             if (r["method"], r["variant"]) == (method, variant) and r["seconds_per_epoch"]]
                     cells.append(f"{np.mean(cost):.1f}" if cost else "")
@@ -227,7 +234,9 @@ def csv_rows(records: list[dict]) -> list[dict]:
         cost = [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"]]
         row = {"dataset": dataset, "method": method, "variant": variant, "noise_model": model, "noise": noise,
                "bits": bits, "seeds": len(runs), "seconds_per_epoch": float(np.mean(cost)) if cost else ""}
-        for which in ("best", "final"):
+        for which in ("best", "final", "selected"):
+            if which == "selected" and not all(r["selected"] for r in runs):
+                continue
             for tie, suffix in (("map", ""), ("map_tie_aware", "_tie_aware")):
                 for d in ("i2t", "t2i"):
                     row[f"{which}_{d}{suffix}"] = float(np.mean([r[which][d][tie] for r in runs]))
@@ -282,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(out / "report.md", text)
     rows = csv_rows(records)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # "selected_*" only where runs held rows out
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "report.csv", buf.getvalue())

@@ -82,6 +82,7 @@ class Bank:
     seconds: float  # to build it
     coverage: float | None = None  # memory: the fraction of rows from the last epoch
     sharded: bool = False  # rows is this rank's shard (bank.shard)
+    held_out: torch.Tensor | None = None  # (N,) bool by id: rows held out for validation, never a neighbour
 
 
 @dataclass
@@ -161,6 +162,8 @@ def neighbours(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Ten
     row counting as similarity 0 (docs/objective.md); (sims, index), each (m, k), index holding ids.
     bank.* (a knn.KnnSettings) chooses the search, train.seed seeds an IVF's lists; a sharded bank
     is searched across the ranks (a collective)."""
+    if bank.held_out is not None:
+        return _neighbours_held_out(cfg, bank, k)
     if bank.sharded:
         return knn_sharded(bank.rows, bank.rows, bank.own_ids, k, self_index=bank.own_ids, settings=cfg.bank,
                            seed=cfg.train.seed)
@@ -168,6 +171,31 @@ def neighbours(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Ten
     everyone = own.shape[0] == bank.rows.shape[0] and bool((own == torch.arange(own.shape[0], device=own.device)).all())
     queries = bank.rows if everyone else bank.rows[own]  # one process searches every row: no copy of the bank
     return knn.neighbours(queries, bank.rows, k, self_index=own, settings=cfg.bank, seed=cfg.train.seed)
+
+
+HELD_OUT_PENALTY = -8.0  # below any inner product of two bank rows z = [u, v] (in [-2, 2]) by 6
+
+
+def _neighbours_held_out(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``neighbours`` with the held-out rows (eval.validation) never a neighbour, for every backend:
+    one column more, 1 in every query and, in the searched rows, 0 for a training row and
+    HELD_OUT_PENALTY for a held-out one, so that a query's product with a training row is unchanged
+    and with a held-out row at least 6 below any training row's. Their own searches (as queries)
+    are made and never used."""
+    penalty = torch.where(bank.held_out, HELD_OUT_PENALTY, 0.0).to(bank.rows.dtype)
+    rows_ids = bank.own_ids if bank.sharded else torch.arange(bank.rows.shape[0], device=bank.rows.device)
+    base = torch.cat([bank.rows, penalty[rows_ids, None]], 1)
+    queries = torch.cat([bank.rows[bank.own_ids] if not bank.sharded else bank.rows,
+                         torch.ones(bank.own_ids.shape[0], 1, dtype=bank.rows.dtype, device=bank.rows.device)], 1)
+    if bank.sharded:
+        sims, index = knn_sharded(queries, base, bank.own_ids, k, self_index=bank.own_ids, settings=cfg.bank,
+                                  seed=cfg.train.seed)
+    else:
+        sims, index = knn.neighbours(queries, base, k, self_index=bank.own_ids, settings=cfg.bank, seed=cfg.train.seed)
+    trained = ~bank.held_out[bank.own_ids]
+    if bank.held_out[index[trained]].any():
+        raise ValueError(f"k={k} neighbours reach a held-out row: fewer than k training rows in the bank")
+    return sims, index
 
 
 def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor) -> Columns | None:
