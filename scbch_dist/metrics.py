@@ -32,6 +32,13 @@ def _bits(codes: Array) -> np.ndarray:
     return c > 0
 
 
+def packed(codes: Array, rows: int = 1 << 20) -> np.ndarray:
+    """``pack_words(_bits(codes))`` a block of rows at a time: no (n, L) bool copy of the whole."""
+    if isinstance(codes, torch.Tensor) or len(codes) <= rows:
+        return pack_words(_bits(codes))
+    return np.concatenate([pack_words(_bits(codes[a:a + rows])) for a in range(0, len(codes), rows)])
+
+
 def pack_words(bits: np.ndarray) -> np.ndarray:
     """(n, L) bool -> (n, ceil(L/64)) uint64, bit l of row i at word l // 64, position l % 64."""
     b = np.packbits(np.asarray(bits, dtype=bool), axis=1, bitorder="little")
@@ -209,9 +216,10 @@ def pr_curve_radius(h: Histograms) -> dict[str, list]:
 # Index-tie (stable sort) metrics
 
 
-def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None], k_points: np.ndarray,
-                   gains: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ties by database order (a stable sort). Returns, per query: the AP for each cut-off in
+def _index_ranking(dist: np.ndarray, rel: np.ndarray, bits: int, topk: list[int | None], k_points: np.ndarray,
+                   gains: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Ties by database order (a stable sort). Returns, per query: the items and the relevant items
+    at each distance 0..``bits`` ((q, bits + 1) each, the Histograms), the AP for each cut-off in
     ``topk`` ((q, len(topk)); None = all; NaN where the query has no relevant item), the number of
     relevant items among the first k for each k in ``k_points`` ((q, len(k_points))), and with
     ``gains`` (the (q, N) shared-label counts) NDCG@K for each integer K in ``topk`` ((q, len(K))).
@@ -221,7 +229,8 @@ def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None], k_
     a search in the sorted ranks, so no work scales with N but the sort and one gather."""
     q, n = dist.shape
     order = np.argsort(dist, axis=1, kind="stable")  # radix sort for <= 16-bit integers
-    rows, cols = np.nonzero(np.take_along_axis(rel, order, axis=1))  # row-major: ranks ascend within a row
+    flat = np.flatnonzero(np.take_along_axis(rel, order, axis=1))  # row-major: ranks ascend within a row
+    rows, cols = np.divmod(flat, n) if q > 1 else (np.zeros(len(flat), np.int64), flat)
     num_rel = np.bincount(rows, minlength=q)
     first = np.concatenate([[0], np.cumsum(num_rel)[:-1]])  # where each row's relevant items start
     ordinal = np.arange(1, len(rows) + 1) - first[rows]  # j: 1, 2, ... within a row
@@ -235,27 +244,39 @@ def _index_ranking(dist: np.ndarray, rel: np.ndarray, topk: list[int | None], k_
             aps[:, j] = np.where(num_rel > 0, ap, np.nan)
     # relevant items among the first k: each row's sorted ranks searched, as one sorted key row * (n + 1) + rank
     key = rows * (n + 1) + cols
-    targets = np.arange(q)[:, None] * (n + 1) + np.minimum(k_points, n)[None, :]
-    hits = np.searchsorted(key, targets) - first[:, None]
+    row_key = np.arange(q)[:, None] * (n + 1)
+    hits = np.searchsorted(key, row_key + np.minimum(k_points, n)[None, :]) - first[:, None]
+    # the histograms: items per distance by one bincount, relevant ones per distance by searching the
+    # ranks where each distance's group ends
+    bins = bits + 1
+    count = np.bincount((dist + (bins * np.arange(q, dtype=np.int64))[:, None]).ravel() if q > 1 else dist.ravel(),
+                        minlength=q * bins).reshape(q, bins)
+    relevant = np.diff(np.searchsorted(key, row_key + np.cumsum(count, 1)) - first[:, None], axis=1, prepend=0)
     cuts = [k for k in topk if k is not None]
     ndcg = np.empty((q, len(cuts) if gains is not None else 0))
     if gains is not None and cuts:
         ranked = np.take_along_axis(gains, order[:, :min(max(cuts), n)], axis=1)
         for j, k in enumerate(cuts):
             ndcg[:, j] = _ndcg(ranked[:, :k], _ideal_dcg(gains, k))
-    return aps, hits.astype(np.int64), ndcg
+    return count, relevant, aps, hits.astype(np.int64), ndcg
 
 
 def _ideal_dcg(gains: np.ndarray, k: int) -> np.ndarray:
-    """(q, N) gains -> (q,) the DCG of the best K: the gains' counts per value (one bincount), each
-    value's run of positions in descending order clipped to the first K, times its discounts."""
+    """(q, N) gains -> (q,) the DCG of the best K (the gains' counts per value: one bincount)."""
     q, n = gains.shape
     top = int(gains.max()) + 1 if gains.size else 1
-    counts = np.bincount((np.arange(q)[:, None] * top + gains).ravel(), minlength=q * top).reshape(q, top)[:, ::-1]
+    counts = np.bincount((np.arange(q)[:, None] * top + gains).ravel(), minlength=q * top).reshape(q, top)
+    return _ideal_dcg_of_counts(counts, k)
+
+
+def _ideal_dcg_of_counts(counts: np.ndarray, k: int) -> np.ndarray:
+    """(q, G) items per gain value 0..G-1 -> (q,) the DCG of the best K: each value's run of
+    positions in descending order, clipped to the first K, times its discounts."""
+    counts = counts[:, ::-1]
     end = np.minimum(np.cumsum(counts, 1), k)  # positions [start, end) of each value, best first
-    start = np.concatenate([np.zeros((q, 1), np.int64), end[:, :-1]], 1)
-    discount = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, min(k, n) + 2)))])
-    value = np.exp2(np.arange(top - 1, -1, -1, dtype=np.float64)) - 1
+    start = np.concatenate([np.zeros((len(counts), 1), np.int64), end[:, :-1]], 1)
+    discount = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, int(end.max(initial=0)) + 2)))])
+    value = np.exp2(np.arange(counts.shape[1] - 1, -1, -1, dtype=np.float64)) - 1
     return ((discount[end] - discount[start]) * value).sum(1)
 
 
@@ -306,30 +327,113 @@ def _check_inputs(query_codes, db_codes, query_labels, db_labels) -> None:
 class _Ranker:
     """Packed codes and labels, and the per-chunk distance/relevance computation."""
 
-    def __init__(self, query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array):
+    def __init__(self, query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array,
+                 db_chunk: int | None = None):
         _check_inputs(query_codes, db_codes, query_labels, db_labels)
-        qb, db = _bits(query_codes), _bits(db_codes)
-        if qb.shape[1] != db.shape[1]:
-            raise ValueError(f"code lengths differ: queries {qb.shape[1]} bits, database {db.shape[1]} bits")
-        self.bits = qb.shape[1]
-        self.q_codes, self.d_codes = pack_words(qb), pack_words(db)
-        self.q_labels, self.d_labels = pack_words(_bits(query_labels)), pack_words(_bits(db_labels))
-        # chunks of ~1M (query, item) entries keep each chunk's arrays in cache
-        size = max(1, min(len(qb), (1 << 20) // len(db)))
-        self.chunks = [slice(s, min(s + size, len(qb))) for s in range(0, len(qb), size)]
+        if np.shape(query_codes)[1] != np.shape(db_codes)[1]:
+            raise ValueError(f"code lengths differ: queries {np.shape(query_codes)[1]} bits, database "
+                             f"{np.shape(db_codes)[1]} bits")
+        self.bits, self.classes = np.shape(query_codes)[1], np.shape(query_labels)[1]
+        self.q_codes, self.d_codes = packed(query_codes), packed(db_codes)
+        self.q_labels, self.d_labels = packed(query_labels), packed(db_labels)
+        # database blocks (score_queries' db_chunk), and query chunks of ~1M (query, item) entries
+        # against one block, which keep a chunk's arrays in cache
+        n, nq = len(self.d_codes), len(self.q_codes)
+        block = n if not db_chunk or db_chunk >= n else db_chunk
+        self.blocks = [slice(a, min(a + block, n)) for a in range(0, n, block)]
+        size = max(1, min(nq, (1 << 20) // block))
+        self.chunks = [slice(s, min(s + size, nq)) for s in range(0, nq, size)]
+
+    def pairs(self, s: slice, b: slice, graded: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Distances, relevance and (``graded``) shared-label counts of query chunk ``s`` against
+        database block ``b``: (q, n) each."""
+        dist = _popcount_distances(self.q_codes[s], self.d_codes[b], self.bits)
+        if not graded:
+            return dist, _shares_label(self.q_labels[s], self.d_labels[b]), None
+        gains = _shared_labels(self.q_labels[s], self.d_labels[b])
+        return dist, gains > 0, gains
+
+    def map_chunks(self, fn, threads: int = 2) -> list:
+        """``fn(s)`` over every query chunk ``s``, in order, on ``threads`` threads (numpy's bitwise,
+        bincount and sort kernels release the GIL)."""
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            return list(pool.map(fn, self.chunks))
 
     def map(self, fn, threads: int = 2, graded: bool = False) -> list:
-        """``fn(dist, rel, gains)`` over every query chunk, in order (``gains``, the shared-label
-        counts, only when ``graded``, else None); numpy's bitwise, bincount and sort kernels release
-        the GIL, so threads use the cores."""
-        def run(s: slice):
-            dist = _popcount_distances(self.q_codes[s], self.d_codes, self.bits)
-            if not graded:
-                return fn(dist, _shares_label(self.q_labels[s], self.d_labels), None)
-            gains = _shared_labels(self.q_labels[s], self.d_labels)
-            return fn(dist, gains > 0, gains)
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            return list(pool.map(run, self.chunks))
+        """``fn(dist, rel, gains)`` over every query chunk against the whole database (one block),
+        in order (``gains`` only when ``graded``, else None)."""
+        whole = slice(0, len(self.d_codes))
+        return self.map_chunks(lambda s: fn(*self.pairs(s, whole, graded)), threads)
+
+
+def _score_blocks(ranker: _Ranker, s: slice, topk: list[int | None], k_points: np.ndarray,
+                  graded: bool) -> tuple[np.ndarray, ...]:
+    """``_index_ranking`` of query chunk ``s`` over a database in blocks, with memory bounded by a
+    block: a first pass counts items, relevant items and gains per distance in each block; a second
+    sorts each block and places its items in the whole ranking (ties by database order): an item at
+    distance d in block b ranks after every item closer than d, every item at d in the blocks before
+    b, and those before it in its block. Every sum the metrics need is then a sum over blocks."""
+    q, n, bins = s.stop - s.start, len(ranker.d_codes), ranker.bits + 1
+    top = ranker.classes + 1  # gains are 0..C
+    counts, relevants, gain_counts = [], [], np.zeros((q, top), np.int64)
+    for b in ranker.blocks:  # pass 1
+        dist, rel, gains = ranker.pairs(s, b, graded)
+        count, relevant = _histograms(dist, rel, bins)
+        counts.append(count)
+        relevants.append(relevant)
+        if graded:
+            gain_counts += np.bincount((gains + (top * np.arange(q))[:, None]).ravel(), minlength=q * top).reshape(q, top)
+    count, relevant = sum(counts), sum(relevants)
+    closer, rel_closer = np.cumsum(count, 1) - count, np.cumsum(relevant, 1) - relevant
+    earlier, rel_earlier = np.zeros_like(count), np.zeros_like(relevant)  # at the same distance, in blocks before
+    cuts = [k for k in topk if k is not None]
+    prec_sum, found = np.zeros((q, len(topk))), np.zeros((q, len(topk)), np.int64)
+    hits, dcg = np.zeros((q, len(k_points)), np.int64), np.zeros((q, len(cuts)))
+    row_key = np.arange(q)[:, None] * (n + 1)
+    for i, b in enumerate(ranker.blocks):  # pass 2
+        dist, rel, gains = ranker.pairs(s, b, graded)
+        m = dist.shape[1]
+        order = np.argsort(dist, axis=1, kind="stable")
+        # the rank in the whole of the item at sorted position p (0-based) of the block, at distance d:
+        # offset[d] + p + 1
+        offset = closer + earlier - (np.cumsum(counts[i], 1) - counts[i])
+        # and the j-th relevant item of the block's row at distance d is the relevant item
+        # rel_offset[d] + j of the whole (1-based j)
+        rel_offset = rel_closer + rel_earlier - (np.cumsum(relevants[i], 1) - relevants[i])
+        flat = np.flatnonzero(np.take_along_axis(rel, order, axis=1))
+        rows, cols = np.divmod(flat, m)
+        d = dist.ravel()[rows * m + order.ravel()[flat]]  # the relevant items' distances
+        at = rows * bins + d
+        r = offset.ravel()[at] + cols + 1  # their ranks in the whole
+        per_row = np.bincount(rows, minlength=q)
+        first = np.cumsum(per_row) - per_row
+        j = rel_offset.ravel()[at] + (np.arange(1, len(rows) + 1) - first[rows])
+        precision = j / r
+        for t, k in enumerate(topk):
+            inside = slice(None) if k is None else r <= k
+            prec_sum[:, t] += np.bincount(rows[inside], weights=precision[inside], minlength=q)
+            found[:, t] += np.bincount(rows[inside], minlength=q)
+        hits += np.searchsorted(rows * (n + 1) + r, row_key + k_points[None, :], side="right") - first[:, None]
+        if graded and cuts:
+            # an item's rank in the whole is at least its position in the block + 1: the first K positions
+            # hold every item of the block that can reach the first K
+            head = order[:, :min(max(cuts), m)]
+            rank = np.take_along_axis(offset, np.take_along_axis(dist, head, axis=1).astype(np.int64), axis=1) + \
+                np.arange(1, head.shape[1] + 1)
+            near = rank <= max(cuts)
+            near_rows, near_rank = np.nonzero(near)[0], rank[near]
+            weight = (np.exp2(np.take_along_axis(gains, head, axis=1)[near].astype(np.float64)) - 1) / np.log2(near_rank + 1)
+            for t, k in enumerate(cuts):
+                keep = near_rank <= k
+                dcg[:, t] += np.bincount(near_rows[keep], weights=weight[keep], minlength=q)
+        earlier += counts[i]
+        rel_earlier += relevants[i]
+    num_rel = relevant.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aps = np.where(num_rel[:, None] > 0, prec_sum / np.maximum(found, 1), np.nan)
+        ideal = np.stack([_ideal_dcg_of_counts(gain_counts, k) for k in cuts], 1) if graded and cuts else dcg
+        ndcg = np.where(ideal > 0, dcg / ideal, np.nan) if graded else np.empty((q, 0))
+    return count, relevant, aps, hits, ndcg
 
 
 @dataclass
@@ -356,22 +460,35 @@ class QueryScores:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
 
 
+DB_CHUNK = 1 << 24  # database rows scored at a time by score_queries: about 12 bytes each per thread
+
+
 def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
-                  topk: tuple[int, ...] | list[int] = (), curve_points: int = 16, threads: int = 2) -> QueryScores:
+                  topk: tuple[int, ...] | list[int] = (), curve_points: int = 16, threads: int = 2,
+                  db_chunk: int | None = DB_CHUNK) -> QueryScores:
     """The per-query pass of ``retrieval_metrics``: one ranking of the database per query, in
     cache-sized query chunks. A share of the queries scores to that share's rows of the whole result,
-    bit for bit, so ranks can split the queries and concatenate (``QueryScores.concatenate``)."""
+    bit for bit, so ranks can split the queries and concatenate (``QueryScores.concatenate``).
+    A database of more than ``db_chunk`` rows is scored in blocks of that many (``_score_blocks``:
+    two passes, memory bounded by a block; the same numbers, sums in another order)."""
     k_points = _k_points(len(db_codes), topk, curve_points)
     if len(query_codes) == 0 and len(query_labels) == 0 and len(db_codes):
         return QueryScores.empty(_bits(db_codes).shape[1], len(topk), len(k_points))
-    ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
+    ranker = _Ranker(query_codes, db_codes, query_labels, db_labels, db_chunk)
     cuts: list[int | None] = [None] + [int(k) for k in topk]
 
+    if len(ranker.blocks) > 1:
+        parts = ranker.map_chunks(lambda s: _score_blocks(ranker, s, cuts, np.minimum(k_points, len(db_codes)),
+                                                          bool(topk)), threads)
+        return QueryScores(*(np.concatenate([p[i] for p in parts]) for i in range(len(QueryScores.FIELDS))))
+
     def score(dist, rel, gains):
-        counts = _histograms(dist, rel, ranker.bits + 1)
-        return (*counts, *_index_ranking(dist, rel, cuts, k_points, gains))
+        return _index_ranking(dist, rel, ranker.bits, cuts, k_points, gains)
     parts = ranker.map(score, threads, graded=bool(topk))
     return QueryScores(*(np.concatenate([p[i] for p in parts]) for i in range(len(QueryScores.FIELDS))))
+
+
+DB_BLOCK = 1 << 20  # database rows per float32 block of score_queries_torch's products
 
 
 def score_queries_torch(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
@@ -384,10 +501,12 @@ def score_queries_torch(query_codes: torch.Tensor, db_codes: torch.Tensor, query
     equal ``score_queries``'; the float ones agree to rounding (their sums run in another order)."""
     device = query_codes.device
     _check_inputs(query_codes, db_codes, query_labels, db_labels)
-    q_sign, d_sign = (query_codes > 0).float() * 2 - 1, (db_codes > 0).float() * 2 - 1
+    # the database stays in bytes (+-1 int8 codes, 0/1 labels): N x (L + C) bytes; float32 blocks of
+    # DB_BLOCK rows are made for each product
+    q_sign, d_sign = (query_codes > 0).float() * 2 - 1, (db_codes > 0).to(torch.int8) * 2 - 1
     if q_sign.shape[1] != d_sign.shape[1]:
         raise ValueError(f"code lengths differ: queries {q_sign.shape[1]} bits, database {d_sign.shape[1]} bits")
-    q_lab, d_lab = (query_labels > 0).float(), (db_labels > 0).float()
+    q_lab, d_lab = (query_labels > 0).float(), (db_labels > 0).to(torch.uint8)
     bits, num_db = q_sign.shape[1], len(d_sign)
     cuts = [int(k) for k in topk]
     k_points = torch.from_numpy(_k_points(num_db, topk, curve_points)).clamp(max=num_db).to(device)
@@ -395,8 +514,12 @@ def score_queries_torch(query_codes: torch.Tensor, db_codes: torch.Tensor, query
     parts = []
     with torch.autocast(device.type, enabled=False):
         for s in range(0, len(q_sign), size):
-            dist = ((bits - q_sign[s:s + size] @ d_sign.T) / 2).round().long()  # (c, N)
-            gains = (q_lab[s:s + size] @ d_lab.T).round().long()
+            dist = torch.empty(min(size, len(q_sign) - s), num_db, dtype=torch.long, device=device)  # (c, N)
+            gains = torch.empty_like(dist)
+            for a in range(0, num_db, DB_BLOCK):
+                b = min(a + DB_BLOCK, num_db)
+                dist[:, a:b] = ((bits - q_sign[s:s + size] @ d_sign[a:b].float().T) / 2).round().long()
+                gains[:, a:b] = (q_lab[s:s + size] @ d_lab[a:b].float().T).round().long()
             rel = gains > 0
             c = len(dist)
             key = ((torch.arange(c, device=device)[:, None] * (bits + 1) + dist) * 2 + rel).flatten()
@@ -518,7 +641,7 @@ def mean_average_precision(query_codes: Array, db_codes: Array, query_labels: Ar
         raise ValueError(f"topk must be a positive integer or None, got {topk}")
     ranker = _Ranker(query_codes, db_codes, query_labels, db_labels)
     if ties == "index":
-        parts = ranker.map(lambda dist, rel, _: _index_ranking(dist, rel, [topk], np.ones(1, np.int64))[0][:, 0])
+        parts = ranker.map(lambda dist, rel, _: _index_ranking(dist, rel, ranker.bits, [topk], np.ones(1, np.int64))[2][:, 0])
     else:
         def tie_aware(dist, rel, _):
             h = Histograms(*_histograms(dist, rel, ranker.bits + 1))

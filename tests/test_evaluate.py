@@ -53,3 +53,19 @@ def test_two_processes_write_the_record_of_one(tmp_path):
     one.pop("seconds"), two.pop("seconds")
     assert two == one
     assert np.isfinite(two["i2t"]["ndcg_at_k"]["100"])
+
+
+def test_the_checkpoint_encoded_again_gives_the_stored_codes_and_their_numbers(tiny_dataset, tmp_path):
+    from scbch_dist.train import main as train_main
+
+    from conftest import tiny_args
+
+    train_main(tiny_args(tiny_dataset, tmp_path / "run", "train.epochs=2", "eval.every=2"))
+    stored = evaluate_main([str(tmp_path / "run"), "--out", str(tmp_path / "stored.json"), "--topk", "10"])
+    again = evaluate_main([str(tmp_path / "run"), "--out", str(tmp_path / "again.json"), "--topk", "10", "--encode"])
+    assert again.pop("encoded") == {"equal": True, "bits_differing": 0}
+    for record in (stored, again):
+        record.pop("seconds"), record["protocol"].pop("selection")
+    assert again == stored
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["avg_map"] == summary["final"]["avg_map"]

@@ -229,9 +229,11 @@ def test_scores_of_query_shares_concatenate_to_the_whole_bit_for_bit():
         metrics.retrieval_metrics(qc, dc, ql, dl, topk=[50, 1000])
 
 
-def test_the_torch_path_scores_what_the_numpy_path_scores():
+def test_the_torch_path_scores_what_the_numpy_path_scores(monkeypatch):
     """The GPU path (matrix products, bincount and a stable sort in torch), run on the CPU: integer
-    fields equal, float ones to rounding, in chunks smaller than the queries."""
+    fields equal, float ones to rounding, in chunks smaller than the queries and database blocks
+    smaller than the database."""
+    monkeypatch.setattr(metrics, "DB_BLOCK", 150)
     rng = np.random.default_rng(11)
     qc, dc = rng.integers(0, 2, (57, 24)), rng.integers(0, 2, (400, 24))
     ql, dl = rng.random((57, 70)) < 0.06, rng.random((400, 70)) < 0.06
@@ -274,3 +276,21 @@ def test_pair_reciprocal_rank_is_the_tie_aware_map_with_one_relevant_item():
     small = metrics.pair_reciprocal_rank(img[:6], txt[:6])
     for i in range(6):  # the mean over every order of the tied items of 1 / (rank of the partner)
         assert small[i] == pytest.approx(np.mean([1 / (1 + list(o).index(i)) for o in tie_orders(dist[i])]), abs=1e-12)
+
+
+@pytest.mark.parametrize("db_chunk", [1, 7, 333, 999])
+def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk):
+    """Blocks of 1 row, of 7, uneven blocks, and one block short of the database: every integer row
+    equal, AP and NDCG to rounding, ties across blocks ranked by database order (8 bits: many ties)."""
+    rng = np.random.default_rng(db_chunk)
+    qc, dc = rng.integers(0, 2, (23, 8)), rng.integers(0, 2, (1000, 8))
+    ql, dl = rng.random((23, 70)) < 0.05, rng.random((1000, 70)) < 0.05
+    whole = metrics.score_queries(qc, dc, ql, dl, topk=[1, 30, 2000], db_chunk=None)
+    blocks = metrics.score_queries(qc, dc, ql, dl, topk=[1, 30, 2000], db_chunk=db_chunk)
+    for f in ("count", "relevant", "hits"):
+        assert np.array_equal(getattr(blocks, f), getattr(whole, f)), f
+    for f in ("index_ap", "ndcg"):
+        np.testing.assert_allclose(getattr(blocks, f), getattr(whole, f), rtol=0, atol=1e-12)
+        assert np.array_equal(np.isnan(getattr(blocks, f)), np.isnan(getattr(whole, f)))
+    without_k = metrics.score_queries(qc, dc, ql, dl, db_chunk=db_chunk)  # not graded: no gains
+    np.testing.assert_allclose(without_k.index_ap, whole.index_ap[:, :1], rtol=0, atol=1e-12)

@@ -126,11 +126,11 @@ def test_report_tables_per_noise_model_with_best_final_and_cost(tmp_path):
     assert "| method | 0.5 / 64 bit | 0.8 / 64 bit | s / epoch |" in text
     # mean and sample sd over two seeds, x 100, best then final; the cost column
     sd = 100 * np.std([0.786, 0.806], ddof=1)
-    assert f"| SCBCH | 79.6 ± {sd:.1f} / 79.0 ± {sd:.1f} | 78.4 ± {sd:.1f} / 77.0 ± 0.0 | 2.0 |" in text
+    assert f"| SCBCH | 79.6 ± {sd:.1f} / 79.0 ± {sd:.1f} (2 seeds) | 78.4 ± {sd:.1f} / 77.0 ± 0.0 (2 seeds) | 2.0 |" in text
     assert "| RSHNL | 74.2 / 74.0 |  | 5.0 |" in text
     # the redundant table holds NACD alone, at the spec's rate (2.0), not the corrupted fraction (1.0)
     assert "| method | 2 / 64 bit | s / epoch |" in text and "| NACD | 70.0 / 69.0 | 3.0 |" in text
-    assert "tie-aware" in text and f"| SCBCH | 78.6 ± {sd:.1f} / 78.0 ± {sd:.1f} |" in text  # tie-aware = avg - 0.01
+    assert "tie-aware" in text and f"| SCBCH | 78.6 ± {sd:.1f} / 78.0 ± {sd:.1f} (2 seeds) |" in text  # avg - 0.01
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     scbch = next(r for r in rows if r["method"] == "SCBCH" and r["noise"] == "0.5")
     assert float(scbch["best_avg"]) == pytest.approx(0.796) and float(scbch["final_avg"]) == pytest.approx(0.79)
@@ -268,7 +268,7 @@ def test_report_averages_seeds_of_one_config_only(tmp_path):
     report.main([str(tmp_path)])
     text = (tmp_path / "report.md").read_text()
     sd = 100 * np.std([0.786, 0.806], ddof=1)
-    cell = f"79.6 ± {sd:.1f} / 79.0 ± {sd:.1f}"
+    cell = f"79.6 ± {sd:.1f} / 79.0 ± {sd:.1f} (2 seeds)"
     assert f"| SCBCH [scbch.margin=0.15] | {cell} | {cell} |" in text
     assert "| SCBCH [scbch.margin=0.3] |  | 60.0 / 60.0 |" in text
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
@@ -388,7 +388,7 @@ def test_runs_with_a_validation_split_report_the_selected_epoch(tmp_path):
     text = (tmp_path / "report.md").read_text()
     sd = 100 * np.std([0.77, 0.79], ddof=1)
     assert "### mirflickr25k, replace noise: best / final / selected mAP" in text
-    assert f"| RSHNL | 80.0 ± 0.0 / 72.0 ± 0.0 / 78.0 ± {sd:.1f} |" in text
+    assert f"| RSHNL | 80.0 ± 0.0 / 72.0 ± 0.0 / 78.0 ± {sd:.1f} (2 seeds) |" in text
     assert "| SCBCH | 81.0 / 80.0 / - |" in text
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "report.csv"))}
     assert float(rows["RSHNL"]["selected_avg"]) == pytest.approx(0.78) and rows["SCBCH"]["selected_avg"] == ""

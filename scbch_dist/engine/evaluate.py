@@ -33,14 +33,16 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
-             topk: list[int] = (), workers: int = 0, autocast=None, transform=None) -> tuple[dict, dict]:
+             topk: list[int] = (), workers: int = 0, autocast=None, transform=None,
+             skip_metrics: bool = False) -> tuple[dict, dict]:
     """I2T (image queries against the text database) and T2I, relevance by clean labels.
 
     Each rank encodes its part of query and database; the codes travel as packed bits (L/8 bytes
     a code), every rank scores its share of the queries (``ranking_metrics``) and the main process
     summarizes. Returns ``(result, codes)``:
     result has ``i2t`` and ``t2i`` (as metrics.retrieval_metrics returns), ``avg_map`` and
-    ``avg_map_tie_aware`` (empty on other ranks); codes holds bool codes and labels by id.
+    ``avg_map_tie_aware`` (empty on other ranks, and with ``skip_metrics``); codes holds bool codes
+    and labels by id.
     """
     codes: dict[str, np.ndarray] = {}
     for split in ("query", "database"):
@@ -54,6 +56,8 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
             codes[f"{split}_{m}"] = np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool)
         codes[f"{split}_lab"] = whole["lab"].cpu().numpy()
     result: dict = {}
+    if skip_metrics:  # the codes alone (python -m scbch_dist.evaluate --encode scores them itself)
+        return result, codes
     for direction, q, d in (("i2t", "img", "txt"), ("t2i", "txt", "img")):
         result[direction] = ranking_metrics(codes[f"query_{q}"], codes[f"database_{d}"], codes["query_lab"],
                                             codes["database_lab"], topk=topk, device=device)

@@ -9,7 +9,8 @@ everything but the seed, the columns and the keys in NO_EFFECT_KEYS; configs tha
 share no cell: each gets its own row, labelled with the keys that differ (``SCBCH [scbch.margin=0.3]``,
 or ``SCBCH #1`` with a footnote when more than two differ), and a line on stderr names them.
 Each cell is "best / final": the average of I2T and T2I mAP x 100 at each run's best evaluated epoch
-(the paper's protocol) and at its last (mean +- sd over seeds when there are several), and
+(the paper's protocol) and at its last (mean +- sd over seeds when there are several, and their
+number), and
 "/ selected" at the epoch its validation rows select where runs hold out some (eval.validation); the last
 column is the method's cost, training seconds per epoch (steps and refreshes, no evaluation). Under
 each table, for every column where the two leading rows both hold 2 or more seeds: the leader's
@@ -198,6 +199,7 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
                         if validated:
                             chosen = [r["selected"][key] for r in runs if r["selected"]]
                             cell += f" / {_cell(chosen)}" if len(chosen) == len(runs) else " / -"
+                        cell += f" ({len(runs)} seeds)" if len(runs) > 1 else ""
                         cells.append(cell if runs else "")
                     cost = [r["seconds_per_epoch"] for r in rows
                             if (r["method"], r["variant"]) == (method, variant) and r["seconds_per_epoch"]]

@@ -5,7 +5,7 @@
                                                    [--bank trained-like|labelled] [--float16] [--nprobe 32]
     python tests/benchmarks/bench_scale.py memory  [--sizes 1000000] [--bits 128] [--backends auto]
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
-    python tests/benchmarks/bench_scale.py eval-ranks [--sizes 100000 1000000]
+    python tests/benchmarks/bench_scale.py eval-ranks [--sizes 100000 1000000] [--queries 2000]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
 refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N rows of [u, v]
@@ -200,11 +200,18 @@ ql, qc = rng.random((queries, classes)) < 0.15, rng.integers(0, 2, (queries, bit
 dl, dc = rng.random((n, classes)) < 0.15, rng.integers(0, 2, (n, bits), dtype=np.uint8)
 if dist.is_initialized():
     dist.barrier()
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:  # the high-water mark from here: the evaluation's own memory
+    f.write("5")
+held = status("VmRSS")
 t = time.perf_counter()
 out = [ranking_metrics(qc, dc, ql, dl, topk=[1000]) for _ in range(2)]  # I2T and T2I
 seconds = time.perf_counter() - t
+peak = (status("VmHWM") - held) / 2**20  # MiB above the codes and labels the process held before
 if not dist.is_initialized() or dist.get_rank() == 0:
-    print("EVAL", seconds, json.dumps(out[0]["map"]), json.dumps(out[0]["ndcg_at_k"]))
+    print("EVAL", seconds, peak, json.dumps(out[0]["map"]), json.dumps(out[0]["ndcg_at_k"]))
 if dist.is_initialized():
     dist.barrier(); dist.destroy_process_group()
 """
@@ -216,8 +223,10 @@ def bench_eval_ranks(sizes, bits=64, queries=2000, classes=24):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     with open("/tmp/_scbch_eval_worker.py", "w") as f:
         f.write(EVAL_WORKER)
-    print(f"| {'database codes':>14} | {'processes x threads':>19} | {'seconds':>8} | {'vs 1 x 1':>8} | mAP I2T (identical?) |")
-    print(f"|{'-' * 16}|{'-' * 21}|{'-' * 10}|{'-' * 10}|{'-' * 22}|")
+    print(f"{queries} queries of {bits} bits, every metric of both directions")
+    print(f"| {'database codes':>14} | {'processes x threads':>19} | {'seconds':>8} | {'vs 1 x 1':>8} | "
+          f"peak MiB above the inputs (rank 0) | mAP I2T (identical?) |")
+    print(f"|{'-' * 16}|{'-' * 21}|{'-' * 10}|{'-' * 10}|{'-' * 36}|{'-' * 22}|")
     for n in sizes:
         args = [str(n), str(bits), str(queries), str(classes)]
         rows = []
@@ -227,12 +236,12 @@ def bench_eval_ranks(sizes, bits=64, queries=2000, classes=24):
             out = subprocess.run(cmd + args, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                                  capture_output=True, text=True, check=True).stdout
             line = next(line for line in out.splitlines() if line.startswith("EVAL"))
-            _, seconds, value, ndcg = line.split(" ", 3)
-            rows.append((procs, threads, float(seconds), value + " " + ndcg))
-        for procs, threads, seconds, value in rows:
+            _, seconds, peak, value, ndcg = line.split(" ", 4)
+            rows.append((procs, threads, float(seconds), value + " " + ndcg, float(peak)))
+        for procs, threads, seconds, value, peak in rows:
             same = "yes" if value == rows[0][3] else "NO"
             print(f"| {n:>14} | {f'{procs} x {threads}':>19} | {seconds:>8.2f} | {seconds / rows[0][2]:>8.2f} | "
-                  f"{value.split()[0][:8]} ({same}) |", flush=True)
+                  f"{peak:>34.0f} | {value.split()[0][:8]} ({same}) |", flush=True)
 
 
 STEP_WORKER = r"""
@@ -297,6 +306,7 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--queries", type=int, default=2000, help="eval-ranks: query codes (its time is linear in them)")
     a = p.parse_args()
     if a.what == "refresh":
         bench_refresh(a.sizes or [10000, 100000, 1000000], a.bits)
@@ -309,7 +319,7 @@ def main():
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
     elif a.what == "eval-ranks":
-        bench_eval_ranks(a.sizes or [100000, 1000000])
+        bench_eval_ranks(a.sizes or [100000, 1000000], queries=a.queries)
     else:
         bench_steps(a.hidden, a.batch, a.steps)
 
