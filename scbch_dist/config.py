@@ -286,6 +286,10 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    # YAML 1.1 reads yes/no/on/off as booleans: kept as the word (train.mixed_precision=no is a
+    # string setting; OmegaConf still reads the word as a boolean for a boolean key)
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()
     # YAML 1.1 reads "1e-4" as a string; numbers in scientific notation are common in sweeps.
     if isinstance(value, str):
         try:

@@ -209,3 +209,11 @@ def test_the_report_reads_an_earlier_config_in_the_new_keys(tmp_path):
     shutil.copy(V0_1, tmp_path / "config.yaml")
     flat = _run_config(tmp_path / "config.yaml")
     assert flat["scbch.margin"] == 0.15 and flat["scbch.k"] == 20 and not any(k.startswith("loss.") for k in flat)
+
+
+def test_yaml_words_for_booleans_stay_words_where_a_string_is_wanted():
+    """YAML 1.1 reads no/yes/on/off as booleans; --set train.mixed_precision=no means the word."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert parse_override("train.mixed_precision=no") == {"train": {"mixed_precision": "no"}}
+    assert load_config(None, ["run.progress=no", "run.tensorboard=off"]).run.progress is False  # boolean keys still
+    assert load_config(None, ["run.progress=false"]).run.progress is False
