@@ -112,7 +112,7 @@ class TrainConfig:
     backbone_lr: float = 1e-5  # learning rate of fine-tuned backbones (heads and classifiers use lr)
     layer_decay: float = 1.0  # < 1: layer-wise lr decay in CLIP towers, the last layer at backbone_lr, each one below x this
     weight_decay: float = 1e-5
-    mixed_precision: str = ""  # "" (Accelerate's setting) | no | bf16 | fp16
+    mixed_precision: str = ""  # "" (Accelerate's setting) | no | bf16 | fp16 | auto (bf16 where native, else no)
     seed: int = 0
     drop_last: bool = False  # the published code keeps the last, partial batch
 
@@ -500,7 +500,7 @@ def validate(cfg: Config) -> None:
                "bank.refresh": (cfg.bank.refresh, ("pass", "memory")),
                "bank.knn": (cfg.bank.knn, BACKENDS),
                "train.optimizer": (cfg.train.optimizer, ("adam", "rmsprop")),
-               "train.mixed_precision": (cfg.train.mixed_precision, ("", "no", "bf16", "fp16"))}
+               "train.mixed_precision": (cfg.train.mixed_precision, ("", "no", "bf16", "fp16", "auto"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")

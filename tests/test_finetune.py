@@ -274,10 +274,12 @@ def test_deepspeed_plugin_accepts_the_config():
 
 
 def test_a_model_held_in_bf16_takes_uint8_images_and_float32_features():
-    """DeepSpeed bf16 casts the weights themselves and does not autocast: inputs must follow."""
+    """DeepSpeed bf16 casts the weights themselves and does not autocast: inputs must follow; the
+    codes and the classifiers' probabilities leave in float32 (docs/engine.md, "Precision")."""
     img_backbone = TimmImage("vit_tiny_patch16_224", "random", TINY_VIT)
     model = SCBCHModel(0, 6, 8, 16, 3, img_backbone=img_backbone).to(torch.bfloat16)
     size = TINY_VIT.get("img_size", 224)
     img = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
     out = model(img, torch.rand(4, 6))  # float32 features, as the loader delivers them
-    assert out["h_img"].dtype == torch.bfloat16 and all(torch.isfinite(v.float()).all() for v in out.values())
+    assert model.img_head.mlp[0].weight.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())

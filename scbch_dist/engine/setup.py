@@ -114,7 +114,7 @@ def make_accelerator(cfg: Config, run_dir: Path):
     # Without cpu=True, Accelerate under torchrun on a machine without CUDA starts the process
     # group yet reports one process per rank; every rank would then act as the main one.
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),
-                              cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision or None)
+                              cpu=not torch.cuda.is_available(), mixed_precision=precision(cfg.train.mixed_precision))
     if dist.world_size() != accelerator.num_processes:
         raise ConfigError(f"Accelerate sees {accelerator.num_processes} process(es) but torch.distributed "
                          f"{dist.world_size()}; launch with accelerate launch or torchrun and a matching config")
@@ -179,6 +179,26 @@ class TrainingData:
         if self.noise.kind != "none":
             info["statistics"] = noise_statistics(self.train.clean, self.train.labels.cpu().numpy())
         return info
+
+
+def has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this machine computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with
+    the AVX-512 BF16 or AMX-BF16 instructions (the flags of Linux's ``cpuinfo``)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:  # not Linux: no way to tell here, so not assumed
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def precision(setting: str) -> str | None:
+    """train.mixed_precision as Accelerate takes it: "auto" is bf16 where the hardware computes it
+    natively (has_native_bf16) and "no" elsewhere; "" leaves Accelerate's own setting."""
+    if setting == "auto":
+        return "bf16" if has_native_bf16() else "no"
+    return setting or None
 
 
 def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: bool = True) -> TrainingData:
@@ -295,6 +315,9 @@ def log_model(run) -> None:
     run.log.info(f"model: {cfg.model.bits} bits, hidden {cfg.model.hidden}, {n_params / 1e6:.2f}M parameters "
                  f"({n_backbone / 1e6:.2f}M in backbones: image {cfg.model.image.kind}, text {cfg.model.text.kind}); "
                  f"{run.accelerator.num_processes} process(es) on {run.accelerator.device}, precision "
-                 f"{run.accelerator.mixed_precision}; global batch {cfg.train.batch_size}, "
+                 f"{run.accelerator.mixed_precision}"
+                 + (f" (train.mixed_precision=auto: {'native' if has_native_bf16() else 'no native'} bf16 here)"
+                    if cfg.train.mixed_precision == "auto" else "")
+                 + f"; global batch {cfg.train.batch_size}, "
                  f"{run.data.stream.steps_per_epoch} steps per epoch; method {cfg.method.name}, "
                  f"refresh {cfg.bank.refresh}")

@@ -47,7 +47,9 @@ class HashHead(nn.Module):
         """(n, in_dim) -> (n, bits), unit length rows."""
         # DeepSpeed bf16 holds the weights themselves in bf16 (no autocast): inputs must follow
         x = x.to(self.mlp[0].weight.dtype)
-        return F.normalize(torch.tanh(self.mlp(x)), dim=1, eps=1e-12)
+        # the codes leave in float32 whatever the matrix products ran in (bf16 autocast, DeepSpeed
+        # bf16): the losses' exp of similarities, Jaccard ratios and weights are float32 sums
+        return F.normalize(torch.tanh(self.mlp(x).float()), dim=1, eps=1e-12)
 
 
 class NoHead(nn.Module):
@@ -67,9 +69,10 @@ class Classifiers(nn.Module):
         self.txt_classifier = nn.Parameter(nn.init.orthogonal_(torch.empty(bits, num_classes)))
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """h_img, h_txt (n, L) -> p_img, p_txt (n, C)."""
-        return {"p_img": torch.sigmoid(out["h_img"] @ self.img_classifier),
-                "p_txt": torch.sigmoid(out["h_txt"] @ self.txt_classifier)}
+        """h_img, h_txt (n, L) -> p_img, p_txt (n, C), float32 (the logits as the products ran)."""
+        w_img, w_txt = self.img_classifier, self.txt_classifier
+        return {"p_img": torch.sigmoid((out["h_img"].to(w_img.dtype) @ w_img).float()),
+                "p_txt": torch.sigmoid((out["h_txt"].to(w_txt.dtype) @ w_txt).float())}
 
 
 class ClassCentres(nn.Module):
@@ -85,12 +88,13 @@ class ClassCentres(nn.Module):
 
     def centres(self) -> torch.Tensor:
         """(C, L) unit-length class centres."""
-        return F.normalize(torch.tanh(self.mlp(self.identity.to(self.mlp[0].weight.dtype))), dim=1, eps=1e-12)
+        return F.normalize(torch.tanh(self.mlp(self.identity.to(self.mlp[0].weight.dtype)).float()), dim=1, eps=1e-12)
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """h_img, h_txt (n, L) -> p_img, p_txt (n, C)."""
+        """h_img, h_txt (n, L) -> p_img, p_txt (n, C), float32."""
         w = self.centres()
-        return {"p_img": torch.softmax(out["h_img"] @ w.T, dim=1), "p_txt": torch.softmax(out["h_txt"] @ w.T, dim=1)}
+        return {"p_img": torch.softmax((out["h_img"] @ w.T).float(), dim=1),
+                "p_txt": torch.softmax((out["h_txt"] @ w.T).float(), dim=1)}
 
 
 class HashingModel(nn.Module):

@@ -1,0 +1,58 @@
+"""bf16 where it is safe (docs/engine.md, "Precision"): the products may run in bfloat16, the codes,
+the method heads' outputs and so every loss stay float32; train.mixed_precision=auto takes bf16
+only where the hardware computes it natively."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scbch_dist.config import load_config
+from scbch_dist.engine import setup
+from scbch_dist.losses import scbch_loss
+from scbch_dist.models import SCBCHModel
+from scbch_dist.models.heads import ClassCentres, Classifiers, HashHead
+
+
+def test_codes_and_head_outputs_leave_bf16_autocast_in_float32():
+    g = torch.Generator().manual_seed(0)
+    head, classifiers, centres = HashHead(32, 16, 64, 2, True), Classifiers(16, 6), ClassCentres(6, 32, 16)
+    x = torch.randn(8, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = head(x)
+        assert head.mlp[0](x).dtype == torch.bfloat16  # the products do run in bf16
+        out = {"h_img": h, "h_txt": h}
+        p, q = classifiers(out)["p_img"], centres(out)["p_img"]
+    assert h.dtype == p.dtype == q.dtype == torch.float32
+    torch.testing.assert_close(h.norm(dim=1), torch.ones(8), rtol=0, atol=1e-6)  # normalised in float32
+    reference = head(x)  # float32 throughout: bf16 products change the codes by bf16's rounding only
+    torch.testing.assert_close(h, reference, rtol=0, atol=0.05)
+
+
+def test_the_scbch_loss_of_a_bf16_forward_is_float32_and_near_the_float32_loss():
+    torch.manual_seed(0)
+    model = SCBCHModel(48, 40, 16, 64, 5)
+    img, txt = torch.randn(12, 48), torch.randn(12, 40)
+    labels = (torch.rand(12, 5) < 0.4).to(torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(img, txt)
+    full = model(img, txt)
+    kw = dict(margin=0.15, shift=0.8, bsch_weight=0.7, quant_weight=0.3, cscc_weight=1.0)
+    low_loss = scbch_loss(low, labels, None, **kw)["total"].detach()
+    full_loss = scbch_loss(full, labels, None, **kw)["total"].detach()
+    assert low_loss.dtype == torch.float32
+    assert abs(float(low_loss) - float(full_loss)) < 0.02 * abs(float(full_loss))
+
+
+@pytest.mark.parametrize("flags,native", [("fpu avx2 avx512f avx512_bf16 amx_tile", True), ("fpu avx2 amx_bf16", True),
+                                          ("fpu avx2 avx512f avx512_vnni", False)])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeypatch, flags, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert setup.has_native_bf16(info) is native
+    assert not setup.has_native_bf16(tmp_path / "missing")  # no way to tell: not assumed
+    monkeypatch.setattr(setup, "has_native_bf16", lambda: native)
+    assert setup.precision("auto") == ("bf16" if native else "no")
+    assert setup.precision("") is None and setup.precision("fp16") == "fp16"
+    assert load_config(None, ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
