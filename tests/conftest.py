@@ -205,3 +205,18 @@ def run_with_codes(path, *, bits: int = 24, n_query: int = 50, n_db: int = 400, 
                                                                                   ("t2i", "txt", "img"))}
     (path / "summary.json").write_text(json.dumps({"final": {d: {"map": summary[d]["map"]} for d in summary}}))
     return codes
+
+
+def crash_in_epoch(monkeypatch, epoch: int) -> None:
+    """The next run raises KeyboardInterrupt as epoch ``epoch`` (0-based) begins its steps, as a
+    killed process would stop (no checkpoint of that epoch); ``monkeypatch.undo()`` lifts it."""
+    from scbch_dist.engine import loop
+
+    train_one_epoch = loop.train_one_epoch
+
+    def killed(run, progress):
+        if progress.epoch == epoch:
+            raise KeyboardInterrupt
+        return train_one_epoch(run, progress)
+
+    monkeypatch.setattr(loop, "train_one_epoch", killed)

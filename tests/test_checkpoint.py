@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import crash_in_epoch, read_checkpoint, tiny_args
 from scbch_dist.config import load_config, save_config
 from scbch_dist.digests import write_manifest
 from scbch_dist.engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, portable_model_files,
@@ -187,3 +187,28 @@ def test_checkpoint_files_honour_the_umask(tmp_path):
     folder = latest_checkpoint(run_dir)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
     assert modes == {**{name: 0o644 for name in modes}, folder.name: 0o755}, modes
+
+
+@pytest.mark.slow
+def test_checkpoints_every_n_epochs_resume_where_the_last_one_left(tiny_dataset, tmp_path, monkeypatch):
+    """run.checkpoint_every=2 over 5 epochs writes checkpoints after epochs 2, 4 and 5 (the last);
+    a crash inside epoch 4 resumes from epoch 2, repeats epoch 3 and ends as the uninterrupted run,
+    with one record per epoch in metrics.jsonl."""
+    from scbch_dist.train import main
+
+    every = ("run.checkpoint_every=2", "run.keep_checkpoints=5", "train.epochs=5", "eval.every=5")
+    full = main(tiny_args(tiny_dataset, tmp_path / "full", *every))
+    written = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir() if p.name.startswith("epoch-"))
+    assert written == ["epoch-0002", "epoch-0004", "epoch-0005"]
+
+    crash_in_epoch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args(tiny_dataset, tmp_path / "part", *every))
+    monkeypatch.undo()
+    resumed = main(["--resume", str(tmp_path / "part")])
+    assert resumed["final"]["avg_map"] == full["final"]["avg_map"]
+    model_a, _, _ = read_checkpoint(tmp_path / "full")
+    model_b, _, _ = read_checkpoint(tmp_path / "part")
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5]

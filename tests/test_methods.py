@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import toy_method  # noqa: F401  (registers contrast_only)
-from conftest import read_checkpoint, tiny_args, tiny_synthetic_config, torchrun
+from conftest import crash_in_epoch, read_checkpoint, tiny_args, tiny_synthetic_config, torchrun
 from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.config import ConfigError
 from scbch_dist.methods import METHODS, SCBCH, get_method
@@ -213,24 +213,15 @@ def test_each_method_beats_chance_on_the_embedded_default(embedded_default, tmp_
 def test_a_resumed_nacd_run_ends_where_the_uninterrupted_run_ends(tiny_dataset, tmp_path, monkeypatch):
     """Killed after epoch 2 of 4 and resumed (NACD's EMA weight follows e / train.epochs, so the run
     is interrupted rather than extended)."""
-    from scbch_dist.engine import loop
-
     nacd = ("method.name=nacd", "data.noise=redundant:1.0", "nacd.warmup_epochs=1", "run.tensorboard=false",
             "train.epochs=4", "eval.every=4")
     full = tmp_path / "full"
     summary = main(tiny_args(tiny_dataset, full, *nacd))
     part = tmp_path / "part"
-    train_one_epoch = loop.train_one_epoch
-
-    def killed_in_epoch_3(run, progress):
-        if progress.epoch == 2:
-            raise KeyboardInterrupt
-        return train_one_epoch(run, progress)
-
-    monkeypatch.setattr(loop, "train_one_epoch", killed_in_epoch_3)
+    crash_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         main(tiny_args(tiny_dataset, part, *nacd))
-    monkeypatch.setattr(loop, "train_one_epoch", train_one_epoch)
+    monkeypatch.undo()
     resumed = main(["--resume", str(part)])
     model_a, tables_a, _ = read_checkpoint(full)
     model_b, tables_b, _ = read_checkpoint(part)

@@ -145,3 +145,16 @@ def test_two_processes_stopped_on_one_rank_resume_exactly(tiny_dataset, tmp_path
         "rank-0.safetensors", "rank-1.safetensors"}
     torchrun(script, "0", "0", "--resume", str(part))
     assert_same_run(full, part)
+
+
+def test_a_stop_between_checkpoints_every_n_epochs_still_writes_one(tiny_dataset, tmp_path, monkeypatch):
+    """run.checkpoint_every=3: a stop request in epoch 2 (no checkpoint due until epoch 3) writes
+    its checkpoint all the same, and the resumed run ends as the uninterrupted one."""
+    every = (*SETTINGS, *SCBCH, "run.checkpoint_every=3")
+    main(tiny_args(tiny_dataset, tmp_path / "full", *every))
+    stop_after_step(monkeypatch, 20, "STOP", tmp_path / "part")  # 13 steps an epoch: inside epoch 2
+    with pytest.raises(Preempted, match="after step 7 of epoch 2"):
+        main(tiny_args(tiny_dataset, tmp_path / "part", *every))
+    monkeypatch.undo()
+    main(["--resume", str(tmp_path / "part")])
+    assert_same_run(tmp_path / "full", tmp_path / "part")

@@ -253,7 +253,7 @@ def fit(run: Run, state: RunState, config: dict, resumed: EpochProgress | None =
         result = train_one_epoch(run, progress)
         if result is not None:
             finish_epoch(run, state, progress, result)
-            if cfg.run.checkpoint:
+            if checkpoint_due(cfg, state.epoch):
                 save(run, state, config)
             dist.barrier()
         # a stop request ends the run after a step inside an epoch (train_one_epoch returned None, on
@@ -262,6 +262,12 @@ def fit(run: Run, state: RunState, config: dict, resumed: EpochProgress | None =
         if result is None or (state.epoch < cfg.train.epochs and run.stop.agreed()):
             stop_with_checkpoint(run, state, config, progress if result is None else None)
     return state
+
+
+def checkpoint_due(cfg, epochs_done: int) -> bool:
+    """Whether fit writes a checkpoint at the end of epoch ``epochs_done`` (1-based): run.checkpoint
+    on, and every run.checkpoint_every-th epoch or the last."""
+    return cfg.run.checkpoint and (epochs_done % cfg.run.checkpoint_every == 0 or epochs_done == cfg.train.epochs)
 
 
 def start_epoch(run: Run, state: RunState, epoch: int) -> EpochProgress:
@@ -305,13 +311,13 @@ def stop_with_checkpoint(run: Run, state: RunState, config: dict, unfinished: Ep
     """The run's one exit on a stop request (collective): a checkpoint of where it stands, the STOP
     file removed, then errors.Preempted. ``unfinished``: the epoch it stopped inside, whose
     checkpoint carries each rank's part of it; None at an epoch's end, where fit has already
-    written the checkpoint when run.checkpoint is on."""
+    written the checkpoint when one was due (checkpoint_due)."""
     if unfinished is not None:
         state.partial = unfinished.shared(run.accelerator.num_processes)
         save(run, state, config, unfinished.rank_state(run_tables(run)))
         where = f"step {unfinished.step} of epoch {unfinished.epoch + 1}"
     else:
-        if not run.cfg.run.checkpoint:
+        if not checkpoint_due(run.cfg, state.epoch):
             save(run, state, config)
         where = f"epoch {state.epoch}"
     run.stop.served()
