@@ -30,6 +30,12 @@ class TowerSpec:
     last_bias: bool = True
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (a product under autocast, or of a model held in bf16) up to float32; float32 and
+    float64 (the reference tests' models) as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class HashHead(nn.Module):
     """An MLP with ``depth`` hidden layers of ``hidden`` units, then tanh and L2 normalisation."""
 
@@ -49,7 +55,7 @@ class HashHead(nn.Module):
         x = x.to(self.mlp[0].weight.dtype)
         # the codes leave in float32 whatever the matrix products ran in (bf16 autocast, DeepSpeed
         # bf16): the losses' exp of similarities, Jaccard ratios and weights are float32 sums
-        return F.normalize(torch.tanh(self.mlp(x).float()), dim=1, eps=1e-12)
+        return F.normalize(torch.tanh(at_least_float32(self.mlp(x))), dim=1, eps=1e-12)
 
 
 class NoHead(nn.Module):
@@ -71,8 +77,8 @@ class Classifiers(nn.Module):
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """h_img, h_txt (n, L) -> p_img, p_txt (n, C), float32 (the logits as the products ran)."""
         w_img, w_txt = self.img_classifier, self.txt_classifier
-        return {"p_img": torch.sigmoid((out["h_img"].to(w_img.dtype) @ w_img).float()),
-                "p_txt": torch.sigmoid((out["h_txt"].to(w_txt.dtype) @ w_txt).float())}
+        return {"p_img": torch.sigmoid(at_least_float32(out["h_img"].to(w_img.dtype) @ w_img)),
+                "p_txt": torch.sigmoid(at_least_float32(out["h_txt"].to(w_txt.dtype) @ w_txt))}
 
 
 class ClassCentres(nn.Module):
@@ -88,13 +94,14 @@ class ClassCentres(nn.Module):
 
     def centres(self) -> torch.Tensor:
         """(C, L) unit-length class centres."""
-        return F.normalize(torch.tanh(self.mlp(self.identity.to(self.mlp[0].weight.dtype)).float()), dim=1, eps=1e-12)
+        return F.normalize(torch.tanh(at_least_float32(self.mlp(self.identity.to(self.mlp[0].weight.dtype)))), dim=1,
+                           eps=1e-12)
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """h_img, h_txt (n, L) -> p_img, p_txt (n, C), float32."""
         w = self.centres()
-        return {"p_img": torch.softmax((out["h_img"] @ w.T).float(), dim=1),
-                "p_txt": torch.softmax((out["h_txt"] @ w.T).float(), dim=1)}
+        return {"p_img": torch.softmax(at_least_float32(out["h_img"] @ w.T), dim=1),
+                "p_txt": torch.softmax(at_least_float32(out["h_txt"] @ w.T), dim=1)}
 
 
 class HashingModel(nn.Module):
