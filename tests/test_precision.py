@@ -56,3 +56,13 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeyp
     assert setup.precision("auto") == ("bf16" if native else "no")
     assert setup.precision("") is None and setup.precision("fp16") == "fp16"
     assert load_config(None, ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
+
+
+def test_float64_models_stay_float64():
+    """The reference tests run whole models in float64: the heads lift only bf16/fp16."""
+    torch.manual_seed(0)
+    model = SCBCHModel(12, 10, 8, 16, 4).double()
+    out = model(torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64))
+    assert all(v.dtype == torch.float64 for v in out.values())
+    centres = ClassCentres(4, 16, 8).double()
+    assert centres({"h_img": out["h_img"], "h_txt": out["h_txt"]})["p_img"].dtype == torch.float64
