@@ -28,7 +28,7 @@ import torch
 
 from scbch_dist import cli, dist
 from scbch_dist.atomic import atomic_write_json
-from scbch_dist.engine.evaluate import SELECTION, protocol, ranking_metrics
+from scbch_dist.engine.evaluate import SELECTION, protocol, score_codes
 from scbch_dist.engine.runlog import json_safe
 from scbch_dist.metrics import chance_map
 from scbch_dist.retrieval.index import RunCodes
@@ -44,10 +44,7 @@ def score_run(run: RunCodes, topk: list[int], device: torch.device, *, encode: b
     if encode:
         fresh, encoded = encode_run(run, data_root, device)
         codes = {k: fresh[k] for k in run.codes}
-    result = {}
-    for direction, q, d in (("i2t", "img", "txt"), ("t2i", "txt", "img")):
-        result[direction] = ranking_metrics(codes[f"query_{q}"], codes[f"database_{d}"], q_lab, d_lab,
-                                            topk=topk, device=device)
+    result = score_codes(codes, q_lab, d_lab, topk=topk, device=device)
     if not dist.is_main():
         return {}
     card = protocol(len(q_lab), len(d_lab), topk)
@@ -57,8 +54,6 @@ def score_run(run: RunCodes, topk: list[int], device: torch.device, *, encode: b
         "run": str(run.run_dir), "codes_sha256": run.sha256, "model_sha256": run.model_sha256, "bits": run.bits,
         "protocol": card,
         **result,
-        "avg_map": (result["i2t"]["map"] + result["t2i"]["map"]) / 2,
-        "avg_map_tie_aware": (result["i2t"]["map_tie_aware"] + result["t2i"]["map_tie_aware"]) / 2,
         "chance_map": chance_map(q_lab, d_lab),
         **({"encoded": encoded} if encoded is not None else {}),
         "world_size": dist.world_size(),
@@ -69,12 +64,12 @@ def score_run(run: RunCodes, topk: list[int], device: torch.device, *, encode: b
 def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> tuple[dict, dict]:
     """Collective: the query and database codes of the run's latest checkpoint, encoded again by
     every rank's share of an exactly-once pass over its dataset (as the run evaluates). Returns the
-    codes (engine.evaluate.evaluate's, by id) and whether they equal the stored ones, as
+    codes (engine.evaluate.encode_codes', by id) and whether they equal the stored ones, as
     ``{"equal": bool, "bits_differing": int}``."""
     from scbch_dist.config import load_run_config
     from scbch_dist.data.format import read_meta
     from scbch_dist.data.transforms import make_transforms
-    from scbch_dist.engine.evaluate import evaluate
+    from scbch_dist.engine.evaluate import encode_codes
     from scbch_dist.models.tokenizers import make_tokenizer
     from scbch_dist.retrieval.query import QueryEncoder
     from scbch_dist.retrieval.search import dataset_root
@@ -85,8 +80,7 @@ def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> t
     tokenizer = make_tokenizer(cfg.model, root) if meta.kind("txt") == "text" else None
     _, transform = make_transforms(cfg.model.image, meta, tokenizer)
     model = QueryEncoder(cfg, root, meta, run.run_dir, run.model_sha256).model.to(device)  # fingerprint checked
-    _, codes = evaluate(model, root, meta, batch_size=cfg.eval.batch_size, device=device, transform=transform,
-                        skip_metrics=True)
+    codes = encode_codes(model, root, meta, batch_size=cfg.eval.batch_size, device=device, transform=transform)
     differing = sum(int((codes[k] != run.codes[k]).sum()) for k in run.codes)
     return codes, {"equal": differing == 0, "bits_differing": differing}
 

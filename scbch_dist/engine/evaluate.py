@@ -32,18 +32,23 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (padded.view(n, padded.shape[1] // 8, 8) * weights).sum(2, dtype=torch.uint8)
 
 
-def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
-             topk: list[int] = (), workers: int = 0, autocast=None, transform=None,
-             skip_metrics: bool = False) -> tuple[dict, dict]:
-    """I2T (image queries against the text database) and T2I, relevance by clean labels.
+DIRECTIONS = (("i2t", "img", "txt"), ("t2i", "txt", "img"))  # (name, query modality, database modality)
 
-    Each rank encodes its part of query and database; the codes travel as packed bits (L/8 bytes
-    a code), every rank scores its share of the queries (``ranking_metrics``) and the main process
-    summarizes. Returns ``(result, codes)``:
-    result has ``i2t`` and ``t2i`` (as metrics.retrieval_metrics returns), ``avg_map`` and
-    ``avg_map_tie_aware`` (empty on other ranks, and with ``skip_metrics``); codes holds bool codes
-    and labels by id.
-    """
+
+def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
+             topk: list[int] = (), workers: int = 0, autocast=None, transform=None) -> tuple[dict, dict]:
+    """I2T (image queries against the text database) and T2I, relevance by clean labels:
+    ``encode_codes`` then ``score_codes``. Returns ``(result, codes)`` (result empty on other ranks)."""
+    codes = encode_codes(model, root, meta, batch_size=batch_size, device=device, workers=workers,
+                         autocast=autocast, transform=transform)
+    return score_codes(codes, codes["query_lab"], codes["database_lab"], topk=topk, device=device), codes
+
+
+def encode_codes(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
+                 workers: int = 0, autocast=None, transform=None) -> dict[str, np.ndarray]:
+    """Collective: each rank encodes its part of query and database; the codes travel as packed
+    bits (L/8 bytes a code) and every rank gets the whole: bool codes ``query_img``, ``query_txt``,
+    ``database_img``, ``database_txt`` and labels ``query_lab``, ``database_lab``, by id."""
     codes: dict[str, np.ndarray] = {}
     for split in ("query", "database"):
         part = encode_part(model, root, meta, split, batch_size=batch_size, device=device, workers=workers,
@@ -55,17 +60,22 @@ def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_siz
         for m in ("img", "txt"):
             codes[f"{split}_{m}"] = np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool)
         codes[f"{split}_lab"] = whole["lab"].cpu().numpy()
-    result: dict = {}
-    if skip_metrics:  # the codes alone (python -m scbch_dist.evaluate --encode scores them itself)
-        return result, codes
-    for direction, q, d in (("i2t", "img", "txt"), ("t2i", "txt", "img")):
-        result[direction] = ranking_metrics(codes[f"query_{q}"], codes[f"database_{d}"], codes["query_lab"],
-                                            codes["database_lab"], topk=topk, device=device)
+    return codes
+
+
+def score_codes(codes: dict[str, np.ndarray], query_labels: np.ndarray, db_labels: np.ndarray, *,
+                topk: list[int] = (), device: torch.device = torch.device("cpu")) -> dict:
+    """Collective: both directions of ``codes`` (``query_img`` ... ``database_txt``), every rank
+    scoring its share of the queries (``ranking_metrics``). Returns on the main process ``i2t`` and
+    ``t2i`` (as metrics.retrieval_metrics returns), ``avg_map`` and ``avg_map_tie_aware``; {} on the
+    others."""
+    result = {d: ranking_metrics(codes[f"query_{q}"], codes[f"database_{t}"], query_labels, db_labels, topk=topk,
+                                 device=device) for d, q, t in DIRECTIONS}
     if not dist.is_main():
-        return {}, codes
+        return {}
     result["avg_map"] = (result["i2t"]["map"] + result["t2i"]["map"]) / 2
     result["avg_map_tie_aware"] = (result["i2t"]["map_tie_aware"] + result["t2i"]["map_tie_aware"]) / 2
-    return result, codes
+    return result
 
 
 def validate(model: torch.nn.Module, root: Path, meta: DatasetMeta, held_out: np.ndarray, labels: np.ndarray, *,
@@ -88,17 +98,15 @@ def validate(model: torch.nn.Module, root: Path, meta: DatasetMeta, held_out: np
                                "txt": pack_bits(binary_codes(part["h_txt"]))}, len(ids))
     codes = {m: np.unpackbits(whole[m].cpu().numpy(), axis=1, count=bits).astype(bool) for m in ("img", "txt")}
     lab = np.asarray(labels)[ids]
-    result = {d: ranking_metrics(codes[q][0::2], codes[t][1::2], lab[0::2], lab[1::2], device=device)
-              for d, q, t in (("i2t", "img", "txt"), ("t2i", "txt", "img"))}
+    halves = {f"{split}_{m}": codes[m][start::2] for split, start in (("query", 0), ("database", 1)) for m in codes}
+    result = score_codes(halves, lab[0::2], lab[1::2], device=device)
     if not dist.is_main():
         return {}
     out = {d: {"map": result[d]["map"], "map_tie_aware": result[d]["map_tie_aware"]} for d in ("i2t", "t2i")}
-    out["avg_map"] = (out["i2t"]["map"] + out["t2i"]["map"]) / 2
-    out["avg_map_tie_aware"] = (out["i2t"]["map_tie_aware"] + out["t2i"]["map_tie_aware"]) / 2
+    out.update(avg_map=result["avg_map"], avg_map_tie_aware=result["avg_map_tie_aware"])
     # pairs: every held-out image against every held-out text, its own text the one relevant item,
     # and back: no label at all (V^2 distances, on the main process)
-    out["pairs"] = {d: float(metrics.pair_reciprocal_rank(codes[q], codes[t]).mean())
-                    for d, q, t in (("i2t", "img", "txt"), ("t2i", "txt", "img"))}
+    out["pairs"] = {d: float(metrics.pair_reciprocal_rank(codes[q], codes[t]).mean()) for d, q, t in DIRECTIONS}
     out["pairs"]["avg"] = (out["pairs"]["i2t"] + out["pairs"]["t2i"]) / 2
     out["score"] = out["pairs"]["avg"] if select == "pairs" else out["avg_map"]
     out["rows"] = int(len(ids))

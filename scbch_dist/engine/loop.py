@@ -23,7 +23,7 @@ from scbch_dist.config import Config, to_dict
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.checkpoint import CheckpointError, model_fingerprint, save_checkpoint
-from scbch_dist.engine.evaluate import curves, evaluate, protocol, save_codes, summarize, validate
+from scbch_dist.engine.evaluate import curves, encode_codes, evaluate, protocol, save_codes, summarize, validate
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
@@ -203,14 +203,14 @@ def save_final_codes(run: Run, codes: dict) -> None:
 def write_missing_codes(run: Run, state: RunState) -> None:
     """Collective: codes.npz for a finished run that has none (a run resumed with
     run.save_codes=true after it ended without codes): the final model's codes, by a new
-    evaluation pass (its metrics are those already recorded)."""
+    encoding pass (its metrics are those already recorded, so none are computed)."""
     wanted = run.cfg.run.save_codes and state.epoch == run.cfg.train.epochs
     if not dist.any_rank(wanted and run.is_main and not (run.run_dir / "codes.npz").is_file()):
         return
     run.log.info(f"writing {run.run_dir / 'codes.npz'} (the run had none): encoding query and database")
     cfg, data = run.cfg, run.data
-    _, codes = evaluate(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size, device=run.accelerator.device,
-                        workers=cfg.data.workers, autocast=run.accelerator.autocast, transform=data.eval_transform)
+    codes = encode_codes(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size, device=run.accelerator.device,
+                         workers=cfg.data.workers, autocast=run.accelerator.autocast, transform=data.eval_transform)
     if run.is_main:
         save_final_codes(run, codes)
 
