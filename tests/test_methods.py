@@ -111,6 +111,29 @@ def test_a_new_method_module_trains_with_its_own_settings_section(tiny_dataset, 
         sys.modules.pop("plain_bsch_method", None)
 
 
+def test_a_module_dropped_into_the_methods_package_is_a_method_with_no_other_edit(tmp_path):
+    """Adding a method to the package is one file: a copy of the package with only
+    ``methods/plain_bsch.py`` added (no ``register`` call, no registry line) selects it by name and
+    reads its settings section."""
+    import shutil
+    import subprocess
+    import sys
+
+    import scbch_dist
+
+    package = Path(scbch_dist.__file__).parent
+    shutil.copytree(package, tmp_path / "scbch_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "scbch_dist" / "methods" / "plain_bsch.py").write_text(NEW_METHOD.replace("@register\n", ""))
+    probe = ("import scbch_dist; from scbch_dist.methods import METHODS; from scbch_dist.config import load_config; "
+             "cfg = load_config(None, ['method.name=plain_bsch', 'plain_bsch.margin=0.25']); "
+             "print(scbch_dist.__file__, sorted(METHODS), cfg.plain_bsch.margin, cfg.plain_bsch.quant_weight)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    path, methods, margin, quant = out.stdout.split(" ", 1)[0], *out.stdout.split(" ", 1)[1].rsplit(" ", 2)
+    assert Path(path).is_relative_to(tmp_path)  # the copy, not the installed package
+    assert methods == "['nacd', 'plain_bsch', 'rshnl', 'scbch']"
+    assert (float(margin), float(quant)) == (0.25, 0.3)
+
+
 def test_a_method_with_settings_needs_a_name_that_can_key_its_section():
     from dataclasses import make_dataclass
 

@@ -1,11 +1,15 @@
-"""Training methods on one engine (docs/methods.md). ``method.name`` selects one from ``METHODS``;
-``register`` adds another (a new module, or a variant in a test) without touching the engine or the
-config: a method's settings are its own section (``Method.settings_type``), which the config asks
-this registry for (``config.load_config``).
+"""Training methods on one engine (docs/methods.md). ``method.name`` selects one from ``METHODS``:
+every method class defined by a module of this package (found when the package is imported, so a
+new method is one new module here and no line elsewhere), and any that ``register`` adds from
+outside (a variant in a test, a user's own file). A method's settings are its own section
+(``Method.settings_type``), which the config asks this registry for (``config.load_config``).
 
 This package does not import ``scbch_dist.config`` at run time (the config imports the registry)."""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from scbch_dist.errors import ConfigError
 from scbch_dist.methods.base import (Bank, EpochContext, Method, Refresh, Step, TrainingSet, check_values,
@@ -14,7 +18,7 @@ from scbch_dist.methods.nacd import NACD, NACDSettings
 from scbch_dist.methods.rshnl import RSHNL, RSHNLSettings
 from scbch_dist.methods.scbch import SCBCH, SCBCHSettings
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SCBCH, NACD, RSHNL)}
+METHODS: dict[str, type[Method]] = {}
 
 __all__ = ["Bank", "EpochContext", "METHODS", "Method", "NACD", "NACDSettings", "RSHNL", "RSHNLSettings", "Refresh",
            "SCBCH", "SCBCHSettings", "Step", "TrainingSet", "check_values", "get_method", "global_columns",
@@ -38,3 +42,18 @@ def get_method(name: str) -> type[Method]:
     if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
     return METHODS[name]
+
+
+def _register_package_methods() -> None:
+    """Registers every named Method subclass that a module of this package defines (not ones it
+    merely imports), in module order; ``base`` holds the interface only."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__ and obj.name:
+                register(obj)
+
+
+_register_package_methods()

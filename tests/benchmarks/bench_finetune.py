@@ -1,6 +1,6 @@
 """Fine-tuning throughput: decode + augmentation per loader worker, and training steps.
 
-    python tests/benchmarks/bench_finetune.py [loader] [model] [--steps 10]
+    python tests/benchmarks/bench_finetune.py [loader] [model] [clip] [--steps 10]
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml \\
         tests/benchmarks/bench_finetune.py gpu          # ViT-B/16 + BERT-base, bf16, ZeRO-2
 
@@ -10,6 +10,10 @@ loader: images/s of one process (= one loader worker) turning raw blocks into tr
 model: training images/s of whole optimisation steps (forward, SCBCH loss, backward, Adam) on the
   CPU for the tiny ViT + BERT of configs/finetune-tiny.yaml and EfficientNet-Lite0 + MiniLM of
   configs/finetune-offline.yaml.
+clip: the same for CLIP towers (the tiny open_clip and transformers models of configs/clip-tiny.yaml,
+  and open_clip's ViT-B-32 at random init, 224 px, 77 tokens), frozen, with the last groups unlocked
+  and fully fine-tuned, with and without gradient checkpointing; each row in its own process, with
+  that process's peak resident memory.
 gpu: the same for ViT-B/16 (224 px) + BERT-base (32 tokens) at random init, bf16 autocast; run
   plainly for DDP/one GPU, under `accelerate launch` with the ZeRO-2 config for DeepSpeed.
 Prints tables; asserts nothing about speed.
@@ -19,7 +23,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -158,6 +168,60 @@ def bench_model(steps: int) -> None:
         print(f"| {name:<60} | {batch:>5} | {rate:>9,.0f} |")
 
 
+# (label, model.clip.weights, model.clip.name, global batch); "tiny"/"tiny-hf": written by models.clip
+CLIP_SIZES = {"tiny": ("tiny open_clip (2+2 blocks, 32 px, 64-d), clip-tiny", "tiny", "", 64),
+              "tiny-hf": ("tiny transformers CLIPModel (2+2 blocks, 32 px, 64-d)", "tiny-hf", "", 64),
+              "vit-b-32": ("open_clip ViT-B-32 (12+12 blocks, 224 px, 77 tokens), random init", "random",
+                           "ViT-B-32", 16)}
+# (label, unlocked groups of each tower, gradient checkpointing)
+CLIP_MODES = {"frozen": ("frozen towers (heads only)", 0, False),
+              "last2": ("last 2 groups of each tower", 2, False),
+              "last2-ckpt": ("last 2 groups, gradient checkpointing", 2, True),
+              "full": ("fully fine-tuned", -1, False),
+              "full-ckpt": ("fully fine-tuned, gradient checkpointing", -1, True)}
+
+
+def clip_row(size: str, mode: str, steps: int, weights_dir: str) -> dict:
+    """One CLIP row, in this process: images/s of whole steps and the process's peak resident GiB."""
+    from accelerate import Accelerator
+
+    from scbch_dist.models.clip import build_clip_towers, write_tiny
+
+    _, weights, name, batch = CLIP_SIZES[size]
+    _, unlocked, ckpt = CLIP_MODES[mode]
+    if weights.startswith("tiny"):
+        weights = str(Path(weights_dir) / size)
+        if not Path(weights).exists():
+            write_tiny(weights, "transformers" if size == "tiny-hf" else "open_clip")
+    overrides = [f"model.clip.weights={weights}"] + ([f"model.clip.name={name}"] if name else []) + [
+                 f"model.clip.image_unlocked_groups={unlocked}", f"model.clip.text_unlocked_layers={unlocked}",
+                 f"model.image.grad_checkpointing={str(ckpt).lower()}",
+                 f"model.text.grad_checkpointing={str(ckpt).lower()}"]
+    cfg = _config("configs/clip-tiny.yaml", overrides)
+    towers = build_clip_towers(cfg.model.clip)  # the input shapes the model takes
+    cfg.model.image.image_size = towers.image_size
+    rate = _step_rate(cfg, batch, steps, towers.image_size, towers.context_length, 49408, Accelerator(cpu=True))
+    return {"batch": batch, "rate": rate, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bench_clip(steps: int, sizes: list[str]) -> None:
+    print(f"CPU, {torch.get_num_threads()} threads; whole training steps (forward, SCBCH loss, backward, Adam); "
+          "peak: the row's process, resident")
+    print(f"| {'CLIP model':<68} | {'towers':<40} | {'batch':>5} | {'images/s':>8} | {'peak GiB':>8} |")
+    print(f"|{'-' * 70}|{'-' * 42}|{'-' * 7}|{'-' * 10}|{'-' * 10}|")
+    with tempfile.TemporaryDirectory() as weights_dir:
+        for size in sizes:
+            for mode in CLIP_MODES:
+                out = subprocess.run([sys.executable, __file__, "clip-row", "--size", size, "--mode", mode,
+                                      "--steps", str(steps), "--weights-dir", weights_dir],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"clip row {size}/{mode} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {CLIP_SIZES[size][0]:<68} | {CLIP_MODES[mode][0]:<40} | {row['batch']:>5} | "
+                      f"{row['rate']:>8,.1f} | {row['peak_gib']:>8.2f} |", flush=True)
+
+
 def bench_gpu(steps: int, batch: int) -> None:
     from accelerate import Accelerator
 
@@ -176,18 +240,29 @@ def bench_gpu(steps: int, batch: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="*", help="loader, model and/or gpu (default: loader model)")
+    p.add_argument("what", nargs="*", help="loader, model, clip and/or gpu (default: loader model)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model")
     p.add_argument("--reps", type=int, default=5, help="timed passes over the loader images")
     p.add_argument("--gpu-batch", type=int, default=256, help="global batch of the gpu benchmark")
+    p.add_argument("--clip-sizes", nargs="+", choices=list(CLIP_SIZES), default=list(CLIP_SIZES),
+                   help="CLIP models of the clip benchmark")
+    p.add_argument("--size", choices=list(CLIP_SIZES), help=argparse.SUPPRESS)  # clip-row: one row's process
+    p.add_argument("--mode", choices=list(CLIP_MODES), help=argparse.SUPPRESS)
+    p.add_argument("--weights-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.what == ["clip-row"]:
+        print(json.dumps(clip_row(a.size, a.mode, a.steps, a.weights_dir)))
+        return
     a.what = a.what or ["loader", "model"]
-    if set(a.what) - {"loader", "model", "gpu"}:
-        p.error(f"unknown benchmark(s) {sorted(set(a.what) - {'loader', 'model', 'gpu'})}; choose loader, model, gpu")
+    known = {"loader", "model", "clip", "gpu"}
+    if set(a.what) - known:
+        p.error(f"unknown benchmark(s) {sorted(set(a.what) - known)}; choose loader, model, clip, gpu")
     if "loader" in a.what:
         bench_loader(a.reps)
     if "model" in a.what:
         bench_model(a.steps)
+    if "clip" in a.what:
+        bench_clip(a.steps, a.clip_sizes)
     if "gpu" in a.what:
         bench_gpu(a.steps, a.gpu_batch)
 
