@@ -250,7 +250,8 @@ def assert_search_replays_stored_codes(run_dir: Path, rows: tuple[int, ...]):
 @pytest.mark.slow
 def test_a_clip_run_learns_and_is_searched_by_caption(clip_run):
     """Above chance; a stored caption or image, typed or uploaded again, is encoded by search
-    exactly as the run encoded it (the model's own tokenizer and normalisation replayed)."""
+    exactly as the run encoded it (the model's own tokenizer and normalisation replayed); the
+    server answers a caption and an uploaded image from the CLIP run."""
     pytest.importorskip("faiss")
 
     run_dir, summary = clip_run
@@ -258,6 +259,19 @@ def test_a_clip_run_learns_and_is_searched_by_caption(clip_run):
     searcher = assert_search_replays_stored_codes(run_dir, (0, 9))
     result = searcher.search_text("a red circle", k=5)
     assert len(result.hits) == 5 and all(h.image for h in result.hits)
+
+    # the server answers from the same searcher: a caption, and a stored image uploaded again
+    pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the dev extra)")
+    from fastapi.testclient import TestClient
+
+    from scbch_dist.retrieval.serve import create_app
+
+    with TestClient(create_app(searcher, k=5), base_url="http://localhost") as client:
+        body = client.get("/api/search", params={"text": "a red circle"}).json()
+        assert [h["id"] for h in body["hits"]] == [h.id for h in result.hits] and body["encode_ms"] > 0
+        png = client.get(f"/api/image/{result.hits[0].id}").content
+        body = client.post("/api/search/image", params={"k": 3, "name": "hit.png"}, content=png).json()
+        assert body["modality"] == "img" and len(body["hits"]) == 3 and body["encode_ms"] > 0
 
 
 @pytest.mark.parametrize("unlocked", [0, 1, 2, 3, 4])
