@@ -33,7 +33,7 @@ LAYERS = {
 # knn stays free of it
 PURE = {"losses": ("scbch_dist.dist", "torch.distributed", "scbch_dist.knn.sharded", "scbch_dist.id_table",
                    "scbch_dist.data"),
-        "metrics.py": ("scbch_dist.dist", "torch.distributed"),
+        "metrics": ("scbch_dist.dist", "torch.distributed"),
         "knn/__init__.py": ("scbch_dist.dist", "torch.distributed", "scbch_dist.knn.sharded"),
         "knn/backends.py": ("scbch_dist.dist", "torch.distributed", "scbch_dist.knn.sharded"),
         "knn/exact.py": ("scbch_dist.dist", "torch.distributed"),

@@ -294,3 +294,42 @@ def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk):
         assert np.array_equal(np.isnan(getattr(blocks, f)), np.isnan(getattr(whole, f)))
     without_k = metrics.score_queries(qc, dc, ql, dl, db_chunk=db_chunk)  # not graded: no gains
     np.testing.assert_allclose(without_k.index_ap, whole.index_ap[:, :1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("nq, n, bits, classes, topk, p", [
+    (5, 300, 16, 5, [], 0.15),  # not graded: AP@all only
+    (17, 1000, 64, 24, [10, 100, 5000], 0.15),  # K beyond the database
+    (3, 2000, 128, 80, [1, 50], 0.15),  # two code words, two label words
+    (40, 777, 300, 3, [7], 0.02),  # uint16 distances, queries without a relevant item
+    (9, 3000, 8, 70, [1, 30], 0.05),  # 8 bits: large tie groups
+])
+def test_the_compiled_kernel_scores_what_numpy_scores_bit_for_bit(nq, n, bits, classes, topk, p):
+    """metrics.kernel (three passes, no sort) against the numpy path's stable sort: every field
+    equal to the last bit, NaN where numpy has NaN, the same dtypes."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(n)
+    qc, dc = rng.random((nq, bits)) > 0.5, rng.random((n, bits)) > 0.5
+    ql, dl = rng.random((nq, classes)) < p, rng.random((n, classes)) < p
+    numpy_path = metrics.score_queries(qc, dc, ql, dl, topk=topk, compiled=False)
+    compiled = metrics.score_queries(qc, dc, ql, dl, topk=topk, compiled=True)
+    for f in metrics.QueryScores.FIELDS:
+        a, b = getattr(numpy_path, f), getattr(compiled, f)
+        assert a.dtype == b.dtype and a.shape == b.shape, f
+        assert np.array_equal(a, b, equal_nan=True), f
+    if p == 0.02:
+        assert np.isnan(numpy_path.index_ap).any()  # the no-relevant case is exercised
+
+
+def test_without_numba_large_rankings_take_the_numpy_path(monkeypatch):
+    """The kernel is an accelerator: where numba is missing the default path is numpy's (the same
+    numbers), and only an explicit compiled=True asks for it."""
+    monkeypatch.setattr(metrics, "_kernel_module", lambda: None)
+    monkeypatch.setattr(metrics, "COMPILED_ABOVE", 1)
+    rng = np.random.default_rng(0)
+    qc, dc = rng.integers(0, 2, (4, 16)), rng.integers(0, 2, (50, 16))
+    ql, dl = rng.random((4, 5)) < 0.3, rng.random((50, 5)) < 0.3
+    scores = metrics.score_queries(qc, dc, ql, dl, topk=[5])
+    assert np.array_equal(scores.index_ap, metrics.score_queries(qc, dc, ql, dl, topk=[5], compiled=False).index_ap,
+                          equal_nan=True)
+    with pytest.raises(ImportError, match="numba"):
+        metrics.score_queries(qc, dc, ql, dl, compiled=True)

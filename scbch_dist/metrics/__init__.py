@@ -11,11 +11,14 @@ Conventions (docs/evaluation.md):
 
 Speed: Hamming distances take only L + 1 values, so everything tie-aware is computed from two
 histograms per query (items and relevant items at each distance) in O(L) per query, and the
-index-tie ranking is a radix sort of small integers. Queries are processed in chunks.
+index-tie ranking is a radix sort of small integers, or where numba is present three linear passes
+of a compiled kernel (``metrics/kernel.py``: no sort, the same numbers bit for bit). Queries are
+processed in chunks, on threads.
 """
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -460,17 +463,23 @@ class QueryScores:
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
 
 
+# (query, item) pairs from which score_queries takes the compiled kernel (its import and cached
+# code cost about 0.3 s a process; numpy ranks 2^26 pairs in about 1.5 s a thread)
+COMPILED_ABOVE = 1 << 26
 DB_CHUNK = 1 << 24  # database rows scored at a time by score_queries: about 12 bytes each per thread
 
 
 def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
                   topk: tuple[int, ...] | list[int] = (), curve_points: int = 16, threads: int = 2,
-                  db_chunk: int | None = DB_CHUNK) -> QueryScores:
+                  db_chunk: int | None = DB_CHUNK, compiled: bool | None = None) -> QueryScores:
     """The per-query pass of ``retrieval_metrics``: one ranking of the database per query, in
     cache-sized query chunks. A share of the queries scores to that share's rows of the whole result,
     bit for bit, so ranks can split the queries and concatenate (``QueryScores.concatenate``).
     A database of more than ``db_chunk`` rows is scored in blocks of that many (``_score_blocks``:
-    two passes, memory bounded by a block; the same numbers, sums in another order)."""
+    two passes, memory bounded by a block; the same numbers, sums in another order).
+    ``compiled``: a database in one block is ranked by the numba kernel (``metrics.kernel``: no
+    sort, equal bit for bit) when True, by numpy when False; when None, by the kernel from
+    ``COMPILED_ABOVE`` (query, item) pairs where numba is present."""
     k_points = _k_points(len(db_codes), topk, curve_points)
     if len(query_codes) == 0 and len(query_labels) == 0 and len(db_codes):
         return QueryScores.empty(_bits(db_codes).shape[1], len(topk), len(k_points))
@@ -480,12 +489,64 @@ def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_l
     if len(ranker.blocks) > 1:
         parts = ranker.map_chunks(lambda s: _score_blocks(ranker, s, cuts, np.minimum(k_points, len(db_codes)),
                                                           bool(topk)), threads)
-        return QueryScores(*(np.concatenate([p[i] for p in parts]) for i in range(len(QueryScores.FIELDS))))
-
-    def score(dist, rel, gains):
-        return _index_ranking(dist, rel, ranker.bits, cuts, k_points, gains)
-    parts = ranker.map(score, threads, graded=bool(topk))
+    elif (compiled or (compiled is None and len(ranker.q_codes) * len(ranker.d_codes) >= COMPILED_ABOVE)) and \
+            (kernel := _compiled_kernel(required=bool(compiled))) is not None:
+        parts = ranker.map_chunks(lambda s: _compiled_ranking(kernel, ranker, s, cuts, k_points, bool(topk)), threads)
+    else:
+        def score(dist, rel, gains):
+            return _index_ranking(dist, rel, ranker.bits, cuts, k_points, gains)
+        parts = ranker.map(score, threads, graded=bool(topk))
     return QueryScores(*(np.concatenate([p[i] for p in parts]) for i in range(len(QueryScores.FIELDS))))
+
+
+@functools.cache
+def _kernel_module():
+    try:
+        from scbch_dist.metrics import kernel
+    except ImportError:  # numba missing: the numpy path
+        return None
+    return kernel
+
+
+def _compiled_kernel(required: bool = False):
+    """``metrics.kernel.rank_chunk`` (numba), or None where numba is missing; ``required``: an
+    ImportError instead of None."""
+    module = _kernel_module()
+    if module is None and required:
+        raise ImportError("the compiled ranking needs numba (pip install numba)")
+    return None if module is None else module.rank_chunk
+
+
+def _compiled_ranking(kernel, ranker: _Ranker, s: slice, cuts: list[int | None], k_points: np.ndarray,
+                      graded: bool) -> tuple[np.ndarray, ...]:
+    """``_index_ranking``'s fields for query chunk ``s`` from the compiled kernel (no sort, no
+    (q, N) arrays): equal to the numpy path's bit for bit, the NDCG from the same leading gains and
+    gain histograms by the same numpy code."""
+    q, n, bins = s.stop - s.start, len(ranker.d_codes), ranker.bits + 1
+    ks = [k for k in cuts if k is not None]
+    top_k = min(max(ks), n) if graded and ks else 0
+    count, relevant = np.zeros((q, bins), np.int64), np.zeros((q, bins), np.int64)
+    prec_sum, found = np.zeros((q, len(cuts))), np.zeros((q, len(cuts)), np.int64)
+    ascending = np.argsort(k_points, kind="stable")  # the kernel walks the k in order
+    hits_ascending = np.zeros((q, len(k_points)), np.int64)
+    top_gains = np.zeros((q, top_k), np.uint16)
+    gain_counts = np.zeros((q, ranker.classes + 1 if graded else 1), np.int64)
+    kernel(ranker.q_codes[s], ranker.d_codes, ranker.q_labels[s], ranker.d_labels, bins,
+           np.array([n if k is None else k for k in cuts], np.int64),
+           np.minimum(k_points[ascending], n).astype(np.int64), top_k, graded, count, relevant, prec_sum, found,
+           hits_ascending, top_gains, gain_counts)
+    hits = np.empty_like(hits_ascending)
+    hits[:, ascending] = hits_ascending
+    num_rel = relevant.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aps = np.where(num_rel[:, None] > 0, prec_sum / np.maximum(found, 1), np.nan)
+    ndcg = np.empty((q, len(ks) if graded else 0))
+    if graded and ks:
+        # the histogram as wide as the numpy path's (the chunk's largest gain + 1), so its sums run alike
+        counts = np.ascontiguousarray(gain_counts[:, :int(np.flatnonzero(gain_counts.any(0)).max()) + 1])
+        for j, k in enumerate(ks):
+            ndcg[:, j] = _ndcg(top_gains[:, :k], _ideal_dcg_of_counts(counts, k))
+    return count, relevant, aps, hits, ndcg
 
 
 DB_BLOCK = 1 << 20  # database rows per float32 block of score_queries_torch's products

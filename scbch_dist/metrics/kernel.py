@@ -1,0 +1,96 @@
+"""The index-tie ranking of a query chunk compiled with numba: what ``metrics._index_ranking``
+computes from a stable sort, in three linear passes over the database per query and no sort.
+
+Pass 1 computes the distances and shared labels and counts the items and relevant items at each
+Hamming distance (and the items at each number of shared labels). Their running offsets then give,
+in pass 2 over the database in index order,
+each item's rank (ties by index, as the stable sort) and the ordinal of each relevant item among
+the relevant ones; pass 3 walks the relevant items in rank order and adds ordinal / rank, in the
+order the numpy path adds it, so every field comes out equal to the numpy path's, bit for bit
+(tests/test_metrics.py). Imported by ``metrics`` only when numba is present; ``nogil`` lets the
+query chunks run on threads."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """The population count of a uint64 (LLVM's ctpop: one instruction where the CPU has it)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.uint64(types.uint64), codegen
+
+
+@njit(cache=True, nogil=True)
+def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k, graded,
+               count, relevant, prec_sum, found, hits, top_gains, gain_counts):
+    """Packed query codes (q, W) and labels (q, V), database (n, W) and (n, V), all uint64.
+    ``cuts``: the AP cut-offs (n for AP@all); ``k_points``: the k of the hit counts, ascending,
+    at most n; ``top_k``: how many leading gains to keep. Fills, per query row a: ``count[a]`` and
+    ``relevant[a]`` (bins,) items and relevant items per distance; ``prec_sum[a, c]`` and
+    ``found[a, c]`` the precision sum and number of the relevant items within ``cuts[c]``;
+    ``hits[a, t]`` the relevant items among the first ``k_points[t]``; ``top_gains[a]`` the shared
+    labels of the first ``top_k`` items in rank order; ``gain_counts[a, g]`` the items sharing g
+    labels (when ``graded``)."""
+    q, n = q_codes.shape[0], d_codes.shape[0]
+    words, label_words = q_codes.shape[1], q_labels.shape[1]
+    dist = np.empty(n, np.uint16)
+    gain = np.empty(n, np.uint16)
+    histogram = np.empty(2 * bins, np.int64)  # items at distance d: [2d] not relevant, [2d + 1] relevant
+    offset = np.empty(bins, np.int64)
+    rel_offset = np.empty(bins, np.int64)
+    for a in range(q):
+        for i in range(n):  # pass 1: distances and shared labels (reads the database once)
+            d = 0
+            for w in range(words):
+                d += _popcount(q_codes[a, w] ^ d_codes[i, w])
+            g = 0
+            for v in range(label_words):
+                g += _popcount(q_labels[a, v] & d_labels[i, v])
+            dist[i] = d
+            gain[i] = g
+        histogram[:] = 0
+        for i in range(n):  # one increment an item: no branch, no second histogram
+            histogram[2 * dist[i] + (gain[i] > 0)] += 1
+        if graded:
+            for i in range(n):
+                gain_counts[a, gain[i]] += 1
+        total, rel_total = 0, 0
+        for d in range(bins):
+            count[a, d] = histogram[2 * d] + histogram[2 * d + 1]
+            relevant[a, d] = histogram[2 * d + 1]
+            offset[d] = total
+            rel_offset[d] = rel_total
+            total += count[a, d]
+            rel_total += relevant[a, d]
+        ranks = np.empty(rel_total + 1, np.int64)  # the last slot takes the items that are not relevant
+        for i in range(n):  # pass 2: ranks in index order, each relevant item at its ordinal
+            d = dist[i]
+            rank = offset[d] + 1
+            offset[d] = rank
+            is_relevant = gain[i] > 0
+            ranks[rel_offset[d] if is_relevant else rel_total] = rank
+            rel_offset[d] += is_relevant
+            if rank <= top_k:
+                top_gains[a, rank - 1] = gain[i]
+        t = 0
+        for j in range(rel_total):  # pass 3: the relevant items in rank order
+            rank = ranks[j]
+            precision = (j + 1) / rank
+            for c in range(cuts.shape[0]):
+                if rank <= cuts[c]:
+                    prec_sum[a, c] += precision
+                    found[a, c] += 1
+            while t < k_points.shape[0] and k_points[t] < rank:
+                hits[a, t] = j
+                t += 1
+        while t < k_points.shape[0]:
+            hits[a, t] = rel_total
+            t += 1
