@@ -145,10 +145,19 @@ def _world_size() -> int:
         return 1
 
 
+def _no_progress_monitor() -> None:
+    """No tqdm monitor thread (it only warns about stalled bars): it ends whenever no bar is open,
+    and a loader forking its workers as a thread ends can deadlock (data.pipeline._shut_down)."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+
+
 def run(main: Callable[[], object], prog: str | None = None) -> None:
     """Call ``main``; a known error becomes one line on stderr and exit status 2 (75: preempted)."""
     prog = prog or sys.argv[0]
     _stacks_on_signal()
+    _no_progress_monitor()
     try:
         main()
         if _world_size() > 1:

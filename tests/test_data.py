@@ -203,6 +203,25 @@ def test_another_epoch_started_meanwhile_makes_an_unfinished_one_raise(tiny_data
             next(first)
 
 
+def test_a_finished_pass_or_closed_stream_leaves_no_feeder_thread_to_race_the_next_fork(tiny_dataset):
+    """A pass's loader, and a closed stream's, stop their workers and wait for the threads that fed
+    them before returning: a worker forked while such a thread was ending deadlocked a CI run."""
+    import threading
+
+    def feeders() -> list:
+        return [t for t in threading.enumerate() if t.name == "QueueFeederThread"]
+
+    meta = read_meta(tiny_dataset)
+    assert not feeders()
+    assert sum(len(b["id"]) for b in pass_batches(tiny_dataset, meta, "database", batch_size=50, workers=2)) == \
+        meta.splits["database"].count
+    assert not feeders()
+    with TrainStream(root=tiny_dataset, meta=meta, batch_size=64, seed=0, workers=2) as stream:
+        assert len(list(stream.epoch(0))) == stream.steps_per_epoch
+        assert feeders()  # the persistent workers' feeders live until the stream closes
+    assert not feeders()
+
+
 def test_a_worker_error_in_a_later_epoch_names_file_sample_and_field(bad):
     """The shard goes bad between two epochs: the persistent workers, which read epoch 0 from the
     good shard, report the bad sample as ShardError, and the stream still closes."""

@@ -173,6 +173,9 @@ def _loader(dataset: IterableDataset, workers: int, *, persistent: bool = False)
                       persistent_workers=persistent and workers > 0)
 
 
+FEEDER_JOIN_S = 5.0  # the bound on waiting for a stopped loader's feeder threads (they end at once)
+
+
 def _close(loader: DataLoader) -> None:
     """Stops a persistent loader's workers and waits for them; iterating it again starts new ones."""
     # DataLoader has no public close: its persistent iterator (``_iterator``, created by the first
@@ -180,7 +183,22 @@ def _close(loader: DataLoader) -> None:
     # here does not wait for garbage collection, which a suspended generator can delay.
     iterator, loader._iterator = loader._iterator, None
     if iterator is not None:
-        iterator._shutdown_workers()
+        _shut_down(iterator)
+
+
+def _shut_down(iterator) -> None:
+    """Stops a loader iterator's workers now and waits for the threads that fed their index
+    queues. Those threads otherwise end while the next loader forks its workers, and CPython 3.11
+    lets a fork copy the interpreter's thread-list lock held by an ending thread: the new worker
+    then waits for it forever (seen once in CI, a two-process run stuck in its evaluation pass)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:  # no workers: nothing was forked
+        return
+    shutdown()
+    for queue in getattr(iterator, "_index_queues", []):
+        feeder = getattr(queue, "_thread", None)  # multiprocessing starts it at the first put
+        if feeder is not None:
+            feeder.join(timeout=FEEDER_JOIN_S)
 
 
 @dataclass
@@ -324,8 +342,12 @@ def pass_batches(root: str | Path, meta: DatasetMeta, split: str, *, batch_size:
     urls = [str(p) for p in check_split(root, meta, split)]
     dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size, transform=transform,
                           only=only)
-    for batch in _loader(dataset, workers):
-        yield {f: np.asarray(v) for f, v in batch.items()}
+    batches = iter(_loader(dataset, workers))
+    try:
+        for batch in batches:
+            yield {f: np.asarray(v) for f, v in batch.items()}
+    finally:
+        _shut_down(batches)
 
 
 def load_split(root: str | Path, meta: DatasetMeta, split: str, *, workers: int = 0) -> Block:
