@@ -115,6 +115,9 @@ class TrainConfig:
     mixed_precision: str = ""  # "" (Accelerate's setting) | no | bf16 | fp16 | auto (bf16 where native, else no)
     seed: int = 0
     drop_last: bool = False  # the published code keeps the last, partial batch
+    # glibc keeps the blocks a step frees for the next step (no page faults on fresh buffers every
+    # step; the process holds its peak): Linux with glibc only, a no-op elsewhere
+    keep_freed_memory: bool = True
 
 
 SELECTION_SCORES = ("pairs", "labels")  # eval.select

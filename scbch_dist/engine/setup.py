@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ def make_accelerator(cfg: Config, run_dir: Path):
     refusal = gpu_launch_without_gpus(*launch, cuda=torch.cuda.is_available()) if launch is not None else None
     if refusal is not None:
         raise ConfigError(refusal)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     use_tb = cfg.run.tensorboard and tensorboard_available()
     # Accelerate keeps its state (mixed precision, ...) for the life of the process; a second run
     # in the same process (a notebook, a test) with another train.mixed_precision must start
@@ -191,6 +194,28 @@ def has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     except OSError:  # not Linux: no way to tell here, so not assumed
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+KEEP_BLOCKS_UP_TO = 1 << 30  # bytes: blocks up to this size come from the heap and stay there when freed
+
+
+def keep_freed_memory() -> bool:
+    """Lets glibc's malloc keep freed memory for the next allocation instead of returning it to the
+    system: a training step frees and reallocates its large buffers (activations, gradients, bf16
+    copies of the weights: hundreds of MB at width 8192), and by default every one is a fresh mmap
+    whose pages fault in again. Returns whether it applied (Linux with glibc). What it saves:
+    docs/benchmarks.md, "Where a paper-width step goes"."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    big = ctypes.c_int(2**31 - 1)
+    return all(mallopt(option, value) == 1 for option, value in ((M_MMAP_THRESHOLD, ctypes.c_int(KEEP_BLOCKS_UP_TO)),
+                                                                 (M_TRIM_THRESHOLD, big),
+                                                                 (M_TOP_PAD, ctypes.c_int(KEEP_BLOCKS_UP_TO))))
 
 
 def precision(setting: str) -> str | None:

@@ -1,12 +1,14 @@
 """Wall time of one paper-width MIRFlickr-format run: ours against the published implementation.
 
     python -m scbch_dist.data.convert mirflickr --src DIR --out shards/mirflickr25k
-    python tests/benchmarks/bench_paper_run.py --root shards/mirflickr25k [--hidden 8192] [--epochs 50]
+    python tests/benchmarks/bench_paper_run.py --root shards/mirflickr25k [--hidden 8192] [--epochs 50] [--bf16]
 
 A full 50-epoch run at width 8192 takes hours on a 2-core CPU, so this measures every component
 of a run on this machine and projects the total:
 - ours: a training step (our stream, fused Adam), one CSCC refresh, one evaluation (encoding +
-  every metric), with evaluation every ``--eval-every`` epochs;
+  every metric), with evaluation every ``--eval-every`` epochs; with ``--bf16`` a second column,
+  the same with the forward passes (training, refresh and evaluation encoding) under bf16
+  autocast, as ``train.mixed_precision: bf16`` runs them;
 - published: the behaviour of the published code, re-created for timing: samples read one by one
   through a DataLoader (batch 128, 2 workers), two plain Adam optimizers, and at every epoch an
   evaluation that encodes query and database, runs a per-query sort loop for mAP in both
@@ -19,6 +21,7 @@ Prints the measured components and the projected totals. Asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -36,7 +39,7 @@ from scbch_dist.losses import scbch_loss
 from scbch_dist.models import SCBCHModel
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.encode import encode_part
-from scbch_dist.engine.setup import make_optimizer
+from scbch_dist.engine.setup import keep_freed_memory, make_optimizer
 from scbch_dist.methods import SCBCH, EpochContext, TrainingSet
 from scbch_dist.engine.runlog import setup_logging
 
@@ -94,7 +97,12 @@ def main():
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--steps", type=int, default=8, help="training steps timed (after 2 warm-up steps)")
+    p.add_argument("--bf16", action="store_true", help="also ours with bf16 autocast (a CPU with native bf16)")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="glibc's default malloc, as the published code runs (a run keeps freed memory: "
+                        "train.keep_freed_memory); the setting is the process's, for every column")
     a = p.parse_args()
+    kept = False if a.malloc_default else keep_freed_memory()
     cfg = load_config("configs/flickr.yaml", [f"data.root={a.root}", f"model.hidden={a.hidden}", f"model.bits={a.bits}"])
     root, meta, device = Path(a.root), read_meta(a.root), torch.device("cpu")
     labels = torch.from_numpy(np.array(training_labels(root, meta, cfg.data.noise, seed=0)[0]))
@@ -106,9 +114,13 @@ def main():
     our_load = (time.perf_counter() - t) / meta.splits["train"].count
     batches = batches[: a.steps + 2]
 
-    def make_step(optimizers):
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def make_step(optimizers, autocast=contextlib.nullcontext):
         def step(b):
-            out = model(b["img"], b["txt"])
+            with autocast():
+                out = model(b["img"], b["txt"])
             loss = scbch_loss(out, labels[b["id"]], None, margin=0.15, shift=0.8)["total"]
             for o in optimizers:
                 o.zero_grad()
@@ -124,15 +136,35 @@ def main():
                      torch.optim.Adam(txt_params, lr=1e-4, weight_decay=1e-5)]
     published_step = time_steps(make_step(published_opt), batches)
 
-    t = time.perf_counter()
     train = TrainingSet(meta.splits["train"].count, meta.num_classes, labels, None, device)
-    bank = BankSource("pass", train.count, a.bits, device, log=setup_logging(None, True),
-                      encode_train=lambda: encode_part(model, root, meta, "train", batch_size=2048, device=device))
-    SCBCH(cfg, train).epoch_start(EpochContext(cfg.scbch.warmup_epochs, a.epochs, train, bank.build, Path("."), False))
-    refresh = time.perf_counter() - t
-    t = time.perf_counter()
-    _, codes = evaluate(model, root, meta, batch_size=2048, device=device)
-    our_eval = time.perf_counter() - t
+
+    def time_refresh(autocast=None) -> float:
+        """The faster of two refreshes: the first one alone would pay for reading the shards cold."""
+        seconds = []
+        for _ in range(2):
+            t = time.perf_counter()
+            bank = BankSource("pass", train.count, a.bits, device, log=setup_logging(None, True),
+                              encode_train=lambda: encode_part(model, root, meta, "train", batch_size=2048,
+                                                               device=device, autocast=autocast))
+            SCBCH(cfg, train).epoch_start(EpochContext(cfg.scbch.warmup_epochs, a.epochs, train, bank.build,
+                                                       Path("."), False))
+            seconds.append(time.perf_counter() - t)
+        return min(seconds)
+
+    def time_eval(autocast=None) -> tuple[float, dict]:
+        """The faster of two evaluations, as time_refresh."""
+        seconds = []
+        for _ in range(2):
+            t = time.perf_counter()
+            _, codes = evaluate(model, root, meta, batch_size=2048, device=device, autocast=autocast)
+            seconds.append(time.perf_counter() - t)
+        return min(seconds), codes
+
+    refresh = time_refresh()
+    our_eval, codes = time_eval()
+    if a.bf16:
+        bf16_step = time_steps(make_step([make_optimizer(model, cfg, device)], bf16), batches)
+        bf16_refresh, (bf16_eval, _) = time_refresh(bf16), time_eval(bf16)
     t = time.perf_counter()
     with torch.no_grad():
         for split in ("query", "database"):
@@ -162,23 +194,31 @@ def main():
     published_epoch = steps_per_epoch * published_step
     ours_total = e * ours_epoch + (e - warm) * refresh + math.ceil(e / every) * our_eval
     published_total = e * (published_epoch + published_eval) + (e - warm) * refresh
+    if a.bf16:
+        bf16_epoch = steps_per_epoch * (bf16_step + 128 * our_load)
+        bf16_total = e * bf16_epoch + (e - warm) * bf16_refresh + math.ceil(e / every) * bf16_eval
 
-    print(f"MIRFlickr format: {n_train} training pairs, width {a.hidden}, {a.bits} bits, {torch.get_num_threads()} threads")
-    print(f"| {'component':<46} | {'ours':>10} | {'published':>10} |")
-    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|")
+    print(f"MIRFlickr format: {n_train} training pairs, width {a.hidden}, {a.bits} bits, {torch.get_num_threads()} threads, "
+          f"freed memory {'kept' if kept else 'returned (glibc default)'}")
+    nan = float("nan")
+    columns = ["ours", *(["ours, bf16"] if a.bf16 else []), "published"]
+    print(f"| {'component':<46} | " + " | ".join(f"{c:>10}" for c in columns) + " |")
+    print(f"|{'-' * 48}|" + "|".join("-" * 12 for _ in columns) + "|")
     rows = [
-        ("training step, batch 128 (s)", ours_step, published_step),
-        ("reading a sample (ms; published: not charged)", 1e3 * our_load, 1e3 * published_load),
-        (f"training epoch, {steps_per_epoch} steps (s)", ours_epoch, published_epoch),
-        ("CSCC refresh (s)", refresh, refresh),
-        ("one evaluation: encode + all metrics (s)", our_eval, published_eval),
-        ("  of which mAP loops, both directions (s)", float("nan"), published_map),
-        ("  of which 15-point PR curve loops (s)", float("nan"), published_pr),
-        (f"evaluations in {e} epochs", math.ceil(e / every), e),
-        (f"projected run of {e} epochs (min)", ours_total / 60, published_total / 60),
+        ("training step, batch 128 (s)", ours_step, bf16_step if a.bf16 else nan, published_step),
+        ("reading a sample (ms; published: not charged)", 1e3 * our_load, 1e3 * our_load, 1e3 * published_load),
+        (f"training epoch, {steps_per_epoch} steps (s)", ours_epoch, bf16_epoch if a.bf16 else nan, published_epoch),
+        ("CSCC refresh (s)", refresh, bf16_refresh if a.bf16 else nan, refresh),
+        ("one evaluation: encode + all metrics (s)", our_eval, bf16_eval if a.bf16 else nan, published_eval),
+        ("  of which mAP loops, both directions (s)", nan, nan, published_map),
+        ("  of which 15-point PR curve loops (s)", nan, nan, published_pr),
+        (f"evaluations in {e} epochs", math.ceil(e / every), math.ceil(e / every), e),
+        (f"projected run of {e} epochs (min)", ours_total / 60, bf16_total / 60 if a.bf16 else nan,
+         published_total / 60),
     ]
-    for name, ours, pub in rows:
-        print(f"| {name:<46} | {ours:>10.3f} | {pub:>10.3f} |")
+    for name, ours, ours_bf16, pub in rows:
+        values = [ours, *([ours_bf16] if a.bf16 else []), pub]
+        print(f"| {name:<46} | " + " | ".join(f"{v:>10.3f}" for v in values) + " |")
 
 
 if __name__ == "__main__":
