@@ -489,8 +489,7 @@ def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_l
     if len(ranker.blocks) > 1:
         parts = ranker.map_chunks(lambda s: _score_blocks(ranker, s, cuts, np.minimum(k_points, len(db_codes)),
                                                           bool(topk)), threads)
-    elif (compiled or (compiled is None and len(ranker.q_codes) * len(ranker.d_codes) >= COMPILED_ABOVE)) and \
-            (kernel := _compiled_kernel(required=bool(compiled))) is not None:
+    elif (kernel := _compiled_kernel(compiled, len(ranker.q_codes) * len(ranker.d_codes))) is not None:
         parts = ranker.map_chunks(lambda s: _compiled_ranking(kernel, ranker, s, cuts, k_points, bool(topk)), threads)
     else:
         def score(dist, rel, gains):
@@ -508,11 +507,14 @@ def _kernel_module():
     return kernel
 
 
-def _compiled_kernel(required: bool = False):
-    """``metrics.kernel.rank_chunk`` (numba), or None where numba is missing; ``required``: an
-    ImportError instead of None."""
+def _compiled_kernel(compiled: bool | None, pairs: int):
+    """``metrics.kernel.rank_chunk`` where score_queries' ``compiled`` asks for it (None: from
+    ``COMPILED_ABOVE`` ``pairs``) and numba is present, else None (the numpy path); an ImportError
+    when ``compiled`` is True and numba is missing."""
+    if not (compiled or (compiled is None and pairs >= COMPILED_ABOVE)):
+        return None
     module = _kernel_module()
-    if module is None and required:
+    if module is None and compiled:
         raise ImportError("the compiled ranking needs numba (pip install numba)")
     return None if module is None else module.rank_chunk
 

@@ -46,6 +46,7 @@ def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k
     histogram = np.empty(2 * bins, np.int64)  # items at distance d: [2d] not relevant, [2d + 1] relevant
     offset = np.empty(bins, np.int64)
     rel_offset = np.empty(bins, np.int64)
+    ranks = np.empty(n + 1, np.int64)  # the relevant items' ranks by ordinal; past them, a slot for the others
     for a in range(q):
         for i in range(n):  # pass 1: distances and shared labels (reads the database once)
             d = 0
@@ -70,7 +71,6 @@ def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k
             rel_offset[d] = rel_total
             total += count[a, d]
             rel_total += relevant[a, d]
-        ranks = np.empty(rel_total + 1, np.int64)  # the last slot takes the items that are not relevant
         for i in range(n):  # pass 2: ranks in index order, each relevant item at its ordinal
             d = dist[i]
             rank = offset[d] + 1
