@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from scbch_dist import metrics
+from scbch_dist.digests import IntegrityError
+from scbch_dist.metrics.table import PackedTable
 
 
 def ap_of_order(rel_in_order, k=None):
@@ -252,16 +254,26 @@ def test_the_torch_path_scores_what_the_numpy_path_scores(monkeypatch):
 def test_two_processes_score_the_metrics_of_one_to_the_last_bit(tmp_path):
     """engine.evaluate.ranking_metrics on 2 gloo processes, each scoring its share of the queries
     (1 query: one rank has none; 77: shares of 38 and 39), equals one process's
-    retrieval_metrics exactly, every number (JSON turns int keys into strings, on both sides)."""
+    retrieval_metrics exactly, every number (JSON turns int keys into strings, on both sides); and
+    so does it with the database streamed from packed tables on disk."""
     scripts = Path(__file__).parent / "dist_scripts"
     sys.path.insert(0, str(scripts))
     import ranked_metrics as script
     from conftest import torchrun
 
+    script.write_tables(tmp_path)
     torchrun(str(scripts / "ranked_metrics.py"), str(tmp_path))
     got = json.loads((tmp_path / "metrics.json").read_text())
     for q in script.QUERY_COUNTS:
         ref = json.loads(json.dumps(metrics.retrieval_metrics(*script.metric_case(q), topk=script.TOPK)))
+        assert got[str(q)] == ref, q
+    # the database streamed from tables on disk by the compiled kernels: one process's numbers too
+    pytest.importorskip("numba")
+    got = json.loads((tmp_path / "metrics_disk.json").read_text())
+    for q in script.QUERY_COUNTS:
+        scores = metrics.score_queries(*script.disk_case(q, tmp_path), topk=script.TOPK, db_chunk=script.DISK_CHUNK,
+                                       compiled=True)
+        ref = json.loads(json.dumps(metrics.summarize_scores(scores, 3000, topk=script.TOPK)))
         assert got[str(q)] == ref, q
 
 
@@ -278,22 +290,88 @@ def test_pair_reciprocal_rank_is_the_tie_aware_map_with_one_relevant_item():
         assert small[i] == pytest.approx(np.mean([1 / (1 + list(o).index(i)) for o in tie_orders(dist[i])]), abs=1e-12)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("db_chunk", [1, 7, 333, 999])
-def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk):
-    """Blocks of 1 row, of 7, uneven blocks, and one block short of the database: every integer row
-    equal, AP and NDCG to rounding, ties across blocks ranked by database order (8 bits: many ties)."""
+def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk, compiled):
+    """Blocks of 1 row, of 7, uneven blocks, and one block short of the database, by numpy
+    (_score_blocks) and by the streamed kernels (_stream_scores): every integer row equal, AP and
+    NDCG to rounding, ties across blocks ranked by database order (8 bits: many ties)."""
+    if compiled:
+        pytest.importorskip("numba")
     rng = np.random.default_rng(db_chunk)
     qc, dc = rng.integers(0, 2, (23, 8)), rng.integers(0, 2, (1000, 8))
     ql, dl = rng.random((23, 70)) < 0.05, rng.random((1000, 70)) < 0.05
-    whole = metrics.score_queries(qc, dc, ql, dl, topk=[1, 30, 2000], db_chunk=None)
-    blocks = metrics.score_queries(qc, dc, ql, dl, topk=[1, 30, 2000], db_chunk=db_chunk)
+    whole = metrics.score_queries(qc, dc, ql, dl, topk=[1, 30, 2000], db_chunk=None, compiled=False)
+    blocks = metrics.score_queries(qc, dc, ql, dl, topk=[1, 30, 2000], db_chunk=db_chunk, compiled=compiled)
     for f in ("count", "relevant", "hits"):
         assert np.array_equal(getattr(blocks, f), getattr(whole, f)), f
     for f in ("index_ap", "ndcg"):
         np.testing.assert_allclose(getattr(blocks, f), getattr(whole, f), rtol=0, atol=1e-12)
         assert np.array_equal(np.isnan(getattr(blocks, f)), np.isnan(getattr(whole, f)))
-    without_k = metrics.score_queries(qc, dc, ql, dl, db_chunk=db_chunk)  # not graded: no gains
+    without_k = metrics.score_queries(qc, dc, ql, dl, db_chunk=db_chunk, compiled=compiled)  # not graded: no gains
     np.testing.assert_allclose(without_k.index_ap, whole.index_ap[:, :1], rtol=0, atol=1e-12)
+
+
+def _write_tables(folder, dc, dl, rows=300):
+    """The database as two packed tables, written in blocks of ``rows``."""
+    codes = PackedTable.write(folder / "codes.npy", (metrics.pack_words(dc[a:a + rows] > 0) for a in range(0, len(dc), rows)),
+                              dc.shape[1])
+    labels = PackedTable.write(folder / "labels.npy", [metrics.pack_words(dl)], dl.shape[1])
+    return PackedTable.open(codes.path), PackedTable.open(labels.path)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("nq, n, bits, classes, topk, db_chunk", [
+    (31, 1000, 16, 5, [10, 100], 128),
+    (12, 2500, 130, 80, [7, 5000], 1000),  # three code words, two label words, K beyond the database
+    (15, 777, 8, 3, [], 777),  # not graded; one block
+])
+def test_a_database_on_disk_scores_what_memory_scores(tmp_path, nq, n, bits, classes, topk, db_chunk, compiled):
+    """Database codes and labels in packed tables on disk, read a block at a time: the numbers of the
+    whole database in memory (integers equal, AP and NDCG to rounding), by numpy and by the kernels."""
+    if compiled:
+        pytest.importorskip("numba")
+    rng = np.random.default_rng(n)
+    qc, dc = rng.integers(0, 2, (nq, bits)), rng.integers(0, 2, (n, bits))
+    ql, dl = rng.random((nq, classes)) < 0.1, rng.random((n, classes)) < 0.1
+    codes, labels = _write_tables(tmp_path, dc, dl)
+    assert (len(codes), codes.width, labels.width) == (n, bits, classes)
+    memory = metrics.score_queries(qc, dc, ql, dl, topk=topk, db_chunk=None, compiled=False)
+    disk = metrics.score_queries(qc, codes, ql, labels, topk=topk, db_chunk=db_chunk, compiled=compiled)
+    for f in metrics.QueryScores.FIELDS:
+        a, b = getattr(memory, f), getattr(disk, f)
+        assert a.dtype == b.dtype and a.shape == b.shape, f
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
+            assert np.array_equal(np.isnan(a), np.isnan(b)), f
+        else:
+            assert np.array_equal(a, b), f
+
+
+def test_a_damaged_table_is_refused_by_name(tmp_path):
+    """A table whose words changed after writing fails the pass that reads it (its digest), a
+    truncated one fails on opening; both name the file. Labels of another width are refused."""
+    rng = np.random.default_rng(0)
+    qc, dc = rng.integers(0, 2, (4, 64)), rng.integers(0, 2, (500, 64))
+    ql, dl = rng.random((4, 6)) < 0.3, rng.random((500, 6)) < 0.3
+    codes, labels = _write_tables(tmp_path, dc, dl)
+    with open(codes.path, "r+b") as f:  # one bit of row 123
+        f.seek(codes.offset + 123 * 8)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    for compiled in (False, True):
+        with pytest.raises(IntegrityError, match="codes.npy: its words differ"):
+            metrics.score_queries(qc, codes, ql, labels, db_chunk=100, compiled=compiled)
+    with open(labels.path, "r+b") as f:
+        f.truncate(labels.offset + 100)
+    with pytest.raises(IntegrityError, match="labels.npy: .* bytes, .* expected"):
+        PackedTable.open(labels.path)
+    other = PackedTable.write(tmp_path / "other.npy", [metrics.pack_words(rng.random((500, 9)) < 0.3)], 9)
+    with pytest.raises(ValueError, match="other.npy: labels of 9 classes, the queries have 6"):
+        metrics.score_queries(qc, codes, ql, other)
+    with pytest.raises(ValueError, match="both packed tables on disk, or neither"):
+        metrics.score_queries(qc, codes, ql, dl)
 
 
 @pytest.mark.parametrize("nq, n, bits, classes, topk, p", [
@@ -333,3 +411,24 @@ def test_without_numba_large_rankings_take_the_numpy_path(monkeypatch):
                           equal_nan=True)
     with pytest.raises(ImportError, match="numba"):
         metrics.score_queries(qc, dc, ql, dl, compiled=True)
+
+
+def test_harmonic_numbers_looked_up_in_a_pass_equal_the_table_bit_for_bit(monkeypatch):
+    """HarmonicAt (the running sum in chunks, for databases beyond HARMONIC_TABLE_ABOVE) gives the
+    table's float64 values exactly, at chunk edges, 0 and n; the tie-aware metrics through it are
+    unchanged to the last bit."""
+    n = 10_007
+    table = metrics.harmonic_numbers(n)
+    index = np.r_[0, 1, 96, 97, 98, 193, 194, n, np.random.default_rng(0).integers(0, n + 1, 500)].reshape(-1, 4)
+    assert np.array_equal(metrics.HarmonicAt(chunk=97)[index], table[index])
+    assert metrics.HarmonicAt(chunk=97)[np.zeros((2, 0), np.int64)].shape == (2, 0)
+    rng = np.random.default_rng(1)
+    qc, dc = rng.integers(0, 2, (30, 8)), rng.integers(0, 2, (n, 8))
+    ql, dl = rng.random((30, 6)) < 0.2, rng.random((n, 6)) < 0.2
+    scores = metrics.score_queries(qc, dc, ql, dl)
+    h = metrics.Histograms(scores.count, scores.relevant)
+    with_table = metrics.tie_aware_ap(h), metrics.tie_aware_ap_at_k(h, 500)
+    monkeypatch.setattr(metrics, "HARMONIC_TABLE_ABOVE", 0)
+    looked_up = metrics.tie_aware_ap(h), metrics.tie_aware_ap_at_k(h, 500)
+    for a, b in zip(with_table, looked_up):
+        assert np.array_equal(a, b, equal_nan=True)

@@ -114,12 +114,14 @@ def validate(model: torch.nn.Module, root: Path, meta: DatasetMeta, held_out: np
 
 
 def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray,
-                    *, topk: list[int] = (), device: torch.device = torch.device("cpu")) -> dict:
+                    *, topk: list[int] = (), device: torch.device = torch.device("cpu"),
+                    db_chunk: int | None = None) -> dict:
     """Collective: metrics.retrieval_metrics over every rank. Each rank scores its contiguous share
-    of the queries against the whole database (every rank holds it) on ``torch.get_num_threads()``
-    threads, or with the torch kernels on a GPU; the per-query rows are gathered in rank order and
-    the main process summarizes them: the numbers of one process, to the last bit. Returns the
-    metrics on the main process, {} on the others."""
+    of the queries against the whole database (every rank holds it, or reads the same packed tables
+    on disk, metrics.table) on ``torch.get_num_threads()`` threads, or with the torch kernels on a
+    GPU; the per-query rows are gathered in rank order and the main process summarizes them: the
+    numbers of one process, to the last bit. ``db_chunk``: database rows a block (None:
+    metrics.DB_CHUNK). Returns the metrics on the main process, {} on the others."""
     share = dist.share(len(query_codes))
     if device.type == "cuda":
         t = {k: torch.from_numpy(np.ascontiguousarray(v[share] if k.startswith("q") else v)).to(device)
@@ -127,7 +129,8 @@ def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels:
         scores = metrics.score_queries_torch(t["qc"], t["dc"], t["ql"], t["dl"], topk=topk)
     else:
         scores = metrics.score_queries(query_codes[share], db_codes, query_labels[share], db_labels, topk=topk,
-                                       threads=torch.get_num_threads())
+                                       threads=torch.get_num_threads(),
+                                       db_chunk=metrics.DB_CHUNK if db_chunk is None else db_chunk)
     if dist.is_distributed():
         counts = dist.all_counts(len(scores.count), device)
         scores = metrics.QueryScores(*(dist.gather_rows(torch.from_numpy(getattr(scores, f)).to(device),

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
+from scbch_dist.metrics.table import PackedTable
+
 Array = np.ndarray | torch.Tensor
 
 
@@ -95,6 +97,40 @@ def harmonic_numbers(n: int) -> np.ndarray:
     return h
 
 
+class HarmonicAt:
+    """``harmonic_numbers(n)[i]`` for any integer array i, bit for bit, without the (n + 1,) table:
+    the running sum is made ``chunk`` terms at a time, each chunk starting from the last (the same
+    additions in the same order), and only the asked-for entries are kept. Memory: a chunk and the
+    indices; time: one pass over 1..max(i) per lookup. For databases of tens of millions."""
+
+    def __init__(self, chunk: int = 1 << 20):
+        self.chunk = chunk
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        flat = index.ravel()
+        order = np.argsort(flat, kind="stable")
+        wanted = flat[order]
+        out = np.zeros(len(flat))
+        top = int(wanted[-1]) if len(wanted) else 0
+        carry, at = 0.0, int(np.searchsorted(wanted, 0, side="right"))  # H[0] = 0
+        for start in range(1, top + 1, self.chunk):
+            stop = min(start + self.chunk, top + 1)
+            run = np.cumsum(np.concatenate([[carry], 1.0 / np.arange(start, stop)]))  # H[start - 1 .. stop - 1]
+            end = int(np.searchsorted(wanted, stop - 1, side="right"))
+            out[order[at:end]] = run[wanted[at:end] - (start - 1)]
+            carry, at = run[-1], end
+        return out.reshape(index.shape)
+
+
+def _harmonic(n: int):
+    """H[0..n] as a table, or beyond HARMONIC_TABLE_ABOVE as a HarmonicAt (the same numbers)."""
+    return harmonic_numbers(n) if n <= HARMONIC_TABLE_ABOVE else HarmonicAt()
+
+
+HARMONIC_TABLE_ABOVE = 1 << 22  # 32 MB of float64; a database beyond it looks its harmonic numbers up in a pass
+
+
 # ----------------------------------------------------------------------------------------------
 # Histogram-based (tie-aware) metrics
 
@@ -151,7 +187,7 @@ def _group_terms(h: Histograms, harm: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def tie_aware_ap(h: Histograms) -> np.ndarray:
     """(Q,) expected AP over random orders of tied items; NaN for queries with no relevant item."""
-    harm = harmonic_numbers(int(h.count[0].sum()) if len(h.count) else 0)
+    harm = _harmonic(int(h.count[0].sum()) if len(h.count) else 0)
     term, _, r = _group_terms(h, harm)
     total_rel = r.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -171,7 +207,7 @@ def tie_aware_ap_at_k(h: Histograms, k: int) -> np.ndarray:
         return np.zeros(0)
     if k >= int(total.max()):
         return tie_aware_ap(h)
-    harm = harmonic_numbers(int(total.max()))
+    harm = _harmonic(int(total.max()))
     term, nb, r = _group_terms(h, harm)
     full = (nb + h.count) <= k
     a = np.where(full, term, 0.0).sum(1)  # expected precision sum of whole groups
@@ -337,8 +373,13 @@ class _Ranker:
             raise ValueError(f"code lengths differ: queries {np.shape(query_codes)[1]} bits, database "
                              f"{np.shape(db_codes)[1]} bits")
         self.bits, self.classes = np.shape(query_codes)[1], np.shape(query_labels)[1]
-        self.q_codes, self.d_codes = packed(query_codes), packed(db_codes)
-        self.q_labels, self.d_labels = packed(query_labels), packed(db_labels)
+        self.on_disk = isinstance(db_codes, PackedTable)
+        if self.on_disk != isinstance(db_labels, PackedTable):
+            raise ValueError("database codes and labels: both packed tables on disk, or neither")
+        if self.on_disk and np.shape(db_labels)[1] != self.classes:
+            raise ValueError(f"{db_labels.path}: labels of {db_labels.width} classes, the queries have {self.classes}")
+        self.q_codes, self.q_labels = packed(query_codes), packed(query_labels)
+        self.d_codes, self.d_labels = (db_codes, db_labels) if self.on_disk else (packed(db_codes), packed(db_labels))
         # database blocks (score_queries' db_chunk), and query chunks of ~1M (query, item) entries
         # against one block, which keep a chunk's arrays in cache
         n, nq = len(self.d_codes), len(self.q_codes)
@@ -350,11 +391,28 @@ class _Ranker:
     def pairs(self, s: slice, b: slice, graded: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Distances, relevance and (``graded``) shared-label counts of query chunk ``s`` against
         database block ``b``: (q, n) each."""
-        dist = _popcount_distances(self.q_codes[s], self.d_codes[b], self.bits)
+        d_codes, d_labels = self.block(b)
+        dist = _popcount_distances(self.q_codes[s], d_codes, self.bits)
         if not graded:
-            return dist, _shares_label(self.q_labels[s], self.d_labels[b]), None
-        gains = _shared_labels(self.q_labels[s], self.d_labels[b])
+            return dist, _shares_label(self.q_labels[s], d_labels), None
+        gains = _shared_labels(self.q_labels[s], d_labels)
         return dist, gains > 0, gains
+
+    def block(self, b: slice) -> tuple[np.ndarray, np.ndarray]:
+        """The packed database codes and labels of rows ``b`` (read from disk for tables)."""
+        if self.on_disk:
+            return np.asarray(self.d_codes.read(b.start, b.stop)), np.asarray(self.d_labels.read(b.start, b.stop))
+        return self.d_codes[b], self.d_labels[b]
+
+    def db_blocks(self):
+        """Every database block in order as (codes, labels) packed words; for tables on disk, each
+        read once and checked against its digest after the last (PackedTable.blocks)."""
+        if not self.on_disk:
+            yield from (self.block(b) for b in self.blocks)
+            return
+        rows = self.blocks[0].stop
+        for (_, codes), (_, labels) in zip(self.d_codes.blocks(rows), self.d_labels.blocks(rows)):
+            yield np.asarray(codes), np.asarray(labels)
 
     def map_chunks(self, fn, threads: int = 2) -> list:
         """``fn(s)`` over every query chunk ``s``, in order, on ``threads`` threads (numpy's bitwise,
@@ -466,7 +524,7 @@ class QueryScores:
 # (query, item) pairs from which score_queries takes the compiled kernel (its import and cached
 # code cost about 0.3 s a process; numpy ranks 2^26 pairs in about 1.5 s a thread)
 COMPILED_ABOVE = 1 << 26
-DB_CHUNK = 1 << 24  # database rows scored at a time by score_queries: about 12 bytes each per thread
+DB_CHUNK = 1 << 20  # database rows scored at a time by score_queries beyond one block: 16 MB of words at 64 bits
 
 
 def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,
@@ -475,21 +533,30 @@ def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_l
     """The per-query pass of ``retrieval_metrics``: one ranking of the database per query, in
     cache-sized query chunks. A share of the queries scores to that share's rows of the whole result,
     bit for bit, so ranks can split the queries and concatenate (``QueryScores.concatenate``).
-    A database of more than ``db_chunk`` rows is scored in blocks of that many (``_score_blocks``:
-    two passes, memory bounded by a block; the same numbers, sums in another order).
+    A database of more than ``db_chunk`` rows, or one on disk (two ``metrics.table.PackedTable``
+    as ``db_codes`` and ``db_labels``), is scored in blocks of that many (``_stream_scores``, or
+    ``_score_blocks`` without numba: two passes, memory bounded by a block; the same numbers, the
+    AP sums in another order).
     ``compiled``: a database in one block is ranked by the numba kernel (``metrics.kernel``: no
     sort, equal bit for bit) when True, by numpy when False; when None, by the kernel from
     ``COMPILED_ABOVE`` (query, item) pairs where numba is present."""
     k_points = _k_points(len(db_codes), topk, curve_points)
     if len(query_codes) == 0 and len(query_labels) == 0 and len(db_codes):
-        return QueryScores.empty(_bits(db_codes).shape[1], len(topk), len(k_points))
+        return QueryScores.empty(np.shape(db_codes)[1], len(topk), len(k_points))
     ranker = _Ranker(query_codes, db_codes, query_labels, db_labels, db_chunk)
     cuts: list[int | None] = [None] + [int(k) for k in topk]
 
-    if len(ranker.blocks) > 1:
+    streamed = ranker.on_disk or len(ranker.blocks) > 1
+    kernel = _compiled_kernel(compiled, len(ranker.q_codes) * len(ranker.d_codes))
+    if streamed and kernel is not None:
+        parts = [_stream_scores(kernel, ranker, cuts, k_points, bool(topk), threads)]
+    elif streamed:
+        if ranker.on_disk:  # the numpy blocks read the tables per query chunk: their digests checked first
+            for _ in ranker.db_blocks():
+                pass
         parts = ranker.map_chunks(lambda s: _score_blocks(ranker, s, cuts, np.minimum(k_points, len(db_codes)),
                                                           bool(topk)), threads)
-    elif (kernel := _compiled_kernel(compiled, len(ranker.q_codes) * len(ranker.d_codes))) is not None:
+    elif kernel is not None:
         parts = ranker.map_chunks(lambda s: _compiled_ranking(kernel, ranker, s, cuts, k_points, bool(topk)), threads)
     else:
         def score(dist, rel, gains):
@@ -508,7 +575,7 @@ def _kernel_module():
 
 
 def _compiled_kernel(compiled: bool | None, pairs: int):
-    """``metrics.kernel.rank_chunk`` where score_queries' ``compiled`` asks for it (None: from
+    """The module ``metrics.kernel`` where score_queries' ``compiled`` asks for it (None: from
     ``COMPILED_ABOVE`` ``pairs``) and numba is present, else None (the numpy path); an ImportError
     when ``compiled`` is True and numba is missing."""
     if not (compiled or (compiled is None and pairs >= COMPILED_ABOVE)):
@@ -516,7 +583,7 @@ def _compiled_kernel(compiled: bool | None, pairs: int):
     module = _kernel_module()
     if module is None and compiled:
         raise ImportError("the compiled ranking needs numba (pip install numba)")
-    return None if module is None else module.rank_chunk
+    return module
 
 
 def _compiled_ranking(kernel, ranker: _Ranker, s: slice, cuts: list[int | None], k_points: np.ndarray,
@@ -533,21 +600,70 @@ def _compiled_ranking(kernel, ranker: _Ranker, s: slice, cuts: list[int | None],
     hits_ascending = np.zeros((q, len(k_points)), np.int64)
     top_gains = np.zeros((q, top_k), np.uint16)
     gain_counts = np.zeros((q, ranker.classes + 1 if graded else 1), np.int64)
-    kernel(ranker.q_codes[s], ranker.d_codes, ranker.q_labels[s], ranker.d_labels, bins,
-           np.array([n if k is None else k for k in cuts], np.int64),
-           np.minimum(k_points[ascending], n).astype(np.int64), top_k, graded, count, relevant, prec_sum, found,
-           hits_ascending, top_gains, gain_counts)
+    kernel.rank_chunk(ranker.q_codes[s], ranker.d_codes, ranker.q_labels[s], ranker.d_labels, bins,
+                      np.array([n if k is None else k for k in cuts], np.int64),
+                      np.minimum(k_points[ascending], n).astype(np.int64), top_k, graded, count, relevant, prec_sum,
+                      found, hits_ascending, top_gains, gain_counts)
     hits = np.empty_like(hits_ascending)
     hits[:, ascending] = hits_ascending
+    aps, ndcg = _compiled_results(relevant, prec_sum, found, top_gains, gain_counts, ks, graded)
+    return count, relevant, aps, hits, ndcg
+
+
+def _compiled_results(relevant: np.ndarray, prec_sum: np.ndarray, found: np.ndarray, top_gains: np.ndarray,
+                      gain_counts: np.ndarray, ks: list[int], graded: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The APs (NaN where a query has no relevant item) and NDCG@K of the kernels' sums, the NDCG
+    from the leading gains and the gain histograms by the numpy path's code."""
     num_rel = relevant.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         aps = np.where(num_rel[:, None] > 0, prec_sum / np.maximum(found, 1), np.nan)
-    ndcg = np.empty((q, len(ks) if graded else 0))
+    ndcg = np.empty((len(relevant), len(ks) if graded else 0))
     if graded and ks:
         # the histogram as wide as the numpy path's (the chunk's largest gain + 1), so its sums run alike
-        counts = np.ascontiguousarray(gain_counts[:, :int(np.flatnonzero(gain_counts.any(0)).max()) + 1])
+        counts = np.ascontiguousarray(gain_counts[:, :int(np.flatnonzero(gain_counts.any(0)).max(initial=0)) + 1])
         for j, k in enumerate(ks):
             ndcg[:, j] = _ndcg(top_gains[:, :k], _ideal_dcg_of_counts(counts, k))
+    return aps, ndcg
+
+
+def _stream_scores(kernel, ranker: _Ranker, cuts: list[int | None], k_points: np.ndarray, graded: bool,
+                   threads: int) -> tuple[np.ndarray, ...]:
+    """``_index_ranking``'s fields for every query, the database read in blocks twice
+    (``kernel.count_block``, then ``kernel.place_block``; docs/evaluation.md): memory is one block
+    and per-query arrays of O(L + K). Integers and NDCG equal the one-pass paths' bit for bit; the
+    APs agree to rounding (the precisions are added in database order, not rank order)."""
+    q, n, bins = len(ranker.q_codes), len(ranker.d_codes), ranker.bits + 1
+    ks = [k for k in cuts if k is not None]
+    top_k = min(max(ks), n) if graded and ks else 0
+    size = max(1, -(-q // (4 * max(1, threads))))  # a few query parts a thread: even loads
+    parts = [slice(a, min(a + size, q)) for a in range(0, q, size)]
+    histogram = np.zeros((q, 2 * bins), np.int64)  # [a, 2d]: items at distance d not relevant, [a, 2d + 1] relevant
+    gain_counts = np.zeros((q, ranker.classes + 1 if graded else 1), np.int64)
+    cut_array = np.array([n if k is None else k for k in cuts], np.int64)
+    ascending = np.argsort(k_points, kind="stable")  # the kernel meets the k in order
+    k_ascending = np.minimum(k_points[ascending], n).astype(np.int64)
+    prec_sum, found = np.zeros((q, len(cuts))), np.zeros((q, len(cuts)), np.int64)
+    top_gains = np.zeros((q, top_k), np.uint16)
+    qc, ql = ranker.q_codes, ranker.q_labels
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for codes, labels in ranker.db_blocks():
+            list(pool.map(lambda s: kernel.count_block(qc[s], codes, ql[s], labels, graded, histogram[s],
+                                                       gain_counts[s]), parts))
+        relevant = np.ascontiguousarray(histogram[:, 1::2])
+        count = histogram[:, 0::2] + relevant
+        offset, rel_offset = np.cumsum(count, 1) - count, np.cumsum(relevant, 1) - relevant
+        # per distance d, the first t (k ascending) whose rank k falls at d or beyond: the k at or below
+        # the items closer than d fall before it (the kernel records the hits as rank k is placed)
+        next_k = (offset[:, :, None] >= k_ascending[None, None, :]).sum(2)
+        k_sentinel = np.append(k_ascending, n + 1)  # never a rank: where the t of the last distance stop
+        hits_ascending = np.zeros((q, len(k_points)), np.int64)
+        for codes, labels in ranker.db_blocks():
+            list(pool.map(lambda s: kernel.place_block(qc[s], codes, ql[s], labels, offset[s], rel_offset[s], cut_array,
+                                                       next_k[s], k_sentinel, top_k, prec_sum[s], found[s],
+                                                       hits_ascending[s], top_gains[s]), parts))
+    hits = np.empty_like(hits_ascending)
+    hits[:, ascending] = hits_ascending
+    aps, ndcg = _compiled_results(relevant, prec_sum, found, top_gains, gain_counts, ks, graded)
     return count, relevant, aps, hits, ndcg
 
 

@@ -94,3 +94,74 @@ def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k
         while t < k_points.shape[0]:
             hits[a, t] = rel_total
             t += 1
+
+
+# The streamed ranking (``metrics._stream_scores``): the database comes in blocks, twice, and each
+# query's state lives between the blocks in small arrays, so memory is one block, not N. Within a
+# block the queries meet SUB_BLOCK rows at a time, which stay in the core's cache.
+SUB_BLOCK = 1 << 13  # 8192 rows: 128 KB of codes and labels at 64 bits and up to 64 classes
+
+
+@njit(cache=True, nogil=True)
+def count_block(q_codes, d_codes, q_labels, d_labels, graded, histogram, gain_counts):
+    """Pass 1 over a block: adds to ``histogram[a, 2 d + r]`` the block's items at distance d from
+    query a that are relevant (r = 1) or not, and (``graded``) to ``gain_counts[a, g]`` the items
+    sharing g labels with it."""
+    q, n = q_codes.shape[0], d_codes.shape[0]
+    words, label_words = q_codes.shape[1], q_labels.shape[1]
+    for start in range(0, n, SUB_BLOCK):
+        stop = min(start + SUB_BLOCK, n)
+        for a in range(q):
+            for i in range(start, stop):
+                d = 0
+                for w in range(words):
+                    d += _popcount(q_codes[a, w] ^ d_codes[i, w])
+                g = 0
+                for v in range(label_words):
+                    g += _popcount(q_labels[a, v] & d_labels[i, v])
+                histogram[a, 2 * d + (g > 0)] += 1
+                if graded:
+                    gain_counts[a, g] += 1
+
+
+@njit(cache=True, nogil=True)
+def place_block(q_codes, d_codes, q_labels, d_labels, offset, rel_offset, cuts, next_k, k_points, top_k,
+                prec_sum, found, hits, top_gains):
+    """Pass 2 over a block, blocks in database order: ``offset[a, d]`` holds the rank of the last
+    item placed at distance d (at first, the items closer than d over the whole database), so the
+    next item at d ranks one after it (ties by database order); ``rel_offset`` the same over the
+    relevant items gives a relevant item's ordinal j, and counts the relevant items ranked up to
+    here. A relevant item at rank p adds j / p to ``prec_sum[a, c]`` and one to ``found[a, c]``
+    for every cut-off ``cuts[c]`` >= p; the shared labels of the first ``top_k`` items go to
+    ``top_gains[a, p - 1]``. ``k_points`` (ascending, one past the last > N) are the k of
+    ``hits``: when the item at rank k is placed, at distance d, the relevant items up to it are
+    ``rel_offset[a, d]``; ``next_k[a, d]`` is the next t whose rank k falls at distance d.
+    Branch-free where relevance decides (it is a coin toss item by item)."""
+    q, n = q_codes.shape[0], d_codes.shape[0]
+    words, label_words = q_codes.shape[1], q_labels.shape[1]
+    for start in range(0, n, SUB_BLOCK):
+        stop = min(start + SUB_BLOCK, n)
+        for a in range(q):
+            row_offset, row_rel_offset, row_next = offset[a], rel_offset[a], next_k[a]
+            for i in range(start, stop):
+                d = 0
+                for w in range(words):
+                    d += _popcount(q_codes[a, w] ^ d_codes[i, w])
+                g = 0
+                for v in range(label_words):
+                    g += _popcount(q_labels[a, v] & d_labels[i, v])
+                rank = row_offset[d] + 1
+                row_offset[d] = rank
+                if rank <= top_k:
+                    top_gains[a, rank - 1] = g
+                r = np.int64(g > 0)
+                j = row_rel_offset[d] + r
+                row_rel_offset[d] = j
+                precision = (r * j) / rank  # 0.0 for an item that is not relevant: adding it changes no sum
+                for c in range(cuts.shape[0]):
+                    if rank <= cuts[c]:
+                        prec_sum[a, c] += precision
+                        found[a, c] += r
+                while k_points[row_next[d]] == rank:  # (rarely true: a few k, each met once)
+                    hits[a, row_next[d]] = j
+                    row_next[d] += 1

@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from scbch_dist.config import IndexSettings
 from scbch_dist.errors import ScbchError
+from scbch_dist.metrics.table import PackedTable
 
 KINDS = ("flat", "hash", "ivf", "hnsw")
 # Below this many queries a search runs on one OpenMP thread: FAISS splits its work by query, so
@@ -122,10 +124,34 @@ def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolv
     return Resolved(kind, bits, count, hash_bits=hash_bits, hash_tables=tables, hash_flips=settings.hash_flips)
 
 
-def build(codes: np.ndarray, settings: Resolved, *, seed: int = 0):
-    """An index of kind ``settings.kind`` over ``codes`` ((n, L) bool), positions 0..n-1 in row order."""
+ADD_ROWS = 1 << 20  # codes packed and added to an index at a time
+
+
+def packed_rows(codes: np.ndarray | PackedTable, rows: np.ndarray | None = None) -> np.ndarray:
+    """``pack`` of ``codes`` (or of the ``rows`` given, sorted): (n, L) bool, or a metrics
+    PackedTable, whose uint64 words hold the same bytes (bit j at bit j % 8 of byte j // 8)."""
+    if not isinstance(codes, PackedTable):
+        return pack(codes if rows is None else codes[rows])
+    words = np.asarray(codes.read(0, len(codes)))
+    words = words if rows is None else words[rows]
+    return np.ascontiguousarray(words.view("<u1")[:, :padded_bits(codes.width) // 8])
+
+
+def packed_blocks(codes: np.ndarray | PackedTable, rows: int = ADD_ROWS) -> Iterator[np.ndarray]:
+    """``pack`` of ``codes`` ``rows`` at a time, in order: from a table on disk, a block read at a
+    time and its digest checked after the last (PackedTable.blocks)."""
+    if not isinstance(codes, PackedTable):
+        yield from (pack(codes[a:a + rows]) for a in range(0, len(codes), rows))
+        return
+    for _, words in codes.blocks(rows):
+        yield np.ascontiguousarray(np.asarray(words).view("<u1")[:, :padded_bits(codes.width) // 8])
+
+
+def build(codes: np.ndarray | PackedTable, settings: Resolved, *, seed: int = 0, rows: int = ADD_ROWS):
+    """An index of kind ``settings.kind`` over ``codes`` ((n, L) bool, or a metrics PackedTable on
+    disk), positions 0..n-1 in row order; the codes are packed and added ``rows`` at a time, so a
+    table is never in memory whole (docs/search.md)."""
     faiss = faiss_module()
-    packed = pack(codes)
     d = padded_bits(codes.shape[1])
     if settings.kind == "flat":
         index = faiss.IndexBinaryFlat(d)
@@ -137,14 +163,14 @@ def build(codes: np.ndarray, settings: Resolved, *, seed: int = 0):
     else:
         quantizer = faiss.IndexBinaryFlat(d)
         index = faiss.IndexBinaryIVF(quantizer, d, settings.nlist)  # keeps a reference to its quantizer
-        sample = packed
         cap = 256 * settings.nlist  # FAISS's own cap on k-means points per centre
-        if len(packed) > cap:
-            rows = np.sort(np.random.default_rng(seed).choice(len(packed), cap, replace=False))
-            sample = packed[rows]
+        sample = None
+        if len(codes) > cap:
+            sample = np.sort(np.random.default_rng(seed).choice(len(codes), cap, replace=False))
         index.cp.seed = seed
-        index.train(sample)
-    index.add(packed)
+        index.train(packed_rows(codes, sample))
+    for block in packed_blocks(codes, rows):
+        index.add(block)
     configure(index, settings)
     return index
 

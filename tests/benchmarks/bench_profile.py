@@ -2,7 +2,7 @@
 in float32 and in bf16 autocast. Prints tables; asserts nothing about speed.
 
     python tests/benchmarks/bench_profile.py [--hidden 8192] [--steps 6] [--precision no bf16]
-                                             [--malloc-default]
+                                             [--malloc-default] [--compile]
 
 The step is the engine's (engine.loop.train_step) taken apart so each phase is timed on its own:
 forward (the towers and heads, under the run's autocast), loss (SCBCH's batch loss on the global
@@ -11,7 +11,8 @@ engine.setup.make_optimizer makes it). SCBCH at the paper's width on MIRFlickr-s
 image and 1386-d text features, 24 classes, batch 128, 64 bits), one process. The operator table
 is torch.profiler's self CPU time per operator over the timed steps, largest first. glibc keeps
 freed memory as a run does (train.keep_freed_memory, engine.setup.keep_freed_memory) unless
-``--malloc-default``.
+``--malloc-default``. ``--compile``: the model's forward and the optimizer's step through
+``torch.compile`` (inductor; its compilation runs in the warm-up steps and is not timed).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ IMG, TXT, CLASSES, BATCH, BITS = 4096, 1386, 24, 128, 64
 PHASES = ("forward", "loss", "backward", "optimizer")
 
 
-def make_step(hidden: int, precision: str):
+def make_step(hidden: int, precision: str, compiled: bool = False):
     """A step function that returns each phase's seconds, and the model's parameter count."""
     AcceleratorState._reset_state(reset_partial_state=False)  # one Accelerator per precision in this process
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
@@ -42,6 +43,9 @@ def make_step(hidden: int, precision: str):
     model = SCBCHModel(IMG, TXT, BITS, hidden, CLASSES)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    forward, optimizer_step = model, optimizer.step
+    if compiled:
+        forward, optimizer_step = torch.compile(model), torch.compile(optimizer.step)
     g = torch.Generator().manual_seed(0)
     data = {"img": torch.randn(BATCH, IMG, generator=g), "txt": (torch.rand(BATCH, TXT, generator=g) < 0.01).float()}
     labels = (torch.rand(BATCH, CLASSES, generator=g) < 0.2).to(torch.uint8)
@@ -53,14 +57,14 @@ def make_step(hidden: int, precision: str):
     def step() -> dict[str, float]:
         seconds, t = {}, time.perf_counter()
         with accelerator.autocast():
-            out = model(data["img"], data["txt"])
+            out = forward(data["img"], data["txt"])
         seconds["forward"], t = time.perf_counter() - t, time.perf_counter()
         terms = method.loss(out, step_info)
         seconds["loss"], t = time.perf_counter() - t, time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(terms["total"])
         seconds["backward"], t = time.perf_counter() - t, time.perf_counter()
-        optimizer.step()
+        optimizer_step()
         seconds["optimizer"] = time.perf_counter() - t
         return seconds
     return step, sum(p.numel() for p in model.parameters())
@@ -73,12 +77,13 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     p.add_argument("--ops", type=int, default=8, help="operators listed per precision")
     p.add_argument("--malloc-default", action="store_true", help="glibc's default malloc (train.keep_freed_memory=false)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward and the optimizer step")
     a = p.parse_args()
     kept = False if a.malloc_default else keep_freed_memory()
     phases, ops = {}, {}
     for precision in a.precision:
-        step, params = make_step(a.hidden, precision)
-        for _ in range(2):
+        step, params = make_step(a.hidden, precision, a.compile)
+        for _ in range(3 if a.compile else 2):
             step()
         total = {k: 0.0 for k in PHASES}
         for _ in range(a.steps):
@@ -91,7 +96,7 @@ def main() -> None:
         ops[precision] = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:a.ops]
     print(f"SCBCH step: width {a.hidden}, {params / 1e6:.1f}M parameters, batch {BATCH}, {IMG}-d + {TXT}-d inputs, "
           f"{BITS} bits, {torch.get_num_threads()} threads; mean of {a.steps} steps; freed memory "
-          f"{'kept' if kept else 'returned (glibc default)'}")
+          f"{'kept' if kept else 'returned (glibc default)'}{'; torch.compile' if a.compile else ''}")
     print(f"| {'phase':<10} | " + " | ".join(f"{p + ' (ms)':>12}" for p in a.precision) + " |")
     print(f"|{'-' * 12}|" + "|".join("-" * 14 for _ in a.precision) + "|")
     for phase in (*PHASES, "step"):

@@ -5,7 +5,8 @@
                                                    [--bank trained-like|labelled] [--float16] [--nprobe 32]
     python tests/benchmarks/bench_scale.py memory  [--sizes 1000000] [--bits 128] [--backends auto]
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
-    python tests/benchmarks/bench_scale.py eval-ranks [--sizes 100000 1000000] [--queries 2000]
+    python tests/benchmarks/bench_scale.py eval-ranks [--sizes 100000 1000000] [--queries 2000] [--disk DIR]
+                                                      [--layouts 1x1 1x2 2x1]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
 refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N rows of [u, v]
@@ -197,7 +198,11 @@ if "WORLD_SIZE" in __import__("os").environ:
     dist.init_process_group("gloo")
 rng = np.random.default_rng(0)  # every rank builds the same codes: the tables a run's ranks hold
 ql, qc = rng.random((queries, classes)) < 0.15, rng.integers(0, 2, (queries, bits), dtype=np.uint8)
-dl, dc = rng.random((n, classes)) < 0.15, rng.integers(0, 2, (n, bits), dtype=np.uint8)
+if len(sys.argv) > 5:  # the database on disk, in packed tables (bench_eval_ranks --disk)
+    from scbch_dist.metrics.table import PackedTable
+    dl, dc = PackedTable.open(sys.argv[5] + "/labels.npy"), PackedTable.open(sys.argv[5] + "/codes.npy")
+else:
+    dl, dc = rng.random((n, classes)) < 0.15, rng.integers(0, 2, (n, bits), dtype=np.uint8)
 if dist.is_initialized():
     dist.barrier()
 def status(field):
@@ -217,20 +222,38 @@ if dist.is_initialized():
 """
 
 
-def bench_eval_ranks(sizes, bits=64, queries=2000, classes=24):
+def write_tables(folder: str, n: int, bits: int, classes: int, rows: int = 1 << 20) -> None:
+    """A random database of n codes and labels as packed tables (metrics.table), made and written a
+    block of rows at a time: it is never in memory whole."""
+    from scbch_dist.metrics.table import PackedTable
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for name, width, p in (("labels", classes, 0.15), ("codes", bits, 0.5)):
+        blocks = (metrics.pack_words(rng.random((min(rows, n - a), width)) < p) for a in range(0, n, rows))
+        PackedTable.write(f"{folder}/{name}.npy", blocks, width)
+
+
+def bench_eval_ranks(sizes, bits=64, queries=2000, classes=24, disk=None, layouts=((1, 1), (1, 2), (2, 1))):
     """Every metric of both directions through engine.evaluate.ranking_metrics: one process on one
-    and on two threads, and two gloo processes on one thread each (each scoring half the queries)."""
+    and on two threads, and two gloo processes on one thread each (each scoring half the queries).
+    With ``disk`` (a folder), the database is written there as packed tables and streamed from them
+    in blocks (metrics.DB_CHUNK rows)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     with open("/tmp/_scbch_eval_worker.py", "w") as f:
         f.write(EVAL_WORKER)
-    print(f"{queries} queries of {bits} bits, every metric of both directions")
+    print(f"{queries} queries of {bits} bits, every metric of both directions"
+          + (f", the database streamed from packed tables on disk in blocks of {metrics.DB_CHUNK} rows" if disk else ""))
     print(f"| {'database codes':>14} | {'processes x threads':>19} | {'seconds':>8} | {'vs 1 x 1':>8} | "
           f"peak MiB above the inputs (rank 0) | mAP I2T (identical?) |")
     print(f"|{'-' * 16}|{'-' * 21}|{'-' * 10}|{'-' * 10}|{'-' * 36}|{'-' * 22}|")
     for n in sizes:
         args = [str(n), str(bits), str(queries), str(classes)]
+        if disk:
+            write_tables(f"{disk}/{n}", n, bits, classes)
+            args.append(f"{disk}/{n}")
         rows = []
-        for procs, threads in ((1, 1), (1, 2), (2, 1)):
+        for procs, threads in layouts:
             cmd = ([sys.executable, "/tmp/_scbch_eval_worker.py"] if procs == 1 else
                    [torchrun, "--standalone", "--nproc_per_node", str(procs), "/tmp/_scbch_eval_worker.py"])
             out = subprocess.run(cmd + args, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
@@ -307,6 +330,8 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--queries", type=int, default=2000, help="eval-ranks: query codes (its time is linear in them)")
+    p.add_argument("--disk", help="eval-ranks: write the database to packed tables in this folder and stream it")
+    p.add_argument("--layouts", nargs="+", default=["1x1", "1x2", "2x1"], help="eval-ranks: processes x threads")
     a = p.parse_args()
     if a.what == "refresh":
         bench_refresh(a.sizes or [10000, 100000, 1000000], a.bits)
@@ -319,7 +344,8 @@ def main():
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
     elif a.what == "eval-ranks":
-        bench_eval_ranks(a.sizes or [100000, 1000000], queries=a.queries)
+        bench_eval_ranks(a.sizes or [100000, 1000000], queries=a.queries, disk=a.disk,
+                         layouts=[tuple(int(v) for v in x.split("x")) for x in a.layouts])
     else:
         bench_steps(a.hidden, a.batch, a.steps)
 

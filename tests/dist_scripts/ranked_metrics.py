@@ -1,7 +1,9 @@
 """torchrun --standalone --nproc_per_node 2 ranked_metrics.py OUT: engine.evaluate.ranking_metrics of
 ``metric_case(q)`` for several query counts (one below the number of ranks, one odd), each rank
 scoring its share; the main process saves the summaries to OUT/metrics.json for the test to compare
-with one process's metrics.retrieval_metrics."""
+with one process's metrics.retrieval_metrics. Then the same with the database read from the packed
+tables OUT/codes.npy and OUT/labels.npy (``write_tables``) in blocks of ``DISK_CHUNK`` rows by the
+streamed kernels (COMPILED_ABOVE 1), to OUT/metrics_disk.json."""
 
 import json
 import sys
@@ -11,10 +13,13 @@ import numpy as np
 import torch.distributed as dist
 
 from scbch_dist import dist as sdist
+from scbch_dist import metrics
+from scbch_dist.metrics.table import PackedTable
 from scbch_dist.engine.evaluate import ranking_metrics
 
 QUERY_COUNTS = (1, 2, 77)
 TOPK = [5, 300]
+DISK_CHUNK = 700
 
 
 def metric_case(q: int, n: int = 3000, bits: int = 32, classes: int = 70, seed: int = 4):
@@ -24,10 +29,28 @@ def metric_case(q: int, n: int = 3000, bits: int = 32, classes: int = 70, seed: 
             rng.random((q, classes)) < 0.05, rng.random((n, classes)) < 0.05)
 
 
+def write_tables(folder: Path) -> tuple:
+    """metric_case's database as packed tables on disk (in blocks of 1000 rows)."""
+    _, dc, _, dl = metric_case(1)
+    return (PackedTable.write(folder / "codes.npy", (metrics.pack_words(dc[a:a + 1000]) for a in range(0, len(dc), 1000)),
+                              dc.shape[1]),
+            PackedTable.write(folder / "labels.npy", [metrics.pack_words(dl)], dl.shape[1]))
+
+
+def disk_case(q: int, folder: Path) -> tuple:
+    qc, _, ql, _ = metric_case(q)
+    return qc, PackedTable.open(folder / "codes.npy"), ql, PackedTable.open(folder / "labels.npy")
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
+    out_dir = Path(sys.argv[1])
     out = {q: ranking_metrics(*metric_case(q), topk=TOPK) for q in QUERY_COUNTS}
     if sdist.is_main():
-        Path(sys.argv[1]).joinpath("metrics.json").write_text(json.dumps(out))
+        out_dir.joinpath("metrics.json").write_text(json.dumps(out))
+    metrics.COMPILED_ABOVE = 1
+    out = {q: ranking_metrics(*disk_case(q, out_dir), topk=TOPK, db_chunk=DISK_CHUNK) for q in QUERY_COUNTS}
+    if sdist.is_main():
+        out_dir.joinpath("metrics_disk.json").write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
