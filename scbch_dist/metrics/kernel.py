@@ -28,6 +28,18 @@ def _popcount(typingctx, x):
     return types.uint64(types.uint64), codegen
 
 
+@njit(inline="always")
+def _distance_and_gain(q_codes, q_labels, a, d_codes, d_labels, i):
+    """The Hamming distance of query a to item i, and the labels they share (packed uint64 words)."""
+    d = 0
+    for w in range(q_codes.shape[1]):
+        d += _popcount(q_codes[a, w] ^ d_codes[i, w])
+    g = 0
+    for v in range(q_labels.shape[1]):
+        g += _popcount(q_labels[a, v] & d_labels[i, v])
+    return d, g
+
+
 @njit(cache=True, nogil=True)
 def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k, graded,
                count, relevant, prec_sum, found, hits, top_gains, gain_counts):
@@ -40,7 +52,6 @@ def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k
     labels of the first ``top_k`` items in rank order; ``gain_counts[a, g]`` the items sharing g
     labels (when ``graded``)."""
     q, n = q_codes.shape[0], d_codes.shape[0]
-    words, label_words = q_codes.shape[1], q_labels.shape[1]
     dist = np.empty(n, np.uint16)
     gain = np.empty(n, np.uint16)
     histogram = np.empty(2 * bins, np.int64)  # items at distance d: [2d] not relevant, [2d + 1] relevant
@@ -49,14 +60,7 @@ def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k
     ranks = np.empty(n + 1, np.int64)  # the relevant items' ranks by ordinal; past them, a slot for the others
     for a in range(q):
         for i in range(n):  # pass 1: distances and shared labels (reads the database once)
-            d = 0
-            for w in range(words):
-                d += _popcount(q_codes[a, w] ^ d_codes[i, w])
-            g = 0
-            for v in range(label_words):
-                g += _popcount(q_labels[a, v] & d_labels[i, v])
-            dist[i] = d
-            gain[i] = g
+            dist[i], gain[i] = _distance_and_gain(q_codes, q_labels, a, d_codes, d_labels, i)
         histogram[:] = 0
         for i in range(n):  # one increment an item: no branch, no second histogram
             histogram[2 * dist[i] + (gain[i] > 0)] += 1
@@ -108,17 +112,11 @@ def count_block(q_codes, d_codes, q_labels, d_labels, graded, histogram, gain_co
     query a that are relevant (r = 1) or not, and (``graded``) to ``gain_counts[a, g]`` the items
     sharing g labels with it."""
     q, n = q_codes.shape[0], d_codes.shape[0]
-    words, label_words = q_codes.shape[1], q_labels.shape[1]
     for start in range(0, n, SUB_BLOCK):
         stop = min(start + SUB_BLOCK, n)
         for a in range(q):
             for i in range(start, stop):
-                d = 0
-                for w in range(words):
-                    d += _popcount(q_codes[a, w] ^ d_codes[i, w])
-                g = 0
-                for v in range(label_words):
-                    g += _popcount(q_labels[a, v] & d_labels[i, v])
+                d, g = _distance_and_gain(q_codes, q_labels, a, d_codes, d_labels, i)
                 histogram[a, 2 * d + (g > 0)] += 1
                 if graded:
                     gain_counts[a, g] += 1
@@ -138,18 +136,12 @@ def place_block(q_codes, d_codes, q_labels, d_labels, offset, rel_offset, cuts, 
     ``rel_offset[a, d]``; ``next_k[a, d]`` is the next t whose rank k falls at distance d.
     Branch-free where relevance decides (it is a coin toss item by item)."""
     q, n = q_codes.shape[0], d_codes.shape[0]
-    words, label_words = q_codes.shape[1], q_labels.shape[1]
     for start in range(0, n, SUB_BLOCK):
         stop = min(start + SUB_BLOCK, n)
         for a in range(q):
             row_offset, row_rel_offset, row_next = offset[a], rel_offset[a], next_k[a]
             for i in range(start, stop):
-                d = 0
-                for w in range(words):
-                    d += _popcount(q_codes[a, w] ^ d_codes[i, w])
-                g = 0
-                for v in range(label_words):
-                    g += _popcount(q_labels[a, v] & d_labels[i, v])
+                d, g = _distance_and_gain(q_codes, q_labels, a, d_codes, d_labels, i)
                 rank = row_offset[d] + 1
                 row_offset[d] = rank
                 if rank <= top_k:
