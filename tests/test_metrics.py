@@ -348,6 +348,21 @@ def test_a_database_on_disk_scores_what_memory_scores(tmp_path, nq, n, bits, cla
             assert np.array_equal(a, b), f
 
 
+def test_a_database_on_disk_is_streamed_on_the_cpu_whatever_the_device(tmp_path):
+    """engine.evaluate.ranking_metrics asked for a CUDA device with tables on disk streams them on
+    the CPU (the GPU path would hold the whole database on the GPU): the numbers of the CPU path,
+    and no CUDA call, so it runs on a machine without one."""
+    from scbch_dist.engine.evaluate import ranking_metrics
+
+    rng = np.random.default_rng(5)
+    qc, dc = rng.integers(0, 2, (9, 32)), rng.integers(0, 2, (600, 32))
+    ql, dl = rng.random((9, 7)) < 0.3, rng.random((600, 7)) < 0.3
+    codes, labels = _write_tables(tmp_path, dc, dl)
+    got = ranking_metrics(qc, codes, ql, labels, topk=[10], device=torch.device("cuda"), db_chunk=250)
+    want = metrics.retrieval_metrics(qc, dc, ql, dl, topk=[10])
+    assert got["map"] == pytest.approx(want["map"], abs=1e-12) and got["recall_at_k"] == want["recall_at_k"]
+
+
 def test_a_damaged_table_is_refused_by_name(tmp_path):
     """A table whose words changed after writing fails the pass that reads it (its digest), a
     truncated one fails on opening; both name the file. Labels of another width are refused."""

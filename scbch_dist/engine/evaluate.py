@@ -18,6 +18,7 @@ import torch
 from scbch_dist import dist, metrics
 from scbch_dist.data.format import DatasetMeta
 from scbch_dist.digests import arrays_sha256
+from scbch_dist.metrics.table import PackedTable
 from scbch_dist.engine.encode import encode_part
 from scbch_dist.atomic import atomic_save_with
 from scbch_dist.models import binary_codes
@@ -121,9 +122,11 @@ def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels:
     on disk, metrics.table) on ``torch.get_num_threads()`` threads, or with the torch kernels on a
     GPU; the per-query rows are gathered in rank order and the main process summarizes them: the
     numbers of one process, to the last bit. ``db_chunk``: database rows a block (None:
-    metrics.DB_CHUNK). Returns the metrics on the main process, {} on the others."""
+    metrics.DB_CHUNK). A database in tables on disk is streamed by the CPU kernels on every
+    device: the GPU path holds the whole database in GPU memory. Returns the metrics on the main
+    process, {} on the others."""
     share = dist.share(len(query_codes))
-    if device.type == "cuda":
+    if device.type == "cuda" and not isinstance(db_codes, PackedTable):  # (tables stream on the CPU)
         t = {k: torch.from_numpy(np.ascontiguousarray(v[share] if k.startswith("q") else v)).to(device)
              for k, v in (("qc", query_codes), ("dc", db_codes), ("ql", query_labels), ("dl", db_labels))}
         scores = metrics.score_queries_torch(t["qc"], t["dc"], t["ql"], t["dl"], topk=topk)
