@@ -220,6 +220,7 @@ def test_scores_of_query_shares_concatenate_to_the_whole_bit_for_bit():
     rng = np.random.default_rng(5)
     qc, dc = rng.integers(0, 2, (301, 32)), rng.integers(0, 2, (7000, 32))
     ql, dl = rng.random((301, 24)) < 0.15, rng.random((7000, 24)) < 0.15
+    ql[-1], dl[5] = True, True  # the last share alone meets a gain of 24: its ideal-DCG histogram is wider
     whole = metrics.score_queries(qc, dc, ql, dl, topk=[50, 1000])
     cuts = [0, 1, 150, 301]
     parts = [metrics.score_queries(qc[a:b], dc, ql[a:b], dl, topk=[50, 1000], threads=1)
@@ -363,21 +364,28 @@ def test_a_database_on_disk_is_streamed_on_the_cpu_whatever_the_device(tmp_path)
     assert got["map"] == pytest.approx(want["map"], abs=1e-12) and got["recall_at_k"] == want["recall_at_k"]
 
 
+def _flip_bit(table: PackedTable, row: int, byte: int = 0, mask: int = 1) -> None:
+    with open(table.path, "r+b") as f:
+        f.seek(table.offset + row * table.words * 8 + byte)
+        value = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([value ^ mask]))
+
+
 def test_a_damaged_table_is_refused_by_name(tmp_path):
-    """A table whose words changed after writing fails the pass that reads it (its digest), a
-    truncated one fails on opening; both name the file. Labels of another width are refused."""
+    """A table whose words changed after writing fails the pass that reads it (its digest): the
+    codes' and the labels' alike, in the database's last block or its first; a truncated one
+    fails on opening; all name the file. Labels of another width are refused."""
     rng = np.random.default_rng(0)
     qc, dc = rng.integers(0, 2, (4, 64)), rng.integers(0, 2, (500, 64))
     ql, dl = rng.random((4, 6)) < 0.3, rng.random((500, 6)) < 0.3
-    codes, labels = _write_tables(tmp_path, dc, dl)
-    with open(codes.path, "r+b") as f:  # one bit of row 123
-        f.seek(codes.offset + 123 * 8)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 1]))
-    for compiled in (False, True):
-        with pytest.raises(IntegrityError, match="codes.npy: its words differ"):
-            metrics.score_queries(qc, codes, ql, labels, db_chunk=100, compiled=compiled)
+    for name, row in (("codes", 123), ("labels", 499)):
+        codes, labels = _write_tables(tmp_path, dc, dl)
+        _flip_bit(codes if name == "codes" else labels, row)
+        for compiled in (False, True):
+            for db_chunk in (100, None):
+                with pytest.raises(IntegrityError, match=f"{name}.npy: its words differ"):
+                    metrics.score_queries(qc, codes, ql, labels, db_chunk=db_chunk, compiled=compiled)
     with open(labels.path, "r+b") as f:
         f.truncate(labels.offset + 100)
     with pytest.raises(IntegrityError, match="labels.npy: .* bytes, .* expected"):
@@ -387,6 +395,22 @@ def test_a_damaged_table_is_refused_by_name(tmp_path):
         metrics.score_queries(qc, codes, ql, other)
     with pytest.raises(ValueError, match="both packed tables on disk, or neither"):
         metrics.score_queries(qc, codes, ql, dl)
+
+
+def test_bits_past_a_tables_width_never_reach_the_kernels(tmp_path):
+    """Words that set bits past the width (codes of 16 bits declared as 12, or damage after
+    writing) are refused when written, and when read before any kernel sees them (a distance past
+    the code length would index past the kernels' arrays), naming the file."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="wide.npy: rows 0-299 set bits past the width of 12"):
+        PackedTable.write(tmp_path / "wide.npy", [metrics.pack_words(rng.random((300, 16)) < 0.5)], 12)
+    qc, dc = rng.integers(0, 2, (4, 12)), rng.integers(0, 2, (300, 12))
+    ql, dl = rng.random((4, 3)) < 0.5, rng.random((300, 3)) < 0.5
+    codes, labels = _write_tables(tmp_path, dc, dl)
+    _flip_bit(codes, 7, byte=1, mask=0x80)  # bit 15 of row 7
+    for compiled in (False, True):
+        with pytest.raises(IntegrityError, match="codes.npy: rows 0-99 set bits past the width of 12"):
+            metrics.score_queries(qc, codes, ql, labels, db_chunk=100, compiled=compiled)
 
 
 @pytest.mark.parametrize("nq, n, bits, classes, topk, p", [

@@ -316,7 +316,10 @@ def _ideal_dcg_of_counts(counts: np.ndarray, k: int) -> np.ndarray:
     start = np.concatenate([np.zeros((len(counts), 1), np.int64), end[:, :-1]], 1)
     discount = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, int(end.max(initial=0)) + 2)))])
     value = np.exp2(np.arange(counts.shape[1] - 1, -1, -1, dtype=np.float64)) - 1
-    return ((discount[end] - discount[start]) * value).sum(1)
+    # summed column by column, largest gain first: the zero terms of gains no item of the database
+    # has come first and add exactly nothing, so the result does not depend on how wide the
+    # histogram is (which queries were scored together: a rank's share, a query chunk)
+    return np.cumsum((discount[end] - discount[start]) * value, axis=1)[:, -1]
 
 
 def _ndcg(ranked: np.ndarray, best: np.ndarray) -> np.ndarray:
@@ -370,7 +373,8 @@ class _Ranker:
                  db_chunk: int | None = None):
         _check_inputs(query_codes, db_codes, query_labels, db_labels)
         if np.shape(query_codes)[1] != np.shape(db_codes)[1]:
-            raise ValueError(f"code lengths differ: queries {np.shape(query_codes)[1]} bits, database "
+            where = f" ({db_codes.path})" if isinstance(db_codes, PackedTable) else ""
+            raise ValueError(f"code lengths differ: queries {np.shape(query_codes)[1]} bits, database{where} "
                              f"{np.shape(db_codes)[1]} bits")
         self.bits, self.classes = np.shape(query_codes)[1], np.shape(query_labels)[1]
         self.on_disk = isinstance(db_codes, PackedTable)
@@ -411,7 +415,7 @@ class _Ranker:
             yield from (self.block(b) for b in self.blocks)
             return
         rows = self.blocks[0].stop
-        for (_, codes), (_, labels) in zip(self.d_codes.blocks(rows), self.d_labels.blocks(rows)):
+        for (_, codes), (_, labels) in zip(self.d_codes.blocks(rows), self.d_labels.blocks(rows), strict=True):
             yield np.asarray(codes), np.asarray(labels)
 
     def map_chunks(self, fn, threads: int = 2) -> list:
@@ -619,10 +623,8 @@ def _compiled_results(relevant: np.ndarray, prec_sum: np.ndarray, found: np.ndar
         aps = np.where(num_rel[:, None] > 0, prec_sum / np.maximum(found, 1), np.nan)
     ndcg = np.empty((len(relevant), len(ks) if graded else 0))
     if graded and ks:
-        # the histogram as wide as the numpy path's (the chunk's largest gain + 1), so its sums run alike
-        counts = np.ascontiguousarray(gain_counts[:, :int(np.flatnonzero(gain_counts.any(0)).max(initial=0)) + 1])
         for j, k in enumerate(ks):
-            ndcg[:, j] = _ndcg(top_gains[:, :k], _ideal_dcg_of_counts(counts, k))
+            ndcg[:, j] = _ndcg(top_gains[:, :k], _ideal_dcg_of_counts(gain_counts, k))
     return aps, ndcg
 
 
@@ -654,7 +656,7 @@ def _stream_scores(kernel, ranker: _Ranker, cuts: list[int | None], k_points: np
         offset, rel_offset = np.cumsum(count, 1) - count, np.cumsum(relevant, 1) - relevant
         # per distance d, the first t (k ascending) whose rank k falls at d or beyond: the k at or below
         # the items closer than d fall before it (the kernel records the hits as rank k is placed)
-        next_k = (offset[:, :, None] >= k_ascending[None, None, :]).sum(2)
+        next_k = np.searchsorted(k_ascending, offset, side="right")
         k_sentinel = np.append(k_ascending, n + 1)  # never a rank: where the t of the last distance stop
         hits_ascending = np.zeros((q, len(k_points)), np.int64)
         for codes, labels in ranker.db_blocks():
