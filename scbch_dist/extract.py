@@ -389,6 +389,51 @@ def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2v
     raise ExtractError(f"unknown text encoder {kind!r}; known: doc2vec, bow, clip")
 
 
+def _check_settings(out: Path, image_encoder: str, text_encoder: str, image_size: int, batch_size: int,
+                    workers: int, img_dtype: str, txt_dtype: str | None, clip_weights: str | None) -> str:
+    """Refuse bad extract settings by name, before anything is loaded; returns the text dtype
+    (its default depends on the encoder)."""
+    if out.exists():
+        raise ExtractError(f"{out} exists; remove it or choose another output folder")
+    if image_encoder not in IMAGE_ENCODERS and image_encoder != "clip":
+        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join([*IMAGE_ENCODERS, 'clip'])}")
+    if image_size < 32 or batch_size < 1 or workers < 0:
+        raise ExtractError(f"need image_size >= 32, batch_size >= 1, workers >= 0 "
+                           f"(got {image_size}, {batch_size}, {workers})")
+    txt_dtype = txt_dtype or ("uint8" if text_encoder == "bow" else "float16")
+    for opt, v, allowed in (("img_dtype", img_dtype, ("float16", "float32")),
+                            ("txt_dtype", txt_dtype, ("uint8", "float16", "float32"))):
+        if v not in allowed:
+            raise ExtractError(f"{opt} {v!r}: expected one of {allowed}")
+    if text_encoder != "bow" and txt_dtype == "uint8":
+        raise ExtractError(f"txt_dtype uint8 holds a binary bag of words only; use float16 or float32 with {text_encoder}")
+    uses_clip = "clip" in (image_encoder, text_encoder)
+    if uses_clip and not clip_weights:
+        raise ExtractError("the clip encoders need --clip-weights: a local CLIP model directory, an open_clip "
+                           "checkpoint file (with --clip-name), or 'random' with --clip-name")
+    if clip_weights and not uses_clip:
+        raise ExtractError("--clip-weights applies to --image-encoder clip or --text-encoder clip only")
+    return txt_dtype
+
+
+def _image_encoder(image_encoder: str, clip: ClipFeatures | None, clip_features: str, vgg_weights: str | None,
+                   seed: int, image_size: int) -> tuple[nn.Module, int, Preprocess, dict]:
+    """The image network, its feature dimension, its preprocessing and its settings record (the
+    recipe a search replays on a typed image)."""
+    if image_encoder == "clip":  # the model's own input size and preprocessing
+        net, img_dim, prep = clip.image_net, clip.image_dim, clip.preprocess
+        settings = {"encoder": "clip", "layer": f"the model's {clip_features} image features", "dim": img_dim,
+                    **clip.provenance}
+    else:
+        encoder = IMAGE_ENCODERS[image_encoder]
+        net, weights_info = encoder.build(vgg_weights, seed)
+        img_dim, prep = encoder.dim, Preprocess(image_size, encoder.mean, encoder.std)
+        settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info}
+    settings.update({"image_size": prep.size, "resize_shorter_side": prep.resize,
+                     "interpolation": prep.interpolation, "mean": list(prep.mean), "std": list(prep.std)})
+    return net, img_dim, prep, settings
+
+
 def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", vgg_weights: str | None = None,
             image_size: int = 224, text_encoder: str = "doc2vec", bow_dim: int = 1386, doc2vec_dim: int = 300,
             doc2vec_epochs: int = 20, doc2vec_window: int = 5, doc2vec_min_count: int = 1, seed: int = 0,
@@ -416,42 +461,16 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
     """
     src, out = Path(src), Path(out)
     meta = _check_source(src)
-    if out.exists():
-        raise ExtractError(f"{out} exists; remove it or choose another output folder")
-    if image_encoder not in IMAGE_ENCODERS and image_encoder != "clip":
-        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join([*IMAGE_ENCODERS, 'clip'])}")
-    if image_size < 32 or batch_size < 1 or workers < 0:
-        raise ExtractError(f"need image_size >= 32, batch_size >= 1, workers >= 0 "
-                           f"(got {image_size}, {batch_size}, {workers})")
-    txt_dtype = txt_dtype or ("uint8" if text_encoder == "bow" else "float16")
-    for opt, v, allowed in (("img_dtype", img_dtype, ("float16", "float32")),
-                            ("txt_dtype", txt_dtype, ("uint8", "float16", "float32"))):
-        if v not in allowed:
-            raise ExtractError(f"{opt} {v!r}: expected one of {allowed}")
-    if text_encoder != "bow" and txt_dtype == "uint8":
-        raise ExtractError(f"txt_dtype uint8 holds a binary bag of words only; use float16 or float32 with {text_encoder}")
+    txt_dtype = _check_settings(out, image_encoder, text_encoder, image_size, batch_size, workers, img_dtype,
+                                txt_dtype, clip_weights)
     dev = _device(device)
     uses_clip = "clip" in (image_encoder, text_encoder)
-    if uses_clip and not clip_weights:
-        raise ExtractError("the clip encoders need --clip-weights: a local CLIP model directory, an open_clip "
-                           "checkpoint file (with --clip-name), or 'random' with --clip-name")
-    if clip_weights and not uses_clip:
-        raise ExtractError("--clip-weights applies to --image-encoder clip or --text-encoder clip only")
     clip = ClipFeatures(clip_weights, clip_name, features=clip_features, device=dev) if uses_clip else None
     text, text_settings = _text_encoder(text_encoder, src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
                                         doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
                                         doc2vec_min_count=doc2vec_min_count, seed=seed, clip=clip)
-    if image_encoder == "clip":  # the model's own input size and preprocessing
-        net, img_dim, prep = clip.image_net, clip.image_dim, clip.preprocess
-        image_settings = {"encoder": "clip", "layer": f"the model's {clip_features} image features", "dim": img_dim,
-                          **clip.provenance}
-    else:
-        encoder = IMAGE_ENCODERS[image_encoder]
-        net, weights_info = encoder.build(vgg_weights, seed)
-        img_dim, prep = encoder.dim, Preprocess(image_size, encoder.mean, encoder.std)
-        image_settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info}
-    image_settings.update({"image_size": prep.size, "resize_shorter_side": prep.resize,
-                           "interpolation": prep.interpolation, "mean": list(prep.mean), "std": list(prep.std)})
+    net, img_dim, prep, image_settings = _image_encoder(image_encoder, clip, clip_features, vgg_weights, seed,
+                                                        image_size)
     settings = {"version": EXTRACT_VERSION, "source_meta_sha256": sha256_file(meta_path(src)),
                 "image": image_settings, "text": text_settings, "img_dtype": img_dtype, "txt_dtype": txt_dtype}
     # the fingerprint names weights by content: a moved weights file still resumes
