@@ -314,11 +314,9 @@ def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk, co
 
 
 def _write_tables(folder, dc, dl, rows=300):
-    """The database as two packed tables, written in blocks of ``rows``."""
-    codes = PackedTable.write(folder / "codes.npy", (metrics.pack_words(dc[a:a + rows] > 0) for a in range(0, len(dc), rows)),
-                              dc.shape[1])
-    labels = PackedTable.write(folder / "labels.npy", [metrics.pack_words(dl)], dl.shape[1])
-    return PackedTable.open(codes.path), PackedTable.open(labels.path)
+    """The database as two packed tables (the codes written in blocks of ``rows``), opened again."""
+    return (PackedTable.open(metrics.write_table(folder / "codes.npy", dc, rows).path),
+            PackedTable.open(metrics.write_table(folder / "labels.npy", dl).path))
 
 
 @pytest.mark.parametrize("compiled", [False, True])

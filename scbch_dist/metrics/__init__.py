@@ -52,6 +52,12 @@ def pack_words(bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.uint64)
 
 
+def write_table(path, bits: Array, rows: int = 1 << 20) -> PackedTable:
+    """(n, L) bits (codes or labels, set where > 0) as a packed table on disk (metrics.table),
+    packed and written ``rows`` at a time."""
+    return PackedTable.write(path, (packed(bits[a:a + rows]) for a in range(0, len(bits), rows)), np.shape(bits)[1])
+
+
 def _popcount_distances(q: np.ndarray, d: np.ndarray, bits: int) -> np.ndarray:
     """Packed (q, W), (N, W) uint64 -> (q, N) Hamming distances, uint8 (L < 256) or uint16."""
     out = np.bitwise_count(q[:, None, 0] ^ d[None, :, 0]).astype(np.uint8 if bits < 256 else np.uint16)
@@ -590,42 +596,63 @@ def _compiled_kernel(compiled: bool | None, pairs: int):
     return module
 
 
+@dataclass
+class _KernelSums:
+    """What the compiled kernels fill for q queries, and how their fields become
+    ``_index_ranking``'s: the AP cut-offs (N for AP@all), the hit k in ascending order (the order
+    the kernels meet them in), the precision sums and counts within each cut-off, the hits, the
+    leading gains and the gain histograms."""
+
+    cuts: np.ndarray  # (1 + len(topk),) int64
+    ks: list[int]  # the K of topk (NDCG)
+    ascending: np.ndarray  # the k_points' order, ascending
+    k_ascending: np.ndarray  # the k_points in that order, at most N
+    top_k: int  # leading gains kept: the largest K (0 when not graded)
+    prec_sum: np.ndarray  # (q, len(cuts)) float64
+    found: np.ndarray  # (q, len(cuts)) int64
+    hits: np.ndarray  # (q, len(k_points)) int64, in ascending k order
+    top_gains: np.ndarray  # (q, top_k) uint16
+    gain_counts: np.ndarray  # (q, C + 1) int64 (one column when not graded)
+
+    @classmethod
+    def zeros(cls, q: int, n: int, cuts: list[int | None], k_points: np.ndarray, graded: bool,
+              classes: int) -> "_KernelSums":
+        ks = [k for k in cuts if k is not None]
+        top_k = min(max(ks), n) if graded and ks else 0
+        ascending = np.argsort(k_points, kind="stable")
+        return cls(np.array([n if k is None else k for k in cuts], np.int64), ks, ascending,
+                   np.minimum(k_points[ascending], n).astype(np.int64), top_k,
+                   np.zeros((q, len(cuts))), np.zeros((q, len(cuts)), np.int64),
+                   np.zeros((q, len(k_points)), np.int64), np.zeros((q, top_k), np.uint16),
+                   np.zeros((q, classes + 1 if graded else 1), np.int64))
+
+    def fields(self, count: np.ndarray, relevant: np.ndarray, graded: bool) -> tuple[np.ndarray, ...]:
+        """``_index_ranking``'s fields: the APs (NaN where a query has no relevant item), the hits in
+        k_points' order, and NDCG@K from the leading gains and the gain histograms by the numpy
+        path's code."""
+        hits = np.empty_like(self.hits)
+        hits[:, self.ascending] = self.hits
+        num_rel = relevant.sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aps = np.where(num_rel[:, None] > 0, self.prec_sum / np.maximum(self.found, 1), np.nan)
+        ndcg = np.empty((len(relevant), len(self.ks) if graded else 0))
+        if graded and self.ks:
+            for j, k in enumerate(self.ks):
+                ndcg[:, j] = _ndcg(self.top_gains[:, :k], _ideal_dcg_of_counts(self.gain_counts, k))
+        return count, relevant, aps, hits, ndcg
+
+
 def _compiled_ranking(kernel, ranker: _Ranker, s: slice, cuts: list[int | None], k_points: np.ndarray,
                       graded: bool) -> tuple[np.ndarray, ...]:
     """``_index_ranking``'s fields for query chunk ``s`` from the compiled kernel (no sort, no
-    (q, N) arrays): equal to the numpy path's bit for bit, the NDCG from the same leading gains and
-    gain histograms by the same numpy code."""
+    (q, N) arrays): equal to the numpy path's bit for bit."""
     q, n, bins = s.stop - s.start, len(ranker.d_codes), ranker.bits + 1
-    ks = [k for k in cuts if k is not None]
-    top_k = min(max(ks), n) if graded and ks else 0
+    sums = _KernelSums.zeros(q, n, cuts, k_points, graded, ranker.classes)
     count, relevant = np.zeros((q, bins), np.int64), np.zeros((q, bins), np.int64)
-    prec_sum, found = np.zeros((q, len(cuts))), np.zeros((q, len(cuts)), np.int64)
-    ascending = np.argsort(k_points, kind="stable")  # the kernel walks the k in order
-    hits_ascending = np.zeros((q, len(k_points)), np.int64)
-    top_gains = np.zeros((q, top_k), np.uint16)
-    gain_counts = np.zeros((q, ranker.classes + 1 if graded else 1), np.int64)
-    kernel.rank_chunk(ranker.q_codes[s], ranker.d_codes, ranker.q_labels[s], ranker.d_labels, bins,
-                      np.array([n if k is None else k for k in cuts], np.int64),
-                      np.minimum(k_points[ascending], n).astype(np.int64), top_k, graded, count, relevant, prec_sum,
-                      found, hits_ascending, top_gains, gain_counts)
-    hits = np.empty_like(hits_ascending)
-    hits[:, ascending] = hits_ascending
-    aps, ndcg = _compiled_results(relevant, prec_sum, found, top_gains, gain_counts, ks, graded)
-    return count, relevant, aps, hits, ndcg
-
-
-def _compiled_results(relevant: np.ndarray, prec_sum: np.ndarray, found: np.ndarray, top_gains: np.ndarray,
-                      gain_counts: np.ndarray, ks: list[int], graded: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The APs (NaN where a query has no relevant item) and NDCG@K of the kernels' sums, the NDCG
-    from the leading gains and the gain histograms by the numpy path's code."""
-    num_rel = relevant.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        aps = np.where(num_rel[:, None] > 0, prec_sum / np.maximum(found, 1), np.nan)
-    ndcg = np.empty((len(relevant), len(ks) if graded else 0))
-    if graded and ks:
-        for j, k in enumerate(ks):
-            ndcg[:, j] = _ndcg(top_gains[:, :k], _ideal_dcg_of_counts(gain_counts, k))
-    return aps, ndcg
+    kernel.rank_chunk(ranker.q_codes[s], ranker.d_codes, ranker.q_labels[s], ranker.d_labels, bins, sums.cuts,
+                      sums.k_ascending, sums.top_k, graded, count, relevant, sums.prec_sum, sums.found, sums.hits,
+                      sums.top_gains, sums.gain_counts)
+    return sums.fields(count, relevant, graded)
 
 
 def _stream_scores(kernel, ranker: _Ranker, cuts: list[int | None], k_points: np.ndarray, graded: bool,
@@ -635,38 +662,28 @@ def _stream_scores(kernel, ranker: _Ranker, cuts: list[int | None], k_points: np
     and per-query arrays of O(L + K). Integers and NDCG equal the one-pass paths' bit for bit; the
     APs agree to rounding (the precisions are added in database order, not rank order)."""
     q, n, bins = len(ranker.q_codes), len(ranker.d_codes), ranker.bits + 1
-    ks = [k for k in cuts if k is not None]
-    top_k = min(max(ks), n) if graded and ks else 0
+    sums = _KernelSums.zeros(q, n, cuts, k_points, graded, ranker.classes)
     size = max(1, -(-q // (4 * max(1, threads))))  # a few query parts a thread: even loads
     parts = [slice(a, min(a + size, q)) for a in range(0, q, size)]
     histogram = np.zeros((q, 2 * bins), np.int64)  # [a, 2d]: items at distance d not relevant, [a, 2d + 1] relevant
-    gain_counts = np.zeros((q, ranker.classes + 1 if graded else 1), np.int64)
-    cut_array = np.array([n if k is None else k for k in cuts], np.int64)
-    ascending = np.argsort(k_points, kind="stable")  # the kernel meets the k in order
-    k_ascending = np.minimum(k_points[ascending], n).astype(np.int64)
-    prec_sum, found = np.zeros((q, len(cuts))), np.zeros((q, len(cuts)), np.int64)
-    top_gains = np.zeros((q, top_k), np.uint16)
     qc, ql = ranker.q_codes, ranker.q_labels
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for codes, labels in ranker.db_blocks():
             list(pool.map(lambda s: kernel.count_block(qc[s], codes, ql[s], labels, graded, histogram[s],
-                                                       gain_counts[s]), parts))
+                                                       sums.gain_counts[s]), parts))
         relevant = np.ascontiguousarray(histogram[:, 1::2])
         count = histogram[:, 0::2] + relevant
         offset, rel_offset = np.cumsum(count, 1) - count, np.cumsum(relevant, 1) - relevant
         # per distance d, the first t (k ascending) whose rank k falls at d or beyond: the k at or below
         # the items closer than d fall before it (the kernel records the hits as rank k is placed)
-        next_k = np.searchsorted(k_ascending, offset, side="right")
-        k_sentinel = np.append(k_ascending, n + 1)  # never a rank: where the t of the last distance stop
-        hits_ascending = np.zeros((q, len(k_points)), np.int64)
+        next_k = np.searchsorted(sums.k_ascending, offset, side="right")
+        k_sentinel = np.append(sums.k_ascending, n + 1)  # never a rank: where the t of the last distance stop
         for codes, labels in ranker.db_blocks():
-            list(pool.map(lambda s: kernel.place_block(qc[s], codes, ql[s], labels, offset[s], rel_offset[s], cut_array,
-                                                       next_k[s], k_sentinel, top_k, prec_sum[s], found[s],
-                                                       hits_ascending[s], top_gains[s]), parts))
-    hits = np.empty_like(hits_ascending)
-    hits[:, ascending] = hits_ascending
-    aps, ndcg = _compiled_results(relevant, prec_sum, found, top_gains, gain_counts, ks, graded)
-    return count, relevant, aps, hits, ndcg
+            list(pool.map(lambda s: kernel.place_block(qc[s], codes, ql[s], labels, offset[s], rel_offset[s],
+                                                       sums.cuts, next_k[s], k_sentinel, sums.top_k,
+                                                       sums.prec_sum[s], sums.found[s], sums.hits[s],
+                                                       sums.top_gains[s]), parts))
+    return sums.fields(count, relevant, graded)
 
 
 DB_BLOCK = 1 << 20  # database rows per float32 block of score_queries_torch's products

@@ -127,24 +127,28 @@ def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolv
 ADD_ROWS = 1 << 20  # codes packed and added to an index at a time
 
 
-def packed_rows(codes: np.ndarray | PackedTable, rows: np.ndarray | None = None) -> np.ndarray:
-    """``pack`` of ``codes`` (or of the ``rows`` given, sorted): (n, L) bool, or a metrics
-    PackedTable, whose uint64 words hold the same bytes (bit j at bit j % 8 of byte j // 8)."""
+def _faiss_bytes(table: PackedTable, words: np.ndarray) -> np.ndarray:
+    """A table's uint64 words as FAISS's packed bytes: the same bits (bit j at bit j % 8 of byte
+    j // 8), the bytes past the code's dropped."""
+    return np.ascontiguousarray(np.asarray(words).view("<u1")[:, :padded_bits(table.width) // 8])
+
+
+def _packed_rows(codes: np.ndarray | PackedTable, rows: np.ndarray | None = None) -> np.ndarray:
+    """``pack`` of ``codes`` (or of the ``rows`` given, sorted): (n, L) bool, or a metrics PackedTable."""
     if not isinstance(codes, PackedTable):
         return pack(codes if rows is None else codes[rows])
-    words = np.asarray(codes.read(0, len(codes)))
-    words = words if rows is None else words[rows]
-    return np.ascontiguousarray(words.view("<u1")[:, :padded_bits(codes.width) // 8])
+    words = codes.read(0, len(codes))
+    return _faiss_bytes(codes, words if rows is None else words[rows])
 
 
-def packed_blocks(codes: np.ndarray | PackedTable, rows: int = ADD_ROWS) -> Iterator[np.ndarray]:
+def _packed_blocks(codes: np.ndarray | PackedTable, rows: int = ADD_ROWS) -> Iterator[np.ndarray]:
     """``pack`` of ``codes`` ``rows`` at a time, in order: from a table on disk, a block read at a
     time and its digest checked after the last (PackedTable.blocks)."""
     if not isinstance(codes, PackedTable):
         yield from (pack(codes[a:a + rows]) for a in range(0, len(codes), rows))
         return
     for _, words in codes.blocks(rows):
-        yield np.ascontiguousarray(np.asarray(words).view("<u1")[:, :padded_bits(codes.width) // 8])
+        yield _faiss_bytes(codes, words)
 
 
 def build(codes: np.ndarray | PackedTable, settings: Resolved, *, seed: int = 0, rows: int = ADD_ROWS):
@@ -168,8 +172,8 @@ def build(codes: np.ndarray | PackedTable, settings: Resolved, *, seed: int = 0,
         if len(codes) > cap:
             sample = np.sort(np.random.default_rng(seed).choice(len(codes), cap, replace=False))
         index.cp.seed = seed
-        index.train(packed_rows(codes, sample))
-    for block in packed_blocks(codes, rows):
+        index.train(_packed_rows(codes, sample))
+    for block in _packed_blocks(codes, rows):
         index.add(block)
     configure(index, settings)
     return index

@@ -32,9 +32,7 @@ def metric_case(q: int, n: int = 3000, bits: int = 32, classes: int = 70, seed: 
 def write_tables(folder: Path) -> tuple:
     """metric_case's database as packed tables on disk (in blocks of 1000 rows)."""
     _, dc, _, dl = metric_case(1)
-    return (PackedTable.write(folder / "codes.npy", (metrics.pack_words(dc[a:a + 1000]) for a in range(0, len(dc), 1000)),
-                              dc.shape[1]),
-            PackedTable.write(folder / "labels.npy", [metrics.pack_words(dl)], dl.shape[1]))
+    return metrics.write_table(folder / "codes.npy", dc, 1000), metrics.write_table(folder / "labels.npy", dl)
 
 
 def disk_case(q: int, folder: Path) -> tuple:
