@@ -1,11 +1,15 @@
 """The prepared GPU check: every GPU path in one run, one table, a non-zero exit on any failure
 (docs/distributed.md, "The GPU check").
 
-    bash tests/gpu/check.sh [--only NAME ...] [--out FILE.json]     # = python tests/gpu/check.py
+    bash tests/gpu/check.sh [--wheels DIR] [--only NAME ...] [--budget S] [--out FILE.json]
     python tests/gpu/check.py --cpu [--only NAME ...]                # every check at toy size on the CPU
 
-Each check runs in its own process under a time limit (about 7 minutes in all on one H100/H200) and
-reports pass, FAIL or "skip: <reason>" with its figures:
+First the environment: the versions that matter and the device; a dependency of the package that
+does not import stops the check at once, naming it (``check.sh --wheels DIR`` installs what a GPU
+image lacks, from the wheels tests/gpu/wheels.sh fetched). Then each check runs in its own process
+under a time limit (about 7 minutes in all on one H100/H200; ``--budget`` caps the whole run, and a
+check that no longer fits is skipped by name) and reports pass, FAIL or "skip: <reason>" with its
+figures; ``--out`` is rewritten after every check, so a run cut short still leaves what it found:
   train-bf16     the embedded default on CUDA, 3 epochs in bf16 and in float32: samples/s of each,
                  final mAP of each (bf16 must stay within 0.02 of float32)
   metrics        metrics.score_queries_torch on the GPU against the numpy path on the CPU, 200
@@ -181,6 +185,38 @@ CHECKS = [
 ]
 
 
+# the import names of pyproject's dependencies: a GPU image without one of them cannot run any check
+REQUIRED = ("torch", "numpy", "accelerate", "webdataset", "yaml", "h5py", "scipy", "matplotlib", "tqdm", "omegaconf",
+            "safetensors", "numba")
+REPORTED = ("torch", "accelerate", "numpy", "numba", "faiss", "deepspeed", "timm", "transformers")
+
+
+def environment() -> dict:
+    """What the figures depend on: Python, the versions of REPORTED (None: not installed), the GPUs,
+    and the REQUIRED modules that do not import (with why)."""
+    import importlib
+    import platform
+
+    env: dict = {"python": platform.python_version()}
+    broken = {}
+    for name in dict.fromkeys(REQUIRED + REPORTED):
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:  # a half-installed package fails with anything, not only ImportError
+            module = None
+            if name in REQUIRED:
+                broken[name] = f"{type(e).__name__}: {e}"
+        if name in REPORTED:
+            env[name] = getattr(module, "__version__", "?") if module is not None else None
+    if env.get("torch"):
+        import torch
+
+        env["cuda"] = torch.version.cuda
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    env["missing"] = broken
+    return env
+
+
 def missing(need: str | None, cpu: bool) -> str | None:
     """Why a check cannot run here, or None."""
     import importlib.util
@@ -227,6 +263,15 @@ def run_check(name: str, build, limit: float, tmp: Path, cpu: bool) -> dict:
     return {"status": "pass", "figures": out, "seconds": time.perf_counter() - t0}
 
 
+def environment_line(env: dict) -> str:
+    gpus = env.get("gpus") or []
+    device = f"{len(gpus)} x {gpus[0]}" if gpus else "no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in env.items() if k in REPORTED and v is not None)
+    absent = [k for k in REPORTED if env.get(k) is None]
+    return (f"{device}; Python {env['python']}, {versions}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+            + (f"; not installed: {', '.join(absent)}" if absent else ""))
+
+
 def table(results: dict) -> str:
     lines = ["| check | status | seconds | figures |", "| --- | --- | ---: | --- |"]
     for name, r in results.items():
@@ -238,27 +283,58 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# a check is started only with at least this many seconds of --budget left
+MIN_CHECK_S = 20
+clock = time.perf_counter  # the budget's clock (a test's to replace)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tests/gpu/check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=[c[0] for c in CHECKS], help="run these checks alone")
     p.add_argument("--cpu", action="store_true", help="every check at toy size on the CPU (what CI runs)")
-    p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    p.add_argument("--budget", type=float, help="seconds for the whole run: each check's limit is cut to what is "
+                                                "left, and a check with under %d s left is skipped" % MIN_CHECK_S)
+    p.add_argument("--out", type=Path, help="the environment and the results as JSON, rewritten after every check")
     args = p.parse_args(argv)
-    results = {}
+    start = clock()
+    env = environment()
+    report = {"environment": env, "checks": {}}
+
+    def save() -> None:
+        if args.out:  # written whole under another name, then renamed: a run killed mid-write leaves the last one
+            tmp = args.out.with_name(f".{args.out.name}.tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(args.out)
+
+    print(f"environment: {environment_line(env)}", file=sys.stderr, flush=True)
+    if env["missing"]:
+        save()
+        print("cannot run: " + "; ".join(f"{k} ({v})" for k, v in env["missing"].items())
+              + ". On a machine without the registries: bash tests/gpu/wheels.sh where pip works, carry .whl, "
+                "then bash tests/gpu/check.sh --wheels .whl", file=sys.stderr)
+        return 1
+    results = report["checks"]
     with tempfile.TemporaryDirectory(prefix="scbch-gpu-check-") as tmp:
         for name, build, limit, need in CHECKS:
             if args.only and name not in args.only:
                 continue
+            left = None if args.budget is None else args.budget - (clock() - start)
             why = missing(need, args.cpu)
             if why:
                 results[name] = {"status": f"skip: {why}"}
+            elif left is not None and left < MIN_CHECK_S:
+                results[name] = {"status": f"skip: {left:.0f} s left of the --budget of {args.budget:.0f} s "
+                                            f"(a check starts with {MIN_CHECK_S} s)"}
             else:
-                print(f"[{name}] running (limit {limit} s)", file=sys.stderr, flush=True)
+                limit = limit if left is None else min(limit, left)
+                print(f"[{name}] running (limit {limit:.0f} s)", file=sys.stderr, flush=True)
                 results[name] = run_check(name, build, limit, Path(tmp), args.cpu)
+                print(f"[{name}] {results[name]['status']} in {results[name]['seconds']:.1f} s", file=sys.stderr,
+                      flush=True)
+            save()
+    print(f"environment: {environment_line(env)}")
     print(table(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
     return 1 if any(r["status"] == "FAIL" for r in results.values()) else 0
 
 
