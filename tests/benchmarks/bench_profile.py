@@ -2,7 +2,7 @@
 in float32 and in bf16 autocast. Prints tables; asserts nothing about speed.
 
     python tests/benchmarks/bench_profile.py [--hidden 8192] [--steps 6] [--precision no bf16]
-                                             [--malloc-default] [--compile]
+                                             [--malloc-default] [--compile] [--floor]
 
 The step is the engine's (engine.loop.train_step) taken apart so each phase is timed on its own:
 forward (the towers and heads, under the run's autocast), loss (SCBCH's batch loss on the global
@@ -13,6 +13,11 @@ is torch.profiler's self CPU time per operator over the timed steps, largest fir
 freed memory as a run does (train.keep_freed_memory, engine.setup.keep_freed_memory) unless
 ``--malloc-default``. ``--compile``: the model's forward and the optimizer's step through
 ``torch.compile`` (inductor; its compilation runs in the warm-up steps and is not timed).
+``--floor``: what no bf16 step with float32 master weights and Adam moments can go below here: the
+forward, loss and backward of a model whose linear layers already hold bfloat16 weights (no casts
+at all: only the products and the elementwise work), plus the bf16 run's fused Adam over float32
+weights and moments; beside the 153 ms a step that 3x the float32 step before issue 25 (460 ms)
+would need.
 """
 
 from __future__ import annotations
@@ -34,13 +39,19 @@ IMG, TXT, CLASSES, BATCH, BITS = 4096, 1386, 24, 128, 64
 PHASES = ("forward", "loss", "backward", "optimizer")
 
 
-def make_step(hidden: int, precision: str, compiled: bool = False):
-    """A step function that returns each phase's seconds, and the model's parameter count."""
+def make_step(hidden: int, precision: str, compiled: bool = False, bf16_weights: bool = False):
+    """A step function that returns each phase's seconds, and the model's parameter count.
+    ``bf16_weights``: the linear layers hold bfloat16 weights (--floor; its optimizer phase is not
+    the engine's)."""
     AcceleratorState._reset_state(reset_partial_state=False)  # one Accelerator per precision in this process
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
     cfg = load_config(None, [f"model.hidden={hidden}", f"train.mixed_precision={precision}"])
     torch.manual_seed(0)
     model = SCBCHModel(IMG, TXT, BITS, hidden, CLASSES)
+    if bf16_weights:
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.to(torch.bfloat16)
     optimizer = make_optimizer(model, cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     forward, optimizer_step = model, optimizer.step
@@ -78,18 +89,23 @@ def main() -> None:
     p.add_argument("--ops", type=int, default=8, help="operators listed per precision")
     p.add_argument("--malloc-default", action="store_true", help="glibc's default malloc (train.keep_freed_memory=false)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward and the optimizer step")
+    p.add_argument("--floor", action="store_true", help="also the lower bound of a bf16 step with float32 Adam state")
     a = p.parse_args()
     kept = False if a.malloc_default else keep_freed_memory()
     phases, ops = {}, {}
-    for precision in a.precision:
-        step, params = make_step(a.hidden, precision, a.compile)
+
+    def mean_phases(step) -> dict[str, float]:
         for _ in range(3 if a.compile else 2):
             step()
         total = {k: 0.0 for k in PHASES}
         for _ in range(a.steps):
             for k, v in step().items():
                 total[k] += v / a.steps
-        phases[precision] = total
+        return total
+
+    for precision in a.precision:
+        step, params = make_step(a.hidden, precision, a.compile)
+        phases[precision] = mean_phases(step)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(a.steps):
                 step()
@@ -102,6 +118,17 @@ def main() -> None:
     for phase in (*PHASES, "step"):
         values = [sum(phases[p].values()) if phase == "step" else phases[p][phase] for p in a.precision]
         print(f"| {phase:<10} | " + " | ".join(f"{1e3 * v:>12.1f}" for v in values) + " |")
+    if a.floor:
+        bf16 = phases.get("bf16") or mean_phases(make_step(a.hidden, "bf16")[0])
+        cast_free = mean_phases(make_step(a.hidden, "bf16", bf16_weights=True)[0])
+        rows = [("forward + loss + backward, linear weights already bfloat16", sum(cast_free[k] for k in PHASES[:3])),
+                ("fused Adam over float32 weights and moments (the bf16 run's)", bf16["optimizer"])]
+        rows.append(("lower bound of a bf16 step with float32 Adam state", rows[0][1] + rows[1][1]))
+        rows.append(("the bf16 step as the engine takes it", sum(bf16.values())))
+        rows.append(("3x the float32 step before issue 25 (460 ms)", 0.460 / 3))
+        print(f"\n| {'floor':<64} | {'ms':>7} |\n|{'-' * 66}|{'-' * 9}|")
+        for name, seconds in rows:
+            print(f"| {name:<64} | {1e3 * seconds:>7.1f} |")
     for precision in a.precision:
         print(f"\noperators, {precision}: self CPU time per step")
         print(f"| {'operator':<40} | {'ms':>9} | {'calls':>6} |")
