@@ -69,6 +69,7 @@ def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> t
     from scbch_dist.config import load_run_config
     from scbch_dist.data.format import read_meta
     from scbch_dist.data.transforms import make_transforms
+    from scbch_dist.engine.encode import autocast_of
     from scbch_dist.engine.evaluate import encode_codes
     from scbch_dist.models.tokenizers import make_tokenizer
     from scbch_dist.retrieval.query import QueryEncoder
@@ -80,7 +81,8 @@ def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> t
     tokenizer = make_tokenizer(cfg.model, root) if meta.kind("txt") == "text" else None
     _, transform = make_transforms(cfg.model.image, meta, tokenizer)
     model = QueryEncoder(cfg, root, meta, run.run_dir, run.model_sha256).model.to(device)  # fingerprint checked
-    codes = encode_codes(model, root, meta, batch_size=cfg.eval.batch_size, device=device, transform=transform)
+    codes = encode_codes(model, root, meta, batch_size=cfg.eval.batch_size, device=device, transform=transform,
+                         autocast=autocast_of(run.precision, device))
     differing = sum(int((codes[k] != run.codes[k]).sum()) for k in run.codes)
     return codes, {"equal": differing == 0, "bits_differing": differing}
 

@@ -55,12 +55,17 @@ def test_two_processes_write_the_record_of_one(tmp_path):
     assert np.isfinite(two["i2t"]["ndcg_at_k"]["100"])
 
 
-def test_the_checkpoint_encoded_again_gives_the_stored_codes_and_their_numbers(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("precision", ["", "bf16"])
+def test_the_checkpoint_encoded_again_gives_the_stored_codes_and_their_numbers(tiny_dataset, tmp_path, precision):
+    from scbch_dist.retrieval.index import RunCodes
     from scbch_dist.train import main as train_main
 
     from conftest import tiny_args
 
-    train_main(tiny_args(tiny_dataset, tmp_path / "run", "train.epochs=2", "eval.every=2"))
+    # bf16: the codes were encoded under autocast, and are encoded again under the autocast codes.npz records
+    train_main(tiny_args(tiny_dataset, tmp_path / "run", "train.epochs=2", "eval.every=2",
+                         f"train.mixed_precision={precision}"))
+    assert RunCodes.load(tmp_path / "run").precision == (precision or "no")
     stored = evaluate_main([str(tmp_path / "run"), "--out", str(tmp_path / "stored.json"), "--topk", "10"])
     again = evaluate_main([str(tmp_path / "run"), "--out", str(tmp_path / "again.json"), "--topk", "10", "--encode"])
     assert again.pop("encoded") == {"equal": True, "bits_differing": 0}

@@ -63,6 +63,23 @@ def test_a_typed_caption_or_image_is_encoded_exactly_as_the_run_encoded_its_own(
         np.testing.assert_array_equal(searcher.encoder.encode_image(image)[0], codes["query_img"][i])
 
 
+def test_a_bf16_run_encodes_typed_queries_under_the_autocast_its_codes_record(shapes_run, tmp_path):
+    run = tmp_path / "bf16"
+    train_main(["--config", str(REPO / "configs" / "shapes-search.yaml"), "--set", f"run.dir={run}",
+                "--set", f"data.root={shapes_run.parent / 'shapes'}", "--set", "data.generate=shapes",
+                "--set", "run.progress=false", "--set", "run.tensorboard=false", "--set", "train.mixed_precision=bf16",
+                "--set", "train.epochs=2", "--set", "eval.every=2"])
+    build(run, log=lambda *_: None)
+    searcher, stored = Searcher(run), RunCodes.load(run)
+    assert stored.precision == "bf16"
+    # every query: in float32 some of these bits come out otherwise (the test fails without the autocast)
+    for i in range(len(stored.labels["query"])):
+        np.testing.assert_array_equal(searcher.encoder.encode_text(searcher.items.caption("query", i))[0],
+                                      stored.codes["query_txt"][i], err_msg=f"query {i}, text")
+        np.testing.assert_array_equal(searcher.encoder.encode_image(searcher.items.image("query", i)[0])[0],
+                                      stored.codes["query_img"][i], err_msg=f"query {i}, image")
+
+
 def test_an_image_finds_captions_and_bad_queries_are_named(shapes_run, tmp_path):
     searcher = Searcher(shapes_run)
     image, _ = searcher.items.image("query", 5)

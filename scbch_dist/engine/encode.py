@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
 from scbch_dist import dist
 from scbch_dist.data.format import DatasetMeta
 from scbch_dist.data.pipeline import pass_batches, to_torch
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_of(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """The autocast a run's forward passes ran under, from the precision it recorded with its codes
+    (Accelerate's "no", "bf16" or "fp16"; "" in codes written before it was recorded: float32), for
+    passes outside the run that must encode as it did (evaluate --encode, the search's queries).
+    Accelerate's autocast is torch.autocast of that dtype on the device's type."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return contextlib.nullcontext if dtype is None else functools.partial(torch.autocast, device.type, dtype=dtype)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -145,14 +145,17 @@ def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels:
 CODES_DIGEST = "sha256"  # the member of codes.npz that holds the digest of the others
 
 
-def save_codes(codes: dict, path: Path, *, model_sha256: str = "", config: dict | None = None) -> None:
+def save_codes(codes: dict, path: Path, *, model_sha256: str = "", config: dict | None = None,
+               precision: str = "no") -> None:
     """Packed codes (np.packbits along bits, big-endian bit order) and labels, by id; with the
-    fingerprint of the model that made them and the run's config (JSON), which the Hamming index
-    checks them against (docs/search.md), and the sha256 of all of it (digests.arrays_sha256),
-    which every reader checks."""
+    fingerprint of the model that made them, the precision of the passes that encoded them
+    (Accelerate's "no", "bf16", "fp16": what re-encodes them, engine.encode.autocast_of) and the
+    run's config (JSON), which the Hamming index checks them against (docs/search.md), and the
+    sha256 of all of it (digests.arrays_sha256), which every reader checks."""
     arrays = {k: (np.packbits(v, axis=1) if k.endswith(("img", "txt")) else v) for k, v in codes.items()}
     arrays["bits"] = np.array(codes["query_img"].shape[1])
     arrays["model_sha256"] = np.array(model_sha256)
+    arrays["precision"] = np.array(precision)
     arrays["config"] = np.array(json.dumps(config or {}, sort_keys=True))
     arrays[CODES_DIGEST] = np.array(arrays_sha256(arrays))
 

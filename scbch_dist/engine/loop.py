@@ -197,7 +197,8 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
 def save_final_codes(run: Run, codes: dict) -> None:
     """codes.npz of the trained model (main process), naming the model and the config."""
     weights = run.accelerator.unwrap_model(run.model).state_dict()
-    save_codes(codes, run.run_dir / "codes.npz", model_sha256=model_fingerprint(weights), config=to_dict(run.cfg))
+    save_codes(codes, run.run_dir / "codes.npz", model_sha256=model_fingerprint(weights), config=to_dict(run.cfg),
+               precision=run.accelerator.mixed_precision)
 
 
 def write_missing_codes(run: Run, state: RunState) -> None:
@@ -377,7 +378,7 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
         "run": {"dir": str(run.run_dir), "method": label, "method_name": cfg.method.name,
                 "dataset": data.meta.name, "noise": data.noise_info(), "bits": cfg.model.bits,
                 "epochs": cfg.train.epochs, "seed": cfg.train.seed, "world_size": run.accelerator.num_processes,
-                "device": str(run.accelerator.device)},
+                "device": str(run.accelerator.device), "precision": run.accelerator.mixed_precision},
         "diagnostics": state.diagnostics[-1] if state.diagnostics else None,
         "timings_s": {"total": seconds_total, "data_setup": seconds_data, "train": state.train_seconds,
                       "refresh": state.hook_seconds, "eval": state.eval_seconds,

@@ -67,6 +67,7 @@ class RunCodes:
     codes: dict[str, np.ndarray]  # "query_img", "query_txt", "database_img", "database_txt": (n, L) bool
     labels: dict[str, np.ndarray]  # "query", "database": (n, C) uint8
     model_sha256: str  # fingerprint of the weights that wrote them ("" for codes written before fingerprints)
+    precision: str  # the autocast that encoded them: "no", "bf16", "fp16" ("" for codes written before it was recorded)
     config: dict  # the run's resolved config
     sha256: str  # of codes.npz
 
@@ -92,6 +93,7 @@ class RunCodes:
         except (ValueError, KeyError) as e:
             raise HammingIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
         model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
+        precision = str(arrays["precision"]) if "precision" in arrays else ""
         if stored is not None:
             from scbch_dist.engine.rundir import changed_keys
 
@@ -99,7 +101,7 @@ class RunCodes:
             if changed:
                 raise HammingIndexError(f"{path}: written by another run or an unfinished resume (config.yaml differs: "
                                         f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
-        return cls(run_dir, bits, codes, labels, model_sha256, run_config, sha256_file(path))
+        return cls(run_dir, bits, codes, labels, model_sha256, precision, run_config, sha256_file(path))
 
 
 def read_codes(path: Path) -> dict[str, np.ndarray]:

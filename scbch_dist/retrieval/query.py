@@ -26,6 +26,7 @@ import torch
 
 from scbch_dist.config import Config
 from scbch_dist.data.format import VOCAB_FILE, DatasetMeta, read_meta, read_vocab, text_words
+from scbch_dist.engine.encode import autocast_of
 from scbch_dist.errors import ScbchError
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -98,12 +99,15 @@ class QueryEncoder:
     ``cfg``: the run's config; ``root``: its dataset folder; ``run_dir``: the run, whose latest
     checkpoint holds the model (loaded on the first encoded query); ``model_sha256``: the
     fingerprint codes.npz records, which the loaded weights must match (empty: not checked, for
-    codes written before fingerprints); ``max_pixels``: the largest query image, width x height."""
+    codes written before fingerprints); ``precision``: the autocast codes.npz records, under which
+    queries are encoded as the run encoded its own ("" or "no": float32); ``max_pixels``: the
+    largest query image, width x height."""
 
     def __init__(self, cfg: Config, root: Path, meta: DatasetMeta, run_dir: Path, model_sha256: str,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, precision: str = ""):
         self.cfg, self.root, self.meta = cfg, root, meta
         self.run_dir, self.model_sha256, self.max_pixels = run_dir, model_sha256, max_pixels
+        self.autocast = autocast_of(precision, torch.device("cpu"))
 
     # -- what can be encoded -------------------------------------------------------------------
 
@@ -145,9 +149,12 @@ class QueryEncoder:
             raise QueryError(f"the query {text!r} has no words")
         if self.meta.kind("txt") == "text":
             ids, mask = self._tokenize(text, words)
-            h = self.model.encode("txt", torch.from_numpy(ids), torch.from_numpy(mask))
+            with self.autocast():
+                h = self.model.encode("txt", torch.from_numpy(ids), torch.from_numpy(mask))
         else:
-            h = self.model.encode("txt", torch.from_numpy(self.text_features(text)))
+            features = torch.from_numpy(self.text_features(text))
+            with self.autocast():
+                h = self.model.encode("txt", features)
         return (h >= 0).numpy()
 
     @torch.no_grad()
@@ -160,10 +167,11 @@ class QueryEncoder:
         if self.meta.kind("img") == "image":
             from scbch_dist.data.transforms import ImageTransform
 
-            pixels = ImageTransform(self.cfg.model.image.image_size, train=False)(data, None)
-            h = self.model.encode("img", torch.from_numpy(pixels)[None])
+            x = torch.from_numpy(ImageTransform(self.cfg.model.image.image_size, train=False)(data, None))[None]
         else:
-            h = self.model.encode("img", torch.from_numpy(self.image_features(data, where)))
+            x = torch.from_numpy(self.image_features(data, where))
+        with self.autocast():
+            h = self.model.encode("img", x)
         return (h >= 0).numpy()
 
     def text_features(self, text: str) -> np.ndarray:

@@ -89,7 +89,7 @@ class Searcher:
                                     f"{self.codes.labels['database'].shape[1]}: not the run's dataset")
         self.items = DatasetItems(self.root, self.meta)
         self.encoder = QueryEncoder(self.cfg, self.root, self.meta, self.run_dir, self.codes.model_sha256,
-                                    max_pixels=max_pixels)
+                                    max_pixels=max_pixels, precision=self.codes.precision)
 
     def describe(self) -> dict:
         """What the page and the command line show about the run."""
