@@ -112,7 +112,7 @@ class TrainConfig:
     backbone_lr: float = 1e-5  # learning rate of fine-tuned backbones (heads and classifiers use lr)
     layer_decay: float = 1.0  # < 1: layer-wise lr decay in CLIP towers, the last layer at backbone_lr, each one below x this
     weight_decay: float = 1e-5
-    mixed_precision: str = ""  # "" (Accelerate's setting) | no | bf16 | fp16 | auto (bf16 where native, else no)
+    mixed_precision: str = "auto"  # auto (the launcher's bf16/fp16, else bf16 where native, else no) | no | bf16 | fp16 | "" (Accelerate's setting)
     seed: int = 0
     drop_last: bool = False  # the published code keeps the last, partial batch
     # glibc keeps the blocks a step frees for the next step (no page faults on fresh buffers every

@@ -54,8 +54,15 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeyp
     assert not setup.has_native_bf16(tmp_path / "missing")  # no way to tell: not assumed
     monkeypatch.setattr(setup, "has_native_bf16", lambda: native)
     assert setup.precision("auto") == ("bf16" if native else "no")
-    assert setup.precision("") is None and setup.precision("fp16") == "fp16"
-    assert load_config(None, ["train.mixed_precision=auto"]).train.mixed_precision == "auto"
+    assert setup.precision_reason("auto") == f" (train.mixed_precision=auto: {'native' if native else 'no native'} bf16 here)"
+    # a launcher's bf16 or fp16 is taken; its "no" is what accelerate launch says when nothing names a
+    # precision, so it does not stop auto
+    assert setup.precision("auto", "fp16") == "fp16" and setup.precision("auto", "bf16") == "bf16"
+    assert setup.precision("auto", "no") == ("bf16" if native else "no")
+    assert setup.precision_reason("auto", "fp16") == " (train.mixed_precision=auto: the launcher's fp16)"
+    assert setup.precision("", "fp16") is None and setup.precision("no", "bf16") == "no"
+    assert setup.precision("fp16") == "fp16" and setup.precision_reason("no") == ""
+    assert load_config(None, []).train.mixed_precision == "auto"  # the default
 
 
 def test_float64_models_stay_float64():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,8 +117,9 @@ def make_accelerator(cfg: Config, run_dir: Path):
     AcceleratorState._reset_state(reset_partial_state=False)
     # Without cpu=True, Accelerate under torchrun on a machine without CUDA starts the process
     # group yet reports one process per rank; every rank would then act as the main one.
+    chosen = precision(cfg.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION))
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),
-                              cpu=not torch.cuda.is_available(), mixed_precision=precision(cfg.train.mixed_precision))
+                              cpu=not torch.cuda.is_available(), mixed_precision=chosen)
     if dist.world_size() != accelerator.num_processes:
         raise ConfigError(f"Accelerate sees {accelerator.num_processes} process(es) but torch.distributed "
                          f"{dist.world_size()}; launch with accelerate launch or torchrun and a matching config")
@@ -218,12 +220,29 @@ def keep_freed_memory() -> bool:
                                                                  (M_TOP_PAD, ctypes.c_int(KEEP_BLOCKS_UP_TO))))
 
 
-def precision(setting: str) -> str | None:
-    """train.mixed_precision as Accelerate takes it: "auto" is bf16 where the hardware computes it
-    natively (has_native_bf16) and "no" elsewhere; "" leaves Accelerate's own setting."""
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what accelerate launch passes its workers
+
+
+def precision(setting: str, launcher: str | None = None) -> str | None:
+    """train.mixed_precision as Accelerate takes it. "auto" (the default): the launcher's bf16 or
+    fp16 when it asks for one (``launcher``: ACCELERATE_MIXED_PRECISION, which ``accelerate launch``
+    sets from its --mixed_precision or its config, and to "no" when neither names one), else bf16
+    where the hardware computes it natively (has_native_bf16), else "no". "" leaves Accelerate's
+    own setting."""
     if setting == "auto":
+        if launcher in ("bf16", "fp16"):
+            return launcher
         return "bf16" if has_native_bf16() else "no"
     return setting or None
+
+
+def precision_reason(setting: str, launcher: str | None = None) -> str:
+    """Why ``precision`` chose what it did, for the run log ("" unless the setting is "auto")."""
+    if setting != "auto":
+        return ""
+    why = f"the launcher's {launcher}" if launcher in ("bf16", "fp16") else \
+        f"{'native' if has_native_bf16() else 'no native'} bf16 here"
+    return f" (train.mixed_precision=auto: {why})"
 
 
 def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: bool = True) -> TrainingData:
@@ -341,8 +360,7 @@ def log_model(run) -> None:
                  f"({n_backbone / 1e6:.2f}M in backbones: image {cfg.model.image.kind}, text {cfg.model.text.kind}); "
                  f"{run.accelerator.num_processes} process(es) on {run.accelerator.device}, precision "
                  f"{run.accelerator.mixed_precision}"
-                 + (f" (train.mixed_precision=auto: {'native' if has_native_bf16() else 'no native'} bf16 here)"
-                    if cfg.train.mixed_precision == "auto" else "")
+                 + precision_reason(cfg.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION))
                  + f"; global batch {cfg.train.batch_size}, "
                  f"{run.data.stream.steps_per_epoch} steps per epoch; method {cfg.method.name}, "
                  f"refresh {cfg.bank.refresh}")
