@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 import check  # noqa: E402
 
+from scbch_dist.engine.setup import has_native_bf16  # noqa: E402
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
 def test_without_cuda_every_check_is_skipped_by_name_and_the_run_passes(tmp_path, capsys):
@@ -105,6 +107,7 @@ def test_every_check_runs_its_code_at_toy_size_on_the_cpu(tmp_path):
     assert results["deepspeed"]["status"].startswith("skip")
     for name in ("train-bf16", "metrics", "refresh", "nccl", "paper-epoch"):
         assert results[name]["status"] == "pass", (name, results[name])
+    assert results["train-bf16"]["figures"]["auto chose"] == ("bf16" if has_native_bf16() else "no")
     assert results["metrics"]["figures"]["max |AP diff|"] < 1e-9
     assert results["refresh"]["figures"]["torch-ivf recall@20"] > 0.5
     assert results["nccl"]["figures"]["processes"] == 2
