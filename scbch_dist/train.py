@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def may_generate(args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     args = parse_args(argv)
-    cfg = resolve_config(args)
+    cfg, precision_note = setup.resolve_precision(resolve_config(args), os.environ.get(setup.LAUNCHER_PRECISION))
     run_dir = Path(cfg.run.dir)
     method_class = setup.method_class(cfg)
     accelerator = setup.make_accelerator(cfg, run_dir)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         log = setup_logging(run_dir, is_main)
         with StopRequest(run_dir, is_main=is_main) as stop:
-            summary = _train(args, cfg, run_dir, method_class, accelerator, log, stop, t_start)
+            summary = _train(args, cfg, run_dir, method_class, accelerator, log, stop, t_start, precision_note)
         # every rank leaves together: a rank that tears down its process group while the main one still
         # writes the summary aborts at exit now and then ("terminate called without an active exception")
         dist.barrier()
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
             lock.release()
 
 
-def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float) -> dict:
+def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float,
+           precision_note: str = "") -> dict:
     t_data = time.perf_counter()
     data = setup.build_data(cfg, accelerator, log, may_generate=may_generate(args))
     # the training stream's loader workers (data.workers > 0) serve every epoch; stopped when the
@@ -140,7 +142,7 @@ def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, sto
                      + (f" and step {state.partial['step']} of epoch {state.epoch + 1}" if state.partial else ""))
             if accelerator.is_main_process:  # everything is checked: the run goes on
                 rundir.keep_summary(run_dir, state.epoch, log)
-        setup.log_model(run)
+        setup.log_model(run, precision_note)
         if accelerator.log_with:
             accelerator.init_trackers("tensorboard", config=flat_dict(cfg))
 

@@ -55,8 +55,8 @@ def test_the_budget_cuts_limits_skips_what_no_longer_fits_and_out_holds_each_res
                                                                                                    monkeypatch):
     out, now, started = tmp_path / "r.json", [0.0], []
 
-    def run_check(name, build, limit, tmp, cpu):  # each check takes 30 s of the clock
-        started.append((name, limit, json.loads(out.read_text())["checks"] if out.exists() else None))
+    def run_check(name, build, limit, tmp, cpu, cut):  # each check takes 30 s of the clock
+        started.append((name, limit, cut, json.loads(out.read_text())["checks"]))
         now[0] += 30
         return {"status": "pass", "seconds": 30.0}
     monkeypatch.setattr(check, "clock", lambda: now[0])
@@ -64,9 +64,23 @@ def test_the_budget_cuts_limits_skips_what_no_longer_fits_and_out_holds_each_res
     monkeypatch.setattr(check, "CHECKS", [("metrics", None, 60, None), ("refresh", None, 60, None),
                                           ("finetune", None, 60, None)])
     assert check.main(["--cpu", "--budget", "70", "--out", str(out)]) == 0
-    assert started == [("metrics", 60, None), ("refresh", 40, {"metrics": {"status": "pass", "seconds": 30.0}})]
+    # --out holds the environment before the first check, and each result before the next check
+    assert started == [("metrics", 60, False, {}), ("refresh", 40, True, {"metrics": {"status": "pass", "seconds": 30.0}})]
     results = json.loads(out.read_text())["checks"]
     assert results["finetune"] == {"status": f"skip: 10 s left of the --budget of 70 s (a check starts with {check.MIN_CHECK_S} s)"}
+
+
+def test_a_check_out_of_time_is_killed_with_its_children_and_fails_unless_the_budget_cut_it(tmp_path):
+    pid_file = tmp_path / "pid"
+
+    def spawner(tmp, cpu):  # a launcher's child that would outlive its parent's kill
+        return [["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]], None
+    own = check.run_check("refresh", spawner, 1.5, tmp_path, True, cut=False)
+    assert own["status"] == "FAIL" and own["reason"] == "over its 2 s limit"
+    child = int(pid_file.read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    cut = check.run_check("refresh", spawner, 1.5, tmp_path, True, cut=True)
+    assert cut["status"] == "skip: ran out of the 2 s the --budget had left" and "reason" not in cut
 
 
 def _wheel(folder: Path, module: str, source: str) -> Path:

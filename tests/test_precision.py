@@ -54,14 +54,23 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeyp
     assert not setup.has_native_bf16(tmp_path / "missing")  # no way to tell: not assumed
     monkeypatch.setattr(setup, "has_native_bf16", lambda: native)
     assert setup.precision("auto") == ("bf16" if native else "no")
-    assert setup.precision_reason("auto") == f" (train.mixed_precision=auto: {'native' if native else 'no native'} bf16 here)"
-    # a launcher's bf16 or fp16 is taken; its "no" is what accelerate launch says when nothing names a
-    # precision, so it does not stop auto
-    assert setup.precision("auto", "fp16") == "fp16" and setup.precision("auto", "bf16") == "bf16"
-    assert setup.precision("auto", "no") == ("bf16" if native else "no")
-    assert setup.precision_reason("auto", "fp16") == " (train.mixed_precision=auto: the launcher's fp16)"
+    # a launcher's bf16 is taken, its fp16 only where CUDA runs it; its "no" is what accelerate launch
+    # says when nothing names a precision, so it does not stop auto
+    assert setup.precision("auto", "bf16") == "bf16" and setup.precision("auto", "no") == ("bf16" if native else "no")
+    assert setup.precision("auto", "fp16") == ("bf16" if native else "no")  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert setup.precision("auto", "fp16") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert setup.precision("", "fp16") is None and setup.precision("no", "bf16") == "no"
-    assert setup.precision("fp16") == "fp16" and setup.precision_reason("no") == ""
+    assert setup.precision("fp16") == "fp16"
+    # a new run's config records what auto picked, so that a resume elsewhere goes on at it
+    cfg, why = setup.resolve_precision(load_config(None, []), None)
+    assert cfg.train.mixed_precision == ("bf16" if native else "no")
+    assert why == f" (train.mixed_precision=auto: {'native' if native else 'no native'} bf16 here)"
+    cfg, why = setup.resolve_precision(load_config(None, []), "bf16")
+    assert cfg.train.mixed_precision == "bf16" and why == " (train.mixed_precision=auto: the launcher's bf16)"
+    same = load_config(None, ["train.mixed_precision=no"])
+    assert setup.resolve_precision(same, "bf16") == (same, "")
     assert load_config(None, []).train.mixed_precision == "auto"  # the default
 
 
@@ -113,3 +122,27 @@ def test_keep_freed_memory_is_the_runs_setting(tmp_path, monkeypatch):
         calls.clear()
         setup.make_accelerator(load_config(None, [f"train.keep_freed_memory={value}"]), tmp_path)
         assert len(calls) == expected
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_cuda_bf16_counts_as_native_only_without_emulation(monkeypatch, supported):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = {}
+
+    def is_bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return supported if not including_emulation else True  # a V100 or T4 emulates it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert setup.has_native_bf16() is supported and asked == {"including_emulation": False}
+
+
+def test_fp16_on_a_machine_without_cuda_is_refused_before_the_run(tmp_path, monkeypatch):
+    """Accelerate would take fp16 on a CPU, run float32 and report fp16 (codes.npz would record it)."""
+    from scbch_dist.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.mixed_precision=fp16: fp16 autocast runs on CUDA GPUs only"):
+        setup.make_accelerator(load_config(None, ["train.mixed_precision=fp16"]), tmp_path)
+    monkeypatch.setenv(setup.LAUNCHER_PRECISION, "fp16")
+    with pytest.raises(ConfigError, match=r"the launcher's --mixed_precision fp16 \(train.mixed_precision=\"\"\)"):
+        setup.make_accelerator(load_config(None, ["train.mixed_precision="]), tmp_path)

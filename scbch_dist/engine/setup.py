@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -117,7 +117,13 @@ def make_accelerator(cfg: Config, run_dir: Path):
     AcceleratorState._reset_state(reset_partial_state=False)
     # Without cpu=True, Accelerate under torchrun on a machine without CUDA starts the process
     # group yet reports one process per rank; every rank would then act as the main one.
-    chosen = precision(cfg.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION))
+    launcher = os.environ.get(LAUNCHER_PRECISION)
+    chosen = precision(cfg.train.mixed_precision, launcher)
+    if (chosen or launcher) == "fp16" and not torch.cuda.is_available():
+        # Accelerate would take it and run float32 while it reports fp16
+        where = "train.mixed_precision=fp16" if chosen else f"the launcher's --mixed_precision fp16 (train.mixed_precision=\"\")"
+        raise ConfigError(f"{where}: fp16 autocast runs on CUDA GPUs only and this machine has none; "
+                          "set train.mixed_precision to bf16, auto or no")
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),
                               cpu=not torch.cuda.is_available(), mixed_precision=chosen)
     if dist.world_size() != accelerator.num_processes:
@@ -190,7 +196,10 @@ def has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this machine computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with
     the AVX-512 BF16 or AMX-BF16 instructions (the flags of Linux's ``cpuinfo``)."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        try:  # by default torch counts the emulation of older GPUs (V100, T4) as support
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch without the argument: Ampere (8.0) and later compute it natively
+            return torch.cuda.get_device_capability() >= (8, 0)
     try:
         flags = set(cpuinfo.read_text().split())
     except OSError:  # not Linux: no way to tell here, so not assumed
@@ -223,26 +232,34 @@ def keep_freed_memory() -> bool:
 LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what accelerate launch passes its workers
 
 
+def launcher_asks(launcher: str | None) -> bool:
+    """Whether the launcher's precision (ACCELERATE_MIXED_PRECISION, which ``accelerate launch`` sets
+    from its --mixed_precision or its config, and to "no" when neither names one) is a request that
+    ``auto`` takes: bf16, or fp16 where CUDA runs it (Accelerate's fp16 autocast is CUDA's only)."""
+    return launcher == "bf16" or (launcher == "fp16" and torch.cuda.is_available())
+
+
 def precision(setting: str, launcher: str | None = None) -> str | None:
     """train.mixed_precision as Accelerate takes it. "auto" (the default): the launcher's bf16 or
-    fp16 when it asks for one (``launcher``: ACCELERATE_MIXED_PRECISION, which ``accelerate launch``
-    sets from its --mixed_precision or its config, and to "no" when neither names one), else bf16
-    where the hardware computes it natively (has_native_bf16), else "no". "" leaves Accelerate's
-    own setting."""
+    fp16 when it asks for one (launcher_asks), else bf16 where the hardware computes it natively
+    (has_native_bf16), else "no". "" leaves Accelerate's own setting."""
     if setting == "auto":
-        if launcher in ("bf16", "fp16"):
+        if launcher_asks(launcher):
             return launcher
         return "bf16" if has_native_bf16() else "no"
     return setting or None
 
 
-def precision_reason(setting: str, launcher: str | None = None) -> str:
-    """Why ``precision`` chose what it did, for the run log ("" unless the setting is "auto")."""
-    if setting != "auto":
-        return ""
-    why = f"the launcher's {launcher}" if launcher in ("bf16", "fp16") else \
+def resolve_precision(cfg: Config, launcher: str | None) -> tuple[Config, str]:
+    """A new run's config with train.mixed_precision=auto resolved to what it picks here (config.yaml
+    then records it, so a resume on other hardware or under another launcher goes on at the same
+    precision), and why, for the run log ("" when the setting is not auto)."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg, ""
+    chosen = precision("auto", launcher)
+    why = f"the launcher's {launcher}" if launcher_asks(launcher) else \
         f"{'native' if has_native_bf16() else 'no native'} bf16 here"
-    return f" (train.mixed_precision=auto: {why})"
+    return replace(cfg, train=replace(cfg.train, mixed_precision=chosen)), f" (train.mixed_precision=auto: {why})"
 
 
 def build_data(cfg: Config, accelerator, log: logging.Logger, *, may_generate: bool = True) -> TrainingData:
@@ -351,8 +368,9 @@ def prepare(accelerator, model: HashingModel, optimizer: torch.optim.Optimizer, 
     return accelerator.prepare(model, optimizer)
 
 
-def log_model(run) -> None:
-    """One line: the model's size, the processes, precision, batch and the method."""
+def log_model(run, precision_note: str = "") -> None:
+    """One line: the model's size, the processes, precision (``precision_note``: why, from
+    resolve_precision), batch and the method."""
     cfg, model = run.cfg, run.accelerator.unwrap_model(run.model)
     n_params = sum(p.numel() for p in run.model.parameters())
     n_backbone = sum(p.numel() for m in (model.img_backbone, model.txt_backbone) for p in m.parameters())
@@ -360,7 +378,7 @@ def log_model(run) -> None:
                  f"({n_backbone / 1e6:.2f}M in backbones: image {cfg.model.image.kind}, text {cfg.model.text.kind}); "
                  f"{run.accelerator.num_processes} process(es) on {run.accelerator.device}, precision "
                  f"{run.accelerator.mixed_precision}"
-                 + precision_reason(cfg.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION))
+                 + precision_note
                  + f"; global batch {cfg.train.batch_size}, "
                  f"{run.data.stream.steps_per_epoch} steps per epoch; method {cfg.method.name}, "
                  f"refresh {cfg.bank.refresh}")

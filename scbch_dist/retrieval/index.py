@@ -67,7 +67,7 @@ class RunCodes:
     codes: dict[str, np.ndarray]  # "query_img", "query_txt", "database_img", "database_txt": (n, L) bool
     labels: dict[str, np.ndarray]  # "query", "database": (n, C) uint8
     model_sha256: str  # fingerprint of the weights that wrote them ("" for codes written before fingerprints)
-    precision: str  # the autocast that encoded them: "no", "bf16", "fp16" ("" for codes written before it was recorded)
+    precision: str  # the autocast that encoded them: "no", "bf16", "fp16" ("": not recorded, float32)
     config: dict  # the run's resolved config
     sha256: str  # of codes.npz
 
@@ -93,7 +93,9 @@ class RunCodes:
         except (ValueError, KeyError) as e:
             raise HammingIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
         model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
-        precision = str(arrays["precision"]) if "precision" in arrays else ""
+        # codes written before the precision was recorded: the config's, where it named bf16 or fp16
+        precision = (str(arrays["precision"]) if "precision" in arrays else
+                     {"bf16": "bf16", "fp16": "fp16"}.get((stored or {}).get("train", {}).get("mixed_precision"), ""))
         if stored is not None:
             from scbch_dist.engine.rundir import changed_keys
 

@@ -7,8 +7,8 @@
 First the environment: the versions that matter and the device; a dependency of the package that
 does not import stops the check at once, naming it (``check.sh --wheels DIR`` installs what a GPU
 image lacks, from the wheels tests/gpu/wheels.sh fetched). Then each check runs in its own process
-under a time limit (about 7 minutes in all on one H100/H200; ``--budget`` caps the whole run, and a
-check that no longer fits is skipped by name) and reports pass, FAIL or "skip: <reason>" with its
+under a time limit (about 7 minutes in all on one H100/H200; ``--budget`` caps the whole run: a
+check whose limit it cut and that runs out, or that it leaves under 20 s, is skipped by name) and reports pass, FAIL or "skip: <reason>" with its
 figures; ``--out`` is rewritten after every check, so a run cut short still leaves what it found:
   train-bf16     the embedded default on CUDA, 3 epochs at the default precision (auto: bf16 where
                  the GPU has it) and in float32: what auto chose, samples/s and final mAP of each
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,7 +238,23 @@ def missing(need: str | None, cpu: bool) -> str | None:
     return None
 
 
-def run_check(name: str, build, limit: float, tmp: Path, cpu: bool) -> dict:
+def run(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``command`` in a process group of its own: at the time limit the whole group is killed, the
+    processes a launcher (torchrun, accelerate) started included, so none holds the GPU into the
+    next check."""
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def run_check(name: str, build, limit: float, tmp: Path, cpu: bool, cut: bool = False) -> dict:
+    """``cut``: the --budget cut ``limit`` below the check's own (running out is then a skip)."""
     commands, figures = build(tmp, cpu)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
@@ -245,8 +262,11 @@ def run_check(name: str, build, limit: float, tmp: Path, cpu: bool) -> dict:
     for command in commands:
         left = limit - (time.perf_counter() - t0)
         try:
-            proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(left, 1))
+            proc = run(command, env, max(left, 1))
         except subprocess.TimeoutExpired:
+            if cut:
+                return {"status": f"skip: ran out of the {limit:.0f} s the --budget had left",
+                        "seconds": time.perf_counter() - t0}
             return {"status": "FAIL", "reason": f"over its {limit:.0f} s limit", "seconds": time.perf_counter() - t0}
         if proc.returncode != 0:
             tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
@@ -311,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(args.out)
 
     print(f"environment: {environment_line(env)}", file=sys.stderr, flush=True)
+    save()  # the environment at once: a run killed in its first check still leaves it
     if env["missing"]:
-        save()
         print("cannot run: " + "; ".join(f"{k} ({v})" for k, v in env["missing"].items())
               + ". On a machine without the registries: bash tests/gpu/wheels.sh where pip works, carry .whl, "
                 "then bash tests/gpu/check.sh --wheels .whl", file=sys.stderr)
@@ -330,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"status": f"skip: {left:.0f} s left of the --budget of {args.budget:.0f} s "
                                             f"(a check starts with {MIN_CHECK_S} s)"}
             else:
-                limit = limit if left is None else min(limit, left)
+                cut = left is not None and left < limit
+                limit = min(limit, left) if cut else limit
                 print(f"[{name}] running (limit {limit:.0f} s)", file=sys.stderr, flush=True)
-                results[name] = run_check(name, build, limit, Path(tmp), args.cpu)
+                results[name] = run_check(name, build, limit, Path(tmp), args.cpu, cut)
                 print(f"[{name}] {results[name]['status']} in {results[name]['seconds']:.1f} s", file=sys.stderr,
                       flush=True)
             save()
