@@ -239,15 +239,19 @@ def launcher_asks(launcher: str | None) -> bool:
     return launcher == "bf16" or (launcher == "fp16" and torch.cuda.is_available())
 
 
+def _auto_precision(launcher: str | None) -> tuple[str, str]:
+    """What "auto" picks: the launcher's bf16 or fp16 when it asks for one (launcher_asks), else bf16
+    where the hardware computes it natively (has_native_bf16), else "no"; and why, in words."""
+    if launcher_asks(launcher):
+        return launcher, f"the launcher's {launcher}"
+    native = has_native_bf16()
+    return ("bf16" if native else "no"), f"{'native' if native else 'no native'} bf16 here"
+
+
 def precision(setting: str, launcher: str | None = None) -> str | None:
-    """train.mixed_precision as Accelerate takes it. "auto" (the default): the launcher's bf16 or
-    fp16 when it asks for one (launcher_asks), else bf16 where the hardware computes it natively
-    (has_native_bf16), else "no". "" leaves Accelerate's own setting."""
-    if setting == "auto":
-        if launcher_asks(launcher):
-            return launcher
-        return "bf16" if has_native_bf16() else "no"
-    return setting or None
+    """train.mixed_precision as Accelerate takes it: "auto" (the default) as _auto_precision picks
+    it; "" leaves Accelerate's own setting."""
+    return _auto_precision(launcher)[0] if setting == "auto" else setting or None
 
 
 def resolve_precision(cfg: Config, launcher: str | None) -> tuple[Config, str]:
@@ -256,9 +260,7 @@ def resolve_precision(cfg: Config, launcher: str | None) -> tuple[Config, str]:
     precision), and why, for the run log ("" when the setting is not auto)."""
     if cfg.train.mixed_precision != "auto":
         return cfg, ""
-    chosen = precision("auto", launcher)
-    why = f"the launcher's {launcher}" if launcher_asks(launcher) else \
-        f"{'native' if has_native_bf16() else 'no native'} bf16 here"
+    chosen, why = _auto_precision(launcher)
     return replace(cfg, train=replace(cfg.train, mixed_precision=chosen)), f" (train.mixed_precision=auto: {why})"
 
 

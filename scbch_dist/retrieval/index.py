@@ -43,6 +43,7 @@ from scbch_dist.retrieval.hamming import HammingIndexError
 from scbch_dist.config import IndexSettings, migrate, read_run_config
 from scbch_dist.digests import (IntegrityError, arrays_sha256, read_sealed_json, sha256_file, verify_manifest,
                                 write_manifest, write_sealed_json)
+from scbch_dist.engine.encode import AUTOCAST_DTYPES
 from scbch_dist.engine.evaluate import CODES_DIGEST
 from scbch_dist.errors import first_line
 from scbch_dist.atomic import atomic_directory, atomic_save_npy
@@ -93,9 +94,9 @@ class RunCodes:
         except (ValueError, KeyError) as e:
             raise HammingIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
         model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
-        # codes written before the precision was recorded: the config's, where it named bf16 or fp16
-        precision = (str(arrays["precision"]) if "precision" in arrays else
-                     {"bf16": "bf16", "fp16": "fp16"}.get((stored or {}).get("train", {}).get("mixed_precision"), ""))
+        # codes written before the precision was recorded: the config's, where it named an autocast
+        configured = (stored or {}).get("train", {}).get("mixed_precision")
+        precision = str(arrays["precision"]) if "precision" in arrays else configured if configured in AUTOCAST_DTYPES else ""
         if stored is not None:
             from scbch_dist.engine.rundir import changed_keys
 
