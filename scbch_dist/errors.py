@@ -16,9 +16,21 @@ class RunDirError(ScbchError):
     """The run folder cannot be used as asked (held by another run, holds a different run, ...)."""
 
 
+class LaunchError(ScbchError):
+    """A launcher's option or its scheduler's environment (SLURM_NNODES, --gpus-per-node) cannot be used."""
+
+
 class Preempted(ScbchError):
     """The run stopped on request (SIGTERM, SIGUSR1 or a STOP file) after writing a checkpoint;
-    it continues with ``--resume``. Entry points exit with status 75 (EX_TEMPFAIL) for it."""
+    it continues with ``--resume``. Entry points exit with status 75 (EX_TEMPFAIL) for it.
+
+    ``requeue``: whether the request asks the job to put itself back in the queue (SIGUSR1, the
+    warning SLURM sends before the time limit). SIGTERM does not: it is what ``scancel`` sends, and
+    SLURM requeues a preempted job itself (docs/distributed.md, "SLURM events")."""
+
+    def __init__(self, message: str, *, requeue: bool = False):
+        super().__init__(message)
+        self.requeue = requeue
 
 
 def first_line(error: BaseException) -> str:

@@ -63,39 +63,115 @@ def test_dry_run_prints_the_command():
 def test_the_batch_script_asks_for_a_warning_signal_and_passes_it_on():
     text = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
-    assert "trap 'kill -USR1 \"$SRUN\"" in text  # the batch shell hands the signal to srun
+    assert "trap 'kill -USR1 \"$SRUN\"" in text  # the batch shell hands the warning to srun
+    assert "trap ':' TERM" in text  # SIGTERM (scancel) reached every process: not turned into the warning
+    assert "#SBATCH --open-mode=append" in text  # a requeued job's output follows the earlier one's
 
 
 CHILD = """
 import pathlib, sys, time
-stop = pathlib.Path(sys.argv[1]) / "STOP"
+run = pathlib.Path(sys.argv[1])
+stop = run / "STOP"
 while not stop.exists():
     time.sleep(0.01)
-sys.exit(75)  # what the trainer does: a checkpoint, then 75
+if sys.argv[2:] == ["checkpoint"]:  # what the trainer does: a checkpoint, then 75
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / "latest").write_text("epoch-0002-step-000003\\n")
+sys.exit(75)
 """
 
 
-def test_the_launcher_turns_a_signal_into_a_stop_and_requeues(tmp_path, monkeypatch):
-    """SIGUSR1 to the launcher writes RUN_DIR/STOP (the run's own process tree is left alone: a
-    signal would kill the accelerate launcher before the checkpoint); status 75 requeues the task."""
+def supervised(tmp_path, monkeypatch, signum, *child_args: str, preempting: bool = False) -> tuple[int, list]:
+    """``slurm.supervise`` of CHILD with ``signum`` sent to this process a second in (``preempting``:
+    SLURM shows the job preempted); the status and the requeue commands it ran."""
     import signal
     import threading
 
     calls = []
     monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(slurm, "preempted", lambda env: preempting)
     env = {"SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "503", "SLURM_NODEID": "0"}
-    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
-    before = signal.getsignal(signal.SIGUSR1)
-    status = slurm.supervise([sys.executable, "-c", CHILD, str(tmp_path)], str(tmp_path), env)
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signum)) if signum else None
+    if timer:
+        timer.start()
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    status = slurm.supervise([sys.executable, "-c", CHILD, str(tmp_path), *child_args], str(tmp_path), env)
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before  # the handlers are put back
+    return status, calls
+
+
+def test_the_launcher_turns_sigusr1_into_a_stop_and_requeues(tmp_path, monkeypatch):
+    """SIGUSR1 (the time-limit warning) to the launcher writes RUN_DIR/STOP (the run's own process
+    tree is left alone: a signal would kill the accelerate launcher before the checkpoint); the run
+    wrote a newer checkpoint and ended with 75, so the task is requeued."""
+    import signal
+
+    status, calls = supervised(tmp_path, monkeypatch, signal.SIGUSR1, "checkpoint")
     assert status == 75 and (tmp_path / "STOP").exists()
     assert calls == [["scontrol", "requeue", "500_3"]]
-    assert signal.getsignal(signal.SIGUSR1) == before  # the handlers are put back
     assert slurm.requeue_command({"SLURM_JOB_ID": "77"}) == ["scontrol", "requeue", "77"]
-    # a STOP written by hand ends the run without a requeue
-    calls.clear()
-    (tmp_path / "STOP").touch()
-    assert slurm.supervise([sys.executable, "-c", CHILD, str(tmp_path)], str(tmp_path), env) == 75 and calls == []
     assert slurm.requeue_command({}) is None
+
+
+def test_the_launcher_requeues_after_sigterm_only_when_preempted(tmp_path, monkeypatch, capsys):
+    """SIGTERM of a preemption (SLURM shows a PreemptTime): the stopped run would end inside the grace
+    time and SLURM would not requeue it, so the launcher does. SIGTERM of scancel: no requeue."""
+    import signal
+
+    status, calls = supervised(tmp_path, monkeypatch, signal.SIGTERM, "checkpoint", preempting=True)
+    assert status == 75 and calls == [["scontrol", "requeue", "500_3"]] and "preempted;" in capsys.readouterr().err
+    (tmp_path / "STOP").unlink()
+    status, calls = supervised(tmp_path, monkeypatch, signal.SIGTERM, "checkpoint")
+    assert status == 75 and calls == [] and "not requeued" in capsys.readouterr().err
+
+
+def test_the_launcher_does_not_requeue_after_a_stop_file_or_no_progress(tmp_path, monkeypatch, capsys):
+    """A STOP written by hand: no requeue. SIGUSR1 when the run wrote no newer checkpoint than it
+    started from (the warning came before any progress): no requeue, which would only repeat it."""
+    import signal
+
+    status, calls = supervised(tmp_path, monkeypatch, signal.SIGTERM, "checkpoint")
+    assert status == 75 and calls == [] and "not requeued" in capsys.readouterr().err
+    (tmp_path / "STOP").touch()
+    assert supervised(tmp_path, monkeypatch, None, "checkpoint") == (75, [])
+    (tmp_path / "STOP").unlink()  # the trainer removes it when it has served
+    status, calls = supervised(tmp_path, monkeypatch, signal.SIGUSR1, "checkpoint")  # the same checkpoint again
+    assert status == 75 and calls == [] and "no checkpoint newer than the one it started from" in capsys.readouterr().err
+
+
+def test_cpu_nodes_run_one_gloo_process_each(tmp_path):
+    """No GPU on the node: accelerate's CPU config, one process a node, the task's CPUs as threads;
+    one CPU node in all: the trainer itself, without a launcher."""
+    env = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_CPUS_ON_NODE": "4"}
+    cmd = accelerate_command(env, 0, ["--config", "c.yaml"], run_dir=str(tmp_path / "r"))
+    text = " ".join(cmd)
+    assert cmd[cmd.index("--config_file") + 1].endswith("configs/accelerate/cpu_2proc.yaml")
+    assert "--num_cpu_threads_per_process 4 --num_machines 2 --machine_rank 1 --num_processes 2" in text
+    assert "--main_process_ip n1" in text
+    cmd = accelerate_command({**env, "SLURM_NNODES": "1", "SLURM_NODEID": "0"}, 0, ["--config", "c.yaml"],
+                             run_dir=str(tmp_path / "r"), python="py")
+    assert cmd[:4] == ["py", "-m", "scbch_dist.train", "--config"]
+    assert slurm.node_gpus({"SLURM_GPUS_ON_NODE": "4"}) == 4 and slurm.node_gpus({"SLURM_GPUS_PER_NODE": "a100:8"}) == 8
+
+
+@pytest.mark.parametrize("env, args, expected", [
+    ({"SLURM_NNODES": "x"}, ["--gpus-per-node", "1"], "SLURM_NNODES='x' is not a whole number >= 1"),
+    ({"SLURM_NNODES": "2", "SLURM_NODEID": "2"}, ["--gpus-per-node", "1"], "SLURM_NODEID=2 is not below SLURM_NNODES=2"),
+    ({}, ["--gpus-per-node", "-1"], "--gpus-per-node -1: give 0 (one CPU process a node) or more"),
+    ({"SLURM_GPUS_ON_NODE": "many"}, [], "SLURM_GPUS_ON_NODE='many': cannot read a GPU count"),
+    ({"SLURM_CPUS_ON_NODE": "0"}, ["--gpus-per-node", "0"], "SLURM_CPUS_ON_NODE='0' is not a whole number >= 1"),
+])
+def test_bad_slurm_settings_are_one_line(capsys, monkeypatch, tmp_path, env, args, expected):
+    from conftest import one_line_exit
+
+    for key in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK",
+                "SLURM_CPUS_ON_NODE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    line = one_line_exit(capsys, slurm.main, [*args, "--dry-run", "--run-dir", str(tmp_path / "r"), "--"])
+    assert expected in line
 
 
 @pytest.mark.slow
@@ -125,3 +201,37 @@ def test_dry_run_prints_a_command_that_reads_back_as_given(tmp_path, monkeypatch
     printed = shlex.split(capsys.readouterr().out)
     assert printed[printed.index("scbch_dist.train") + 1:] == [*odd, "--set", f"run.dir={run_dir}",
                                                                "--set", "run.progress=false"]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_like_two_processes_on_one(tiny_dataset, tmp_path):
+    """Multi-node without SLURM (docs/distributed.md): ``torchrun --nnodes 2 --node_rank {0,1}``
+    with a c10d rendezvous, both launched on this machine, end with the codes and summary of
+    ``torchrun --standalone --nproc_per_node 2`` bit for bit (one thread a process)."""
+    import socket
+
+    import numpy as np
+
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    sets = [f"data.root={tiny_dataset}", "data.generate=", "model.bits=16", "model.hidden=32", "train.batch_size=64",
+            "train.epochs=3", "eval.every=3", "scbch.warmup_epochs=1", "scbch.k=5", "run.progress=false",
+            "run.tensorboard=false", "train.mixed_precision=no"]
+    args = lambda run_dir: ["-m", "scbch_dist.train", *[a for s in [*sets, f"run.dir={run_dir}"] for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([exe, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
+                               *args(tmp_path / "nodes")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    proc = launch([exe, "--standalone", "--nproc_per_node", "2", *args(tmp_path / "one")], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "nodes" / "codes.npz") as a, np.load(tmp_path / "one" / "codes.npz") as b:
+        for k in ("query_img", "query_txt", "database_img", "database_txt"):
+            assert np.array_equal(a[k], b[k]), k
+    finals = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("nodes", "one")]
+    assert finals[0]["run"]["world_size"] == 2 and finals[0]["final"] == finals[1]["final"]

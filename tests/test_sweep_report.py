@@ -392,3 +392,38 @@ def test_runs_with_a_validation_split_report_the_selected_epoch(tmp_path):
     assert "| SCBCH | 81.0 / 80.0 / - |" in text
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "report.csv"))}
     assert float(rows["RSHNL"]["selected_avg"]) == pytest.approx(0.78) and rows["SCBCH"]["selected_avg"] == ""
+
+
+@pytest.mark.parametrize("requeue, preempting, expected", [(True, False, 1), (False, True, 1), (False, False, 0)])
+def test_an_array_task_requeues_itself_only_when_the_stop_asks_for_it(tmp_path, monkeypatch, requeue, preempting,
+                                                                      expected):
+    """An array task's trainer stopped by SIGUSR1 (the time-limit warning) requeues the task, and so
+    does one stopped by the SIGTERM of a preemption; stopped by scancel's SIGTERM it does not."""
+    import scbch_dist.train
+    from scbch_dist.errors import Preempted
+    from scbch_dist.experiments import slurm
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"name: g\nruns_dir: {tmp_path / 'runs'}\ndatasets: [default]\nbits: [16]\nnoise: [0.5]\n")
+    calls = []
+    monkeypatch.setattr(slurm, "requeue", lambda env, why="": calls.append(env))
+    monkeypatch.setattr(slurm, "preempted", lambda env: preempting)
+
+    def stopped(argv):
+        raise Preempted("stopped", requeue=requeue)
+
+    monkeypatch.setattr(scbch_dist.train, "main", stopped)
+    with pytest.raises(Preempted):
+        sweep.main([str(grid), "--task", "0"])
+    assert len(calls) == expected
+
+
+def test_the_launch_script_prints_one_line_for_a_missing_config(tmp_path):
+    """``python launch/sweep.py`` as the README runs it: a grid naming a missing config is one line."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: g\ndatasets: [nowhere]\nbits: [16]\nnoise: [0.5]\n")
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), str(grid), "--dry-run"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"python launch/sweep.py: error: {grid}: config file(s) not found: "
+                                               "configs/nowhere.yaml (run from the repository root)"]

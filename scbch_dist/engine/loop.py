@@ -323,7 +323,7 @@ def stop_with_checkpoint(run: Run, state: RunState, config: dict, unfinished: Ep
         where = f"epoch {state.epoch}"
     run.stop.served()
     raise Preempted(f"stopped by {run.stop.describe()} after {where}; checkpoint written; "
-                    f"continue with --resume {run.run_dir}")
+                    f"continue with --resume {run.run_dir}", requeue=run.stop.requeue)
 
 
 def save(run: Run, state: RunState, config: dict, rank_state: dict[str, torch.Tensor] | None = None) -> None:

@@ -15,6 +15,7 @@ from scbch_dist import dist
 
 STOP_FILE = "STOP"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_SIGNAL = "SIGUSR1"  # the time-limit warning (sbatch --signal): the only stop that asks for a requeue
 POLL_SECONDS = 1.0  # the STOP file is looked for at most this often (the run folder may be on NFS)
 
 
@@ -59,6 +60,11 @@ class StopRequest:
         must not stop again at once)."""
         if self.is_main:
             self.file.unlink(missing_ok=True)
+
+    @property
+    def requeue(self) -> bool:
+        """Whether this process's stop asks its SLURM job to requeue itself (SIGUSR1 only)."""
+        return self.reason == REQUEUE_SIGNAL
 
     def describe(self) -> str:
         return self.reason or "a stop request on another process"

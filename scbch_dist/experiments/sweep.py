@@ -206,7 +206,8 @@ def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
     """An array job with one task per run; each task runs ``--task $SLURM_ARRAY_TASK_ID``."""
     check_grid(grid, grid_path)  # a Grid built in code has not been through load_grid
     opts = {"job-name": f"scbch-{grid.name}", "array": f"0-{len(runs) - 1}",
-            "output": f"{grid.runs_dir}/slurm/%A_%a.out", "requeue": None,
+            # append: a requeued task's output follows its earlier incarnation's instead of replacing it
+            "output": f"{grid.runs_dir}/slurm/%A_%a.out", "open-mode": "append", "requeue": None,
             # SIGUSR1 to the task itself (exec below) 3 minutes before the time limit: checkpoint, requeue
             "signal": "B:USR1@180"}
     for key, value in grid.slurm.items():
@@ -276,13 +277,18 @@ def main(argv: list[str] | None = None) -> None:
         if run.done:
             print(f"[task {run.task}] done already: {run.run_dir}/summary.json", file=sys.stderr)
             return
-        from scbch_dist.experiments.slurm import requeue
+        from scbch_dist.experiments.slurm import preempted, requeue
         from scbch_dist.train import main as train_main
 
         try:
             train_main(run.argv(grid))
-        except Preempted:
-            requeue(dict(os.environ))
+        except Preempted as stopped:
+            # SIGUSR1 before the time limit, or SIGTERM of a preemption: back in the queue; scancel's
+            # SIGTERM ends the task
+            if stopped.requeue:
+                requeue(dict(os.environ))
+            elif preempted(dict(os.environ)):
+                requeue(dict(os.environ), "preempted")
             raise
     else:
         gpus = [g for g in args.gpus.split(",") if g]
