@@ -30,6 +30,7 @@ from scbch_dist.errors import Preempted, ScbchError
 
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
 RANK_ZERO_GRACE_S = 10.0  # how long another rank waits, under a launcher, for rank 0 to fail and print (report)
 # ``kill -USR2 PID`` prints every thread's stack of that process to stderr and the run goes on: how
 # to see where a run that seems stuck waits (a collective, a loader worker). SIGUSR1 asks a run to
@@ -164,6 +165,8 @@ def run(main: Callable[[], object], prog: str | None = None) -> None:
             leave(0)
     except Preempted as e:
         report(f"{prog}: {one_line(e)}", EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's steps, or a second one inside (engine/stop.py)
+        report(f"{prog}: interrupted (Ctrl-C)", EXIT_INTERRUPTED)
     except ScbchError as e:
         report(f"{prog}: error: {one_line(e)}", EXIT_ERROR)
     except OSError as e:

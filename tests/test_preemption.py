@@ -76,9 +76,11 @@ def test_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_dataset, tmp_path, m
     assert "continuing epoch 2 after step 7 of 13" in (part / "log.txt").read_text()
 
 
-def test_sigusr1_stops_the_command_with_status_75_and_a_second_run_is_refused_meanwhile(tiny_dataset, tmp_path):
-    """SLURM's warning signal ends the command with a checkpoint and status 75; while it runs, the
-    folder is locked (two runs on one run.dir interleaved their metrics before)."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
+def test_sigusr1_stops_the_command_with_status_75_and_a_second_run_is_refused_meanwhile(tiny_dataset, tmp_path, signum):
+    """SLURM's warning signal, or Ctrl-C (SIGINT), ends the command with a checkpoint and status 75
+    (Ctrl-C, before: a KeyboardInterrupt traceback from inside backward, status 130, the epoch
+    lost); while it runs, the folder is locked (two runs on one run.dir interleaved their metrics before)."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "scbch_dist.train", *tiny_args(tiny_dataset, run_dir, "train.epochs=200",
                                                                  "eval.every=100", "run.tensorboard=false")]
@@ -90,11 +92,12 @@ def test_sigusr1_stops_the_command_with_status_75_and_a_second_run_is_refused_me
         main(tiny_args(tiny_dataset, run_dir, "train.epochs=2"))
     with pytest.raises(RunDirError, match=rf"^{run_dir} is in use by pid {proc.pid} on "):
         main(["--resume", str(run_dir)])
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
+    assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m scbch_dist.train: stopped by SIGUSR1 after ") and last.endswith(
+    assert last.startswith(f"python -m scbch_dist.train: stopped by {signum.name} after ") and last.endswith(
         f"checkpoint written; continue with --resume {run_dir}")
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = main(["--resume", str(run_dir), "--set", f"train.epochs={epochs[-1] + 1}"])
@@ -158,3 +161,24 @@ def test_a_stop_between_checkpoints_every_n_epochs_still_writes_one(tiny_dataset
     monkeypatch.undo()
     main(["--resume", str(tmp_path / "part")])
     assert_same_run(tmp_path / "full", tmp_path / "part")
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, capfd):
+    """The first Ctrl-C asks for a stop after the step (said once, on stderr); the second raises
+    KeyboardInterrupt, which every entry point ends with one line and status 130, no traceback."""
+    from scbch_dist import cli
+
+    with stop.StopRequest(tmp_path, is_main=True) as request:
+        request._handle(signal.SIGINT, None)
+        assert request.reason == "SIGINT" and request.local() and not request.requeue
+        with pytest.raises(KeyboardInterrupt):
+            request._handle(signal.SIGINT, None)
+    assert "press it again to stop at once" in capfd.readouterr().err
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(interrupted, "prog")
+    assert exit_info.value.code == 130
+    assert capfd.readouterr().err.strip().splitlines() == ["prog: interrupted (Ctrl-C)"]

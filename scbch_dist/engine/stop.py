@@ -1,11 +1,13 @@
 """Stopping a run cleanly on request: SIGTERM or SIGUSR1 (SLURM's preemption and time-limit
-warnings), or a file named STOP in the run folder (``touch RUN_DIR/STOP``; the SLURM launcher
-writes it when it is signalled). The loop asks after every step; every rank gets the same answer,
-finishes that step, and the run writes a checkpoint and exits with status 75 (docs/engine.md,
-"Preemption")."""
+warnings), Ctrl-C (SIGINT), or a file named STOP in the run folder (``touch RUN_DIR/STOP``; the
+SLURM launcher writes it when it is signalled). The loop asks after every step; every rank gets the
+same answer, finishes that step, and the run writes a checkpoint and exits with status 75
+(docs/engine.md, "Preemption"). A second Ctrl-C stops at once, without a checkpoint (status 130,
+one line: scbch_dist.cli)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 from scbch_dist import dist
 
 STOP_FILE = "STOP"
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 REQUEUE_SIGNAL = "SIGUSR1"  # the time-limit warning (sbatch --signal): the only stop that asks for a requeue
 POLL_SECONDS = 1.0  # the STOP file is looked for at most this often (the run folder may be on NFS)
 
@@ -41,6 +43,12 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.reason == "SIGINT":  # the second Ctrl-C: the user will not wait for the step
+                raise KeyboardInterrupt
+            if self.is_main and self.reason is None:  # os.write: a signal handler must not take logging's lock
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint; press it again to stop at once "
+                            b"without one\n")
         self.reason = self.reason or signal.Signals(signum).name  # acted on at the next step's end
 
     def local(self) -> bool:
