@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         if lock is not None and not args.resume:
             logging.getLogger(LOGGER_NAME).handlers.clear()  # log.txt closed before it may go
             rundir.discard_unfinished(run_dir)
+        elif lock is not None:
+            rundir.undo_resume_claim(run_dir, lock)
         raise
     finally:
         accelerator.end_training()

@@ -20,6 +20,7 @@ import torch
 
 from scbch_dist.config import load_config, save_config, to_dict
 from scbch_dist.engine import rundir
+from scbch_dist.digests import write_manifest
 from scbch_dist.engine.checkpoint import FORMAT
 from scbch_dist.errors import RunDirError
 from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_write_text
@@ -35,6 +36,7 @@ def fake_run(run_dir: Path, *sets: str, epoch: int = 2, log_bytes: int | None = 
     folder.mkdir(parents=True)
     state = {"epoch": epoch, "log_bytes": log_bytes}
     (folder / "run_state.json").write_text(json.dumps({"format": FORMAT, "state": state, "config": to_dict(cfg)}))
+    write_manifest(folder)  # a sealed config.yaml: this version's folder, whose checkpoints carry a manifest
     (run_dir / "checkpoints" / "latest").write_text(folder.name + "\n")
     (run_dir / "summary.json").write_text("{}")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epoch + 1)))
@@ -298,3 +300,29 @@ def test_a_run_of_an_earlier_version_resumes_although_it_lacks_newer_keys(tmp_pa
     stored = fake_run(run_dir)
     del stored["data"]["verify"]  # a key this version added
     assert rundir.changed_keys(stored, to_dict(load_config(None, [f"run.dir={run_dir}"])), rundir.SAFE_ON_RESUME) == []
+
+
+@pytest.mark.slow
+def test_a_resume_refused_by_the_preflight_leaves_config_yaml_as_it_was(tiny_dataset, tmp_path):
+    """A finished run resumed with train.epochs raised while a training shard is damaged: the
+    preflight refuses it, and config.yaml is the one the run finished with, byte for byte, so its
+    codes still load once the shard is restored (before: "config.yaml differs: train.epochs: 4 -> 5")."""
+    from conftest import tiny_args
+    from scbch_dist.errors import ScbchError
+    from scbch_dist.retrieval.index import RunCodes
+    from scbch_dist.train import main
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_dataset, data)
+    main(tiny_args(data, run_dir, "train.epochs=4", "eval.every=4", "run.tensorboard=false"))
+    before = (run_dir / "config.yaml").read_bytes()
+    shard = sorted(data.glob("train-*.tar"))[0]
+    original = shard.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(ScbchError, match=shard.name):
+        main(["--resume", str(run_dir), "--set", "train.epochs=5"])
+    assert (run_dir / "config.yaml").read_bytes() == before
+    shard.write_bytes(original)
+    assert RunCodes.load(run_dir).config["train"]["epochs"] == 4

@@ -27,7 +27,7 @@ from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
 from scbch_dist.errors import RunDirError
-from scbch_dist.atomic import atomic_write_text, remove_leftovers
+from scbch_dist.atomic import atomic_write_bytes, atomic_write_text, remove_leftovers
 
 LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
@@ -106,6 +106,8 @@ class RunLock:
     def __init__(self, run_dir: Path, log: logging.Logger | None = None, *, create: bool = True):
         self.path, self.log, self.create, self.held = Path(run_dir) / LOCK_FILE, log, create, False
         self.made: list[Path] = []  # the folders acquire created, innermost first
+        # a resume's claim: the checkpoint it resumes and the config.yaml it replaced (undo_resume_claim)
+        self.resumed: tuple[str, bytes] | None = None
 
     def acquire(self) -> None:
         folder = self.path.parent
@@ -306,6 +308,8 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
     lock.acquire()
     try:
         if resume:
+            if (run_dir / "config.yaml").is_file():
+                lock.resumed = (_pointer(run_dir), (run_dir / "config.yaml").read_bytes())
             folder = latest_checkpoint(run_dir, from_checkpoint)
             if not verify_checkpoint(folder):
                 log.warning(f"{folder}: no manifest.json (written by an earlier version): its files are not checked")
@@ -340,6 +344,26 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
         lock.release()
         raise
     return lock
+
+
+def undo_resume_claim(run_dir: Path, lock: RunLock) -> None:
+    """A resume that ends before its first checkpoint (the preflight refused a shard, a crash, a
+    stop) puts back the config.yaml its claim replaced: the folder still holds the run as it was,
+    and its codes.npz and index must go on matching its config (a resume with train.epochs=5 refused
+    by the preflight left 5 there, and search then refused the finished run's codes)."""
+    if lock.resumed is None:
+        return
+    pointer, config = lock.resumed
+    if _pointer(run_dir) == pointer:
+        atomic_write_bytes(run_dir / "config.yaml", config)
+
+
+def _pointer(run_dir: Path) -> str:
+    """What checkpoints/latest holds ("" without one)."""
+    try:
+        return (run_dir / "checkpoints" / "latest").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def launch_state(run_dir: str | Path) -> str:
