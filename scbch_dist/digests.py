@@ -8,7 +8,9 @@ Four forms, one per kind of file:
 - arrays (codes.npz): the sha256 of their names, dtypes, shapes and bytes, stored beside them.
 
 Reading checks the digest; a mismatch is an ``IntegrityError`` naming the file, never a silently
-different result. Files written before digests existed carry none and are read as they are.
+different result. Files written before digests existed carry none and are read as they are, but
+only in a run folder of such a version: where the run's config.yaml carries its digest line
+(``sealed_run``), a file without its digest had it removed, and is refused.
 Checking a checkpoint on every read costs about a second at paper width (docs/benchmarks.md,
 "Figures quoted in the code").
 """
@@ -82,10 +84,31 @@ def write_sealed_json(path: str | Path, record: dict) -> dict:
     return sealed
 
 
-def read_sealed_json(path: str | Path) -> dict:
+def sealed_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` was written by a version that seals what it writes: its config.yaml ends
+    with the digest line. Every summary, codes file and checkpoint of such a folder carries its
+    digest, so one without it had it removed (and maybe its content changed with it)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 200))
+            return TEXT_DIGEST.search(f.read().decode("utf-8", errors="replace")) is not None
+    except OSError:
+        return False
+
+
+def missing_digest(path: str | Path, what: str) -> IntegrityError:
+    """The refusal of a file without its digest in a sealed run folder."""
+    return IntegrityError(f"{path}: has no {what}, yet its run folder was written with digests (config.yaml "
+                          "carries its own): the digest was removed, and what it guarded may have been changed with "
+                          "it; restore the file, or write it again")
+
+
+def read_sealed_json(path: str | Path, *, required: bool = False) -> dict:
     """A JSON object written by write_sealed_json, its digest checked and removed. A file that is
     not a JSON object, or whose digest differs, is an IntegrityError naming it; one without a
-    digest (written before digests existed) is returned as it is."""
+    digest (written before digests existed) is returned as it is, unless ``required`` (a file of a
+    sealed run folder: ``sealed_run``)."""
     path = Path(path)
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
@@ -94,6 +117,8 @@ def read_sealed_json(path: str | Path) -> dict:
     if not isinstance(record, dict):
         raise IntegrityError(f"{path}: not a JSON object")
     stored = record.pop(DIGEST_KEY, None)
+    if stored is None and required:
+        raise missing_digest(path, f'"{DIGEST_KEY}" field')
     if stored is not None and stored != sha256_bytes(_canonical(record)):
         raise IntegrityError(f"{path}: its content differs from the sha256 it was written with (changed or "
                              "corrupted since)")

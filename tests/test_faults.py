@@ -174,17 +174,68 @@ def test_from_checkpoint_names_what_is_kept(capsys, tmp_path):
     assert "--from-checkpoint goes with --resume RUN_DIR" in capsys.readouterr().err
 
 
+def as_an_earlier_version_wrote_it(run_dir: Path) -> None:
+    """Strip the digests an earlier version did not write: config.yaml's line, summary.json's field,
+    every checkpoint's manifest."""
+    config = run_dir / "config.yaml"
+    config.write_text("".join(config.read_text().splitlines(keepends=True)[:-1]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("sha256")
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    for manifest in run_dir.glob("checkpoints/*/manifest.json"):
+        manifest.unlink()
+
+
 @pytest.mark.slow
 def test_a_checkpoint_without_a_manifest_that_is_truncated_is_refused_by_name(finished, tmp_path):
     """A checkpoint of an earlier version has no digests; a damaged file is still one line."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
+    as_an_earlier_version_wrote_it(run_dir)
     folder = latest_checkpoint(run_dir)
-    (folder / "manifest.json").unlink()
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=rf"^{path}: cannot be read back \("):
         main(["--resume", str(run_dir), "--set", "train.epochs=4"])
+
+
+@pytest.mark.slow
+def test_a_digest_removed_in_a_folder_this_version_wrote_is_refused(finished, tmp_path, capsys):
+    """config.yaml carries its digest, so the folder was written with digests: a summary.json
+    without its sha256 (and its mAP edited) is refused by report (before: it printed the edited
+    mAP and exited 0), and a checkpoint without its manifest (and a NaN model) by a resume and by
+    the search's model loading (before: a warning, and the NaN model loaded). The same folder as an
+    earlier version wrote it, every digest absent, is read as it is."""
+    from safetensors.torch import load_file, save_file
+
+    from scbch_dist.engine.checkpoint import verify_model_file
+    from scbch_dist.experiments import report
+
+    run_dir = tmp_path / "runs" / "run"
+    shutil.copytree(finished, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("sha256")
+    summary["final"]["avg_map"] = 0.9
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    line = one_line_exit(capsys, report.main, [str(tmp_path / "runs")])
+    assert line.startswith(f"{run_dir / 'summary.json'}: has no \"sha256\" field, yet its run folder was written "
+                           "with digests")
+
+    folder = latest_checkpoint(run_dir)
+    (folder / "manifest.json").unlink()
+    model = load_file(str(folder / "model.safetensors"))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in model.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"^{folder / 'manifest.json'}: has no manifest.json file, yet its run "
+                                              "folder was written with digests"):
+        main(["--resume", str(run_dir), "--set", "train.epochs=4"])
+    with pytest.raises(CheckpointError, match="has no manifest.json file"):
+        verify_model_file(folder)  # what the search's query encoder checks before it loads the model
+
+    old = tmp_path / "old" / "run"
+    shutil.copytree(finished, old)
+    as_an_earlier_version_wrote_it(old)
+    report.main([str(tmp_path / "old")])
+    assert "0.9" not in (tmp_path / "old" / "report.md").read_text()
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tiny_dataset, tmp_path, monkeypatch):

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from scbch_dist import dist
-from scbch_dist.digests import IntegrityError, verify_listed, verify_manifest, write_manifest
+from scbch_dist.digests import (MANIFEST, IntegrityError, missing_digest, sealed_run, verify_listed, verify_manifest,
+                                write_manifest)
 from scbch_dist.engine.state import RunState
 from scbch_dist.errors import ScbchError, first_line
 from scbch_dist.atomic import atomic_save_with, atomic_write_json, atomic_write_text, fsync_tree, honour_umask_tree
@@ -220,9 +221,14 @@ def latest_checkpoint(run_dir: Path, name: str | None = None) -> Path:
 
 def verify_checkpoint(folder: Path) -> bool:
     """Every file of a checkpoint against its manifest (False: written before manifests, not
-    checked). A file that differs is refused by name, with the earlier checkpoints to fall back to."""
+    checked). A file that differs is refused by name, with the earlier checkpoints to fall back to;
+    so is a checkpoint without its manifest in a run folder written with digests."""
     try:
-        return verify_manifest(folder)
+        if not verify_manifest(folder):
+            if sealed_run(folder.parent.parent):
+                raise missing_digest(folder / MANIFEST, "manifest.json file")
+            return False
+        return True
     except IntegrityError as e:
         run_dir = folder.parent.parent
         earlier = [p.name for p in complete_checkpoints(run_dir) if p.name < folder.name]
@@ -234,7 +240,8 @@ def verify_checkpoint(folder: Path) -> bool:
 def verify_model_file(folder: Path) -> None:
     """The checkpoint's model file against its manifest (readers that load only the model)."""
     try:
-        verify_listed(folder, MODEL_FILE)
+        if not verify_listed(folder, MODEL_FILE) and sealed_run(folder.parent.parent):
+            raise missing_digest(folder / MANIFEST, "manifest.json file")
     except IntegrityError as e:
         raise CheckpointError(str(e)) from None
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from scbch_dist import cli, plots
 from scbch_dist.config import flatten, read_run_config
-from scbch_dist.digests import read_sealed_json
+from scbch_dist.digests import read_sealed_json, sealed_run
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
 from scbch_dist.atomic import atomic_write_text
@@ -55,7 +55,8 @@ def collect(runs_dir: Path) -> list[dict]:
     """One record per summary.json below ``runs_dir``."""
     records = []
     for path in sorted(Path(runs_dir).rglob("summary.json")):
-        s = read_sealed_json(path)  # a summary changed since its run wrote it is refused, naming it
+        # a summary changed since its run wrote it is refused, naming it (or one whose digest was removed)
+        s = read_sealed_json(path, required=sealed_run(path.parent))
         if not s.get("final") or "run" not in s:
             continue
         run = s["run"]
