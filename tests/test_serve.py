@@ -1,14 +1,17 @@
 """The search service (scbch_dist.retrieval.serve): its JSON API through FastAPI's TestClient on a tiny
 fine-tuned shapes run; what it refuses to a hostile client (large uploads, pixel bombs, foreign Host
-headers) and what it never tells one (absolute paths, tracebacks); the command's start-up line,
-port refusal and Ctrl-C; the page in a real headless Chromium (slow, skipped without selenium,
+headers, idle and slowloris connections, requests HTTP cannot parse, overload) and what it never
+tells one (absolute paths, tracebacks, anything but JSON); the command's start-up line, port
+refusal and Ctrl-C; the page in a real headless Chromium (slow, skipped without selenium,
 chromium or chromedriver)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -20,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -216,8 +219,7 @@ def test_an_upload_is_read_up_to_the_limit_and_no_further(searcher, client):
 def test_a_streamed_upload_is_answered_413_before_it_ends(searcher):
     """Through uvicorn: the server answers while the client is still sending a body that never ends."""
     with serving(create_app(searcher, k=K, max_upload=1000)) as address:
-        host, port = address.split("//")[1].rstrip("/").split(":")
-        with socket.create_connection((host, int(port)), timeout=60) as conn:
+        with socket.create_connection(host_port(address), timeout=60) as conn:
             conn.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
             conn.sendall(b"800\r\n" + b"\0" * 0x800 + b"\r\n")  # 2 KiB, and no last chunk
@@ -402,6 +404,164 @@ def test_bad_options_are_one_line_usage_errors(args, message, capsys, tmp_path):
     assert last.startswith("python -m scbch_dist.retrieval.serve: error: ") and message in last, err
 
 
+# -- connections and answers through uvicorn -------------------------------------------------------
+
+INFO = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"  # a cheap JSON answer
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """'http://127.0.0.1:8123/' -> ('127.0.0.1', 8123)."""
+    host, port = address.split("//")[1].rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def raw_answer(address: tuple[str, int], request: bytes, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` on a new connection and read until the server closes it (every request here
+    asks it to, or is one it refuses with Connection: close), within ``timeout`` seconds and 1 MiB:
+    (status, headers by lower-case name, body)."""
+    deadline = time.monotonic() + timeout
+    answer = b""
+    with socket.create_connection(address, timeout=timeout) as conn:
+        conn.sendall(request)
+        while len(answer) < 1 << 20:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))  # past the deadline: socket.timeout
+            data = conn.recv(65536)
+            if not data:
+                break
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def json_answer(answer: tuple[int, dict[str, str], bytes], status: int) -> dict:
+    """The body of ``answer`` (raw_answer's), which must have ``status`` and be JSON."""
+    got, headers, body = answer
+    assert got == status and headers.get("content-type") == "application/json", answer
+    assert headers.get("content-length") in (None, str(len(body))), answer
+    return json.loads(body)
+
+
+@pytest.mark.slow
+def test_idle_and_slowloris_connections_neither_starve_the_server_nor_stay_open(searcher):
+    """100 connections that send nothing and 5 that send a header line a second (slowloris): a
+    request is still answered 200 within a second, and each of them is closed HEAD_TIMEOUT after it
+    opened, the slowloris ones too (the deadline is not renewed by their bytes). uvicorn's single
+    bound of 64 answered 503 to everyone else while they were open, and it held them for ever."""
+    slack = 2.0  # seconds a close may come after its deadline on a busy machine
+    with serving(create_app(searcher, k=K)) as address, ExitStack() as stack:
+        opened = {}  # socket -> when it connected
+        for _ in range(100):
+            conn = stack.enter_context(socket.create_connection(host_port(address), timeout=30))
+            opened[conn] = time.monotonic()
+        slow = []
+        for _ in range(5):
+            conn = stack.enter_context(socket.create_connection(host_port(address), timeout=30))
+            opened[conn] = time.monotonic()
+            conn.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+            slow.append(conn)
+
+        started = time.monotonic()
+        info = json_answer(raw_answer(host_port(address), INFO, timeout=1), 200)
+        answered = time.monotonic() - started
+        assert info["k"] == K and answered < 1, answered
+
+        held = {}  # socket -> seconds from its connecting to the server's closing it
+        watch = stack.enter_context(selectors.DefaultSelector())
+        for conn in opened:
+            watch.register(conn, selectors.EVENT_READ)
+        deadline = max(opened.values()) + serve.HEAD_TIMEOUT + slack
+        for line in range(int(serve.HEAD_TIMEOUT + slack) + 2):  # a round a second, bounded by the deadline too
+            if len(held) == len(opened) or time.monotonic() > deadline:
+                break
+            for conn in slow:
+                if conn not in held:
+                    try:
+                        conn.sendall(f"X-Slow-{line}: 1\r\n".encode())
+                    except OSError:  # closed by the server since the last round
+                        held[conn] = time.monotonic() - opened[conn]
+                        watch.unregister(conn)
+            round_end = min(time.monotonic() + 1, deadline)
+            while len(held) < len(opened) and time.monotonic() < round_end:
+                for key, _ in watch.select(timeout=max(round_end - time.monotonic(), 0.001)):
+                    conn = key.fileobj
+                    try:
+                        data = conn.recv(1024)
+                    except ConnectionResetError:  # a slowloris line that crossed the close
+                        data = b""
+                        assert conn in slow
+                    assert data == b"", data  # closed without an answer: no request was made
+                    held[conn] = time.monotonic() - opened[conn]
+                    watch.unregister(conn)
+    assert len(held) == len(opened), f"{len(opened) - len(held)} of {len(opened)} connections still open"
+    assert all(serve.HEAD_TIMEOUT <= seconds <= serve.HEAD_TIMEOUT + slack for seconds in held.values()), \
+        sorted(held.values())
+
+
+def test_requests_that_http_cannot_parse_are_answered_in_json(searcher):
+    """h11's refusals, which uvicorn answers in plain text: each a JSON error that says what was wrong."""
+    head = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    cases = [(head + b"Host: 127.0.0.1\r\n\r\n", 400, "Found multiple Host: headers"),
+             (b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+              b"Content-Length: " + str(10**30).encode() + b"\r\n\r\n", 400, "bad Content-Length"),
+             (b"GARBAGE\r\n\r\n", 400, "illegal request line"),
+             (head + b"X-Pad: " + b"a" * serve.MAX_HEAD, 431, "longer than 16 KiB")]  # and no end of headers
+    with serving(create_app(searcher, k=K)) as address:
+        for request, status, message in cases:
+            error = json_answer(raw_answer(host_port(address), request), status)["error"]
+            assert message in error and "\n" not in error, (request[:80], error)
+        assert json_answer(raw_answer(host_port(address), INFO), 200)["k"] == K  # the server goes on
+
+
+def test_the_openapi_schema_is_not_served_without_the_docs_pages(searcher):
+    with serving(create_app(searcher, k=K)) as address:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+            assert json_answer(raw_answer(host_port(address), request), 404) == {"error": "Not Found"}, path
+
+
+def test_an_overloaded_server_answers_503_in_json_at_once(searcher, monkeypatch):
+    """More requests in progress than serve.MAX_REQUESTS, or connections open than
+    serve.MAX_CONNECTIONS (both made small here): the next request is a JSON 503, without waiting."""
+    entered, release = threading.Event(), threading.Event()
+    search_text = searcher.search_text
+
+    def held_search(*args):
+        entered.set()
+        release.wait(30)
+        return search_text(*args)
+
+    monkeypatch.setattr(searcher, "search_text", held_search)
+    monkeypatch.setattr(serve, "MAX_REQUESTS", 1)
+    search = b"GET /api/search?text=red HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with serving(create_app(searcher, k=K)) as address:
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(raw_answer(host_port(address), search, timeout=60)))
+        first.start()
+        try:
+            assert entered.wait(30), "the first search never started"
+            error = json_answer(raw_answer(host_port(address), INFO, timeout=5), 503)["error"]
+            assert error == "the server is busy: more than 1 requests in progress; try again shortly"
+        finally:
+            release.set()
+            first.join(60)
+        assert_hits(json_answer(answers[0], 200), K)  # the request in progress was served
+
+        monkeypatch.setattr(serve, "MAX_CONNECTIONS", 3)
+        with ExitStack() as stack:
+            for _ in range(3):
+                stack.enter_context(socket.create_connection(host_port(address), timeout=30))
+            error = json_answer(raw_answer(host_port(address), INFO, timeout=5), 503)["error"]
+            assert error == "the server is busy: more than 3 open connections; try again shortly"
+        for _ in range(50):  # the idle ones closed: answered again, once the server has seen them go
+            answer = raw_answer(host_port(address), INFO, timeout=5)
+            if answer[0] == 200:
+                break
+            time.sleep(0.1)
+        json_answer(answer, 200)
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -449,11 +609,12 @@ def test_the_command_prints_the_url_refuses_a_busy_port_and_stops_on_ctrl_c(run_
 
 @contextmanager
 def serving(app):
-    """uvicorn on a free port of 127.0.0.1 in a thread (no signal handlers there); yields the URL."""
+    """uvicorn on a free port of 127.0.0.1 in a thread (no signal handlers there), with the
+    command's settings (serve.server_config); yields the URL."""
     import uvicorn
 
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(serve.server_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -21,9 +21,10 @@ image}], encode_ms, search_ms} (server-side milliseconds) plus k. Every error is
 line>"}: 400 for a known error (unknown words, an unreadable image, a bad parameter, an image of
 more than --max-pixels, a Host header that is not this server's), 404 for a missing image or
 route, 413 for an upload over MAX_UPLOAD, 415 for an upload that is not image/* or
-application/octet-stream, 503 when the run's files cannot be read, 500 for anything else (its
-traceback goes to the server's log). Answers name files relative to the run and dataset folders,
-never by this machine's absolute paths.
+application/octet-stream, 503 when the run's files cannot be read or the server is busy, 500 for
+anything else (its traceback goes to the server's log); a request that HTTP cannot parse is
+answered 400 (431 for too long a header block) in the same shape (BoundedH11Protocol). Answers
+name files relative to the run and dataset folders, never by this machine's absolute paths.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations
@@ -36,10 +37,13 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Iterable
+from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scbch_dist import cli
 from scbch_dist.config import IndexSettings
@@ -48,10 +52,26 @@ from scbch_dist.retrieval.index import CODE_SPLITS
 from scbch_dist.retrieval.query import MAX_PIXELS, check_image
 from scbch_dist.retrieval.search import Searcher
 
+if TYPE_CHECKING:  # the serve extra: imported where it is used
+    import uvicorn
+
 MAX_K = 1000  # hits per search: a page of results, not a dump of the database
 MAX_UPLOAD = 32 << 20  # bytes of an uploaded query image
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # what this machine calls itself
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # --host values that listen on every address
+
+# What one client can hold of the server (BoundedH11Protocol, docs/search.md "Limits"). An open
+# connection costs a socket and a few KiB in asyncio, a request in progress a task, a thread of
+# the pool or a wait for the search lock: connections are bounded loosely and work tightly, so
+# that a hundred idle sockets do not lock others out, as one bound of 64 on both did.
+MAX_CONNECTIONS = 512  # open connections: below the usual limit of 1024 open files, which accept() must not hit
+MAX_REQUESTS = 64  # requests in progress (searches queue for one lock); beyond, 503 at once
+HEAD_TIMEOUT = 5.0  # seconds from connecting, or from the last answer, to a whole request line and headers:
+#                     one deadline, not renewed by each byte, so a client trickling a header line now and
+#                     then (slowloris) is closed as surely as one that sends nothing; a browser sends its
+#                     head at once
+KEEP_ALIVE_TIMEOUT = 5  # seconds an idle kept-alive connection is held after an answer (uvicorn's timeout_keep_alive)
+MAX_HEAD = 16 << 10  # bytes of a request line and headers still arriving (h11's max_incomplete_event_size)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: our lines land between its lines
 
@@ -63,6 +83,22 @@ class ServeError(ScbchError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def error_body(message: str) -> bytes:
+    """The bytes of an error answer, as JSONResponse writes them: {"error": message}."""
+    return json.dumps({"error": message}, separators=(",", ":")).encode()
+
+
+async def send_error(send, status: int, message: str, close: bool = False) -> None:
+    """Answer {"error": message} with ``status`` through the ASGI ``send``, for the layers below
+    FastAPI's error handlers; ``close``: and close the connection after it."""
+    body = error_body(message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def page() -> str:
@@ -140,10 +176,7 @@ class HostCheck:
             message = f"Host {name!r} is not a name of this server; to answer to it, start it with --allow-host {name}"
         else:
             message = f"a request needs one Host header, not {len(hosts)}"
-        body = json.dumps({"error": message}, separators=(",", ":")).encode()  # as JSONResponse writes it
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 400, message)
 
 
 # -- what answers say about files -------------------------------------------------------------------
@@ -267,7 +300,8 @@ def create_app(searcher: Searcher, *, k: int = 10, allowed_hosts: Iterable[str] 
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    app = FastAPI(title="scbch_dist search", docs_url=None, redoc_url=None)  # the docs pages need a CDN
+    # the docs pages need a CDN; without them, their schema is no answer of the service either
+    app = FastAPI(title="scbch_dist search", docs_url=None, redoc_url=None, openapi_url=None)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed={host_name(h) for h in allowed_hosts})
     raw_root = searcher.items.raw_root  # the images' folder: the dataset, or the one it was extracted from
@@ -344,6 +378,119 @@ def create_app(searcher: Searcher, *, k: int = 10, allowed_hosts: Iterable[str] 
     return app
 
 
+# -- the connections --------------------------------------------------------------------------------
+
+
+@cache
+def bounded_protocol() -> type:
+    """uvicorn's h11 protocol with this server's limits (for ``uvicorn.Config(http=...)``), made on
+    first use so that this module imports without uvicorn. What it changes:
+
+    - a connection that has not sent a whole request line and headers HEAD_TIMEOUT seconds after
+      it opened, or after its last answer, is closed without an answer. uvicorn closes only a
+      kept-alive connection that sends nothing at all after an answer, so a socket that never
+      sends, or sends a header line now and then, was held for ever;
+    - a request is answered 503 at once when more than MAX_REQUESTS are in progress or more than
+      MAX_CONNECTIONS connections are open. uvicorn's limit_concurrency is one bound on both,
+      which idle connections alone reach;
+    - a request that HTTP cannot parse (h11's error) is answered 400, or h11's status for it (431
+      for a header block over MAX_HEAD), and the 503 too, in JSON like every answer of the
+      service, where uvicorn answers in plain text.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # H11Protocol.handle_events runs self.app for each request: the limits come first
+            self.served_app, self.app = self.app, self.refuse_when_busy
+            self.head_timer = None  # the deadline of the request head awaited, while one is
+            self.cycle_awaited = None  # the request cycle when the deadline was set: a new cycle means a new head
+
+        # the deadline for a request head
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.await_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.check_head()
+
+        def on_response_complete(self) -> None:
+            if not self.transport.is_closing():  # an answer with Connection: close closes first
+                self.await_head()
+            super().on_response_complete()  # which may start a pipelined request already read
+            self.check_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_head_timer()
+            super().connection_lost(exc)
+
+        def await_head(self) -> None:
+            self.stop_head_timer()
+            self.cycle_awaited = self.cycle
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT, self.head_timed_out)
+
+        def check_head(self) -> None:
+            if self.cycle is not self.cycle_awaited:  # handle_events made a cycle: a whole head came
+                self.stop_head_timer()
+
+        def stop_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def head_timed_out(self) -> None:
+            self.head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()  # connection_lost follows, as for uvicorn's keep-alive timeout
+
+        # the answers uvicorn would give in plain text
+
+        async def refuse_when_busy(self, scope, receive, send) -> None:
+            # this request's task is in self.tasks already, and its connection in self.connections
+            if len(self.tasks) > MAX_REQUESTS:
+                message = f"the server is busy: more than {MAX_REQUESTS} requests in progress; try again shortly"
+            elif len(self.connections) > MAX_CONNECTIONS:
+                message = f"the server is busy: more than {MAX_CONNECTIONS} open connections; try again shortly"
+            else:
+                return await self.served_app(scope, receive, send)
+            self.logger.warning(message)
+            await send_error(send, 503, message, close=True)
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this from its `except h11.RemoteProtocolError:`, the error being handled,
+            # whose text says what was wrong and whose hint is the status h11 means for it
+            error = sys.exc_info()[1]
+            status = getattr(error, "error_status_hint", 400)
+            if status == 431:
+                message = f"the request line and headers are longer than {MAX_HEAD >> 10} KiB"
+            else:  # h11 may quote a bad header: cut to a line's length
+                message = f"not a valid HTTP request ({cli.one_line(error or msg)[:200]})"
+            body = error_body(message)
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def server_config(app, log_level: str = "info") -> "uvicorn.Config":
+    """uvicorn's settings for ``app``: the h11 parser with this server's limits (bounded_protocol:
+    connections, requests in progress, the deadline for a request head; limit_concurrency stays
+    unset, its single bound being the protocol's two), a bound on a header block still arriving
+    (h11's; httptools, were it installed, would ignore it), the keep-alive time, no websockets."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, http=bounded_protocol(), ws="none",
+                          h11_max_incomplete_event_size=MAX_HEAD, timeout_keep_alive=KEEP_ALIVE_TIMEOUT)
+
+
 def warm_up(searcher: Searcher) -> None:
     """Load the model now, so the first query's encode_ms is encoding, not loading; a run that
     cannot encode queries still serves stored-sample searches (the error comes with the query)."""
@@ -418,13 +565,9 @@ def main(argv: list[str] | None = None) -> None:
         info = searcher.describe()
         print(f"serving {info['run']} ({info['dataset']}, {info['method']}, {info['bits']} bits, {info['kind']} index, "
               f"{info['database']} database items)\nopen {url(sock)}  (Ctrl-C stops)", flush=True)
-        # uvicorn by default bounds neither connections nor requests in progress: here more than
-        # 64 are answered 503 at once, before a thread or a buffer is spent on them. Also bounded:
-        # a header block still arriving (h11's limit; httptools, were it installed, would ignore
-        # it, hence http="h11") and an idle kept-alive connection. No websockets are served.
-        config = uvicorn.Config(app, log_level="info", http="h11", ws="none", limit_concurrency=64,
-                                h11_max_incomplete_event_size=16 << 10, timeout_keep_alive=5)
-        server = uvicorn.Server(config)
+        # uvicorn by default bounds neither connections nor requests in progress nor the time a
+        # request head may take: server_config bounds each
+        server = uvicorn.Server(server_config(app))
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again for the caller
