@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -354,3 +355,47 @@ def test_a_search_replays_the_recipe_to_the_stored_features(raw, d2v, bow, which
         assert (got != stored["img"][i]).mean() < 0.02
     with pytest.raises(QueryError, match="unknown word 'zebra'"):
         encoder.text_features("a zebra")
+
+
+class _RunsCode:
+    """A pickle that runs a command when unpickled (what an attacker would put in a model file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_a_crafted_doc2vec_model_is_refused_before_it_is_unpickled(d2v, tmp_path, capsys):
+    """The Doc2Vec model is a pickle that search and serve load: meta.json records its folder's
+    manifest, which data.verify and the loader check first; a pickle naming anything a Doc2Vec model
+    does not hold is refused by the restricted unpickler even where no digest is recorded (a dataset
+    of an earlier version). Before: data.verify said ok, and the search ran the payload."""
+    import pickle
+
+    from conftest import one_line_exit
+    from scbch_dist.data import verify
+    from scbch_dist.models.encoders import ExtractError, check_doc2vec_folder, load_doc2vec
+
+    data = tmp_path / "data"
+    shutil.copytree(d2v, data)
+    text = json.loads((data / "meta.json").read_text())["source"]["text"]
+    folder = data / "doc2vec"
+    check_doc2vec_folder(folder, text["model_manifest_sha256"])  # as extracted: passes, and loads
+    assert load_doc2vec(folder / "model").vector_size == text["dim"]
+
+    marker = tmp_path / "ran"
+    (folder / "model").write_bytes(pickle.dumps(_RunsCode(marker)))
+    line = one_line_exit(capsys, verify.main, [str(data)])
+    assert line == f"{folder / 'model'}: 89 bytes, 49169 when it was written (truncated or changed since); extract the dataset again"
+    from scbch_dist.digests import write_manifest
+
+    write_manifest(folder)  # the manifest rewritten to match: meta.json's record of it still differs
+    with pytest.raises(ExtractError, match=rf"^{folder / 'manifest.json'}: not the manifest the dataset's meta.json records"):
+        check_doc2vec_folder(folder, text["model_manifest_sha256"])
+    with pytest.raises(ExtractError, match=rf"^{folder / 'model'}: refused as a Doc2Vec model \(UnpicklingError: it names "
+                                           r"posix\.system, which no Doc2Vec model holds"):
+        load_doc2vec(folder / "model")  # no digest to check (an earlier version's dataset): still refused
+    assert not marker.exists()

@@ -156,6 +156,11 @@ def verify_dataset(root: str | Path, *, checksums: bool = True, progress: bool =
             tables.append(path.stem)
     if meta.raw:
         read_vocab(root)
+    text = meta.source.get("text", {}) if isinstance(meta.source.get("text"), dict) else {}
+    if text.get("model_manifest_sha256"):  # a Doc2Vec model is a pickle: its files against meta.json's digest
+        from scbch_dist.models.encoders import check_doc2vec_folder
+
+        check_doc2vec_folder((root / text["model"]).parent, text["model_manifest_sha256"])
     summary: dict = {}
     with _progress(sum(len(meta.splits[s].shards) for s in SPLITS), progress) as bar:
         for split in SPLITS:

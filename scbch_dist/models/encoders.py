@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,26 @@ from scbch_dist.data.format import ShardError, sha256_file, text_words
 from scbch_dist.errors import ScbchError
 
 DOC2VEC_DIR = "doc2vec"
+# What the pickle of a gensim Doc2Vec model names (module, name): its own classes, numpy's arrays and
+# random state, a few builtins, the stable hash it is trained with. Unpickling calls what a pickle
+# names, so anything else (os.system, builtins.eval, subprocess.Popen, ...) is a file crafted to run
+# code: refused before it is called (docs/search.md, "Files that could run code").
+DOC2VEC_PICKLE_GLOBALS = frozenset({
+    ("gensim.models.doc2vec", "Doc2Vec"), ("gensim.models.keyedvectors", "KeyedVectors"),
+    ("gensim.utils", "call_on_class_only"), ("scbch_dist.models.encoders", "_stable_hash"),
+    ("builtins", "hash"), ("builtins", "int"), ("builtins", "float"), ("builtins", "complex"), ("builtins", "str"),
+    ("builtins", "bytes"), ("builtins", "bytearray"), ("builtins", "list"), ("builtins", "tuple"),
+    ("builtins", "dict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "object"), ("copyreg", "_reconstructor"),
+    ("collections", "defaultdict"), ("collections", "OrderedDict"), ("collections", "Counter"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy.random._pickle", "__randomstate_ctor"), ("numpy.random._pickle", "__bit_generator_ctor"),
+    ("numpy.random._pickle", "__generator_ctor"), ("numpy.random._mt19937", "MT19937"),
+    ("numpy.random.mtrand", "RandomState"),
+})
+_GENSIM_LOAD = threading.Lock()  # the restricted unpickler is swapped into gensim for one load at a time
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
@@ -249,7 +271,7 @@ class Doc2VecText:
             self.model.save(str(tmp / "model"))
 
     def load(self, folder: Path) -> None:
-        self.model = import_gensim().models.Doc2Vec.load(str(folder / "model"))
+        self.model = load_doc2vec(folder / "model")
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(n,) str -> (n, dim) float32."""
@@ -287,6 +309,65 @@ def _infer_doc2vec(model, words: list[str], seed: int) -> np.ndarray:
                               doctag_vectors=vec, doctags_lockf=lockf)
         alpha -= alpha_delta
     return vec[0]
+
+
+class _Doc2VecUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only DOC2VEC_PICKLE_GLOBALS."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in DOC2VEC_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no Doc2Vec model holds (a file crafted to "
+                                         "run code when unpickled)")
+        return super().find_class(module, name)
+
+
+def seal_doc2vec_folder(folder: Path) -> str:
+    """Write the manifest of a Doc2Vec model folder (every file's size and sha256); returns the
+    sha256 of the manifest itself, which the dataset's meta.json records."""
+    from scbch_dist.digests import MANIFEST, write_manifest
+
+    write_manifest(folder)
+    return sha256_file(folder / MANIFEST)
+
+
+def check_doc2vec_folder(folder: Path, manifest_sha256: str | None) -> None:
+    """A dataset's Doc2Vec model folder against the manifest sha256 its meta.json records: the
+    manifest, and every file against it. An ExtractError naming the file; a dataset extracted
+    before models were sealed (None) is left to the restricted unpickler alone."""
+    from scbch_dist.digests import MANIFEST, IntegrityError, verify_manifest
+
+    if manifest_sha256 is None:
+        return
+    manifest = folder / MANIFEST
+    if not manifest.is_file() or sha256_file(manifest) != manifest_sha256:
+        raise ExtractError(f"{manifest}: {'missing' if not manifest.is_file() else 'not the manifest'} the dataset's "
+                           "meta.json records for its Doc2Vec model (replaced since extraction?); extract the dataset again")
+    try:
+        verify_manifest(folder)
+    except IntegrityError as e:
+        raise ExtractError(f"{e}; extract the dataset again") from None
+
+
+def load_doc2vec(path: Path):
+    """A gensim Doc2Vec model saved by ``Doc2VecText.save``, unpickled by ``_Doc2VecUnpickler``: a
+    pickle that names anything else is an ExtractError naming the file, and nothing it names is
+    called. gensim's own loader is kept (its array side files, its fix-ups) with its one unpickling
+    function swapped for the restricted one during the call."""
+    gensim = import_gensim()
+
+    def restricted(fname):
+        with open(fname, "rb") as f:
+            return _Doc2VecUnpickler(f, encoding="latin1").load()  # latin1: as gensim reads its pickles
+
+    with _GENSIM_LOAD:
+        original, gensim.utils.unpickle = gensim.utils.unpickle, restricted
+        try:
+            return gensim.models.Doc2Vec.load(str(path))
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, OSError) as e:
+            raise ExtractError(f"{path}: refused as a Doc2Vec model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               "extract the dataset again to write it anew") from None
+        finally:
+            gensim.utils.unpickle = original
 
 
 def import_gensim():

@@ -228,12 +228,17 @@ class QueryEncoder:
 
     @cached_property
     def _doc2vec(self):
-        from scbch_dist.models.encoders import Doc2VecText
+        from scbch_dist.models.encoders import Doc2VecText, ExtractError, check_doc2vec_folder
 
         source = self.meta.source["text"]
         names = ("dim", "epochs", "window", "min_count", "dm", "negative", "sample", "seed")
         text = Doc2VecText(**{k: source[k] for k in names if k in source})
-        text.load((self.root / source["model"]).parent)
+        folder = (self.root / source["model"]).parent
+        try:
+            check_doc2vec_folder(folder, source.get("model_manifest_sha256"))
+            text.load(folder)
+        except ExtractError as e:
+            raise QueryError(f"{e}; or query a stored sample with --id N") from None
         return text
 
     def _clip(self, part: str):
