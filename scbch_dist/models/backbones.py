@@ -127,7 +127,10 @@ class EfficientNetLite0Image(_ImageBackbone):
         net = EfficientNet.from_name("efficientnet-lite0")
         path = efficientnet_lite0_package_weights() if weights == "package" else _weights_file(weights, "model.image.weights")
         if path is not None:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # weights_only: torch's own unpickler, which builds tensors and containers and calls nothing else
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+                raise WeightsError(f"model.image.weights: {path} is not a readable state dict ({first_line(e)})") from None
             missing, unexpected = net.load_state_dict(state, strict=False)
             if missing or [k for k in unexpected if not k.startswith("_fc.")]:
                 raise WeightsError(f"model.image.weights: {path} is not an EfficientNet-Lite0 state dict "
