@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -419,3 +420,29 @@ def test_a_wrong_but_valid_noise_table_file_never_trains(dataset):
     np.save(record, np.zeros_like(want))
     table, _ = training_labels(dataset, meta, "mixed:0.5", seed=1)
     assert np.array_equal(table, want) and np.array_equal(np.load(record), want)
+
+
+@pytest.mark.slow
+def test_a_shard_changed_in_place_mid_run_stops_the_run_naming_it(tiny_dataset, tmp_path, monkeypatch):
+    """The preflight checks every shard once; a training shard changed after epoch 1 (a feature's
+    low mantissa byte: still finite) is found as epoch 2 reads it, and the run stops naming it,
+    its last checkpoint that of epoch 1 (before: exit 0, other results, the original fingerprint)."""
+    from conftest import tiny_args
+    from scbch_dist.engine import loop
+    from scbch_dist.engine.checkpoint import latest_checkpoint
+    from scbch_dist.train import main
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_dataset, data)
+    shard = data / "train-000001.tar"
+    train_one_epoch = loop.train_one_epoch
+
+    def change_after_epoch_1(run, progress):
+        if progress.epoch == 1:
+            flip_feature_byte(shard)
+        return train_one_epoch(run, progress)
+
+    monkeypatch.setattr(loop, "train_one_epoch", change_after_epoch_1)
+    with pytest.raises(ShardError, match=rf"^{shard}: changed while the run was reading the dataset"):
+        main(tiny_args(data, run_dir, "train.epochs=3", "eval.every=3", "run.tensorboard=false"))
+    assert latest_checkpoint(run_dir).name == "epoch-0001" and not (run_dir / "summary.json").exists()

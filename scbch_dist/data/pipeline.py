@@ -25,6 +25,7 @@ order, and yields blocks with their ids; consumers write rows into tables by id.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing
 from dataclasses import dataclass
@@ -59,24 +60,91 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def read_blocks(urls: list[str], meta: DatasetMeta, split: str) -> Iterator[Block]:
-    """Validated blocks of the given shards, in order; checks each shard's sample count."""
-    expected = dict(zip(meta.splits[split].shards, meta.splits[split].shard_counts))
+class DigestedShard:
+    """A local shard read through: the sha256 of every byte the tar reader takes, completed at the
+    shard's end (``finish``: the rest read too) for comparison with the digest meta.json records.
+    The preflight checks every shard once; this catches a shard changed in place later, while
+    epochs read it (16 bytes XOR'd after epoch 1 went unnoticed and trained on). Hashing rides
+    along the read: no second pass over the file."""
+
+    def __init__(self, path: str, sha256: str | None):
+        self.path, self.expected, self.digest = path, sha256, hashlib.sha256()
+        try:
+            self.file = open(path, "rb")
+        except FileNotFoundError:
+            raise ShardError(f"{path}: missing (deleted or moved while the run was reading the dataset)") from None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.file.read(n)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> None:
+        """Hash what the reader left (the tar's end blocks) and close."""
+        if not self.file.closed:
+            while block := self.file.read(1 << 20):
+                self.digest.update(block)
+            self.file.close()
+
+    def check(self) -> None:
+        """After ``finish``: a ShardError when the bytes read differ from meta.json's digest."""
+        if self.expected is not None and self.digest.hexdigest() != self.expected:
+            raise ShardError(f"{self.path}: changed while the run was reading the dataset (its sha256 differs from "
+                             "the one in meta.json, which the preflight checked); restore the shard and resume the run "
+                             "from its last checkpoint")
+
+
+def _open_shards(urls: list[str], sha256: dict[str, str], opened: dict[str, DigestedShard]) -> Iterator[dict]:
+    """{"url", "stream"} for webdataset's tar expander, one shard after another; a local shard is a
+    DigestedShard (kept in ``opened``), finished when the expander asks for the next one or the end."""
+    previous = None
+    for url in urls:
+        if previous is not None:
+            previous.finish()
+        previous = opened[url] = DigestedShard(url, sha256.get(Path(url).name)) if _is_local(url) else None
+        yield {"url": url, "stream": previous if previous is not None else wds.gopen(url)}
+    if previous is not None:
+        previous.finish()
+
+
+def read_blocks(urls: list[str], meta: DatasetMeta, split: str, *, check_digests: bool = True) -> Iterator[Block]:
+    """Validated blocks of the given shards, in order. After each shard: its sample count against
+    meta.json, then (``check_digests``, local shards with a recorded sha256) the sha256 of the
+    bytes read (DigestedShard); a shard's error comes before the next shard's first block."""
+    info = meta.splits[split]
+    expected = dict(zip(info.shards, info.shard_counts))
     for url in urls:
         if _is_local(url):  # streamed URLs rely on the count check below
             if not Path(url).is_file():
                 raise ShardError(f"{url}: missing (deleted or moved while the run was reading the dataset)")
             check_tar_end(url)
     seen = {u: 0 for u in urls}
-    groups = wds.tarfile_to_samples(handler=_reraise_as_shard_error)([{"url": u} for u in urls])
+    opened: dict[str, DigestedShard] = {}
+    streams = _open_shards(urls, dict(zip(info.shards, info.sha256)) if check_digests else {}, opened)
+    files = wds.tariterators.tar_file_expander(streams, handler=_reraise_as_shard_error)
+    groups = wds.tariterators.group_by_keys(files, handler=_reraise_as_shard_error)
+    done = iter(urls)  # the shards in the order they are read: each is over when a later one's block comes
+
+    def over(until: str | None) -> None:
+        for url in done:
+            want = expected.get(Path(url).name)
+            if want is not None and seen[url] != want:
+                raise ShardError(f"{url}: holds {seen[url]} samples, meta.json says {want} (truncated tar?)")
+            if url in opened:
+                opened[url].check()
+            if url == until:
+                return
+
+    current = None
     for group in groups:
+        url = group["__url__"]
+        if url != current and current is not None:
+            over(current)
+        current = url
         block = decode_group(group, meta, split)
-        seen[group["__url__"]] += len(block["id"])
+        seen[url] += len(block["id"])
         yield block
-    for url, n in seen.items():
-        want = expected.get(Path(url).name)
-        if want is not None and n != want:
-            raise ShardError(f"{url}: holds {n} samples, meta.json says {want} (truncated tar?)")
+    over(None)
 
 
 def _concat(blocks: list[Block]) -> Block:
