@@ -266,16 +266,17 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tiny_datas
 # the run lock
 
 
-def _race(path: str, start: float, out) -> None:
+def _race(path: str, start: float, out, tried) -> None:
     while time.time() < start:
         time.sleep(0.001)
     try:
         rundir.RunLock(Path(path)).acquire()
     except RunDirError:
         out.put(0)
+        tried.wait(60)
         return
-    time.sleep(0.15)  # hold it while the others try
     out.put(os.getpid())
+    tried.wait(60)  # hold it until every process has tried (a fixed time let a late starter find it free under load)
 
 
 def test_many_processes_taking_over_a_stale_lock_leave_one_holder(tmp_path):
@@ -286,8 +287,8 @@ def test_many_processes_taking_over_a_stale_lock_leave_one_holder(tmp_path):
         folder = tmp_path / f"t{trial}"
         folder.mkdir()
         (folder / "run.lock").write_text(stale)
-        out = ctx.Queue()
-        procs = [ctx.Process(target=_race, args=(str(folder), time.time() + 0.15, out)) for _ in range(8)]
+        out, tried = ctx.Queue(), ctx.Barrier(8)
+        procs = [ctx.Process(target=_race, args=(str(folder), time.time() + 0.15, out, tried)) for _ in range(8)]
         for p in procs:
             p.start()
         for p in procs:
