@@ -49,6 +49,64 @@ class HammingIndexError(ScbchError, ValueError):
     the setting or file."""
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values one numeric setting takes, ``low`` to ``high``: checked before any work and said
+    in the command's --help, from this one place."""
+
+    flag: str  # the command-line option that sets it
+    low: int | float
+    high: int | float
+    meaning: str
+
+    def check(self, value: int | float) -> None:
+        if not self.low <= value <= self.high:  # NaN too: no comparison holds
+            raise HammingIndexError(f"{self.flag} {value}: must be {self.low} to {self.high} ({self.meaning})")
+
+
+# Upper bounds: FAISS allocates what a setting asks, with no limit of its own (nlist 10^12 is a
+# bad_alloc; HNSW keeps 2M int32 links a code at level 0, so M 10^5 is 800 KB a code; a search
+# beam of ef is a heap of ef entries a thread: ef_search 10^8 took 1.5 GB for 5 queries), and past
+# these values a setting buys nothing but memory and time.
+MAX_NLIST = 1 << 16  # FAISS's guide gives 65536 lists to 1M-10M codes; the k-means costs ~nlist^2
+MAX_HNSW_M = 256  # FAISS and the HNSW paper use 4 to 64; 256 links take 2 KiB a code (20 GiB at 10M)
+MAX_EF = 1 << 16  # FAISS keeps ef in a C int (OverflowError from 2^31)
+MAX_HASH_BITS = 63  # a table's key is one 64-bit word in FAISS's multi-hash index
+
+# Every numeric setting of IndexSettings, with its command-line option (docs/search.md, "Every
+# numeric option has a range"). The lower bounds are FAISS's, each value below them tried: HNSW M 0
+# aborts the process (SIGABRT) and M 1 crashes it (SIGSEGV); nprobe 0 is a FAISS error and -1 an
+# OverflowError; an ef_search of 0 returns one code; hash_bits -1 crashes. 0 means automatic where
+# the meaning says so (IndexSettings). The seed is FAISS's C int, and numpy's sampler takes no
+# negative one.
+SETTINGS = {
+    "nlist": Bound("--nlist", 0, MAX_NLIST, "ivf: lists; 0: about sqrt(N), at most 1024"),
+    "nprobe": Bound("--nprobe", 1, MAX_NLIST, "ivf: lists scanned per query; more than nlist scans all"),
+    "hnsw_m": Bound("--hnsw-m", 2, MAX_HNSW_M, "hnsw: links per code"),
+    "ef_construction": Bound("--ef-construction", 1, MAX_EF, "hnsw: build beam"),
+    "ef_search": Bound("--ef-search", 1, MAX_EF, "hnsw: search beam"),
+    "hash_bits": Bound("--hash-bits", 0, MAX_HASH_BITS, "hash: bits per table; 0: about log2(N)"),
+    "hash_tables": Bound("--hash-tables", 0, MAX_BITS, "hash: tables; 0: as many as fit in the code"),
+    "hash_flips": Bound("--hash-flips", 0, MAX_HASH_BITS,
+                        "hash: bits flipped when probing a table, at most its --hash-bits"),
+    "seed": Bound("--seed", 0, 2**31 - 1, "ivf: k-means seed"),
+}
+
+
+def check_settings(settings: IndexSettings) -> None:
+    """Refuse, by option, value and range, a setting out of its ``SETTINGS`` bound."""
+    for name, bound in SETTINGS.items():
+        bound.check(getattr(settings, name))
+
+
+def check_flips(flips: int, hash_bits: int) -> None:
+    """FAISS's multi-hash probing never ends when asked to flip more bits than a table's key has
+    (tried: 17 flips of 16-bit keys ran until killed), so that is refused too."""
+    if flips > hash_bits:
+        raise HammingIndexError(f"--hash-flips {flips}: must be 0 to {hash_bits}, the bits of a table of this "
+                                f"index (--hash-bits {hash_bits})")
+
+
 def faiss_module():
     try:
         import faiss
@@ -93,6 +151,7 @@ class Resolved:
 
 def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolved:
     """Fill the automatic (0) settings for ``count`` codes of ``bits`` bits; refuse bad ones by name."""
+    check_settings(settings)
     if kind not in KINDS:
         raise HammingIndexError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     if not 1 <= bits <= MAX_BITS:
@@ -119,8 +178,9 @@ def resolve(settings: IndexSettings, kind: str, bits: int, count: int) -> Resolv
     if hash_bits * tables > width:
         raise HammingIndexError(f"index.hash_tables={tables} x index.hash_bits={hash_bits} = {hash_bits * tables} bits, "
                                 f"more than the {width} bits of a code")
-    if hash_bits > 63:
-        raise HammingIndexError(f"index.hash_bits={hash_bits}: at most 63 bits a table")
+    if hash_bits > MAX_HASH_BITS:
+        raise HammingIndexError(f"index.hash_bits={hash_bits}: at most {MAX_HASH_BITS} bits a table")
+    check_flips(settings.hash_flips, hash_bits)
     return Resolved(kind, bits, count, hash_bits=hash_bits, hash_tables=tables, hash_flips=settings.hash_flips)
 
 
@@ -186,6 +246,7 @@ def configure(index, settings: Resolved) -> None:
     elif settings.kind == "hnsw":
         index.hnsw.efSearch = max(settings.ef_search, 1)
     elif settings.kind == "hash":
+        check_flips(settings.hash_flips, settings.hash_bits)  # a search-time override may ask more
         index.nflip = settings.hash_flips
 
 

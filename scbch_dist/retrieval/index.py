@@ -41,8 +41,8 @@ from scbch_dist import cli, metrics
 from scbch_dist.retrieval import hamming
 from scbch_dist.retrieval.hamming import HammingIndexError
 from scbch_dist.config import IndexSettings, migrate, read_run_config
-from scbch_dist.digests import (IntegrityError, arrays_sha256, read_sealed_json, sha256_file, verify_manifest,
-                                write_manifest, write_sealed_json)
+from scbch_dist.digests import (IntegrityError, arrays_sha256, missing_digest, read_sealed_json, sealed_run,
+                                sha256_file, verify_manifest, write_manifest, write_sealed_json)
 from scbch_dist.engine.encode import AUTOCAST_DTYPES
 from scbch_dist.engine.evaluate import CODES_DIGEST
 from scbch_dist.errors import first_line
@@ -53,6 +53,12 @@ MODALITIES = ("img", "txt")
 CODE_SPLITS = ("query", "database")  # the splits codes.npz holds
 SEARCH_KNOBS = ("nprobe", "ef_search", "hash_flips")  # settings a search may change without a rebuild
 CHECK_FAILED = 1  # exit status of a check that ran and found a problem (2: it could not run, cli.EXIT_ERROR)
+# check's own options (the index settings' bounds are hamming.SETTINGS). A k above the database's
+# size is measured at that size (hamming.search asks FAISS for min(k, N) codes), so a large k costs
+# nothing; its bound only refuses what is surely a slip (-k 1000000000000) instead of printing a
+# recall@k that was measured at another k.
+K = hamming.Bound("-k", 1, 1 << 20, "recall@k; a k above the database's size is measured at that size")
+MIN_RECALL = hamming.Bound("--min-recall", 0.0, 1.0, "fail when recall@k is below this; 0: report only")
 
 
 def _config_without_outputs(config: dict) -> dict:
@@ -123,6 +129,8 @@ def read_codes(path: Path) -> dict[str, np.ndarray]:
             raise
         raise HammingIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first_line(e)}); {again}") from None
     stored = arrays.pop(CODES_DIGEST, None)
+    if stored is None and sealed_run(path.parent):  # written with its digest, which was removed
+        raise HammingIndexError(f"{missing_digest(path, f'{CODES_DIGEST!r} member')}; {again}")
     if stored is not None and str(stored) != arrays_sha256(arrays):
         raise HammingIndexError(f"{path}: its content differs from the sha256 it was written with (corrupted); {again}")
     if "bits" not in arrays:
@@ -149,8 +157,13 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
     run_dir = Path(run_dir)
     if split not in CODE_SPLITS:
         raise HammingIndexError(f"--split {split!r}: codes.npz holds {' and '.join(CODE_SPLITS)}")
+    hamming.check_settings(settings)  # before the lock: a refused setting leaves nothing behind
     with RunLock(run_dir, create=False):
         codes = RunCodes.load(run_dir)
+        # every setting resolved, and refused, before a file is written (hash_flips against the
+        # resolved hash_bits, nlist against the count)
+        resolved = {m: hamming.resolve(settings, settings.kind, codes.bits, len(codes.codes[f"{split}_{m}"]))
+                    for m in MODALITIES}
         target = index_dir(run_dir, split, settings.kind)
         record = {"format": FORMAT, "kind": settings.kind, "split": split, "bits": codes.bits,
                   "count": len(codes.labels[split]), "codes_sha256": codes.sha256, "model_sha256": codes.model_sha256,
@@ -161,14 +174,13 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
         with atomic_directory(staged) as tmp:
             for m in MODALITIES:
                 data = codes.codes[f"{split}_{m}"]
-                resolved = hamming.resolve(settings, settings.kind, codes.bits, len(data))
                 t0 = time.perf_counter()
-                index = hamming.build(data, resolved, seed=settings.seed)
+                index = hamming.build(data, resolved[m], seed=settings.seed)
                 seconds = time.perf_counter() - t0
                 hamming.write(index, tmp / f"{m}.faissindex")
-                record["modalities"][m] = {"file": f"{m}.faissindex", "settings": resolved.to_dict(),
+                record["modalities"][m] = {"file": f"{m}.faissindex", "settings": resolved[m].to_dict(),
                                            "build_seconds": round(seconds, 4)}
-                log(f"{m}: {resolved.kind} index of {len(data)} codes of {codes.bits} bits in {seconds:.2f} s")
+                log(f"{m}: {resolved[m].kind} index of {len(data)} codes of {codes.bits} bits in {seconds:.2f} s")
             atomic_save_npy(tmp / "ids.npy", np.arange(record["count"], dtype=np.int64))
             write_sealed_json(tmp / "index.json", record)
             write_manifest(tmp)  # the digests an opened index is checked against: a damaged file is never searched
@@ -196,6 +208,9 @@ class RunIndex:
     @classmethod
     def open(cls, run_dir: str | Path, codes: RunCodes, *, split: str = "database", kind: str = "flat",
              overrides: dict | None = None) -> RunIndex:
+        overrides = {k: v for k, v in (overrides or {}).items() if k in SEARCH_KNOBS and v is not None}
+        for name, value in overrides.items():  # (check and search take them from their command line)
+            hamming.SETTINGS[name].check(value)
         path = index_dir(run_dir, split, kind)
         if not (path / "index.json").is_file():
             raise HammingIndexError(f"{path}: no {kind} index of the {split} codes; build it: python -m scbch_dist.retrieval.index "
@@ -219,8 +234,7 @@ class RunIndex:
             indexes, settings = {}, {}
             for m in MODALITIES:
                 stored = record["modalities"][m]["settings"]
-                resolved = hamming.Resolved(**{**stored, **{k: v for k, v in (overrides or {}).items()
-                                                            if k in SEARCH_KNOBS and v is not None and k in stored}})
+                resolved = hamming.Resolved(**{**stored, **{k: v for k, v in overrides.items() if k in stored}})
                 indexes[m] = hamming.read(path / record["modalities"][m]["file"], resolved)
                 settings[m] = resolved
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # an index of an earlier version, damaged
@@ -256,12 +270,14 @@ def check(run_dir: str | Path, *, split: str = "database", kind: str = "flat", k
     Full rankings are compared while queries x database <= ``max_entries``; beyond, the first
     ``max_entries // N`` queries."""
     run_dir = Path(run_dir)
+    K.check(k)
     codes = RunCodes.load(run_dir)
     index = RunIndex.open(run_dir, codes, split=split, kind=kind, overrides=overrides)
     other = "query" if split == "database" else "database"
     summary_path = run_dir / "summary.json"
     try:
-        summary = read_sealed_json(summary_path).get("final") or {} if summary_path.is_file() else {}
+        summary = (read_sealed_json(summary_path, required=sealed_run(run_dir)).get("final") or {}
+                   if summary_path.is_file() else {})
     except IntegrityError as e:
         raise HammingIndexError(str(e)) from None
     rows = []
@@ -311,12 +327,23 @@ def failures(rows: list[dict], *, min_recall: float = 0.0) -> list[str]:
 # command line
 
 
-def _add_settings(p: argparse.ArgumentParser) -> None:
-    d = IndexSettings()
-    p.add_argument("--nprobe", type=int, help=f"ivf: lists scanned per query (default {d.nprobe})")
-    p.add_argument("--ef-search", dest="ef_search", type=int, help=f"hnsw: search beam (default {d.ef_search})")
-    p.add_argument("--hash-flips", dest="hash_flips", type=int,
-                   help=f"hash: bits flipped when probing a table (default {d.hash_flips})")
+def _bounded(p: argparse.ArgumentParser, bound: hamming.Bound, dest: str, *, shown, kind: type = int,
+             default=None) -> None:
+    """An option whose --help states its range, from the bound that ``_check_options`` applies.
+    The index settings default to None, which settings_from leaves to IndexSettings (or the index as built)."""
+    p.add_argument(bound.flag, dest=dest, type=kind, default=default,
+                   help=f"{bound.meaning}; {bound.low} to {bound.high} (default {shown})")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Every numeric option against its bound, before anything is read or written: FAISS aborts
+    the process, never returns or allocates without limit on some values out of range."""
+    for name, bound in hamming.SETTINGS.items():
+        if getattr(args, name, None) is not None:
+            bound.check(getattr(args, name))
+    if args.command == "check":
+        K.check(args.k)
+        MIN_RECALL.check(args.min_recall)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,18 +357,15 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("run_dir", type=Path)
         q.add_argument("--split", default="database", choices=CODE_SPLITS)
         q.add_argument("--kind", default=d.kind, choices=hamming.KINDS)
-        _add_settings(q)
-    b.add_argument("--nlist", type=int, help="ivf: lists (default: about sqrt(N))")
-    b.add_argument("--hnsw-m", dest="hnsw_m", type=int, help=f"hnsw: links per code (default {d.hnsw_m})")
-    b.add_argument("--ef-construction", dest="ef_construction", type=int,
-                   help=f"hnsw: build beam (default {d.ef_construction})")
-    b.add_argument("--hash-bits", dest="hash_bits", type=int, help="hash: bits per table (default: about log2(N))")
-    b.add_argument("--hash-tables", dest="hash_tables", type=int, help="hash: tables (default: as many as fit)")
-    b.add_argument("--seed", type=int, help=f"ivf: k-means seed (default {d.seed})")
-    c.add_argument("-k", type=int, default=10, help="recall@k (default 10)")
-    c.add_argument("--min-recall", type=float, default=0.0,
-                   help="fail when recall@k is below this (approximate kinds; default 0: report only)")
+    for name in SEARCH_KNOBS:  # search-time settings: check tries them on the built index
+        _bounded(b, hamming.SETTINGS[name], name, shown=getattr(d, name))
+        _bounded(c, hamming.SETTINGS[name], name, shown="as built")
+    for name in ("nlist", "hnsw_m", "ef_construction", "hash_bits", "hash_tables", "seed"):
+        _bounded(b, hamming.SETTINGS[name], name, shown=getattr(d, name))
+    _bounded(c, K, "k", shown=10, default=10)
+    _bounded(c, MIN_RECALL, "min_recall", shown=0.0, kind=float, default=0.0)
     args = p.parse_args(argv)
+    _check_options(args)
     if args.command == "build":
         path = build(args.run_dir, split=args.split, settings=settings_from(args))
         print(f"wrote {path}", file=sys.stderr)
