@@ -219,3 +219,23 @@ def verify_listed(folder: str | Path, name: str) -> bool:
     manifest, files = found
     _check_entry(folder, manifest, name, files.get(name))
     return True
+
+
+def seal_folder(folder: str | Path) -> str:
+    """Write ``folder``'s manifest; returns the sha256 of the manifest itself, for a record kept
+    elsewhere (a dataset's meta.json records its Doc2Vec model folder's)."""
+    write_manifest(folder)
+    return sha256_file(Path(folder) / MANIFEST)
+
+
+def check_sealed_folder(folder: str | Path, manifest_sha256: str, remedy: str) -> None:
+    """``folder`` against the manifest sha256 recorded elsewhere: the manifest, then every file
+    against it. An IntegrityError naming the file and ending in ``remedy``."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file() or sha256_file(manifest) != manifest_sha256:
+        raise IntegrityError(f"{manifest}: {'missing' if not manifest.is_file() else 'not the manifest'} that was "
+                             f"recorded for {folder} (replaced since?); {remedy}")
+    try:
+        verify_manifest(folder)
+    except IntegrityError as e:
+        raise IntegrityError(f"{e}; {remedy}") from None

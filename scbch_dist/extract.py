@@ -53,10 +53,11 @@ from scbch_dist.data.format import (
     read_vocab, sha256_file,
 )
 from scbch_dist.data.pipeline import read_blocks
-from scbch_dist.models.encoders import (DOC2VEC_DIR, seal_doc2vec_folder, FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, BowText, ClipFeatures,
+from scbch_dist.models.encoders import (DOC2VEC_DIR, FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, BowText, ClipFeatures,
                                         Doc2VecText, ExtractError, Preprocess, import_gensim, import_torchvision)
 from scbch_dist import cli
 from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
+from scbch_dist.digests import seal_folder
 
 EXTRACT_VERSION = 1  # part of the settings fingerprint: bump when a change alters the features
 SETTINGS_FILE = "settings.json"
@@ -339,7 +340,7 @@ def _assemble(job: _Job, out: Path, *, name: str, source: dict, samples_per_shar
             shutil.copytree(job.partial / DOC2VEC_DIR, tmp / DOC2VEC_DIR)
             # the model is a pickle: its files' digests go into meta.json, which every reader checks first
             source = {**source, "text": {**source["text"], "model": f"{DOC2VEC_DIR}/model",
-                                         "model_manifest_sha256": seal_doc2vec_folder(tmp / DOC2VEC_DIR)}}
+                                         "model_manifest_sha256": seal_folder(tmp / DOC2VEC_DIR)}}
         meta = DatasetMeta(name=name, classes=list(job.meta.classes), fields=spec, splits=infos, layout="block",
                            block_size=block_size, source={**source, "devices": sorted(devices)},
                            noise_tables=tables)

@@ -33,6 +33,7 @@ from scbch_dist import cli
 from scbch_dist.data.format import SPLITS, DatasetMeta, ShardError, meta_path, read_meta, read_vocab, sha256_file
 from scbch_dist.data.labels import check_label_table, clean_training_labels, load_label_file, sample_key
 from scbch_dist.data.pipeline import read_blocks
+from scbch_dist.digests import check_sealed_folder
 from scbch_dist.atomic import atomic_write_json
 
 
@@ -159,9 +160,7 @@ def verify_dataset(root: str | Path, *, checksums: bool = True, progress: bool =
         read_vocab(root)
     text = meta.source.get("text", {}) if isinstance(meta.source.get("text"), dict) else {}
     if text.get("model_manifest_sha256"):  # a Doc2Vec model is a pickle: its files against meta.json's digest
-        from scbch_dist.models.encoders import check_doc2vec_folder
-
-        check_doc2vec_folder((root / text["model"]).parent, text["model_manifest_sha256"])
+        check_sealed_folder((root / text["model"]).parent, text["model_manifest_sha256"], "extract the dataset again")
     summary: dict = {}
     with _progress(sum(len(meta.splits[s].shards) for s in SPLITS), progress) as bar:
         for split in SPLITS:

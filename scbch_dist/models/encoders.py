@@ -321,31 +321,17 @@ class _Doc2VecUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def seal_doc2vec_folder(folder: Path) -> str:
-    """Write the manifest of a Doc2Vec model folder (every file's size and sha256); returns the
-    sha256 of the manifest itself, which the dataset's meta.json records."""
-    from scbch_dist.digests import MANIFEST, write_manifest
-
-    write_manifest(folder)
-    return sha256_file(folder / MANIFEST)
+DOC2VEC_REMEDY = "extract the dataset again"
 
 
 def check_doc2vec_folder(folder: Path, manifest_sha256: str | None) -> None:
-    """A dataset's Doc2Vec model folder against the manifest sha256 its meta.json records: the
-    manifest, and every file against it. An ExtractError naming the file; a dataset extracted
-    before models were sealed (None) is left to the restricted unpickler alone."""
-    from scbch_dist.digests import MANIFEST, IntegrityError, verify_manifest
+    """A dataset's Doc2Vec model folder against the manifest sha256 its meta.json records (an
+    IntegrityError naming the file); a dataset extracted before models were sealed (None) is left
+    to the restricted unpickler alone."""
+    from scbch_dist.digests import check_sealed_folder
 
-    if manifest_sha256 is None:
-        return
-    manifest = folder / MANIFEST
-    if not manifest.is_file() or sha256_file(manifest) != manifest_sha256:
-        raise ExtractError(f"{manifest}: {'missing' if not manifest.is_file() else 'not the manifest'} the dataset's "
-                           "meta.json records for its Doc2Vec model (replaced since extraction?); extract the dataset again")
-    try:
-        verify_manifest(folder)
-    except IntegrityError as e:
-        raise ExtractError(f"{e}; extract the dataset again") from None
+    if manifest_sha256 is not None:
+        check_sealed_folder(folder, manifest_sha256, DOC2VEC_REMEDY)
 
 
 def load_doc2vec(path: Path):

@@ -228,6 +228,7 @@ class QueryEncoder:
 
     @cached_property
     def _doc2vec(self):
+        from scbch_dist.digests import IntegrityError
         from scbch_dist.models.encoders import Doc2VecText, ExtractError, check_doc2vec_folder
 
         source = self.meta.source["text"]
@@ -237,7 +238,7 @@ class QueryEncoder:
         try:
             check_doc2vec_folder(folder, source.get("model_manifest_sha256"))
             text.load(folder)
-        except ExtractError as e:
+        except (ExtractError, IntegrityError) as e:
             raise QueryError(f"{e}; or query a stored sample with --id N") from None
         return text
 
