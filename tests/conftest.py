@@ -21,6 +21,7 @@ from scbch_dist import metrics
 from scbch_dist.config import Config, SyntheticConfig, save_config, to_dict
 from scbch_dist.data.format import write_dataset
 from scbch_dist.data.synthetic import write_synthetic
+from scbch_dist.digests import write_sealed_json
 from scbch_dist.engine.evaluate import save_codes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +204,8 @@ def run_with_codes(path, *, bits: int = 24, n_query: int = 50, n_db: int = 400, 
     summary = {d: metrics.retrieval_metrics(codes[f"query_{q}"], codes[f"database_{t}"], labels["query"],
                                             labels["database"]) for d, q, t in (("i2t", "img", "txt"),
                                                                                   ("t2i", "txt", "img"))}
-    (path / "summary.json").write_text(json.dumps({"final": {d: {"map": summary[d]["map"]} for d in summary}}))
+    # sealed, as train writes it: config.yaml carries its digest, so a summary without one is refused
+    write_sealed_json(path / "summary.json", {"final": {d: {"map": summary[d]["map"]} for d in summary}})
     return codes
 
 

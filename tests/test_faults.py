@@ -231,6 +231,18 @@ def test_a_digest_removed_in_a_folder_this_version_wrote_is_refused(finished, tm
     with pytest.raises(CheckpointError, match="has no manifest.json file"):
         verify_model_file(folder)  # what the search's query encoder checks before it loads the model
 
+    # codes.npz without its sha256 member, database_txt reversed: refused by every reader of codes
+    from scbch_dist.retrieval.index import HammingIndexError, RunCodes
+
+    shutil.copytree(finished / "checkpoints", run_dir / "checkpoints", dirs_exist_ok=True)  # the manifest back
+    with np.load(run_dir / "codes.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "sha256"}
+    arrays["database_txt"] = arrays["database_txt"][::-1].copy()
+    np.savez(run_dir / "codes.npz", **arrays)
+    with pytest.raises(HammingIndexError, match=rf"^{run_dir / 'codes.npz'}: has no 'sha256' member, yet its run folder "
+                                                "was written with digests"):
+        RunCodes.load(run_dir)
+
     old = tmp_path / "old" / "run"
     shutil.copytree(finished, old)
     as_an_earlier_version_wrote_it(old)
@@ -259,6 +271,45 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tiny_datas
                                               rf"No space left on device\); {run_dir}/checkpoints/latest still names "
                                               rf"epoch-0001; free the space"):
         main(tiny_args(tiny_dataset, run_dir, *SHORT))
+    assert latest_checkpoint(run_dir).name == "epoch-0001" and verify_manifest(latest_checkpoint(run_dir))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs: a file system that really fills up (root only; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                          capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root and mount")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_inside_torch_save_is_one_line_and_keeps_the_previous(tiny_dataset, small_disk, monkeypatch):
+    """A real full disk while epoch 2's checkpoint is written: the model file fits, torch.save's
+    optimizer.bin does not (its writer says only "[enforce fail at inline_container.cc:...]"; it
+    was a traceback). One line naming the checkpoint, the space left and the one still in force."""
+    from accelerate import Accelerator
+
+    run_dir = small_disk / "run"
+    save_state = Accelerator.save_state
+
+    def fill_then_save(self, output_dir=None, **kw):
+        if Path(output_dir).name == "epoch-0002":
+            model = (run_dir / "checkpoints" / "epoch-0001" / "model.safetensors").stat().st_size
+            leave = model + model // 2 + 8192  # the model file fits; optimizer.bin (Adam: twice the model) cannot
+            with open(small_disk / "filler", "wb") as f:
+                f.write(b"\0" * max(0, shutil.disk_usage(small_disk).free - leave))
+        return save_state(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", fill_then_save)
+    target = run_dir / "checkpoints" / "epoch-0002"
+    with pytest.raises(CheckpointError, match=rf"^{target}: writing the checkpoint failed \(torch.save could not write its "
+                                              rf"archive: \[enforce fail at inline_container.cc:\d+\].*; [\d,]+ bytes "
+                                              rf"free there\); {run_dir}/checkpoints/latest still names epoch-0001"):
+        main(tiny_args(tiny_dataset, run_dir, "model.hidden=512", *SHORT))
     assert latest_checkpoint(run_dir).name == "epoch-0001" and verify_manifest(latest_checkpoint(run_dir))
 
 

@@ -108,7 +108,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[st
         except Exception as e:  # noqa: BLE001 - disk full, permissions, safetensors' own errors: all named below
             if not _is_io_error(e):
                 raise
-            error = CheckpointError(f"{target}: writing the checkpoint failed ({_reason(e)}); "
+            error = CheckpointError(f"{target}: writing the checkpoint failed ({_reason(e, root)}); "
                                     f"{_in_force(root)}; free the space or fix the folder, then resume with "
                                     f"--resume {run_dir}")
         dist.raise_together(error, f"{target}: writing the checkpoint failed on another process (its message is above)")
@@ -147,15 +147,32 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, tables: dict[st
     return target
 
 
+# torch.save's zip writer (optimizer.bin, random states) reports a failed write, a full disk above
+# all, as a RuntimeError of its C++ check, without the system's reason: "[enforce fail at
+# inline_container.cc:672] . unexpected pos 576 vs 534"
+TORCH_WRITER_FAILURE = "[enforce fail at inline_container.cc"
+
+
 def _is_io_error(e: BaseException) -> bool:
-    """An OSError, or safetensors' error for one (it reports "os error 28" as a SafetensorError)."""
-    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+    """An OSError, or safetensors' error for one (it reports "os error 28" as a SafetensorError), or
+    torch.save's writer failing (TORCH_WRITER_FAILURE)."""
+    return (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+            or isinstance(e, RuntimeError) and str(e).startswith(TORCH_WRITER_FAILURE))
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, folder: Path | None = None) -> str:
+    """One line for a write's or a read's failure; ``folder``: where a write failed."""
     from scbch_dist.cli import file_system_error
 
-    return file_system_error(e) if isinstance(e, OSError) else first_line(e)
+    if isinstance(e, OSError):
+        return file_system_error(e)
+    if folder is not None and isinstance(e, RuntimeError):  # torch.save names neither file nor reason: the space left says most
+        try:
+            free = f"{shutil.disk_usage(folder).free:,} bytes free there"
+        except OSError:
+            free = "the space left unknown"
+        return f"torch.save could not write its archive: {first_line(e)}; {free}"
+    return first_line(e)
 
 
 def _in_force(root: Path) -> str:
