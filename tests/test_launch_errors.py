@@ -157,6 +157,16 @@ def test_a_gpu_launch_config_is_refused_without_gpus():
         assert setup.gpu_launch_without_gpus([*args, "-m", "scbch_dist.train"], str(REPO), cuda=cuda) is None, args
 
 
+def test_accelerates_cpu_switch_in_the_environment_passes(monkeypatch):
+    """ACCELERATE_USE_CPU=true (Accelerate's switch for CPU, which its workers honour) with
+    --multi_gpu or a GPU config trains on the CPU; it was refused as asking for GPUs."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    for args in (["--multi_gpu", "--num_processes", "2"], ["--config_file", GPU_CONFIG]):
+        assert setup.gpu_launch_without_gpus([*args, "-m", "scbch_dist.train"], str(REPO), cuda=False) is None, args
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    assert setup.gpu_launch_without_gpus(["--multi_gpu", "x.py"], str(REPO), cuda=False) is not None
+
+
 def test_the_trainer_refuses_it_in_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(setup, "accelerate_launch_args", lambda: (["--config_file", GPU_CONFIG, "-m", "x"], str(REPO)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

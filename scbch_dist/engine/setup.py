@@ -63,9 +63,9 @@ def accelerate_launch_args() -> tuple[list[str], str] | None:
 
 def gpu_launch_without_gpus(launch_args: list[str], cwd: str, cuda: bool) -> str | None:
     """Why ``accelerate launch <launch_args>`` (run in ``cwd``) cannot train here, or None: it asks
-    for GPUs (a GPU distributed_type without use_cpu: true, or a GPU flag) and the machine has
-    none, where the workers would otherwise run on the CPU in the config's process count and
-    precision (accelerate_config.yaml: 8 processes in bf16)."""
+    for GPUs (a GPU distributed_type without use_cpu: true, or a GPU flag, and neither --cpu nor
+    ACCELERATE_USE_CPU=true) and the machine has none, where the workers would otherwise run on
+    the CPU in the config's process count and precision (accelerate_config.yaml: 8 processes in bf16)."""
     if cuda:
         return None
     import os
@@ -77,7 +77,10 @@ def gpu_launch_without_gpus(launch_args: list[str], cwd: str, cuda: bool) -> str
         args = launch_command_parser().parse_args(launch_args)  # parsed as the launcher parsed them
     except SystemExit:
         return None
-    if args.cpu:
+    from accelerate.utils import parse_flag_from_env
+
+    # --cpu, or Accelerate's switch for it in the environment the launcher passes its workers on
+    if args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"):
         return None
     for flag in ("multi_gpu", "use_deepspeed", "use_fsdp", "use_megatron_lm"):
         if getattr(args, flag, False):
