@@ -317,13 +317,39 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
+    data = path.read_bytes()
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    check_expansion(tree, str(path))
     return tree
+
+
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; a grid thousands at most
+
+
+def check_expansion(tree: Any, where: str) -> None:
+    """YAML aliases share one object under many names: a few lines of nested aliases stand for
+    billions of values, which every walk of the tree (validation, OmegaConf, the saved config)
+    then visits without end. Counted here with the aliases expanded, stopping at MAX_YAML_VALUES."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_YAML_VALUES:,} values (YAML aliases that repeat "
+                              "aliases?); write the settings out")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # in the package; a checkout's configs/ links here
@@ -459,6 +485,25 @@ def _floats(node: Any, prefix: str = ""):
             yield f"{prefix}{f.name}", value
 
 
+MAX_BITS = 1 << 16  # code bits: FAISS's Hamming indexes and the packed tables are tested to 4096; beyond this, no use
+MAX_HIDDEN = 1 << 20  # the hash layers' width (the paper's is 8192)
+MAX_SEED = 2**32 - 1  # what numpy's legacy seeding, CUDA and most tools take; torch refuses from 2^64
+
+
+def _fits_in_memory(what: str, nbytes: int) -> None:
+    """Refuse a setting whose arrays alone would exceed this machine's memory (a MemoryError, or
+    the kernel's OOM killer, otherwise; a traceback at best)."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return
+    if nbytes > total:
+        raise ConfigError(f"{what}: needs {nbytes / 2**30:,.0f} GiB, more than this machine's {total / 2**30:,.0f} GiB "
+                          "of memory")
+
+
 def validate(cfg: Config) -> None:
     """Value rules that a type check cannot express; each error names the key."""
     from scbch_dist.knn import BACKENDS
@@ -482,6 +527,14 @@ def validate(cfg: Config) -> None:
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key} must be at least {low}, got {value}")
+    for key, (value, high) in {"model.bits": (cfg.model.bits, MAX_BITS), "model.hidden": (cfg.model.hidden, MAX_HIDDEN)}.items():
+        if value > high:
+            raise ConfigError(f"{key} must be at most {high:,}, got {value:,}")
+    _fits_in_memory("model.hidden x model.bits (the hash layers' weights)", 4 * 4 * cfg.model.hidden * cfg.model.bits)
+    rows = cfg.synthetic.n_query + cfg.synthetic.n_train + cfg.synthetic.n_extra_database
+    if cfg.data.generate == "synthetic":  # generated in float32, with a temporary of each array
+        _fits_in_memory("synthetic.n_query + n_train + n_extra_database rows x (img_dim + txt_dim)",
+                        2 * 4 * rows * (cfg.synthetic.img_dim + cfg.synthetic.txt_dim))
     if not 0 < cfg.train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay must be in (0, 1] (1: no decay), got {cfg.train.layer_decay}")
     if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:
@@ -491,8 +544,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run.dir must name a folder, got ''")
     for key, seed in {"train.seed": cfg.train.seed, "data.noise_seed": cfg.data.noise_seed,
                       "synthetic.seed": cfg.synthetic.seed, "shapes.seed": cfg.shapes.seed}.items():
-        if seed < 0:
-            raise ConfigError(f"{key} must be >= 0, got {seed}")
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{key} must be 0 to {MAX_SEED} (a 32-bit seed), got {seed}")
     if cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be at least 2 (the contrastive term needs pairs)")
     for key, value in {"train.epochs": cfg.train.epochs, "eval.every": cfg.eval.every,

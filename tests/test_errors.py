@@ -124,10 +124,47 @@ def test_more_user_mistakes_are_one_line(capsys, tmp_path):
                         ("name: g\ndatasets: [flickr]\nbits: [abc]\nnoise: [0.2]\n", f"{grid}: 'bits' holds 'abc'")]:
         grid.write_text(text)
         assert one_line_exit(capsys, sweep.main, [str(grid), "--dry-run"]).startswith(start)
-    for argv, message in [(["--set", "train.seed=-1"], "train.seed must be >= 0, got -1"),
+    for argv, message in [(["--set", "train.seed=-1"], "train.seed must be 0 to 4294967295 (a 32-bit seed), got -1"),
                           (["--set", "run.dir="], "run.dir must name a folder, got ''"),
                           (["--set", "eval.every=0"], "eval.every must be at least 1, got 0")]:
         assert one_line_exit(capsys, main, argv) == message
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.bits=1000000000000", "model.bits must be at most 65,536, got 1,000,000,000,000"),
+    (f"model.hidden={2**70}", f"model.hidden must be at most 1,048,576, got {2**70:,}"),
+    (f"train.seed={2**64}", f"train.seed must be 0 to 4294967295 (a 32-bit seed), got {2**64}"),
+    ("synthetic.n_train=100000000", "synthetic.n_query + n_train + n_extra_database rows x (img_dim + txt_dim): needs "),
+])
+def test_sizes_beyond_any_machine_are_one_line(capsys, tmp_path, setting, message):
+    """Settings that overflowed or exhausted memory with a traceback (issue 35, item 8) are refused
+    before anything is written, in one line naming the key."""
+    line = one_line_exit(capsys, main, ["--set", setting, "--set", f"run.dir={tmp_path / 'run'}"])
+    assert line.startswith(message) and not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_utf8_or_expands_without_end_is_one_line(capsys, tmp_path):
+    """A Latin-1 config file, and a config whose YAML aliases repeat aliases (10^8 values in 12 lines:
+    no answer in 120 s before), are refused at once, naming the file."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run:\n  dir: caf\xe9\n".encode("latin-1"))
+    assert one_line_exit(capsys, main, ["--config", str(latin)]) == (
+        f"{latin}: not UTF-8 text (byte 0xe9 at offset 15); save it as UTF-8")
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    bomb.write_text("\n".join([*lines, "run: {dir: r}"]) + "\n")
+    assert one_line_exit(capsys, main, ["--config", str(bomb)]).startswith(
+        f"{bomb}: expands to more than 100,000 values (YAML aliases that repeat aliases?)")
+
+
+def test_a_diverging_run_is_one_line(capsys, tiny_dataset, tmp_path):
+    """train.lr=1e30: NaN after the first step, which SCBCH's BCE term reported as "all elements of
+    input should be between 0 and 1" in a traceback; now one line naming the cause."""
+    from conftest import tiny_args
+
+    line = one_line_exit(capsys, main, tiny_args(tiny_dataset, tmp_path / "run", "train.lr=1e30"))
+    assert line.startswith("the training diverged in epoch 1: the model's outputs (") and "smaller train.lr" in line
 
 
 def test_backbone_mistakes_name_the_key(tmp_path):

@@ -87,9 +87,12 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path
         rundir.RunLock(tmp_path).acquire()
 
 
-def test_an_unreadable_lock_counts_as_held_for_a_minute(tmp_path, caplog):
+@pytest.mark.parametrize("pid", ['"abc"', "-1", "true", str(10**30), "0"])
+def test_an_unreadable_lock_counts_as_held_for_a_minute(tmp_path, caplog, pid):
+    """A pid no run writes (-1: every process to os.kill; 10**30: an OverflowError, which crashed all 8
+    racing processes; true: pid 1, alive for ever) is an unreadable lock like any other."""
     lock = tmp_path / "run.lock"
-    lock.write_text('{"pid": "abc"}')
+    lock.write_text(f'{{"pid": {pid}, "host": "{socket.gethostname()}"}}')
     with pytest.raises(RunDirError, match="in use by pid \\? on \\?, started less than a minute ago"):
         rundir.RunLock(tmp_path).acquire()
     os.utime(lock, (0, 0))

@@ -71,13 +71,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, acceler
     (this rank's shares) and the model outputs."""
     with accelerator.autocast():
         out = model(batch["img"], batch["txt"], batch.get("txt_mask"))
+    check_finite(out, step, "the model's outputs")  # before the loss, whose functions fail on NaN in their own words
     terms = method.loss(out, step)
+    check_finite({"loss": terms["total"]}, step, "the loss")
     optimizer.zero_grad(set_to_none=True)
     # DDP averages gradients over ranks, while each rank's loss is its *share* of the global
     # loss: scaling by the world size makes the average the gradient of the global loss.
     accelerator.backward(terms["total"] * accelerator.num_processes)
     optimizer.step()
     return terms, out
+
+
+class DivergedError(ScbchError):
+    """The training diverged: a step's outputs or loss are not finite (a learning rate far too large)."""
+
+
+def check_finite(tensors: dict, step: Step, what: str) -> None:
+    """Refuse to go on from a step whose floating tensors hold NaN or infinity: every later step
+    would train on them, and the losses' own checks fail in words that do not say why."""
+    bad = [name for name, t in tensors.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        raise DivergedError(f"the training diverged in epoch {step.epoch + 1}: {what} ({', '.join(bad)}) are not finite; "
+                            "start again with a smaller train.lr, or resume from an earlier checkpoint with "
+                            "--from-checkpoint")
 
 
 @dataclass

@@ -81,6 +81,16 @@ def _holder_gone(holder: dict) -> bool:
     return holder.get("start_ticks") is not None and holder.get("start_ticks") != _start_ticks(pid)
 
 
+PID_MAX = 1 << 22  # Linux's largest pid_max: a lock naming another number was not written by a run
+
+
+def _a_pid(value) -> bool:
+    """A process id as a lock holds it: an int (not a bool) from 1 to PID_MAX. Anything else
+    (-1, whom os.kill takes for every process; 10**30, which it cannot take; true) is an unreadable
+    lock, replaced once it is a minute old, never a holder alive for ever or a crash."""
+    return type(value) is int and 1 <= value <= PID_MAX
+
+
 @contextlib.contextmanager
 def _folder_mutex(folder: Path) -> Iterator[None]:
     """An exclusive flock on the folder itself while a lock is read, judged and taken, so that two
@@ -156,7 +166,7 @@ class RunLock:
         unreadable now may be being written this instant: it counts as held)."""
         try:
             holder = json.loads(self.path.read_text())
-            if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+            if isinstance(holder, dict) and _a_pid(holder.get("pid")) and isinstance(holder.get("host"), str):
                 return holder
         except (OSError, ValueError):
             pass

@@ -27,7 +27,7 @@ import torch
 from scbch_dist.config import Config
 from scbch_dist.data.format import VOCAB_FILE, DatasetMeta, read_meta, read_vocab, text_words
 from scbch_dist.engine.encode import autocast_of
-from scbch_dist.errors import ScbchError
+from scbch_dist.errors import ScbchError, first_line
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 # Pixels (width x height) a query image may have: a 24-megapixel camera photo (6000 x 4000) passes,
@@ -310,7 +310,13 @@ class QueryEncoder:
             verify_model_file(path.parent)  # against the checkpoint's manifest: a damaged file is never loaded
         except CheckpointError as e:
             raise QueryError(f"{e}; encoding a query needs the run's model (query a stored sample with --id N)") from None
-        state = load_file(str(path))
+        try:  # a run of an earlier version has no manifest to find a damaged file by: safetensors finds it
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError (no common base), OSError: the file cannot be read
+            if isinstance(e, (MemoryError, RecursionError)):
+                raise
+            raise QueryError(f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); encoding a query needs the "
+                             "run's model (query a stored sample with --id N)") from None
         if self.model_sha256 and model_fingerprint(state) != self.model_sha256:
             raise QueryError(f"{path}: not the model that wrote codes.npz (the run went on after it); finish the run "
                              "(python -m scbch_dist.train --resume RUN_DIR) so that codes and model agree")
