@@ -396,3 +396,24 @@ def test_writer_refuses_bad_arrays(tmp_path):
         write_dataset(tmp_path / "x", name="x", classes=list("abcd"),
                       splits={"train": (bad_img, txt, lab), "query": arrays["query"], "database": arrays["database"]})
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_loader_workers_come_from_a_fork_server_once_a_process_group_runs(tmp_path, tiny_dataset):
+    """With a process group up (gloo's threads enter the interpreter on their own), loader workers
+    are forked from a fork server, never from this process: a fork that copied a thread-state lock
+    one of those threads held left an evaluation worker waiting for ever (a CI run). Without one,
+    forked from this process as before. Either way a pass reads the same blocks."""
+    import torch.distributed as dist
+
+    from scbch_dist.data.pipeline import _start_method, pass_batches
+
+    meta = read_meta(tiny_dataset)
+    before = [b["id"] for b in pass_batches(tiny_dataset, meta, "query", batch_size=16, workers=2)]
+    assert _start_method(2) is None and _start_method(0) is None
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert _start_method(2).get_start_method() == "forkserver" and _start_method(0) is None
+        after = [b["id"] for b in pass_batches(tiny_dataset, meta, "query", batch_size=16, workers=2)]
+    finally:
+        dist.destroy_process_group()
+    assert [a.tolist() for a in after] == [b.tolist() for b in before]

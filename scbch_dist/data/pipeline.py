@@ -238,7 +238,26 @@ def _loader(dataset: IterableDataset, workers: int, *, persistent: bool = False)
     # and pass, and a run resumed inside an epoch could not continue it exactly.
     return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep_numpy,
                       prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
-                      persistent_workers=persistent and workers > 0)
+                      persistent_workers=persistent and workers > 0, multiprocessing_context=_start_method(workers))
+
+
+# What the fork server imports once, so that a worker it forks finds them loaded (else each worker
+# of each pass would import torch again, about a second)
+FORKSERVER_PRELOAD = ["torch", "numpy", "webdataset", "scbch_dist.data.pipeline", "scbch_dist.data.transforms"]
+
+
+def _start_method(workers: int):
+    """How loader workers start: forked from this process, unless a process group is up. Its
+    communication threads (gloo's run loops) enter the interpreter on their own, and CPython 3.11
+    lets a fork copy the interpreter's thread-state lock one of them holds: the new worker waits
+    for it for ever (seen in CI: a two-process run's evaluation worker stuck in PyOS_AfterFork_Child,
+    _PyThreadState_DeleteExcept). Then the workers come from a fork server, a fresh
+    single-threaded interpreter started by exec, which no thread of this process can lock."""
+    if workers == 0 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return context
 
 
 FEEDER_JOIN_S = 5.0  # the bound on waiting for a stopped loader's feeder threads (they end at once)
