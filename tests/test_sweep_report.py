@@ -66,7 +66,9 @@ def test_slurm_array_script_and_dry_run(tmp_path):
     assert subprocess.run(["bash", "-n", str(out)]).returncode == 0  # valid shell
     assert "#SBATCH --gres=gpu:1" in text and "--task \"$SLURM_ARRAY_TASK_ID\"" in text
     # preemption: the warning signal goes to the task itself (exec), which checkpoints and requeues
-    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text and "\nexec python" in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text and '\nexec "$PYTHON" -m' in text
+    # the interpreter that wrote the script runs the tasks (a bare python failed where PATH had none)
+    assert f"\nPYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}\n" in text
 
 
 @pytest.mark.slow
@@ -231,7 +233,8 @@ def test_array_script_quotes_every_value(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     (bin_dir / "python").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "ARGS_OUT": str(tmp_path / "args")}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "ARGS_OUT": str(tmp_path / "args"),
+           "PYTHON": str(bin_dir / "python")}
     proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "args").read_text().splitlines() == ["-m", "scbch_dist.experiments.sweep", str(grid_path), "--task", "1"]

@@ -202,9 +202,12 @@ def command(run: Run, grid: Grid, python: str = sys.executable) -> list[str]:
     return [python, "-m", "scbch_dist.train", *run.argv(grid)]
 
 
-def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
-    """An array job with one task per run; each task runs ``--task $SLURM_ARRAY_TASK_ID``."""
+def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run], python: str = sys.executable) -> str:
+    """An array job with one task per run; each task runs ``--task $SLURM_ARRAY_TASK_ID`` with
+    ``$PYTHON``, by default ``python``: the interpreter that wrote the script (its environment, as
+    on a cluster whose nodes share the file system), not whichever ``python`` a node's PATH has."""
     check_grid(grid, grid_path)  # a Grid built in code has not been through load_grid
+    _check_line(grid_path, "the interpreter's path", python)
     opts = {"job-name": f"scbch-{grid.name}", "array": f"0-{len(runs) - 1}",
             # append: a requeued task's output follows its earlier incarnation's instead of replacing it
             "output": f"{grid.runs_dir}/slurm/%A_%a.out", "open-mode": "append", "requeue": None,
@@ -217,7 +220,9 @@ def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run]) -> str:
     # stays one value, and shlex.quote leaves plain tokens (gpu:1, 04:00:00, %A_%a) as they are
     lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in opts.items()]
     lines += ["set -euo pipefail", "# each task is one run; a requeued task resumes from its checkpoint",
-              f"exec python -m scbch_dist.experiments.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
+              "# the interpreter that wrote this script, unless PYTHON names another when submitting",
+              f"PYTHON=${{PYTHON:-{shlex.quote(python)}}}",
+              f"exec \"$PYTHON\" -m scbch_dist.experiments.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
     return "\n".join(lines) + "\n"
 
 
