@@ -31,6 +31,7 @@ from scbch_dist.errors import Preempted, ScbchError
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a program whose reader went away
 RANK_ZERO_GRACE_S = 10.0  # how long another rank waits, under a launcher, for rank 0 to fail and print (report)
 # ``kill -USR2 PID`` prints every thread's stack of that process to stderr and the run goes on: how
 # to see where a run that seems stuck waits (a collective, a loader worker). SIGUSR1 asks a run to
@@ -113,6 +114,16 @@ def report(line: str, status: int) -> None:
     leave(status)
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still buffered
+    does not fail on the closed pipe again (and print "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stdout
+        pass
+
+
 def _stacks_on_signal() -> None:
     """``kill -USR2 PID`` prints this process's stacks (``STACKS_SIGNAL``), where stderr is a file
     descriptor: not where a caller has replaced sys.stderr (a captured test, an embedding program)."""
@@ -165,6 +176,9 @@ def run(main: Callable[[], object], prog: str | None = None) -> None:
             leave(0)
     except Preempted as e:
         report(f"{prog}: {one_line(e)}", EXIT_PREEMPTED)
+    except BrokenPipeError:  # the reader of the output went away (`search --json | head`): nothing to tell it
+        _stdout_to_devnull()
+        leave(EXIT_BROKEN_PIPE)
     except KeyboardInterrupt:  # Ctrl-C outside a run's steps, or a second one inside (engine/stop.py)
         report(f"{prog}: interrupted (Ctrl-C)", EXIT_INTERRUPTED)
     except ScbchError as e:

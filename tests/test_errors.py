@@ -180,3 +180,18 @@ def test_backbone_mistakes_name_the_key(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(WeightsError, match=rf"^model.image.weights: {garbage} is not a readable checkpoint"):
         TimmImage("vit_tiny_patch16_224", str(garbage), {"img_size": 32, "depth": 1, "embed_dim": 16, "num_heads": 2})
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    """`search --json | head`: the reader leaves; the command ends with 141 (128 + SIGPIPE), as a
+    C tool does, without the BrokenPipeError traceback it printed (exit 1)."""
+    code = ("from scbch_dist import cli\n"
+            "def main():\n"
+            "    for _ in range(200000):\n"
+            "        print('x' * 100)\n"
+            "cli.run(main, 'prog')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "x" * 100 + "\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == "", err
