@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from scbch_dist.data.fingerprint import check_same_data
 from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files, read_run_state
 from scbch_dist.engine.loop import (EpochProgress, Run, fit, restore_tables, run_tables, write_missing_codes,
                                     write_summary)
+from scbch_dist.digests import read_sealed_json, sealed_run
 from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
@@ -69,6 +71,21 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config or DEFAULT_CONFIG, args.set)
 
 
+def finished_as_asked(args: argparse.Namespace, cfg: Config, run_dir: Path) -> bool:
+    """A resume with no setting given, of a run that has its summary, its codes (where it writes
+    them) and the checkpoint of its last epoch: nothing to train, evaluate or write. Such a resume
+    rewrote summary.json (its time that of the resume) and added TensorBoard files."""
+    if not args.resume or args.set or args.from_checkpoint or not (run_dir / "summary.json").is_file():
+        return False
+    if cfg.run.save_codes and not (run_dir / "codes.npz").is_file():
+        return False  # the documented way to write a finished run's codes
+    try:
+        _, state, _ = read_run_state(run_dir)
+    except (OSError, ScbchError):
+        return False  # the resume itself names what is wrong
+    return state.partial is None and state.epoch >= cfg.train.epochs
+
+
 def may_generate(args: argparse.Namespace) -> bool:
     """Whether data.generate may write its embedded dataset at data.root: where the config that asks
     for it names, or where --set data.generate asks for it. A --set data.root alone points at the
@@ -82,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg, precision_note = setup.resolve_precision(resolve_config(args), os.environ.get(setup.LAUNCHER_PRECISION))
     run_dir = Path(cfg.run.dir)
+    if finished_as_asked(args, cfg, run_dir):
+        print(f"python -m scbch_dist.train: {run_dir} finished its {cfg.train.epochs} epochs already "
+              f"({run_dir / 'summary.json'}); nothing to do (extend it with --set train.epochs=N)", file=sys.stderr)
+        return read_sealed_json(run_dir / "summary.json", required=sealed_run(run_dir))
     method_class = setup.method_class(cfg)
     accelerator = setup.make_accelerator(cfg, run_dir)
     is_main = accelerator.is_main_process

@@ -329,3 +329,18 @@ def test_a_resume_refused_by_the_preflight_leaves_config_yaml_as_it_was(tiny_dat
     assert (run_dir / "config.yaml").read_bytes() == before
     shard.write_bytes(original)
     assert RunCodes.load(run_dir).config["train"]["epochs"] == 4
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_with_nothing_to_do_changes_nothing(tiny_dataset, tmp_path, capsys):
+    """--resume of a finished run, no setting given: one line says so and every file is left as it
+    was (before: exit 0, summary.json rewritten with the resume's 4 s, TensorBoard files added)."""
+    from conftest import tiny_args
+    from scbch_dist.train import main
+
+    run_dir = tmp_path / "run"
+    summary = main(tiny_args(tiny_dataset, run_dir, "train.epochs=2", "eval.every=2"))
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert main(["--resume", str(run_dir)])["final"] == json.loads(json.dumps(summary["final"]))
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert f"{run_dir} finished its 2 epochs already" in capsys.readouterr().err
