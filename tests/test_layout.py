@@ -199,3 +199,12 @@ def test_every_console_command_names_a_module_with_main():
         module, function = target.split(":")
         loaded = importlib.import_module(module)
         assert callable(getattr(loaded, function)) and callable(loaded.main), command
+
+
+def test_the_readme_names_every_console_command():
+    """pyproject's [project.scripts] against the README's list (scbch-evaluate was missing)."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in scripts if f"`{name}`" not in readme] == []
