@@ -430,3 +430,23 @@ def test_the_launch_script_prints_one_line_for_a_missing_config(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [f"python launch/sweep.py: error: {grid}: config file(s) not found: "
                                                "configs/nowhere.yaml (run from the repository root)"]
+
+
+def test_runs_that_repeat_a_seed_count_as_one_seed(tmp_path, capsys):
+    """Six runs of seed 0 (a resumed copy, re-runs) and one of seed 1: two seeds, not seven; the
+    repeats are averaged into seed 0's value, the spread and the seed count are over the two seeds,
+    and report says which runs repeat (before: '(7 seeds)' and an sd of repeats feeding Welch's test)."""
+    finals = [0.80, 0.81, 0.80, 0.81, 0.80, 0.82]
+    for i, final in enumerate(finals):
+        fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 0, final + 0.01, final, folder=f"seed0-{i}")
+    fake_summary(tmp_path, "SCBCH", "flickr", 0.5, 64, 1, 0.71, 0.70, folder="seed1")
+    report.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "6 runs of seed 0" in err and "are repeats of one seed: averaged as one, never counted as seeds" in err
+    seed0 = sum(finals) / len(finals)
+    with open(tmp_path / "report.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["seeds"], row["runs"]) == ("2", "7")
+    assert float(row["final_avg"]) == pytest.approx((seed0 + 0.70) / 2)
+    assert float(row["final_avg_sd"]) == pytest.approx(float(np.std([seed0, 0.70], ddof=1)))
+    assert "(2 seeds; 7 runs)" in (tmp_path / "report.md").read_text()

@@ -153,6 +153,39 @@ def _group(records: list[dict]) -> dict:
     return groups
 
 
+def per_seed(runs: list[dict], value) -> list[float]:
+    """``value(run)`` once per seed: runs of one seed (a resumed copy, a re-run, the same config on
+    another process count) are repeats of one draw, not more seeds; their mean stands for it, so
+    they never narrow a spread or feed a test as seeds. In the order of the seeds."""
+    by_seed = defaultdict(list)
+    for r in runs:
+        by_seed[r["seed"]].append(float(value(r)))
+    return [float(np.mean(v)) for _, v in sorted(by_seed.items(), key=lambda item: str(item[0]))]
+
+
+def repeat_warnings(records: list[dict]) -> list[str]:
+    """One line per cell whose runs repeat a seed: which runs, and that they count as one seed."""
+    lines = []
+    for (dataset, method, _, variant, model, noise, bits), runs in sorted(_group(records).items()):
+        by_seed = defaultdict(list)
+        for r in runs:
+            by_seed[r["seed"]].append(r["path"])
+        for seed, paths in sorted(by_seed.items(), key=lambda item: str(item[0])):
+            if len(paths) > 1:
+                lines.append(f"report: {dataset}, {row_label({'method': method, 'variant': variant})}, {model} {noise:g} / "
+                             f"{bits} bit: {len(paths)} runs of seed {seed} ({'; '.join(sorted(paths))}) are repeats of "
+                             "one seed: averaged as one, never counted as seeds")
+    return lines
+
+
+def _count(runs: list[dict]) -> str:
+    """'' for one run; ' (3 seeds)'; ' (1 seed; 6 runs)' when seeds repeat."""
+    seeds = len({r["seed"] for r in runs})
+    if len(runs) == 1:
+        return ""
+    return f" ({seeds} seed{'s' * (seeds > 1)}" + (f"; {len(runs)} runs)" if len(runs) > seeds else ")")
+
+
 def _cell(values: list[float]) -> str:
     mean = 100 * float(np.mean(values))
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
@@ -196,11 +229,12 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
                     cells = []
                     for noise, bits in columns:
                         runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
-                        cell = f"{_cell([r['best'][key] for r in runs])} / {_cell([r['final'][key] for r in runs])}"
+                        cell = (f"{_cell(per_seed(runs, lambda r: r['best'][key]))} / "
+                                f"{_cell(per_seed(runs, lambda r: r['final'][key]))}")
                         if validated:
-                            chosen = [r["selected"][key] for r in runs if r["selected"]]
-                            cell += f" / {_cell(chosen)}" if len(chosen) == len(runs) else " / -"
-                        cell += f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+                            chosen = all(r["selected"] for r in runs)
+                            cell += f" / {_cell(per_seed(runs, lambda r: r['selected'][key]))}" if chosen else " / -"
+                        cell += _count(runs)
                         cells.append(cell if runs else "")
                     cost = [r["seconds_per_epoch"] for r in rows
                             if (r["method"], r["variant"]) == (method, variant) and r["seconds_per_epoch"]]
@@ -223,7 +257,7 @@ def _leaders(groups: dict, dataset: str, model: str, columns: list, table_rows: 
         for method, rank, variant in table_rows:
             runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
             if runs:
-                finals.append(([r["final"][key] for r in runs], row_label({"method": method, "variant": variant})))
+                finals.append((per_seed(runs, lambda r: r["final"][key]), row_label({"method": method, "variant": variant})))
         finals.sort(key=lambda f: -float(np.mean(f[0])))
         verdict = compare_rows(finals[0][0], finals[1][0]) if len(finals) > 1 else None
         if verdict:
@@ -236,14 +270,15 @@ def csv_rows(records: list[dict]) -> list[dict]:
     for (dataset, method, _, variant, model, noise, bits), runs in sorted(_group(records).items()):
         cost = [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"]]
         row = {"dataset": dataset, "method": method, "variant": variant, "noise_model": model, "noise": noise,
-               "bits": bits, "seeds": len(runs), "seconds_per_epoch": float(np.mean(cost)) if cost else ""}
+               "bits": bits, "seeds": len({r["seed"] for r in runs}), "runs": len(runs),
+               "seconds_per_epoch": float(np.mean(cost)) if cost else ""}
         for which in ("best", "final", "selected"):
             if which == "selected" and not all(r["selected"] for r in runs):
                 continue
             for tie, suffix in (("map", ""), ("map_tie_aware", "_tie_aware")):
                 for d in ("i2t", "t2i"):
-                    row[f"{which}_{d}{suffix}"] = float(np.mean([r[which][d][tie] for r in runs]))
-                avg = [r[which][f"avg_{tie}"] for r in runs]
+                    row[f"{which}_{d}{suffix}"] = float(np.mean(per_seed(runs, lambda r: r[which][d][tie])))
+                avg = per_seed(runs, lambda r: r[which][f"avg_{tie}"])
                 row[f"{which}_avg{suffix}"] = float(np.mean(avg))
                 row[f"{which}_avg{suffix}_sd"] = float(np.std(avg, ddof=1)) if len(avg) > 1 else 0.0
         rows.append(row)
@@ -286,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     if not records:
         raise ScbchError(f"{args.runs_dir}: no summary.json with results under it")
     notes, warnings = split_variants(records)
-    for line in warnings:
+    for line in [*warnings, *repeat_warnings(records)]:
         print(line, file=sys.stderr)
     out = args.out or args.runs_dir
     out.mkdir(parents=True, exist_ok=True)
