@@ -253,7 +253,11 @@ def test_interrupted_run_resumes_bit_for_bit(raw, d2v, tmp_path, monkeypatch):
     assert not partial.exists()
     for name in sorted(p.name for p in d2v.glob("*.tar")):
         assert (out / name).read_bytes() == (d2v / name).read_bytes(), name
-    assert read_meta(out).source == read_meta(d2v).source
+    # the same source record, but for the digest of each run's own Doc2Vec model (gensim pickles the
+    # times of its lifecycle events, so two trainings of one model differ in those bytes)
+    sources = [read_meta(folder).source for folder in (out, d2v)]
+    assert all(len(s["text"].pop("model_manifest_sha256")) == 64 for s in sources)
+    assert sources[0] == sources[1]
 
 
 @pytest.mark.slow
