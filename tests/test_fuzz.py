@@ -14,7 +14,7 @@ a fresh copy and runs, in-process, the readers of that file:
 - ``index check RUN`` (codes.npz, index files, summary.json, config.yaml): exit status 0 and its
   table, timing columns aside;
 - ``report RUNS_DIR`` (summary.json, config.yaml): report.md and report.csv, the run and an
-  undamaged copy of it averaged as two seeds of one config;
+  undamaged copy of it averaged as two runs of one seed (repeats, not seeds);
 - ``index build RUN`` (codes.npz), then search and check on the rebuilt index.
 
 The trials are drawn from one seeded generator per file; offsets are fractions of the file's size
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.slow
 SEED = 20240611
 PROG = "prog"
 RUN = "ref"  # the run folder's name, inside its runs folder (report reads a runs folder)
-TWIN = "twin"  # a copy of it beside it: report averages the two as seeds of one config
+TWIN = "twin"  # a copy of it beside it: report averages the two as runs of one seed
 CHECKPOINT = "checkpoints/epoch-0002"  # the latest of the reference run
 OLDER = "checkpoints/epoch-0001"
 INDEX = "index/database-flat"
@@ -311,7 +311,8 @@ def reference(tiny_dataset, tmp_path_factory) -> Reference:
     assert outcome.code is None and outcome.crash is None, outcome.crash or outcome.err
     ref.report = (outcome.out, (run.parent / "report.csv").read_text())
     rows = list(csv.DictReader(io.StringIO(ref.report[1])))
-    assert [(r["method"], r["variant"], r["seeds"]) for r in rows] == [("SCBCH", "", "2")], rows  # two seeds, one row
+    # one row: two runs of one seed (a copy repeats the seed; it is not a second one)
+    assert [(r["method"], r["variant"], r["seeds"], r["runs"]) for r in rows] == [("SCBCH", "", "1", "2")], rows
     return ref
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 
+from scbch_dist import cli
 from scbch_dist.engine import loop
 from scbch_dist.errors import Preempted
 from scbch_dist.train import main
@@ -29,3 +30,6 @@ try:
     main(sys.argv[3:])
 except Preempted as e:
     print(f"rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
+# leave as the entry points do (cli.leave): without the interpreter's teardown, in which gloo's
+# threads aborted a finished run now and then ("terminate called without an active exception")
+cli.leave(0)
