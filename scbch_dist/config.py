@@ -504,6 +504,19 @@ def _fits_in_memory(what: str, nbytes: int) -> None:
                           "of memory")
 
 
+def _check_sizes(cfg: Config) -> None:
+    """Sizes no machine trains: the code and hidden widths above their range, and arrays (the hash
+    layers' weights, a generated dataset) larger than this machine's memory."""
+    for key, (value, high) in {"model.bits": (cfg.model.bits, MAX_BITS), "model.hidden": (cfg.model.hidden, MAX_HIDDEN)}.items():
+        if value > high:
+            raise ConfigError(f"{key} must be at most {high:,}, got {value:,}")
+    _fits_in_memory("model.hidden x model.bits (the hash layers' weights)", 4 * 4 * cfg.model.hidden * cfg.model.bits)
+    rows = cfg.synthetic.n_query + cfg.synthetic.n_train + cfg.synthetic.n_extra_database
+    if cfg.data.generate == "synthetic":  # generated in float32, with a temporary of each array
+        _fits_in_memory("synthetic.n_query + n_train + n_extra_database rows x (img_dim + txt_dim)",
+                        2 * 4 * rows * (cfg.synthetic.img_dim + cfg.synthetic.txt_dim))
+
+
 def validate(cfg: Config) -> None:
     """Value rules that a type check cannot express; each error names the key."""
     from scbch_dist.knn import BACKENDS
@@ -527,14 +540,7 @@ def validate(cfg: Config) -> None:
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key} must be at least {low}, got {value}")
-    for key, (value, high) in {"model.bits": (cfg.model.bits, MAX_BITS), "model.hidden": (cfg.model.hidden, MAX_HIDDEN)}.items():
-        if value > high:
-            raise ConfigError(f"{key} must be at most {high:,}, got {value:,}")
-    _fits_in_memory("model.hidden x model.bits (the hash layers' weights)", 4 * 4 * cfg.model.hidden * cfg.model.bits)
-    rows = cfg.synthetic.n_query + cfg.synthetic.n_train + cfg.synthetic.n_extra_database
-    if cfg.data.generate == "synthetic":  # generated in float32, with a temporary of each array
-        _fits_in_memory("synthetic.n_query + n_train + n_extra_database rows x (img_dim + txt_dim)",
-                        2 * 4 * rows * (cfg.synthetic.img_dim + cfg.synthetic.txt_dim))
+    _check_sizes(cfg)
     if not 0 < cfg.train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay must be in (0, 1] (1: no decay), got {cfg.train.layer_decay}")
     if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:

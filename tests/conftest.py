@@ -222,3 +222,26 @@ def crash_in_epoch(monkeypatch, epoch: int) -> None:
         return train_one_epoch(run, progress)
 
     monkeypatch.setattr(loop, "train_one_epoch", killed)
+
+
+class RunsCode:
+    """What a crafted model or weights file holds: an object whose unpickling runs a command
+    (``touch marker``), so a test can tell whether any reader ran it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def as_an_earlier_version_wrote_it(run_dir: Path) -> None:
+    """Strip the digests an earlier version did not write: config.yaml's line, summary.json's field,
+    every checkpoint's manifest."""
+    config = run_dir / "config.yaml"
+    config.write_text("".join(config.read_text().splitlines(keepends=True)[:-1]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("sha256")
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    for manifest in run_dir.glob("checkpoints/*/manifest.json"):
+        manifest.unlink()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_dataset
+from conftest import RunsCode, random_dataset
 from scbch_dist import extract as ex
 from scbch_dist.models import encoders
 from scbch_dist.data.format import RawSample, ShardError, read_meta, read_vocab, sha256_file, text_words, write_raw_dataset
@@ -362,16 +362,6 @@ def test_a_search_replays_the_recipe_to_the_stored_features(raw, d2v, bow, which
         encoder.text_features("a zebra")
 
 
-class _RunsCode:
-    """A pickle that runs a command when unpickled (what an attacker would put in a model file)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.slow
 def test_a_crafted_doc2vec_model_is_refused_before_it_is_unpickled(d2v, tmp_path, capsys):
     """The Doc2Vec model is a pickle that search and serve load: meta.json records its folder's
@@ -392,7 +382,7 @@ def test_a_crafted_doc2vec_model_is_refused_before_it_is_unpickled(d2v, tmp_path
     assert load_doc2vec(folder / "model").vector_size == text["dim"]
 
     marker = tmp_path / "ran"
-    (folder / "model").write_bytes(pickle.dumps(_RunsCode(marker)))
+    (folder / "model").write_bytes(pickle.dumps(RunsCode(marker)))
     line = one_line_exit(capsys, verify.main, [str(data)])
     size = len((folder / "model").read_bytes())
     assert re.fullmatch(rf"{re.escape(str(folder / 'model'))}: {size} bytes, \d+ when it was written \(truncated or "

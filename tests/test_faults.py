@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, one_line_exit, read_checkpoint, tiny_args, tiny_synthetic_config
+from conftest import REPO, as_an_earlier_version_wrote_it, one_line_exit, read_checkpoint, tiny_args, tiny_synthetic_config
 from scbch_dist.config import ConfigError, load_config
 from scbch_dist.data.fingerprint import DataChangedError
 from scbch_dist.data.format import ShardError
@@ -172,18 +172,6 @@ def test_from_checkpoint_names_what_is_kept(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--from-checkpoint", "epoch-0001"])
     assert "--from-checkpoint goes with --resume RUN_DIR" in capsys.readouterr().err
-
-
-def as_an_earlier_version_wrote_it(run_dir: Path) -> None:
-    """Strip the digests an earlier version did not write: config.yaml's line, summary.json's field,
-    every checkpoint's manifest."""
-    config = run_dir / "config.yaml"
-    config.write_text("".join(config.read_text().splitlines(keepends=True)[:-1]))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary.pop("sha256")
-    (run_dir / "summary.json").write_text(json.dumps(summary))
-    for manifest in run_dir.glob("checkpoints/*/manifest.json"):
-        manifest.unlink()
 
 
 @pytest.mark.slow

@@ -285,27 +285,16 @@ def test_a_model_held_in_bf16_takes_uint8_images_and_float32_features():
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
 
 
-class _RunsCode:
-    """What a crafted weights file holds: an object whose unpickling runs a command."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_weights_files_that_would_run_code_are_refused_unopened(tmp_path):
     """Weights from outside the run (timm and EfficientNet-Lite0 image weights, VGG19 for extraction)
     are read by torch's weights-only unpickler: a pickle naming os.system is one WeightsError or
     ExtractError naming the file, and nothing runs."""
+    from conftest import RunsCode
     from scbch_dist.models.encoders import ExtractError, _load_state_dict
 
     marker = tmp_path / "ran"
     path = tmp_path / "crafted.pth"
-    torch.save({"weight": _RunsCode(marker)}, path)
+    torch.save({"weight": RunsCode(marker)}, path)
     with pytest.raises(WeightsError, match=rf"model.image.weights: {path} is not a readable checkpoint"):
         TimmImage("vit_tiny_patch16_224", str(path), TINY_VIT)
     if importlib.util.find_spec("efficientnet_lite_pytorch"):

@@ -117,18 +117,13 @@ def test_a_model_that_did_not_write_the_codes_is_refused(shapes_run, tmp_path):
 def test_a_truncated_model_of_an_earlier_versions_run_is_one_line(shapes_run, tmp_path):
     """A run of an earlier version (no checkpoint manifest, config.yaml without its digest line) whose
     model file is truncated: a typed query is refused naming the file (it was a safetensors traceback)."""
+    from conftest import as_an_earlier_version_wrote_it
     from scbch_dist.engine.checkpoint import latest_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(shapes_run, run)
-    config = run / "config.yaml"
-    config.write_text("".join(config.read_text().splitlines(keepends=True)[:-1]))
-    summary = json.loads((run / "summary.json").read_text())
-    summary.pop("sha256")
-    (run / "summary.json").write_text(json.dumps(summary))
+    as_an_earlier_version_wrote_it(run)
     folder = latest_checkpoint(run)
-    for manifest in run.glob("checkpoints/*/manifest.json"):
-        manifest.unlink()
     model = folder / "model.safetensors"
     model.write_bytes(model.read_bytes()[:200])
     with pytest.raises(ScbchError, match=rf"^{model}: cannot be read \("):

@@ -89,12 +89,16 @@ class DivergedError(ScbchError):
 def check_finite(tensors: dict, step: Step, what: str) -> None:
     """Refuse to go on from a step whose floating tensors hold NaN or infinity: every later step
     would train on them, and the losses' own checks fail in words that do not say why."""
-    bad = [name for name, t in tensors.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
-    if bad:
-        raise DivergedError(f"the training diverged in epoch {step.epoch + 1}: {what} ({', '.join(bad)}) are not finite; "
-                            "start again with a smaller train.lr, or resume from an earlier checkpoint with "
-                            "--from-checkpoint")
+    floats = {name: t.detach() for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()}
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in floats.values()])
+    if bool(finite.all()):  # one device sync a step, not one per tensor
+        return
+    bad = [name for name, ok in zip(floats, finite.tolist()) if not ok]
+    raise DivergedError(f"the training diverged in epoch {step.epoch + 1}: {what} ({', '.join(bad)}) are not finite; "
+                        "start again with a smaller train.lr, or resume from an earlier checkpoint with "
+                        "--from-checkpoint")
 
 
 @dataclass
