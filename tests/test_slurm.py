@@ -29,9 +29,12 @@ pytestmark = pytest.mark.slow
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 CODES = ("query_img", "query_txt", "database_img", "database_txt")
 
-# a run of about a minute on one thread (6000 training rows, 40 epochs, hidden 1024): long enough
-# for SLURM's time-limit warning, which its controller sends on a 30-second cycle
-LONG = ["--set", "model.bits=16", "--set", "train.epochs=40", "--set", "eval.every=40", "--set", "train.mixed_precision=no",
+# a run of 75 s on one thread here (6000 training rows, 80 epochs, hidden 1024): SLURM's controller
+# sends the time-limit warning on a 30-second cycle, so --time=1 --signal=B:USR1@50 warns 10 to 40 s
+# in, and the run must still be going then (at 40 epochs, 37 s, a CI run finished first and was
+# never warned)
+EPOCHS = 80
+LONG = ["--set", "model.bits=16", "--set", f"train.epochs={EPOCHS}", "--set", f"eval.every={EPOCHS}", "--set", "train.mixed_precision=no",
         "--set", "run.tensorboard=false", "--set", "run.progress=false"]
 
 
@@ -69,15 +72,26 @@ def jobs(env: dict, job: str) -> list[dict]:
     return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]
 
 
-def wait_for(what: str, check, timeout: float = 240, every: float = 0.5):
-    """Poll ``check()`` until it returns something true; fail naming ``what`` after ``timeout`` seconds."""
+def wait_for(what: str, check, timeout: float = 240, every: float = 0.5, *, explain=None):
+    """Poll ``check()`` until it returns something true; fail naming ``what`` after ``timeout``
+    seconds, with what ``explain()`` says (a job's record and output) appended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
         time.sleep(every)
-    pytest.fail(f"waited {timeout:.0f} s for {what}")
+    pytest.fail(f"waited {timeout:.0f} s for {what}" + (f"\n{explain()}" if explain else ""))
+
+
+def job_story(env: dict, job: str, folder: Path):
+    """For a failure message: what SLURM records of ``job`` and the tail of its output file."""
+    def story() -> str:
+        out = folder / f"slurm-{job}.out"
+        record = {k: v for j in jobs(env, job) for k, v in j.items()
+                  if k in ("JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "NodeList")}
+        return f"{record}\n{out.read_text()[-4000:] if out.is_file() else f'(no {out})'}"
+    return story
 
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -88,7 +102,7 @@ def wait_done(env: dict, job: str, timeout: float = 300) -> list[dict]:
     def done():
         found = jobs(env, job)
         return found if found and all(j["JobState"] in FINAL for j in found) else None
-    return wait_for(f"job {job} to end", done, timeout)
+    return wait_for(f"job {job} to end", done, timeout, explain=lambda: str(jobs(env, job)))
 
 
 def log_has(run_dir: Path, text: str):
@@ -209,7 +223,8 @@ def test_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, long_refer
     mAP of the uninterrupted run, bit for bit."""
     folder, reference = long_reference
     job, run_dir = long_job(cluster, folder, "--time=1", "--signal=B:USR1@50")
-    wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=150)
+    wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=150,
+             explain=job_story(cluster, job, folder))
     # the resumed incarnation gets room to finish (else it is warned, and requeued, again)
     sh(cluster, "scontrol", "update", f"JobId={job}", "TimeLimit=10")
     (record,) = wait_done(cluster, job)
@@ -225,9 +240,10 @@ def test_scancel_stops_with_a_checkpoint_and_never_requeues(cluster, long_refere
     ``scancel`` then ends the job CANCELLED with a checkpoint, and it never comes back."""
     folder, _ = long_reference
     job, run_dir = long_job(cluster, folder)
-    wait_for("epoch 2", log_has(run_dir, "epoch 2/40"), timeout=120)
+    wait_for("epoch 2", log_has(run_dir, f"epoch 2/{EPOCHS}"), timeout=120, explain=job_story(cluster, job, folder))
     sh(cluster, "scancel", "--signal=USR1", job)
-    wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=60)
+    wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=60,
+             explain=job_story(cluster, job, folder))
     wait_for("the resumed run's next epoch", lambda: jobs(cluster, job)[0]["JobState"] == "RUNNING"
              and epochs_after_resume(run_dir) >= 1, timeout=120)
     sh(cluster, "scancel", job)
@@ -259,7 +275,7 @@ def test_preemption_by_the_high_partition_requeues_once_and_resumes_exactly(clus
     Restarts=1); it ends with the uninterrupted run's codes, bit for bit."""
     folder, reference = long_reference
     job, run_dir = long_job(cluster, folder, "--nodelist=n1", "--partition=cpu")
-    wait_for("epoch 3", log_has(run_dir, "epoch 3/40"), timeout=120)
+    wait_for("epoch 3", log_has(run_dir, f"epoch 3/{EPOCHS}"), timeout=120, explain=job_story(cluster, job, folder))
     high = sbatch(cluster, folder, "--partition=high", "--nodelist=n1", "--output=/dev/null", "--wrap", "sleep 3")
     (record,) = wait_done(cluster, high)
     assert record["JobState"] == "COMPLETED"
