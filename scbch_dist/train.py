@@ -10,7 +10,9 @@ SIGTERM, SIGUSR1 or RUN_DIR/STOP writes a checkpoint and exits 75 (resume it wit
 With no --config, configs/default.yaml (the embedded synthetic dataset, shipped in the package) is
 used; --config configs/X.yaml (or just X) finds the packaged config X when no such file is here. A run writes
 run.dir/: config.yaml, log.txt, metrics.jsonl, summary.json, plots/, checkpoints/, codes.npz and
-tensorboard/ (when tensorboard is installed); docs/configuration.md describes each.
+tensorboard/ (when tensorboard is installed); docs/configuration.md describes each. With
+eval.refit, the run then trains again on every row for the epochs its held-out rows selected
+(run.dir/refit/, scbch_dist.refit).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
 from scbch_dist.errors import RunDirError, ScbchError
+from scbch_dist.refit import refit
 from scbch_dist.engine.runlog import LOGGER_NAME, MetricsLog, setup_logging
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg, precision_note = setup.resolve_precision(resolve_config(args), os.environ.get(setup.LAUNCHER_PRECISION))
     run_dir = Path(cfg.run.dir)
+    if args.resume and rundir.refit_pending(run_dir):  # finished; its refit (eval.refit) was stopped or not begun
+        return refit(run_dir)
     if finished_as_asked(args, cfg, run_dir):
         print(f"python -m scbch_dist.train: {run_dir} finished its {cfg.train.epochs} epochs already "
               f"({run_dir / 'summary.json'}); nothing to do (extend it with --set train.epochs=N)", file=sys.stderr)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = setup.make_accelerator(cfg, run_dir)
     is_main = accelerator.is_main_process
     log = setup_logging(None, is_main)  # the console only, until the folder is ours
-    lock, refused = None, None
+    lock, refused, refit_follows = None, None, False
     if is_main:
         try:
             lock = rundir.claim(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         # every rank leaves together: a rank that tears down its process group while the main one still
         # writes the summary aborts at exit now and then ("terminate called without an active exception")
         dist.barrier()
-        return summary
+        refit_follows = cfg.eval.refit
     except BaseException:
         if lock is not None and not args.resume:
             logging.getLogger(LOGGER_NAME).handlers.clear()  # log.txt closed before it may go
@@ -131,9 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
             rundir.undo_resume_claim(run_dir, lock)
         raise
     finally:
-        accelerator.end_training()
+        if refit_follows:  # the refit's trainer takes the process group over (and ends it)
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        else:
+            accelerator.end_training()
         if lock is not None:
             lock.release()
+    return refit(run_dir) if refit_follows else summary
 
 
 def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float,

@@ -245,3 +245,20 @@ def as_an_earlier_version_wrote_it(run_dir: Path) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary))
     for manifest in run_dir.glob("checkpoints/*/manifest.json"):
         manifest.unlink()
+
+
+def stop_after_step(monkeypatch, n: int, how: str, run_dir: Path) -> None:
+    """Ask the run to stop right after its n-th step (counted over the whole run)."""
+    from scbch_dist.engine import loop, stop
+
+    train_step, count = loop.train_step, [0]
+
+    def step(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM) if how == "SIGTERM" else (run_dir / "STOP").touch()
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(stop, "POLL_SECONDS", 0.0)  # look for the STOP file after every step

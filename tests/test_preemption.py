@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_checkpoint, tiny_args, torchrun
+from conftest import REPO, read_checkpoint, stop_after_step, tiny_args, torchrun
 from scbch_dist.engine import loop, stop
 from scbch_dist.errors import Preempted, RunDirError
 from scbch_dist.train import main
@@ -28,21 +28,6 @@ CASES = {"scbch-memory": (*SCBCH, "bank.refresh=memory"),  # the memory bank: ro
          "nacd": ("method.name=nacd", "data.noise=redundant:1.0", "nacd.warmup_epochs=1"),  # per-batch EMA table
          # loader workers that persist over epochs: the resumed run's start at epoch 2, mid-epoch
          "scbch-workers": (*SCBCH, "data.workers=2")}
-
-
-def stop_after_step(monkeypatch, n: int, how: str, run_dir: Path) -> None:
-    """Ask the run to stop right after its n-th step (counted over the whole run)."""
-    train_step, count = loop.train_step, [0]
-
-    def step(*args, **kwargs):
-        out = train_step(*args, **kwargs)
-        count[0] += 1
-        if count[0] == n:
-            os.kill(os.getpid(), signal.SIGTERM) if how == "SIGTERM" else (run_dir / "STOP").touch()
-        return out
-
-    monkeypatch.setattr(loop, "train_step", step)
-    monkeypatch.setattr(stop, "POLL_SECONDS", 0.0)  # look for the STOP file after every step
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -22,17 +22,18 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from scbch_dist.config import flatten, migrate, save_config, to_dict
+from scbch_dist.config import flatten, migrate, read_run_config, save_config, to_dict
 from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
-from scbch_dist.errors import RunDirError
+from scbch_dist.digests import read_sealed_json, sealed_run
+from scbch_dist.errors import RunDirError, ScbchError
 from scbch_dist.atomic import atomic_write_bytes, atomic_write_text, remove_leftovers
 
 LOCK_FILE = "run.lock"
 # what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
 RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard", "index",
-               "config.yaml")
+               "refit", "config.yaml")
 RESULTS = RUN_OUTPUTS[:4]  # the outputs that record training
 # keys a resume may change: evaluation and output settings, the length of the run, the preflight
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
@@ -376,13 +377,30 @@ def _pointer(run_dir: Path) -> str:
         return ""
 
 
+REFIT_FOLDER = "refit"  # RUN_DIR/refit: the run trained again on every row (eval.refit, scbch_dist.refit)
+
+
+def refit_pending(run_dir: str | Path) -> bool:
+    """A finished run (summary.json) that asks for a refit (eval.refit) its summary does not hold yet:
+    a resume trains (or resumes) only the refit."""
+    run_dir = Path(run_dir)
+    try:
+        wants = read_run_config(run_dir / "config.yaml").get("eval", {}).get("refit", False)
+    except (OSError, ScbchError):
+        return False  # the resume itself names what is wrong
+    if not wants:
+        return False
+    return "refit" not in read_sealed_json(run_dir / "summary.json", required=sealed_run(run_dir))
+
+
 def launch_state(run_dir: str | Path) -> str:
-    """What a launcher (sweep, SLURM requeue) does with ``run_dir``: "done" (summary.json: skip),
+    """What a launcher (sweep, SLURM requeue) does with ``run_dir``: "done" (summary.json, and its
+    refit where eval.refit asks for one: skip),
     "resume" (a checkpoint), "restart" (outputs of a run killed before its first checkpoint:
     start afresh with --overwrite) or "new"."""
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").is_file():
-        return "done"
+        return "resume" if refit_pending(run_dir) else "done"
     if has_checkpoint(run_dir):
         return "resume"
     return "restart" if holds_run(run_dir) else "new"

@@ -11,7 +11,8 @@ or ``SCBCH #1`` with a footnote when more than two differ), and a line on stderr
 Each cell is "best / final": the average of I2T and T2I mAP x 100 at each run's best evaluated epoch
 (the paper's protocol) and at its last (mean +- sd over seeds when there are several, and their
 number), and
-"/ selected" at the epoch its validation rows select where runs hold out some (eval.validation); the last
+"/ selected" at the epoch its validation rows select where runs hold out some (eval.validation), and
+"/ refit" where runs were trained again on every row for that many epochs (eval.refit); the last
 column is the method's cost, training seconds per epoch (steps and refreshes, no evaluation). Under
 each table, for every column where the two leading rows both hold 2 or more seeds: the leader's
 lead in final mAP and whether it exceeds the seed spread (Welch's t-test at p < 0.05).
@@ -38,14 +39,16 @@ from scbch_dist.digests import read_sealed_json, sealed_run
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
 from scbch_dist.atomic import atomic_write_text
+from scbch_dist.engine.rundir import REFIT_FOLDER
 
+CHOSEN = ("selected", "refit")  # the figures of runs that held rows out (eval.validation, eval.refit)
 MODELS = ("mixed", "redundant", "replace", "file", "none")  # table order
 
 # Config keys that cannot change a run's results: output settings (run.*, the row label run.method
 # included: it is the row already), the preflight read of the shards, loader processes and the
 # encoding batch. Runs whose configs differ only in these and in train.seed are seeds of one config.
 # A key ending in "." stands for its whole section.
-NO_EFFECT_KEYS = ("run.", "data.verify", "data.workers", "eval.batch_size")
+NO_EFFECT_KEYS = ("run.", "data.verify", "data.workers", "eval.batch_size", "eval.refit")
 SEED_KEY = "train.seed"
 COLUMN_KEYS = ("model.bits", "data.noise")  # a table's columns (and the noise model its table), not variants
 MAX_LABEL_KEYS = 2  # a row label names up to this many differing keys; beyond, #i and a footnote
@@ -55,6 +58,8 @@ def collect(runs_dir: Path) -> list[dict]:
     """One record per summary.json below ``runs_dir``."""
     records = []
     for path in sorted(Path(runs_dir).rglob("summary.json")):
+        if path.parent.name == REFIT_FOLDER and (path.parent.parent / "summary.json").is_file():
+            continue  # a run's refit: its figure is the run's "refit"
         # a summary changed since its run wrote it is refused, naming it (or one whose digest was removed)
         s = read_sealed_json(path, required=sealed_run(path.parent))
         if not s.get("final") or "run" not in s:
@@ -69,7 +74,7 @@ def collect(runs_dir: Path) -> list[dict]:
                         "noise_model": noise.kind if noise else "mixed",
                         "noise": noise.rate if noise else float(run["noise"].get("rate", 0.0)),
                         "bits": int(run["bits"]), "seed": run.get("seed", 0), "best": s["best"], "final": s["final"],
-                        "selected": s.get("selected"),
+                        "selected": s.get("selected"), "refit": s.get("refit"),
                         "seconds_per_epoch": per_epoch, "config": _run_config(path.parent / "config.yaml"),
                         "variant": "", "variant_rank": 0})
     return records
@@ -219,9 +224,10 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
             rows = [r for r in records if r["dataset"] == dataset and r["noise_model"] == model]
             columns = sorted({(r["noise"], r["bits"]) for r in rows})
             table_rows = sorted({(r["method"], r["variant_rank"], r["variant"]) for r in rows})
-            validated = any(r["selected"] for r in rows)  # a third figure: the epoch the validation rows select
+            # further figures where runs held rows out: the epoch they select, and its refit on every row
+            extra = [w for w in CHOSEN if any(r[w] for r in rows)]
             for key, title in (("avg_map", "ties by database order"), ("avg_map_tie_aware", "tie-aware")):
-                what = "best / final / selected" if validated else "best / final"
+                what = " / ".join(["best", "final", *extra])
                 out.write(f"### {dataset}, {model} noise: {what} mAP, average of I2T and T2I x 100 ({title})\n\n")
                 out.write("| method | " + " | ".join(f"{n:g} / {b} bit" for n, b in columns) + " | s / epoch |\n")
                 out.write("| --- |" + " ---: |" * (len(columns) + 1) + "\n")
@@ -231,9 +237,9 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
                         runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
                         cell = (f"{_cell(per_seed(runs, lambda r: r['best'][key]))} / "
                                 f"{_cell(per_seed(runs, lambda r: r['final'][key]))}")
-                        if validated:
-                            chosen = all(r["selected"] for r in runs)
-                            cell += f" / {_cell(per_seed(runs, lambda r: r['selected'][key]))}" if chosen else " / -"
+                        for w in extra:
+                            chosen = all(r[w] for r in runs)
+                            cell += f" / {_cell(per_seed(runs, lambda r: r[w][key]))}" if chosen else " / -"
                         cell += _count(runs)
                         cells.append(cell if runs else "")
                     cost = [r["seconds_per_epoch"] for r in rows
@@ -272,8 +278,8 @@ def csv_rows(records: list[dict]) -> list[dict]:
         row = {"dataset": dataset, "method": method, "variant": variant, "noise_model": model, "noise": noise,
                "bits": bits, "seeds": len({r["seed"] for r in runs}), "runs": len(runs),
                "seconds_per_epoch": float(np.mean(cost)) if cost else ""}
-        for which in ("best", "final", "selected"):
-            if which == "selected" and not all(r["selected"] for r in runs):
+        for which in ("best", "final", *CHOSEN):
+            if which in CHOSEN and not all(r[which] for r in runs):
                 continue
             for tie, suffix in (("map", ""), ("map_tie_aware", "_tie_aware")):
                 for d in ("i2t", "t2i"):
