@@ -41,13 +41,18 @@ from scbch_dist.models.clip import ClipSettings
 
 @dataclass
 class DataConfig:
-    root: str = "shards/synthetic"  # a dataset folder: meta.json + tar shards + labels/
+    root: str = "shards/synthetic"  # a dataset folder (meta.json + tar shards + labels/), an http(s):// URL of one, or pipe:COMMAND {}
     generate: str = ""  # synthetic | shapes: write that embedded dataset at data.root when it is missing
     noise: str = "none"  # none | mixed:RATE | redundant:R | replace:R | file:PATH (HDF5 with `result` and `True`)
     noise_seed: int = 0  # seed of the generated noise models (mixed, redundant, replace)
     workers: int = 0  # loader worker processes; 0 reads in the training process (fastest for feature shards)
     shuffle_buffer: int = 16384  # samples held by the training shuffle buffer
     verify: bool = True  # read every shard before the first step: sha256, ids, labels (docs/engine.md, "Preflight")
+    # a data.root on a server (docs/data.md, "Datasets on a server"): a read that fails (dropped,
+    # reset, 5xx, no byte for data.timeout seconds) opens the file again where it stopped, up to
+    # data.retries times in a row with a doubling wait; then the run stops in one line
+    retries: int = 5
+    timeout: float = 30.0
 
 
 @dataclass
@@ -490,6 +495,8 @@ def _floats(node: Any, prefix: str = ""):
 
 MAX_BITS = 1 << 16  # code bits: FAISS's Hamming indexes and the packed tables are tested to 4096; beyond this, no use
 MAX_HIDDEN = 1 << 20  # the hash layers' width (the paper's is 8192)
+MAX_RETRIES = 100  # data.retries: with the doubling wait (at most 30 s), about 50 minutes of an unreachable server
+MAX_TIMEOUT = 3600.0  # data.timeout, seconds
 MAX_SEED = 2**32 - 1  # what numpy's legacy seeding, CUDA and most tools take; torch refuses from 2^64
 
 
@@ -549,6 +556,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:
         raise ConfigError(f"train.lr must be positive and train.backbone_lr, train.weight_decay >= 0, got "
                           f"{cfg.train.lr}, {cfg.train.backbone_lr}, {cfg.train.weight_decay}")
+    if not 0 <= cfg.data.retries <= MAX_RETRIES or not 0 < cfg.data.timeout <= MAX_TIMEOUT:
+        raise ConfigError(f"data.retries must be 0 to {MAX_RETRIES} and data.timeout above 0 and at most {MAX_TIMEOUT:g} "
+                          f"seconds, got {cfg.data.retries} and {cfg.data.timeout}")
     if not cfg.run.dir.strip():
         raise ConfigError("run.dir must name a folder, got ''")
     for key, seed in {"train.seed": cfg.train.seed, "data.noise_seed": cfg.data.noise_seed,

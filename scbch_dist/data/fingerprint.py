@@ -15,11 +15,13 @@ the shards themselves (data.verify); a dataset without checksums binds only thei
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from scbch_dist.data.format import SPLITS, VOCAB_FILE, meta_path, read_meta
+from scbch_dist.data.remote import dataset_root, is_remote
 from scbch_dist.digests import arrays_sha256, sha256_file
 from scbch_dist.errors import ScbchError
 
@@ -31,14 +33,19 @@ class DataChangedError(ScbchError):
 def file_fingerprint(root: str | Path) -> dict:
     """The fingerprint of the files of dataset ``root`` (everything but the training labels, which
     need the noise model): what the run folder's claim compares before it changes anything."""
-    root = Path(root)
+    root = dataset_root(root)
     meta = read_meta(root)
-    out = {"meta.json": sha256_file(meta_path(root)),
+    out = {"meta.json": _sha256(meta_path(root)),
            "shards": {s: list(meta.splits[s].sha256) for s in SPLITS},
-           "labels/clean.npy": sha256_file(root / "labels" / "clean.npy")}
+           "labels/clean.npy": _sha256(root / "labels" / "clean.npy")}
     if (root / VOCAB_FILE).is_file():
-        out[VOCAB_FILE] = sha256_file(root / VOCAB_FILE)
+        out[VOCAB_FILE] = _sha256(root / VOCAB_FILE)
     return out
+
+
+def _sha256(path) -> str:
+    """A local file's sha256, or a server's file's (read once: these are small)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if is_remote(path) else sha256_file(path)
 
 
 def dataset_fingerprint(root: str | Path, training_labels: np.ndarray) -> dict:

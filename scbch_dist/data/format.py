@@ -40,6 +40,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from scbch_dist.errors import ScbchError
+from scbch_dist.data.remote import dataset_root, is_remote
 from scbch_dist.digests import sha256_file  # noqa: F401  (shard checksums; re-exported for the data tools)
 from scbch_dist.atomic import atomic_save_npy, atomic_write_json
 
@@ -120,7 +121,7 @@ class DatasetMeta:
 
 
 def meta_path(root: str | Path) -> Path:
-    return Path(root) / "meta.json"
+    return dataset_root(root) / "meta.json"
 
 
 def _json_kind(value: Any) -> str:
@@ -178,17 +179,23 @@ def _split_info(path: Path, split: str, entry: Any) -> SplitInfo:
     return info
 
 
+SERVED_NAME = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+
+
 def _check_confined(path: Path, root: Path, split: str, names: list[str]) -> None:
     """Every shard name must name a file inside the dataset folder: meta.json is data, and a
     copied or downloaded one must not make the readers open files elsewhere."""
-    top = root.resolve()
+    remote = is_remote(root)
+    top = None if remote else root.resolve()
     for i, name in enumerate(names):
         where = f"splits.{split}.shards[{i}] = {name!r}"
         if not name.strip():
             raise ShardError(f"{path}: {where} is not a file name")
         parts = Path(name).parts
-        if Path(name).is_absolute() or ".." in parts or not (root / name).resolve().is_relative_to(top):
+        if Path(name).is_absolute() or ".." in parts or not remote and not (root / name).resolve().is_relative_to(top):
             raise ShardError(f"{path}: {where} points outside the dataset folder")
+        if remote and not SERVED_NAME.fullmatch(name):  # it goes into a URL or a command line
+            raise ShardError(f"{path}: {where}: a shard on a server is named with letters, digits and . _ - / only")
 
 
 def read_meta(root: str | Path) -> DatasetMeta:
@@ -241,7 +248,7 @@ def read_meta(root: str | Path) -> DatasetMeta:
     if meta.raw and meta.layout != "sample":
         raise ShardError(f"{path}: raw fields need layout 'sample', got {meta.layout!r}")
     for s, info in meta.splits.items():
-        _check_confined(path, Path(root), s, info.shards)
+        _check_confined(path, dataset_root(root), s, info.shards)
     return meta
 
 
@@ -250,8 +257,9 @@ def check_split(root: str | Path, meta: DatasetMeta, split: str) -> list[Path]:
     info = meta.splits[split]
     if info.count == 0 or not info.shards:
         raise ShardError(f"{meta_path(root)}: split {split!r} is empty (0 samples)")
-    paths = [Path(root) / name for name in info.shards]
-    for p in paths:
+    root = dataset_root(root)
+    paths = [root / name for name in info.shards]
+    for p in paths if not is_remote(root) else []:  # a server's shards: HEAD once, in the preflight
         if not p.is_file():
             raise ShardError(f"{p}: shard of split {split!r} listed in meta.json is missing")
     return paths
@@ -633,7 +641,7 @@ def write_raw_dataset(root: str | Path, *, name: str, classes: list[str], splits
 
 def read_vocab(root: str | Path) -> tuple[list[str], list[int]]:
     """The training-text vocabulary of a raw dataset: words by decreasing count, and the counts."""
-    path = Path(root) / VOCAB_FILE
+    path = dataset_root(root) / VOCAB_FILE
     if not path.is_file():
         raise ShardError(f"{path}: not found (raw datasets written by scbch_dist carry their vocabulary)")
     try:

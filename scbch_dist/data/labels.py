@@ -11,11 +11,13 @@ Every problem is a NoiseError whose one-line message names the file, and for a b
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 from scbch_dist.data.format import KEY_DIGITS, DatasetMeta
+from scbch_dist.data.remote import dataset_root, is_remote
 from scbch_dist.errors import ScbchError
 
 
@@ -36,14 +38,16 @@ def _reason(e: BaseException) -> str:
 def load_label_file(path: str | Path) -> np.ndarray:
     """A label table from a .npy file, memory-mapped (read-only). A missing, truncated or
     unreadable file is a NoiseError naming it (np.load raises ValueError, EOFError or OSError)."""
-    path = Path(path)
+    path = dataset_root(path)
     if not path.is_file():
         raise NoiseError(f"{path}: missing")
-    with open(path, "rb") as f:
+    remote = is_remote(path)
+    data = path.read_bytes() if remote else None  # a server's file is read once, into memory
+    with (io.BytesIO(data) if remote else open(path, "rb")) as f:
         if f.read(6) != b"\x93NUMPY":  # numpy would call any other file "pickled data"
             raise NoiseError(f"{path}: not a .npy file (no NumPy header)")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False) if remote else np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
         raise NoiseError(f"{path}: not a readable .npy file ({_reason(e)})") from None
 
@@ -79,7 +83,7 @@ def check_label_table(path: str | Path, table: np.ndarray, meta: DatasetMeta) ->
 def clean_training_labels(root: str | Path, meta: DatasetMeta) -> np.ndarray:
     """labels/clean.npy, memory-mapped: (N_train, C) 0/1. A missing, unreadable or truncated file,
     a wrong shape or dtype, or a value other than 0/1 is a NoiseError naming the file."""
-    path = Path(root) / "labels" / "clean.npy"
+    path = dataset_root(root) / "labels" / "clean.npy"
     if not path.is_file():
         raise NoiseError(f"{path}: missing (every dataset folder carries its clean training labels)")
     clean = load_label_file(path)

@@ -20,6 +20,7 @@ import numpy as np
 from scbch_dist import cli
 from scbch_dist.data.format import DatasetMeta
 from scbch_dist.data.labels import NoiseError, check_label_values, clean_training_labels
+from scbch_dist.data.remote import is_remote
 from scbch_dist.atomic import atomic_save_npy
 
 
@@ -244,6 +245,8 @@ def training_labels(root: str | Path, meta: DatasetMeta, spec: str, *, seed: int
     if noise.kind == "file":
         return load_noise_file(noise.path, np.asarray(clean)), noise
     table = NOISE_MODELS[noise.kind](np.asarray(clean), noise.rate, seed=seed)
+    if is_remote(root):  # the record is written beside local shards only
+        return table, noise
     record = Path(root) / "labels" / f"{noise.name}-seed{seed}.npy"
     if not _holds(record, table):
         try:

@@ -38,6 +38,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scbch_dist.data.format import DatasetMeta, ShardError, check_split, check_tar_end, decode_group
+from scbch_dist.data.remote import RemoteRoot, Retry, RetryingStream
+from scbch_dist.errors import ScbchError
 
 Block = dict[str, np.ndarray]
 # A worker-side batch transform (data.transforms.BatchTransform): (block, rng or None) -> block.
@@ -48,6 +50,8 @@ def _reraise_as_shard_error(exn: Exception) -> bool:
     """webdataset handler: tar-level failures (truncated, corrupt) become errors naming the shard."""
     if isinstance(exn, ShardError):
         raise exn
+    if isinstance(exn, ScbchError):  # a server's file past its retries (RemoteError): its own line
+        raise type(exn)(exn.args[0]) from None  # (webdataset adds its stream and URL to the args)
     url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "<shard>")
     if isinstance(exn, FileNotFoundError) or _is_local(url) and not Path(url).exists():
         raise ShardError(f"{url}: missing (deleted or moved while the run was reading the dataset)") from exn
@@ -61,14 +65,19 @@ def _is_local(url: str) -> bool:
 
 
 class DigestedShard:
-    """A local shard read through: the sha256 of every byte the tar reader takes, completed at the
+    """A shard read through: the sha256 of every byte the tar reader takes, completed at the
     shard's end (``finish``: the rest read too) for comparison with the digest meta.json records.
-    The preflight checks every shard once; this catches a shard changed in place later, while
-    epochs read it (16 bytes XOR'd after epoch 1 went unnoticed and trained on). Hashing rides
+    Locally the preflight checks every shard once; this catches a shard changed in place later,
+    while epochs read it (16 bytes XOR'd after epoch 1 went unnoticed and trained on). A server's
+    shard (``retry``: data.root on a server) is checked only here, as it streams. Hashing rides
     along the read: no second pass over the file."""
 
-    def __init__(self, path: str, sha256: str | None):
+    def __init__(self, path: str, sha256: str | None, retry: Retry | None = None):
         self.path, self.expected, self.digest = path, sha256, hashlib.sha256()
+        self.remote = retry is not None
+        if self.remote:
+            self.file = RetryingStream(path, retry)
+            return
         try:
             self.file = open(path, "rb")
         except FileNotFoundError:
@@ -89,45 +98,72 @@ class DigestedShard:
     def check(self) -> None:
         """After ``finish``: a ShardError when the bytes read differ from meta.json's digest."""
         if self.expected is not None and self.digest.hexdigest() != self.expected:
+            if self.remote:
+                raise ShardError(f"{self.path}: its sha256 differs from the one in meta.json (changed on the server, or "
+                                 "damaged on the way); publish the dataset again and resume the run from its last "
+                                 "checkpoint")
             raise ShardError(f"{self.path}: changed while the run was reading the dataset (its sha256 differs from "
                              "the one in meta.json, which the preflight checked); restore the shard and resume the run "
                              "from its last checkpoint")
 
 
-def _open_shards(urls: list[str], sha256: dict[str, str], opened: dict[str, DigestedShard]) -> Iterator[dict]:
-    """{"url", "stream"} for webdataset's tar expander, one shard after another; a local shard is a
+def _open_shards(urls: list[str], sha256: dict[str, str], opened: dict[str, DigestedShard],
+                 remote: Remote | None) -> Iterator[dict]:
+    """{"url", "stream"} for webdataset's tar expander, one shard after another, each a
     DigestedShard (kept in ``opened``), finished when the expander asks for the next one or the end."""
     previous = None
     for url in urls:
         if previous is not None:
             previous.finish()
-        previous = opened[url] = DigestedShard(url, sha256.get(Path(url).name)) if _is_local(url) else None
-        yield {"url": url, "stream": previous if previous is not None else wds.gopen(url)}
+        if remote is None:
+            previous = opened[url] = DigestedShard(url, sha256.get(Path(url).name))
+        else:
+            previous = opened[url] = DigestedShard(url, sha256.get(remote.names[url]), remote.retry)
+        yield {"url": url, "stream": previous}
     if previous is not None:
         previous.finish()
 
 
-def read_blocks(urls: list[str], meta: DatasetMeta, split: str, *, check_digests: bool = True) -> Iterator[Block]:
+@dataclass(frozen=True)
+class Remote:
+    """How a split's shards on a server are read: each URL's shard name in meta.json (a pipe's
+    command holds it somewhere inside) and data.root's retry policy."""
+
+    names: dict[str, str]
+    retry: Retry
+
+    @staticmethod
+    def of(paths: list) -> "Remote | None":
+        """For check_split's paths: None where they are local files."""
+        if not paths or not isinstance(paths[0], RemoteRoot):
+            return None
+        return Remote({str(p): p.name for p in paths}, paths[0].retry)
+
+
+def read_blocks(urls: list[str], meta: DatasetMeta, split: str, *, check_digests: bool = True,
+                remote: Remote | None = None) -> Iterator[Block]:
     """Validated blocks of the given shards, in order. After each shard: its sample count against
-    meta.json, then (``check_digests``, local shards with a recorded sha256) the sha256 of the
-    bytes read (DigestedShard); a shard's error comes before the next shard's first block."""
+    meta.json, then (``check_digests``, shards with a recorded sha256) the sha256 of the bytes read
+    (DigestedShard); a shard's error comes before the next shard's first block. ``remote``: the
+    shards are on a server (their names and the retry policy)."""
     info = meta.splits[split]
     expected = dict(zip(info.shards, info.shard_counts))
+    name = (lambda url: remote.names[url]) if remote is not None else (lambda url: Path(url).name)
     for url in urls:
-        if _is_local(url):  # streamed URLs rely on the count check below
+        if _is_local(url):  # a server's shards: their counts and digests are checked as they stream
             if not Path(url).is_file():
                 raise ShardError(f"{url}: missing (deleted or moved while the run was reading the dataset)")
             check_tar_end(url)
     seen = {u: 0 for u in urls}
     opened: dict[str, DigestedShard] = {}
-    streams = _open_shards(urls, dict(zip(info.shards, info.sha256)) if check_digests else {}, opened)
+    streams = _open_shards(urls, dict(zip(info.shards, info.sha256)) if check_digests else {}, opened, remote)
     files = wds.tariterators.tar_file_expander(streams, handler=_reraise_as_shard_error)
     groups = wds.tariterators.group_by_keys(files, handler=_reraise_as_shard_error)
     done = iter(urls)  # the shards in the order they are read: each is over when a later one's block comes
 
     def over(until: str | None) -> None:
         for url in done:
-            want = expected.get(Path(url).name)
+            want = expected.get(name(url))
             if want is not None and seen[url] != want:
                 raise ShardError(f"{url}: holds {seen[url]} samples, meta.json says {want} (truncated tar?)")
             if url in opened:
@@ -171,8 +207,9 @@ class TrainShuffle(IterableDataset):
     """One pass of a rank's shards for (epoch, pass): shuffled chunks of samples (worker side)."""
 
     def __init__(self, urls: list[str], meta: DatasetMeta, *, seed: int, rank: int, world: int,
-                 buffer: int, chunk: int, transform: Transform | None = None, held_out: np.ndarray | None = None):
-        self.urls, self.meta, self.seed = urls, meta, seed
+                 buffer: int, chunk: int, transform: Transform | None = None, held_out: np.ndarray | None = None,
+                 remote: Remote | None = None):
+        self.urls, self.meta, self.seed, self.remote = urls, meta, seed, remote
         self.rank, self.world, self.buffer, self.chunk = rank, world, max(buffer, 1), chunk
         self.transform = transform
         self.held_out = held_out  # (N,) bool: ids never trained on (eval.validation), or None
@@ -205,7 +242,7 @@ class TrainShuffle(IterableDataset):
         augment_rng = np.random.default_rng([self.seed, epoch, pass_index, self.rank, worker, 2])
         window: list[Block] = []
         held = 0
-        for block in itertools.chain(read_blocks(urls, self.meta, "train"), [None]):
+        for block in itertools.chain(read_blocks(urls, self.meta, "train", remote=self.remote), [None]):
             end = block is None
             if not end and self.held_out is not None:
                 block = _take(block, np.flatnonzero(~self.held_out[block["id"]]))
@@ -296,7 +333,7 @@ class TrainStream:
     and pass until ``close()`` (or the end of a ``with`` block); one epoch is read at a time, and
     starting another epoch makes an unfinished one raise if it is resumed."""
 
-    root: Path
+    root: Path  # or a remote.RemoteRoot (data.root on a server)
     meta: DatasetMeta
     batch_size: int  # per rank
     seed: int
@@ -309,7 +346,8 @@ class TrainStream:
     held_out: np.ndarray | None = None  # (N,) bool: training ids left out of every batch (eval.validation)
 
     def __post_init__(self):
-        self.urls = [str(p) for p in check_split(self.root, self.meta, "train")]
+        paths = check_split(self.root, self.meta, "train")
+        self.urls, remote = [str(p) for p in paths], Remote.of(paths)
         if len(self.urls) < self.world:
             raise ShardError(f"{self.root}: split 'train' has {len(self.urls)} shards, fewer than the "
                              f"{self.world} processes; rewrite it with smaller shards")
@@ -322,7 +360,7 @@ class TrainStream:
         self.steps_per_epoch = steps
         self.dataset = TrainShuffle(self.urls, self.meta, seed=self.seed, rank=self.rank, world=self.world,
                                     buffer=self.buffer, chunk=self.batch_size, transform=self.transform,
-                                    held_out=self.held_out)
+                                    held_out=self.held_out, remote=remote)
         self.loader = _loader(self.dataset, self.workers, persistent=True)
         self._generation = 0  # counts epoch() iterations begun; the latest one owns the loader
 
@@ -396,8 +434,8 @@ class PassDataset(IterableDataset):
     """Every id of ``split`` exactly once over all (rank, worker) pairs, as blocks."""
 
     def __init__(self, urls: list[str], meta: DatasetMeta, split: str, *, rank: int, world: int, batch_size: int,
-                 transform: Transform | None = None, only: np.ndarray | None = None):
-        self.urls, self.meta, self.split = urls, meta, split
+                 transform: Transform | None = None, only: np.ndarray | None = None, remote: Remote | None = None):
+        self.urls, self.meta, self.split, self.remote = urls, meta, split, remote
         self.rank, self.world, self.batch_size = rank, world, batch_size
         self.transform = transform
         self.only = only  # (count,) bool: the ids to read (before the transform decodes them), or None: all
@@ -409,7 +447,7 @@ class PassDataset(IterableDataset):
     def _batches(self) -> Iterator[Block]:
         pending: list[Block] = []
         held = 0
-        for block in read_blocks(_assigned(self.urls, self.rank, self.world), self.meta, self.split):
+        for block in read_blocks(_assigned(self.urls, self.rank, self.world), self.meta, self.split, remote=self.remote):
             if self.only is not None:
                 block = _take(block, np.flatnonzero(self.only[block["id"]]))
             pending.append(block)
@@ -426,9 +464,9 @@ def pass_batches(root: str | Path, meta: DatasetMeta, split: str, *, batch_size:
                  only: np.ndarray | None = None) -> Iterator[Block]:
     """This rank's part of one exactly-once pass over ``split``, as batches with ids (``transform``,
     deterministic, applied in the workers); ``only`` ((count,) bool) keeps those ids alone."""
-    urls = [str(p) for p in check_split(root, meta, split)]
-    dataset = PassDataset(urls, meta, split, rank=rank, world=world, batch_size=batch_size, transform=transform,
-                          only=only)
+    paths = check_split(root, meta, split)
+    dataset = PassDataset([str(p) for p in paths], meta, split, rank=rank, world=world, batch_size=batch_size,
+                          transform=transform, only=only, remote=Remote.of(paths))
     batches = iter(_loader(dataset, workers))
     try:
         for batch in batches:

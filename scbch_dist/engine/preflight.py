@@ -18,7 +18,8 @@ import torch
 
 from scbch_dist import dist, knn
 from scbch_dist.config import Config, ConfigError
-from scbch_dist.data.format import SPLITS, check_split
+from scbch_dist.data.format import SPLITS, ShardError, check_split
+from scbch_dist.data.remote import RemoteRoot, is_remote
 from scbch_dist.data.verify import check_evaluation_labels, check_id_counts, verify_shards
 from scbch_dist.errors import ScbchError
 from scbch_dist.methods import Method
@@ -66,10 +67,41 @@ def check_data(root, meta, clean: np.ndarray, *, rank: int, world: int) -> tuple
     return {split: len(meta.splits[split].shards) for split in SPLITS}, warnings
 
 
+def check_served(root: RemoteRoot, meta, *, rank: int, world: int) -> int:
+    """Collective, for a dataset on a server: each rank asks for its share of the shards with a
+    HEAD (is it there?); their digests and sample counts are checked as they stream, so nothing is
+    read twice. Returns the number of shards asked about (0 for a pipe: a command has no cheap way
+    to say)."""
+    error: ScbchError | None = None
+    asked = 0
+    if not str(root).startswith("pipe:"):
+        try:
+            for split in SPLITS:
+                for name in meta.splits[split].shards[rank::world]:
+                    asked += 1
+                    if (root / name).size() is None:
+                        raise ShardError(f"{root / name}: shard of split {split!r} listed in meta.json is not on the "
+                                         "server (HTTP 404)")
+        except ScbchError as e:
+            error = e
+    dist.raise_together(error, "preflight: another process found a problem in the dataset (its message is above)")
+    return int(dist.sum_host(np.array([asked]))[0])
+
+
 def preflight(cfg: Config, data, method: Method, accelerator, log: logging.Logger) -> None:
     """Everything checked before the model is built; a problem is one line naming key, file or sample."""
     t0 = time.perf_counter()
     check_settings(cfg, method, data.train.count, accelerator.device)
+    if is_remote(data.root):
+        for split in SPLITS:
+            check_split(data.root, data.meta, split)
+        asked = check_served(data.root, data.meta, rank=accelerator.process_index, world=accelerator.num_processes)
+        sums = ("each shard's sha256 and sample count checked as it streams" if all(data.meta.splits[s].sha256 for s in SPLITS)
+                else "no sha256 in meta.json: shards are checked by their sample counts only (add them where the "
+                     "dataset is written: python -m scbch_dist.data.verify ROOT --add-checksums)")
+        log.info(f"preflight: a dataset on a server; {f'{asked} shards found (HEAD)' if asked else 'shards not asked for (pipe:)'}, "
+                 f"none read ahead; {sums}; {time.perf_counter() - t0:.1f} s")
+        return
     if not cfg.data.verify:
         for split in SPLITS:
             check_split(data.root, data.meta, split)

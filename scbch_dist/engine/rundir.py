@@ -24,6 +24,7 @@ from typing import Iterator
 
 from scbch_dist.config import flatten, migrate, read_run_config, save_config, to_dict
 from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
+from scbch_dist.data.remote import configured_root
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
 from scbch_dist.digests import read_sealed_json, sealed_run
@@ -325,7 +326,7 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
             if not verify_checkpoint(folder):
                 log.warning(f"{folder}: no manifest.json (written by an earlier version): its files are not checked")
             _, state, stored = read_run_state(run_dir, from_checkpoint)
-            root = Path(cfg.data.root)
+            root = configured_root(cfg.data)
             if (root / "meta.json").is_file():  # (a missing embedded dataset is written again, then checked)
                 check_same_data(state.dataset, file_fingerprint(root), root, run_dir)
             changes = changed_keys(migrate(stored), to_dict(cfg), safe)  # (stored in an earlier layout, maybe)

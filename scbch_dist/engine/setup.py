@@ -21,6 +21,7 @@ from scbch_dist.data.labels import held_out_ids
 from scbch_dist.data.noise import (NoiseSpec, clean_training_labels, corrupted_rows, noise_statistics,
                                    training_labels)
 from scbch_dist.data.pipeline import TrainStream
+from scbch_dist.data.remote import configured_root, is_remote
 from scbch_dist.data.transforms import check_backbones_fit, make_transforms
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.encode import encode_part
@@ -143,11 +144,15 @@ def prepare_dataset(cfg: Config, log: logging.Logger, *, may_generate: bool = Tr
     settings. ``may_generate=False`` (data.root given on the command line without data.generate):
     nothing is written, and a folder without a dataset is an error, so that a mistyped or empty
     data.root is never filled with synthetic data and trained on."""
-    root = Path(cfg.data.root)
+    root = configured_root(cfg.data)
     error = None
     if cfg.data.generate and dist.is_main():
         try:
-            exists = (root / "meta.json").is_file()
+            if is_remote(root) and may_generate:  # (given on the command line, it is read as it is)
+                raise ConfigError(f"data.generate={cfg.data.generate} writes its dataset at data.root, which must "
+                                  f"then be a local folder, not {root}; publish the folder it wrote and give its "
+                                  "URL as data.root without data.generate")
+            exists = is_remote(root) or (root / "meta.json").is_file()
             if not may_generate and not exists:
                 raise ConfigError(f"data.root={root}: no dataset there (no meta.json); the config generates the "
                                   f"embedded {cfg.data.generate} dataset only at the data.root it names; to write it "
