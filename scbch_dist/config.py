@@ -53,6 +53,10 @@ class DataConfig:
     # data.retries times in a row with a doubling wait; then the run stops in one line
     retries: int = 5
     timeout: float = 30.0
+    # a folder on this node's disk that keeps the shards of a data.root on a server once fetched
+    # (checked by their sha256), up to data.cache_gb: later epochs read them from there
+    cache: str = ""
+    cache_gb: float = 100.0
 
 
 @dataclass
@@ -556,6 +560,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.lr <= 0 or cfg.train.backbone_lr < 0 or cfg.train.weight_decay < 0:
         raise ConfigError(f"train.lr must be positive and train.backbone_lr, train.weight_decay >= 0, got "
                           f"{cfg.train.lr}, {cfg.train.backbone_lr}, {cfg.train.weight_decay}")
+    if cfg.data.cache_gb <= 0:
+        raise ConfigError(f"data.cache_gb must be above 0 (gigabytes of shards data.cache may hold), got {cfg.data.cache_gb}")
     if not 0 <= cfg.data.retries <= MAX_RETRIES or not 0 < cfg.data.timeout <= MAX_TIMEOUT:
         raise ConfigError(f"data.retries must be 0 to {MAX_RETRIES} and data.timeout above 0 and at most {MAX_TIMEOUT:g} "
                           f"seconds, got {cfg.data.retries} and {cfg.data.timeout}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -164,6 +165,43 @@ def test_past_the_retries_the_run_stops_in_one_line_and_resumes_exactly(served, 
                      env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_codes(run_dir, local_run)
+
+
+def test_the_cache_fetches_each_shard_once_and_refetches_a_damaged_copy(served, local_run, tmp_path):
+    """data.cache: every shard fetched once over a run that reads each several times (epochs,
+    refreshes, evaluation), kept under its sha256; a damaged copy is fetched again; a small
+    data.cache_gb keeps what fits. The result never changes."""
+    server, www = served
+    meta = json.loads((www / "tiny" / "meta.json").read_text())
+    digests = {name: sha for split in meta["splits"].values() for name, sha in zip(split["shards"], split["sha256"])}
+    cache = tmp_path / "cache"
+    before = len(server.requests())
+    main(tiny_args(f"{server.url}/tiny", tmp_path / "run", *SHORT, f"data.cache={cache}"))
+    same_codes(tmp_path / "run", local_run)
+    fetched = [r.split()[1].rsplit("/", 1)[1] for r in server.requests()[before:] if r.startswith("GET /tiny/") and ".tar" in r]
+    # each shard once; shards of equal bytes once in all (the tiny database's first four are the
+    # training shards: the cache goes by content)
+    assert len(fetched) == len(set(fetched)) == len(set(digests.values()))
+    assert {digests[name] for name in fetched} == set(digests.values())
+    assert sorted(p.name for p in cache.glob("*.tar")) == sorted(f"{sha}.tar" for sha in set(digests.values()))
+
+    copy = cache / f"{digests['train-000002.tar']}.tar"
+    data = bytearray(copy.read_bytes())
+    data[-2000] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    before = len(server.requests())
+    main(tiny_args(f"{server.url}/tiny", tmp_path / "again", *SHORT, f"data.cache={cache}"))
+    same_codes(tmp_path / "again", local_run)
+    fetched = [r for r in server.requests()[before:] if r.startswith("GET /tiny/") and ".tar" in r]
+    assert fetched == ["GET /tiny/train-000002.tar HTTP/1.1"]
+    assert "a damaged copy in data.cache" in (tmp_path / "again" / "log.txt").read_text()
+    assert copy.read_bytes() != bytes(data) and not list(cache.glob(".*.tmp"))
+
+    small = tmp_path / "small"
+    main(tiny_args(f"{server.url}/tiny", tmp_path / "bounded", *SHORT, f"data.cache={small}", "data.cache_gb=0.00005"))
+    same_codes(tmp_path / "bounded", local_run)
+    kept = sum(p.stat().st_size for p in small.glob("*.tar"))
+    assert 0 < kept <= 50_000 and not list(small.glob(".*.tmp"))  # what fits, never more
 
 
 def test_a_missing_or_changed_shard_on_the_server_is_one_line(served, tiny_dataset, tmp_path):

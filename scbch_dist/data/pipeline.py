@@ -38,7 +38,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scbch_dist.data.format import DatasetMeta, ShardError, check_split, check_tar_end, decode_group
-from scbch_dist.data.remote import RemoteRoot, Retry, RetryingStream
+from scbch_dist.data.remote import RemoteRoot, Retry, RetryingStream, ShardCache
 from scbch_dist.errors import ScbchError
 
 Block = dict[str, np.ndarray]
@@ -72,11 +72,16 @@ class DigestedShard:
     shard (``retry``: data.root on a server) is checked only here, as it streams. Hashing rides
     along the read: no second pass over the file."""
 
-    def __init__(self, path: str, sha256: str | None, retry: Retry | None = None):
+    def __init__(self, path: str, sha256: str | None, retry: Retry | None = None, cache: ShardCache | None = None):
         self.path, self.expected, self.digest = path, sha256, hashlib.sha256()
-        self.remote = retry is not None
+        self.remote, self.copy = retry is not None, None
         if self.remote:
+            copied = cache.lookup(sha256) if cache is not None and sha256 else None
+            if copied is not None:  # this node's checked copy (data.cache)
+                self.file = open(copied, "rb")
+                return
             self.file = RetryingStream(path, retry)
+            self.copy = cache.start(sha256) if cache is not None and sha256 else None
             return
         try:
             self.file = open(path, "rb")
@@ -86,18 +91,23 @@ class DigestedShard:
     def read(self, n: int = -1) -> bytes:
         data = self.file.read(n)
         self.digest.update(data)
+        if self.copy is not None:
+            self.copy.write(data)
         return data
 
     def finish(self) -> None:
         """Hash what the reader left (the tar's end blocks) and close."""
         if not self.file.closed:
-            while block := self.file.read(1 << 20):
-                self.digest.update(block)
+            while block := self.read(1 << 20):
+                pass
             self.file.close()
 
     def check(self) -> None:
         """After ``finish``: a ShardError when the bytes read differ from meta.json's digest."""
-        if self.expected is not None and self.digest.hexdigest() != self.expected:
+        matches = self.expected is None or self.digest.hexdigest() == self.expected
+        if self.copy is not None:  # data.cache keeps only what meta.json's digest vouches for
+            self.copy.keep() if matches and self.expected is not None else self.copy.drop()
+        if not matches:
             if self.remote:
                 raise ShardError(f"{self.path}: its sha256 differs from the one in meta.json (changed on the server, or "
                                  "damaged on the way); publish the dataset again and resume the run from its last "
@@ -118,7 +128,7 @@ def _open_shards(urls: list[str], sha256: dict[str, str], opened: dict[str, Dige
         if remote is None:
             previous = opened[url] = DigestedShard(url, sha256.get(Path(url).name))
         else:
-            previous = opened[url] = DigestedShard(url, sha256.get(remote.names[url]), remote.retry)
+            previous = opened[url] = DigestedShard(url, sha256.get(remote.names[url]), remote.retry, remote.cache)
         yield {"url": url, "stream": previous}
     if previous is not None:
         previous.finish()
@@ -131,13 +141,14 @@ class Remote:
 
     names: dict[str, str]
     retry: Retry
+    cache: ShardCache | None = None  # data.cache
 
     @staticmethod
     def of(paths: list) -> "Remote | None":
         """For check_split's paths: None where they are local files."""
         if not paths or not isinstance(paths[0], RemoteRoot):
             return None
-        return Remote({str(p): p.name for p in paths}, paths[0].retry)
+        return Remote({str(p): p.name for p in paths}, paths[0].retry, paths[0].cache)
 
 
 def read_blocks(urls: list[str], meta: DatasetMeta, split: str, *, check_digests: bool = True,

@@ -16,9 +16,11 @@ every time) is one line naming the URL (RemoteError)."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import logging
+import os
 import select
 import shlex
 import subprocess
@@ -61,14 +63,15 @@ def is_remote(root: object) -> bool:
 class RemoteRoot:
     """A dataset folder on a server, or a file in it: the path-like subset the readers use."""
 
-    def __init__(self, root: str, retry: Retry = Retry(), name: str = ""):
+    def __init__(self, root: str, retry: Retry = Retry(), name: str = "", cache: "ShardCache | None" = None):
         if root.startswith("pipe:") and NAME_SLOT not in root:
             raise RemoteError(f"data.root={root}: a pipe: command needs {NAME_SLOT} where the file's name goes "
                               f"(e.g. pipe:aws s3 cp s3://bucket/dataset/{NAME_SLOT} -)")
         self.root, self.retry, self.relative = root.rstrip("/") if "://" in root else root, retry, name
+        self.cache = cache  # data.cache: this node's copies of the shards
 
     def __truediv__(self, name: str) -> "RemoteRoot":
-        return RemoteRoot(self.root, self.retry, f"{self.relative}/{name}" if self.relative else str(name))
+        return RemoteRoot(self.root, self.retry, f"{self.relative}/{name}" if self.relative else str(name), self.cache)
 
     def __str__(self) -> str:
         if self.root.startswith("pipe:"):
@@ -311,5 +314,85 @@ def dataset_root(root, retry: Retry | None = None):
 
 
 def configured_root(data_cfg):
-    """``data.root`` of a config's data section, read with its data.retries and data.timeout."""
-    return dataset_root(data_cfg.root, Retry(retries=data_cfg.retries, timeout=data_cfg.timeout))
+    """``data.root`` of a config's data section, read with its data.retries and data.timeout, its
+    shards kept in data.cache (up to data.cache_gb) where one is given."""
+    root = dataset_root(data_cfg.root, Retry(retries=data_cfg.retries, timeout=data_cfg.timeout))
+    if isinstance(root, RemoteRoot) and data_cfg.cache:
+        root.cache = ShardCache(data_cfg.cache, int(data_cfg.cache_gb * 1e9))
+    return root
+
+
+@dataclass(frozen=True)
+class ShardCache:
+    """``data.cache``: shards of a dataset on a server kept on this node's disk, each under its
+    sha256 (``<sha256>.tar``), so the first epoch fetches a shard and later ones read the copy. A
+    copy is written as the shard streams (no second fetch), kept only when its digest matches
+    meta.json's, and checked again before each use: a damaged copy is removed and the shard fetched
+    anew. The cache stops taking shards at ``max_bytes`` (those past it stream every time; none is
+    evicted, so a cache smaller than the dataset keeps a fixed part of it). Ranks and loader workers
+    of a node may share one: each copy appears by an atomic rename."""
+
+    folder: str
+    max_bytes: int
+
+    def path(self, sha256: str) -> Path:
+        return Path(self.folder) / f"{sha256}.tar"
+
+    def lookup(self, sha256: str) -> Path | None:
+        """The checked copy of the shard of this digest, or None (fetch it)."""
+        path = self.path(sha256)
+        if not path.is_file():
+            return None
+        if _file_sha256(path) != sha256:
+            log.warning(f"{path}: a damaged copy in data.cache (its sha256 differs); fetching the shard again")
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def start(self, sha256: str) -> "CacheCopy | None":
+        """A copy of the shard to write as it streams, or None where the cache is full."""
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        used = sum(p.stat().st_size for p in folder.glob("*.tar"))
+        if used >= self.max_bytes:
+            return None
+        return CacheCopy(self.path(sha256), self.max_bytes - used)
+
+
+class CacheCopy:
+    """A shard's copy being written (``.<name>.<pid>.tmp``); ``keep()`` renames it into place,
+    ``drop()`` removes it (digest mismatch, or the cache's room ran out mid-shard)."""
+
+    def __init__(self, path: Path, room: int):
+        self.path, self.room = path, room
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.file = open(self.tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            return
+        self.room -= len(data)
+        if self.room < 0:
+            self.drop()
+            return
+        self.file.write(data)
+
+    def keep(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            os.replace(self.tmp, self.path)
+
+    def drop(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -38,7 +38,8 @@ RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log
 RESULTS = RUN_OUTPUTS[:4]  # the outputs that record training
 # keys a resume may change: evaluation and output settings, the length of the run, the preflight
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
-                  "run.tensorboard", "run.checkpoint", "run.keep_checkpoints", "run.save_codes", "data.verify")
+                  "run.tensorboard", "run.checkpoint", "run.keep_checkpoints", "run.save_codes", "data.verify",
+                  "data.retries", "data.timeout", "data.cache", "data.cache_gb")
 
 
 def safe_keys(method_class) -> tuple[str, ...]:

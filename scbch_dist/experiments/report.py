@@ -48,7 +48,8 @@ MODELS = ("mixed", "redundant", "replace", "file", "none")  # table order
 # included: it is the row already), the preflight read of the shards, loader processes and the
 # encoding batch. Runs whose configs differ only in these and in train.seed are seeds of one config.
 # A key ending in "." stands for its whole section.
-NO_EFFECT_KEYS = ("run.", "data.verify", "data.workers", "eval.batch_size", "eval.refit")
+NO_EFFECT_KEYS = ("run.", "data.verify", "data.workers", "data.retries", "data.timeout", "data.cache", "data.cache_gb",
+                  "eval.batch_size", "eval.refit")
 SEED_KEY = "train.seed"
 COLUMN_KEYS = ("model.bits", "data.noise")  # a table's columns (and the noise model its table), not variants
 MAX_LABEL_KEYS = 2  # a row label names up to this many differing keys; beyond, #i and a footnote
