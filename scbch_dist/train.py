@@ -25,18 +25,19 @@ import time
 from pathlib import Path
 
 from scbch_dist import cli, dist
-from scbch_dist.config import DEFAULT_CONFIG, Config, flat_dict, load_config, load_run_config, to_dict
+from scbch_dist.config import (DEFAULT_CONFIG, Config, check_saved_config, flat_dict, load_config, load_run_config,
+                               to_dict)
 from scbch_dist.engine import rundir, setup
+from scbch_dist.engine.rundir import REFIT_FOLDER, launch_state
 from scbch_dist.data.fingerprint import check_same_data
 from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files, read_run_state
 from scbch_dist.engine.loop import (EpochProgress, Run, fit, restore_tables, run_tables, write_missing_codes,
                                     write_summary)
-from scbch_dist.digests import read_sealed_json, sealed_run
+from scbch_dist.digests import read_sealed_json, sealed_run, write_sealed_json
 from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
 from scbch_dist.errors import RunDirError, ScbchError
-from scbch_dist.refit import refit
 from scbch_dist.engine.runlog import LOGGER_NAME, MetricsLog, setup_logging
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -196,6 +197,70 @@ def check_same_dataset(run_dir: Path, data: setup.TrainingData, is_main: bool, l
         except ScbchError as e:
             error = e
     dist.raise_together(error, f"the main process refused to resume {run_dir} (its message is above)")
+
+
+# -- refit after selection (eval.refit; python -m scbch_dist.refit) ------------------------------
+
+SELECTED_BY = ("the final evaluation of a second run on every training row (held-out ones included) for the "
+               "epochs 'selected' chose ({folder}/)")
+
+
+def selected_epochs(run_dir: Path) -> tuple[dict, int]:
+    """The run's summary and the epoch its held-out rows selected; a one-line error where there is
+    none to refit from."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no summary.json; the run has not finished (resume it first: "
+                          f"python -m scbch_dist.train --resume {run_dir})")
+    summary = read_sealed_json(path, required=sealed_run(run_dir))
+    if not summary.get("selected"):
+        raise RunDirError(f"{path}: no 'selected' evaluation (the run held no rows out: eval.validation 0), so no "
+                          "epoch to refit for")
+    return summary, int(summary["selected"]["epoch"])
+
+
+def refit_command(run_dir: Path, epochs: int) -> list[str]:
+    """scbch_dist.train's arguments for RUN_DIR/refit: a fresh run from the run's config, or the
+    resume of one that was stopped."""
+    folder = run_dir / REFIT_FOLDER
+    state = launch_state(folder)
+    if state == "resume":
+        return ["--resume", str(folder)]
+    settings = ["eval.validation=0", "eval.refit=false", f"train.epochs={epochs}", f"eval.every={epochs}",
+                f"run.dir={folder}"]
+    return ["--config", str(run_dir / "config.yaml"), *[a for s in settings for a in ("--set", s)],
+            *(["--overwrite"] if state == "restart" else [])]
+
+
+def refit(run_dir: str | Path) -> dict:
+    """Every rank calls it: train RUN_DIR/refit unless it has finished, then add its final
+    evaluation to RUN_DIR/summary.json as ``refit`` (rank 0). Returns the run's summary (rank 0;
+    {} on the others)."""
+    run_dir = Path(run_dir)
+    summary, epochs = selected_epochs(run_dir)
+    check_saved_config(run_dir / "config.yaml")  # the refit takes the run's settings: refused if edited
+    folder = run_dir / REFIT_FOLDER
+    if launch_state(folder) != "done":
+        main(refit_command(run_dir, epochs))
+    # the trainer has ended the process group: the launcher's RANK says which process records it
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    return _record(run_dir, summary, epochs)
+
+
+def _record(run_dir: Path, summary: dict, epochs: int) -> dict:
+    """RUN_DIR/summary.json with the refit's final evaluation added as ``refit`` (main process)."""
+    folder = run_dir / REFIT_FOLDER
+    refitted = read_sealed_json(folder / "summary.json", required=sealed_run(folder))["final"]
+    if refitted["epoch"] != epochs:
+        raise RunDirError(f"{folder}/summary.json ends at epoch {refitted['epoch']}, not at the selected epoch "
+                          f"{epochs}: the refit of another run? (remove {folder} and refit again)")
+    summary["refit"] = {"selected_by": SELECTED_BY.format(folder=REFIT_FOLDER), **refitted}
+    write_sealed_json(run_dir / "summary.json", summary)
+    print(f"refit ({epochs} epochs on every training row): avg {refitted['avg_map']:.4f} (tie-aware "
+          f"{refitted['avg_map_tie_aware']:.4f}); selected avg {summary['selected']['avg_map']:.4f} at epoch {epochs}; "
+          f"final avg {summary['final']['avg_map']:.4f}. Wrote {run_dir}/summary.json")
+    return summary
 
 
 def console() -> None:

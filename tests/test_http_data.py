@@ -322,3 +322,15 @@ def test_a_pipe_command_needs_its_slot_and_a_failing_one_is_one_line(tmp_path):
     assert not (root / "missing.txt").is_file()
     with pytest.raises(RemoteError, match=r"unreadable after 4 tries .*the command exited with status 1"):
         (root / "missing.txt").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_throughput_benchmark_runs_at_toy_size():
+    """tests/benchmarks/bench_http.py as a user runs it (docs/benchmarks.md): its table, every source."""
+    proc = launch([sys.executable, "tests/benchmarks/bench_http.py", "--train", "300", "--images", "60", "--repeats", "1",
+                   "--epochs", "1"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0 and "nginx is not installed" in proc.stderr:
+        pytest.skip("nginx is not installed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| features") or line.startswith("| jpeg")]
+    assert [r.split(" | ")[2] for r in rows] == ["folder", "nginx", "nginx + data.cache"] * 2

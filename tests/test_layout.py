@@ -26,7 +26,7 @@ LAYERS = {
     "config": 6,
     "engine": 7,
     "train": 8, "retrieval": 8, "extract": 8,
-    "experiments": 9, "evaluate": 9,
+    "experiments": 9, "evaluate": 9, "refit": 9,
 }
 # the pure parts: no process group, no training state (docs/objective.md, docs/evaluation.md). The
 # losses' neighbour reference is knn.exact_topk; knn's sharded search is a collective, so the rest of
