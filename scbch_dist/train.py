@@ -37,6 +37,7 @@ from scbch_dist.digests import read_sealed_json, sealed_run, write_sealed_json
 from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
+from scbch_dist.engine.threads import use_cpu_threads
 from scbch_dist.errors import RunDirError, ScbchError
 from scbch_dist.engine.runlog import LOGGER_NAME, MetricsLog, setup_logging
 
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, stop: StopRequest, t_start: float,
            precision_note: str = "") -> dict:
+    log.info(f"threads: {use_cpu_threads()}")
     t_data = time.perf_counter()
     data = setup.build_data(cfg, accelerator, log, may_generate=may_generate(args))
     # the training stream's loader workers (data.workers > 0) serve every epoch; stopped when the
