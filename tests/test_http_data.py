@@ -78,9 +78,10 @@ def test_two_processes_from_nginx_train_as_two_from_the_folder(served, tiny_data
 
 @pytest.mark.slow
 def test_the_documented_command_trains_the_embedded_default_from_nginx(served, tmp_path):
-    """README: ``python -m scbch_dist.train --set data.root=http://127.0.0.1:PORT/synthetic``."""
+    """README: ``python -m scbch_dist.train --set data.root=http://127.0.0.1:PORT/synthetic``: the
+    whole default run (20 epochs), its codes and figures equal to the run from the folder."""
     server, www = served
-    settings = ["--set", "train.epochs=2", "--set", "eval.every=2", "--set", "run.progress=false"]
+    settings = ["--set", "run.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     folder = launch([sys.executable, "-m", "scbch_dist.train", "--set", f"data.root={www / 'synthetic'}",
                      "--set", "data.generate=synthetic", *settings, "--set", f"run.dir={tmp_path / 'folder'}"], env=env)
@@ -89,6 +90,8 @@ def test_the_documented_command_trains_the_embedded_default_from_nginx(served, t
                    "--set", f"run.dir={tmp_path / 'http'}"], env=env)
     assert http.returncode == 0, http.stderr[-3000:]
     same_codes(tmp_path / "http", tmp_path / "folder")
+    finals = [json.loads((tmp_path / d / "summary.json").read_text())["final"] for d in ("http", "folder")]
+    assert finals[0]["epoch"] == 20 and finals[0]["avg_map"] == finals[1]["avg_map"]
 
 
 def _wait_for(what: str, check, timeout: float = 60) -> None:

@@ -425,6 +425,29 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class _ShardFile:
+    """One shard being written into a dataset folder under construction (write_dataset's and
+    write_raw_dataset's atomic_directory): a tar under a temporary name, whose sha256 is taken from
+    the complete file and recorded in the split's info when ``close`` renames it into place."""
+
+    def __init__(self, root: Path, split: str, index: int):
+        self.name = f"{split}-{index:06d}.tar"
+        self.path, self.tmp = root / self.name, root / f".{self.name}.tmp"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.samples = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        _add_member(self.tar, name, data)
+
+    def close(self, info: SplitInfo) -> None:
+        self.tar.close()
+        digest = sha256_file(self.tmp)  # of the complete file: what the name will stand for after the rename
+        self.tmp.rename(self.path)
+        info.shards.append(self.name)
+        info.shard_counts.append(self.samples)
+        info.sha256.append(digest)
+
+
 class SplitWriter:
     """Append rows of one split; cuts shards of ``samples_per_shard`` and blocks of ``block_size``.
 
@@ -467,23 +490,16 @@ class SplitWriter:
     def _write_shard(self, rows: dict[str, np.ndarray]) -> None:
         n = len(rows["lab"])
         first = self.info.count
-        name = f"{self.split}-{len(self.info.shards):06d}.tar"
-        path = self.root / name
-        tmp = path.with_name(f".{name}.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for start in range(0, n, self.block_size):
-                stop = min(start + self.block_size, n)
-                key = f"{first + start:0{KEY_DIGITS}d}"
-                ids = np.arange(first + start, first + stop, dtype=np.int64)
-                _add_member(tar, f"{key}.id.npy", _npy_bytes(ids))
-                for m in MODALITIES:
-                    _add_member(tar, f"{key}.{m}.npy", _npy_bytes(rows[m][start:stop].astype(self.spec[m].dtype)))
-                _add_member(tar, f"{key}.lab.npy", _npy_bytes(rows["lab"][start:stop].astype(np.uint8)))
-        digest = sha256_file(tmp)  # of the complete file: what the name will stand for after the rename
-        tmp.rename(path)
-        self.info.shards.append(name)
-        self.info.shard_counts.append(n)
-        self.info.sha256.append(digest)
+        shard = _ShardFile(self.root, self.split, len(self.info.shards))
+        for start in range(0, n, self.block_size):
+            stop = min(start + self.block_size, n)
+            key = f"{first + start:0{KEY_DIGITS}d}"
+            shard.add(f"{key}.id.npy", _npy_bytes(np.arange(first + start, first + stop, dtype=np.int64)))
+            for m in MODALITIES:
+                shard.add(f"{key}.{m}.npy", _npy_bytes(rows[m][start:stop].astype(self.spec[m].dtype)))
+            shard.add(f"{key}.lab.npy", _npy_bytes(rows["lab"][start:stop].astype(np.uint8)))
+        shard.samples = n
+        shard.close(self.info)
         self.info.count += n
 
 
@@ -562,8 +578,7 @@ class RawSplitWriter:
         self.root, self.split, self.num_classes = Path(root), split, num_classes
         self.samples_per_shard = samples_per_shard
         self.info = SplitInfo(count=0)
-        self._tar: tarfile.TarFile | None = None
-        self._in_shard = 0
+        self._shard: _ShardFile | None = None
 
     def write(self, sample: RawSample) -> None:
         ext = sample.ext.lower().lstrip(".")
@@ -572,36 +587,25 @@ class RawSplitWriter:
         lab = np.asarray(sample.lab)
         if lab.shape != (self.num_classes,) or not np.isin(lab, (0, 1)).all():
             raise ValueError(f"split {self.split}: sample {self.info.count}: labels must be ({self.num_classes},) multi-hot")
-        if self._tar is None:
-            self._open()
+        if self._shard is None:
+            self._shard = _ShardFile(self.root, self.split, len(self.info.shards))
         key = f"{self.info.count:0{KEY_DIGITS}d}"
-        _add_member(self._tar, f"{key}.{ext}", bytes(sample.image))
-        _add_member(self._tar, f"{key}.txt", sample.text.encode("utf-8"))
-        _add_member(self._tar, f"{key}.lab.npy", _npy_bytes(lab.astype(np.uint8)))
+        self._shard.add(f"{key}.{ext}", bytes(sample.image))
+        self._shard.add(f"{key}.txt", sample.text.encode("utf-8"))
+        self._shard.add(f"{key}.lab.npy", _npy_bytes(lab.astype(np.uint8)))
         self.info.count += 1
-        self._in_shard += 1
-        if self._in_shard == self.samples_per_shard:
+        self._shard.samples += 1
+        if self._shard.samples == self.samples_per_shard:
             self._close_shard()
 
     def close(self) -> SplitInfo:
-        if self._tar is not None:
+        if self._shard is not None:
             self._close_shard()
         return self.info
 
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.info.shards):06d}.tar"
-        self._name, self._in_shard = name, 0
-        self._tmp = self.root / f".{name}.tmp"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-
     def _close_shard(self) -> None:
-        self._tar.close()
-        digest = sha256_file(self._tmp)  # of the complete file, before the rename makes it visible
-        self._tmp.rename(self.root / self._name)
-        self.info.shards.append(self._name)
-        self.info.shard_counts.append(self._in_shard)
-        self.info.sha256.append(digest)
-        self._tar = None
+        self._shard.close(self.info)
+        self._shard = None
 
 
 def write_raw_dataset(root: str | Path, *, name: str, classes: list[str], splits: dict[str, Iterable[RawSample]],

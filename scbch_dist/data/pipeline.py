@@ -98,7 +98,7 @@ class DigestedShard:
     def finish(self) -> None:
         """Hash what the reader left (the tar's end blocks) and close."""
         if not self.file.closed:
-            while block := self.read(1 << 20):
+            while self.read(1 << 20):  # hashed (and copied to data.cache) on the way
                 pass
             self.file.close()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from scbch_dist.atomic import atomic_directory
 from scbch_dist.errors import first_line
 from scbch_dist.models.backbones import WeightsError, _ImageBackbone
 
@@ -445,16 +445,11 @@ def write_tiny(out: str | Path, library: str = "open_clip", seed: int = 0) -> Pa
         raise WeightsError(f"{out} exists and is not empty; the tiny model is written to a new folder")
     if library not in ("open_clip", "transformers"):
         raise ValueError(f"library must be open_clip or transformers, got {library!r}")
-    # written beside, then renamed: a folder at ``out`` is always a whole model
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is kept
+    if out.exists():
+        out.rmdir()  # empty: the whole model takes its place
+    with atomic_directory(out) as partial, torch.random.fork_rng(devices=[]):  # the caller's random state is kept
         torch.manual_seed(seed)
         _write_tiny(partial, library)
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
     return out
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scbch_dist.atomic import atomic_directory
 from scbch_dist.data.format import read_meta
 from scbch_dist.data.pipeline import check_split, read_blocks
 from scbch_dist.data.transforms import ImageTransform
@@ -118,13 +117,10 @@ def _write_open_clip(model: torch.nn.Module, cfg: dict, out: Path) -> None:
     """``model`` and its config in open_clip's local layout at ``out``, written beside and renamed."""
     from safetensors.torch import save_file
 
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(partial / "open_clip_model.safetensors"))
-    (partial / OPEN_CLIP_CONFIG).write_text(json.dumps(cfg, indent=1))
-    partial.rename(out)
+    with atomic_directory(out) as partial:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                  str(partial / "open_clip_model.safetensors"))
+        (partial / OPEN_CLIP_CONFIG).write_text(json.dumps(cfg, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
