@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         # every rank leaves together: a rank that tears down its process group while the main one still
         # writes the summary aborts at exit now and then ("terminate called without an active exception")
         dist.barrier()
-        refit_follows = cfg.eval.refit
+        refit_follows = cfg.eval.refit and cfg.eval.validation > 0
     except BaseException:
         if lock is not None and not args.resume:
             logging.getLogger(LOGGER_NAME).handlers.clear()  # log.txt closed before it may go

@@ -17,7 +17,7 @@ from scbch_dist import refit as refit_module
 from scbch_dist.config import read_run_config
 from scbch_dist.digests import read_sealed_json
 from scbch_dist.engine.rundir import launch_state
-from scbch_dist.errors import ConfigError, Preempted
+from scbch_dist.errors import Preempted
 from scbch_dist.experiments import report
 from scbch_dist.train import main
 
@@ -101,11 +101,12 @@ def test_a_stopped_refit_resumes_with_the_run_and_ends_as_the_uninterrupted_one(
 
 
 def test_a_refit_without_held_out_rows_or_a_finished_run_is_one_line(tiny_dataset, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="eval.refit .* give eval.validation"):
-        main(tiny_args(tiny_dataset, tmp_path / "none", "eval.refit=true"))
+    """eval.refit (the default) does nothing where no rows were held out; the command says why."""
+    summary = main(tiny_args(tiny_dataset, tmp_path / "plain", "train.epochs=1", "eval.every=1", "eval.refit=true"))
+    assert "refit" not in summary and not (tmp_path / "plain" / "refit").exists()
+    assert launch_state(tmp_path / "plain") == "done"
     line = one_line_exit(capsys, refit_module.main, [str(tmp_path / "missing")])
     assert "no summary.json; the run has not finished" in line
-    main(tiny_args(tiny_dataset, tmp_path / "plain", "train.epochs=1", "eval.every=1"))
     line = one_line_exit(capsys, refit_module.main, [str(tmp_path / "plain")])
     assert "no 'selected' evaluation (the run held no rows out" in line
 
@@ -113,7 +114,7 @@ def test_a_refit_without_held_out_rows_or_a_finished_run_is_one_line(tiny_datase
 def test_the_documented_command_refits_a_finished_run(tiny_dataset, tmp_path):
     """``python -m scbch_dist.refit RUN_DIR`` on a run that held rows out without eval.refit."""
     run_dir = tmp_path / "run"
-    main(tiny_args(tiny_dataset, run_dir, *SETTINGS))
+    main(tiny_args(tiny_dataset, run_dir, *SETTINGS, "eval.refit=false"))
     proc = launch([sys.executable, "-m", "scbch_dist.refit", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refit (" in proc.stdout

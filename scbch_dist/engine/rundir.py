@@ -387,7 +387,8 @@ def refit_pending(run_dir: str | Path) -> bool:
     a resume trains (or resumes) only the refit."""
     run_dir = Path(run_dir)
     try:
-        wants = read_run_config(run_dir / "config.yaml").get("eval", {}).get("refit", False)
+        settings = read_run_config(run_dir / "config.yaml").get("eval", {})
+        wants = settings.get("refit", False) and settings.get("validation", 0) > 0  # (absent: an earlier version's run)
     except (OSError, ScbchError):
         return False  # the resume itself names what is wrong
     if not wants:
