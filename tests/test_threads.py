@@ -4,6 +4,10 @@ on the machine; the run logs the choice."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 
 import pytest
 
@@ -54,4 +58,19 @@ def test_a_run_logs_and_uses_its_threads(tiny_dataset, tmp_path, monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert "threads: 1 CPU thread a process (OMP_NUM_THREADS=1)" in (tmp_path / "run" / "log.txt").read_text()
+    assert "threads: 1 CPU thread a process (OMP_NUM_THREADS=1; OpenMP spins 1000 times, then sleeps)" in (
+        tmp_path / "run" / "log.txt").read_text()
+
+
+def _spin_count(env: dict) -> str:
+    """GOMP_SPINCOUNT as a fresh interpreter that imports the package, then torch, sees it."""
+    code = "import scbch_dist, os, torch; print(os.environ.get('GOMP_SPINCOUNT', '-'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+
+
+def test_openmp_spins_briefly_unless_the_user_says_otherwise():
+    """Set before torch loads OpenMP; a user's GOMP_SPINCOUNT or OMP_WAIT_POLICY is left alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    assert _spin_count(env) == "1000"
+    assert _spin_count({**env, "GOMP_SPINCOUNT": "50"}) == "50"
+    assert _spin_count({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "-"

@@ -26,6 +26,7 @@ order, and yields blocks with their ids; consumers write rows into tables by id.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import multiprocessing
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from scbch_dist.data.remote import RemoteRoot, Retry, RetryingStream, ShardCache
 from scbch_dist.errors import ScbchError
 
 Block = dict[str, np.ndarray]
+BUFFER_BYTES = 1 << 20  # a server's shard is read from the connection in pieces of this size
 # A worker-side batch transform (data.transforms.BatchTransform): (block, rng or None) -> block.
 Transform = Callable[[Block, "np.random.Generator | None"], Block]
 
@@ -74,13 +76,15 @@ class DigestedShard:
 
     def __init__(self, path: str, sha256: str | None, retry: Retry | None = None, cache: ShardCache | None = None):
         self.path, self.expected, self.digest = path, sha256, hashlib.sha256()
-        self.remote, self.copy = retry is not None, None
+        self.remote, self.copy, self.cached = retry is not None, None, None
         if self.remote:
             copied = cache.lookup(sha256) if cache is not None and sha256 else None
-            if copied is not None:  # this node's checked copy (data.cache)
-                self.file = open(copied, "rb")
+            if copied is not None:  # this node's copy (data.cache), checked as it streams too
+                self.file, self.cached = open(copied, "rb"), copied
                 return
-            self.file = RetryingStream(path, retry)
+            # read in large pieces: the tar reader's 10 KB reads, each through HTTP, cost a quarter
+            # of the throughput (docs/benchmarks.md, "Shards over HTTP")
+            self.file = io.BufferedReader(RetryingStream(path, retry), buffer_size=BUFFER_BYTES)
             self.copy = cache.start(sha256) if cache is not None and sha256 else None
             return
         try:
@@ -108,6 +112,10 @@ class DigestedShard:
         if self.copy is not None:  # data.cache keeps only what meta.json's digest vouches for
             self.copy.keep() if matches and self.expected is not None else self.copy.drop()
         if not matches:
+            if self.cached is not None:
+                raise ShardError(f"{self.cached}: this node's copy of {self.path} in data.cache changed while the run "
+                                 "read it (its sha256 differs from meta.json's); remove it and resume the run from its "
+                                 "last checkpoint")
             if self.remote:
                 raise ShardError(f"{self.path}: its sha256 differs from the one in meta.json (changed on the server, or "
                                  "damaged on the way); publish the dataset again and resume the run from its last "

@@ -27,7 +27,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scbch_dist.errors import ScbchError
@@ -327,26 +327,34 @@ class ShardCache:
     """``data.cache``: shards of a dataset on a server kept on this node's disk, each under its
     sha256 (``<sha256>.tar``), so the first epoch fetches a shard and later ones read the copy. A
     copy is written as the shard streams (no second fetch), kept only when its digest matches
-    meta.json's, and checked again before each use: a damaged copy is removed and the shard fetched
-    anew. The cache stops taking shards at ``max_bytes`` (those past it stream every time; none is
+    meta.json's, hashed again before its first use in a process (a damaged copy is removed and the
+    shard fetched anew) and checked as it streams at every later use. The cache stops taking shards at ``max_bytes`` (those past it stream every time; none is
     evicted, so a cache smaller than the dataset keeps a fixed part of it). Ranks and loader workers
     of a node may share one: each copy appears by an atomic rename."""
 
     folder: str
     max_bytes: int
+    # digest -> (size, mtime) of the copies this process checked: each is hashed once before its
+    # first use; later reads are checked as they stream, like a local shard
+    checked: dict = field(default_factory=dict, compare=False, hash=False)
 
     def path(self, sha256: str) -> Path:
         return Path(self.folder) / f"{sha256}.tar"
 
     def lookup(self, sha256: str) -> Path | None:
-        """The checked copy of the shard of this digest, or None (fetch it)."""
+        """The copy of the shard of this digest, checked, or None (fetch it)."""
         path = self.path(sha256)
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except OSError:
             return None
+        if self.checked.get(sha256) == (stat.st_size, stat.st_mtime_ns):
+            return path
         if _file_sha256(path) != sha256:
             log.warning(f"{path}: a damaged copy in data.cache (its sha256 differs); fetching the shard again")
             path.unlink(missing_ok=True)
             return None
+        self.checked[sha256] = (stat.st_size, stat.st_mtime_ns)
         return path
 
     def start(self, sha256: str) -> "CacheCopy | None":
@@ -356,16 +364,17 @@ class ShardCache:
         used = sum(p.stat().st_size for p in folder.glob("*.tar"))
         if used >= self.max_bytes:
             return None
-        return CacheCopy(self.path(sha256), self.max_bytes - used)
+        return CacheCopy(self, sha256, self.max_bytes - used)
 
 
 class CacheCopy:
     """A shard's copy being written (``.<name>.<pid>.tmp``); ``keep()`` renames it into place,
     ``drop()`` removes it (digest mismatch, or the cache's room ran out mid-shard)."""
 
-    def __init__(self, path: Path, room: int):
-        self.path, self.room = path, room
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    def __init__(self, cache: ShardCache, sha256: str, room: int):
+        self.cache, self.sha256, self.room = cache, sha256, room
+        self.path = cache.path(sha256)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.file = open(self.tmp, "wb")
 
     def write(self, data: bytes) -> None:
@@ -382,6 +391,8 @@ class CacheCopy:
             self.file.close()
             self.file = None
             os.replace(self.tmp, self.path)
+            stat = self.path.stat()  # its digest matched as it streamed: no need to hash it before its next use
+            self.cache.checked[self.sha256] = (stat.st_size, stat.st_mtime_ns)
 
     def drop(self) -> None:
         if self.file is not None:

@@ -6,7 +6,8 @@ container's ``--cpus``), and the processes of a run on one machine share them: e
 past what the process may run then waits for a core, and torch's threads wait for each other at
 every operation. ``threads`` is OMP_NUM_THREADS where it is set (the user's word), else the fewest
 CPUs any of these allows, divided among the run's processes on this machine (LOCAL_WORLD_SIZE,
-which torchrun and accelerate launch set), at least one."""
+which torchrun and accelerate launch set), at least one. Waiting threads spin briefly, then sleep
+(GOMP_SPINCOUNT=1000, set by the package before torch loads: scbch_dist/__init__.py)."""
 
 from __future__ import annotations
 
@@ -67,4 +68,14 @@ def use_cpu_threads(env: dict | None = None) -> str:
 
     threads, why = cpu_threads(env)
     torch.set_num_threads(threads)
-    return f"{threads} CPU thread{'s' if threads > 1 else ''} a process ({why})"
+    return f"{threads} CPU thread{'s' if threads > 1 else ''} a process ({why}; {openmp_waiting(env)})"
+
+
+def openmp_waiting(env: dict | None = None) -> str:
+    """How waiting OpenMP threads behave, in words (scbch_dist/__init__.py sets GOMP_SPINCOUNT)."""
+    env = os.environ if env is None else env
+    if "GOMP_SPINCOUNT" in env:
+        return f"OpenMP spins {env['GOMP_SPINCOUNT']} times, then sleeps"
+    if "OMP_WAIT_POLICY" in env:
+        return f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}"
+    return "OpenMP's own waiting"
