@@ -208,3 +208,22 @@ def test_the_readme_names_every_console_command():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     readme = (ROOT / "README.md").read_text()
     assert [name for name in scripts if f"`{name}`" not in readme] == []
+
+
+def test_the_readme_is_a_front_door():
+    """At most 250 lines (it had grown to 296): the detail lives in docs/, and every local link of
+    the README names a file that exists and, with an anchor, a heading of it."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", readme):
+        if target.startswith("http"):
+            continue
+        page = ROOT / target if target else ROOT / "README.md"
+        assert page.is_file(), target
+        if anchor:
+            slugs = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+                     for h in re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)}
+            slugs |= set(re.findall(r'<a id="([^"]+)"', page.read_text()))
+            assert anchor in slugs, f"{target}#{anchor}"
