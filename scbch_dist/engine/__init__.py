@@ -8,6 +8,11 @@ processes while a run trains.
     evaluate    query/database codes, ranking metrics, codes.npz
     checkpoint  model, optimizer and RNG through Accelerate; run state (JSON) and tables (safetensors)
     state       the typed run state
+    rundir      the run folder: its lock, claim, resume checks, clean-up and launch state
+    preflight   everything checked before the first step (settings, shards, a server's shards)
+    stop        stopping on SIGTERM, SIGUSR1, Ctrl-C or RUN_DIR/STOP, with a checkpoint
+    runlog      log.txt and metrics.jsonl
+    threads     the CPU threads a training process takes, and why
 
 The library it drives (data, models, losses, knn, metrics, tables) holds no training state, and
 the methods (scbch_dist.methods) plug into it without changing it.
