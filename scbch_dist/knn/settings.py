@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 @dataclass
 class KnnSettings:
-    knn: str = "auto"  # neighbour search: auto | torch | faiss-cpu | faiss-gpu | torch-ivf | faiss-ivf | faiss-ivfpq | faiss-hnsw (scbch_dist.knn)
+    knn: str = "auto"  # neighbour search: "auto", or a name of scbch_dist.knn.BACKENDS (docs/distributed.md)
     exact_below: int = 200_000  # auto: an exact search below this many training rows, faiss-ivf (torch-ivf without FAISS) above
     nlist: int = 0  # IVF lists; 0 picks about sqrt(N) (torch-ivf) or 4 sqrt(N) (faiss-ivf(pq))
     nprobe: int = 32  # IVF lists scanned: per list of queries (torch-ivf) or per query (faiss-ivf(pq))
