@@ -22,10 +22,10 @@ from scbch_dist.losses.scbch import (
     quantization_loss,
     scbch_loss,
     weights_from_neighbors,
-    wide,
+    at_least_float32,
 )
 
 __all__ = ["Columns", "bsch_loss", "center_terms", "chl_loss", "class_thresholds", "confidence_bce",
            "confidence_from_neighbors", "crch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "ema_confidence",
            "ema_weight", "gce_mae", "jaccard_similarity", "quantization_loss", "reconstruct_confidence",
-           "reliable_labels", "scbch_loss", "self_paced", "weights_from_neighbors", "wide"]
+           "reliable_labels", "scbch_loss", "self_paced", "weights_from_neighbors", "at_least_float32"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scbch_dist.losses.scbch import Columns, cscc_bank_rows, jaccard_similarity, self_neighbours, wide
+from scbch_dist.losses.scbch import Columns, cscc_bank_rows, jaccard_similarity, self_neighbours, at_least_float32
 
 
 def confidence_bce(p_img: torch.Tensor, p_txt: torch.Tensor, confidence: torch.Tensor, *,
@@ -20,7 +20,7 @@ def confidence_bce(p_img: torch.Tensor, p_txt: torch.Tensor, confidence: torch.T
     """(BCE(p_img, c) + BCE(p_txt, c)) / 2, the mean over rows and classes of the global batch of
     ``n_total`` rows (default: these rows). p (b, C) sigmoid outputs, c (b, C) soft targets in [0, 1];
     log clamped at -100 as torch's BCE."""
-    p_img, p_txt = wide(p_img), wide(p_txt)
+    p_img, p_txt = at_least_float32(p_img), at_least_float32(p_txt)
     c = confidence.to(p_img.dtype)
     total = (F.binary_cross_entropy(p_img, c, reduction="sum") + F.binary_cross_entropy(p_txt, c, reduction="sum")) / 2
     n = n_total if n_total is not None else p_img.shape[0]
@@ -49,7 +49,7 @@ def crch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, co
       L = mean_ij P_ij exp(-S_ij - T_ij) + mean_ij N_ij (exp(te_ij) + exp(im_ij)) - mean_i S_ii,
     means over the n^2 entries of the global batch.
     """
-    h_img, h_txt = wide(h_img), wide(h_txt)
+    h_img, h_txt = at_least_float32(h_img), at_least_float32(h_txt)
     dtype = h_img.dtype
     r = reliable_labels(labels, confidence.to(dtype), thresholds.to(dtype))
     if columns is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from scbch_dist.losses.scbch import Columns, wide
+from scbch_dist.losses.scbch import Columns, at_least_float32
 
 
 def gce_mae(p: torch.Tensor, q: float = 0.01) -> torch.Tensor:
@@ -21,7 +21,7 @@ def gce_mae(p: torch.Tensor, q: float = 0.01) -> torch.Tensor:
 def center_terms(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.Tensor, *, q: float = 0.01) -> torch.Tensor:
     """Per sample, (b,): l_q(y_i . p_img,i) + l_q(y_i . p_txt,i): the probability mass each modality
     puts on the labelled classes (a multi-label row sums over its positives)."""
-    p_img, p_txt = wide(p_img), wide(p_txt)
+    p_img, p_txt = at_least_float32(p_img), at_least_float32(p_txt)
     y = labels.to(p_img.dtype)
     return _gce_mae_of_mass((y * p_img).sum(1), q) + _gce_mae_of_mass((y * p_txt).sum(1), q)
 
@@ -52,7 +52,7 @@ def chl_loss(h_img: torch.Tensor, h_txt: torch.Tensor, *, tau: float = 1.0, q: f
     published code adds the row-wise and column-wise halves, which are equal). This rank computes
     its 2b anchors (its u rows, then its v rows) against all 2n codes.
     """
-    h_img, h_txt = wide(h_img), wide(h_txt)
+    h_img, h_txt = at_least_float32(h_img), at_least_float32(h_txt)
     if columns is None:
         img_all, txt_all, offset = h_img, h_txt, 0
     else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scbch_dist.knn.exact import exact_topk
 
 
-def wide(x: torch.Tensor) -> torch.Tensor:
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 unless it is float32 or float64 already (the dtype every loss computes in)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -63,7 +63,7 @@ def bsch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *,
     All means run over the n^2 entries, diagonal included. Only this rank's b rows are computed,
     against the n columns.
     """
-    h_img, h_txt = wide(h_img), wide(h_txt)
+    h_img, h_txt = at_least_float32(h_img), at_least_float32(h_txt)
     labels = labels.to(h_img.dtype)
     if columns is None:
         columns = Columns(h_img, h_txt, labels, 0)
@@ -96,7 +96,7 @@ def bsch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *,
 def quantization_loss(h_img: torch.Tensor, h_txt: torch.Tensor, *, n_total: int | None = None) -> torch.Tensor:
     """mean |h_img - sign(h_img)| + mean |h_txt - sign(h_txt)|, means over all n x L entries of the
     global batch of ``n_total`` rows (default: these rows are the whole batch)."""
-    h_img, h_txt = wide(h_img), wide(h_txt)
+    h_img, h_txt = at_least_float32(h_img), at_least_float32(h_txt)
     n = n_total if n_total is not None else h_img.shape[0]
     total = (h_img - h_img.sign()).abs().sum() + (h_txt - h_txt.sign()).abs().sum()
     return total / (n * h_img.shape[1])
@@ -114,7 +114,7 @@ def cscc_loss(p_img: torch.Tensor, p_txt: torch.Tensor, labels: torch.Tensor,
     batch (``n_total`` rows; default these) of w_i times that. BCE clamps log(p) at -100 (torch's guard), so a saturated sigmoid
     gives a large finite loss, never inf.
     """
-    p_img, p_txt = wide(p_img), wide(p_txt)
+    p_img, p_txt = at_least_float32(p_img), at_least_float32(p_txt)
     y = labels.to(p_img.dtype)
     per_sample = (F.binary_cross_entropy(p_img, y, reduction="none").mean(1)
                   + F.binary_cross_entropy(p_txt, y, reduction="none").mean(1)) / 2
@@ -146,7 +146,7 @@ def weights_from_neighbors(neighbor_sims: torch.Tensor, neighbor_index: torch.Te
 def cscc_bank_rows(h_img: torch.Tensor, h_txt: torch.Tensor) -> torch.Tensor:
     """(n, 2L) rows z = [u, v] of unit-normalised codes: the CSCC similarity (u u^T + v v^T) / 2
     is z z^T / 2, one inner product, which any neighbour search backend can serve."""
-    return torch.cat([F.normalize(wide(h_img), dim=1), F.normalize(wide(h_txt), dim=1)], dim=1)
+    return torch.cat([F.normalize(at_least_float32(h_img), dim=1), F.normalize(at_least_float32(h_txt), dim=1)], dim=1)
 
 
 def cscc_weights(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *, k: int = 20,

@@ -34,7 +34,7 @@ import torch.nn as nn
 from scbch_dist import dist
 from scbch_dist import knn
 from scbch_dist.knn.sharded import knn_sharded
-from scbch_dist.losses import Columns, wide
+from scbch_dist.losses import Columns, at_least_float32
 from scbch_dist.models import NoHead, TowerSpec
 from scbch_dist.errors import ConfigError
 from scbch_dist.id_table import IdTable
@@ -204,7 +204,7 @@ def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tenso
     the whole batch."""
     if not dist.is_distributed():
         return None
-    h_img, h_txt = wide(h_img), wide(h_txt)
+    h_img, h_txt = at_least_float32(h_img), at_least_float32(h_txt)
     counts = dist.all_counts(h_img.shape[0], h_img.device)
     img_all, offset = dist.gather_rows(h_img, with_grad=True, counts=counts)
     txt_all, _ = dist.gather_rows(h_txt, with_grad=True, counts=counts)
