@@ -76,7 +76,7 @@ def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> t
     from scbch_dist.retrieval.search import dataset_root
 
     cfg = load_run_config(run.run_dir / "config.yaml")
-    root = dataset_root(cfg, run.run_dir, data_root)
+    root = dataset_root(cfg, run.run_dir, data_root, served_ok=True)
     meta = read_meta(root)
     tokenizer = make_tokenizer(cfg.model, root) if meta.kind("txt") == "text" else None
     _, transform = make_transforms(cfg.model.image, meta, tokenizer)

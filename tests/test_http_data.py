@@ -337,3 +337,21 @@ def test_the_throughput_benchmark_runs_at_toy_size():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| features") or line.startswith("| jpeg")]
     assert [r.split(" | ")[2] for r in rows] == ["folder", "nginx", "nginx + data.cache"] * 2
+
+
+def test_a_run_from_the_server_re_encodes_from_it_and_search_asks_for_a_copy(served, tmp_path, capsys):
+    """``python -m scbch_dist.evaluate RUN_DIR --encode`` streams the shards from the server again
+    and gets the stored codes bit for bit; search, which shows the dataset's items, asks for a
+    local copy in one line."""
+    from conftest import one_line_exit
+    from scbch_dist import evaluate
+    from scbch_dist.retrieval import index, search
+
+    server, _ = served
+    run_dir = tmp_path / "run"
+    main(tiny_args(f"{server.url}/tiny", run_dir, "train.epochs=1", "eval.every=1", "run.tensorboard=false"))
+    evaluate.main([str(run_dir), "--encode", "--out", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["encoded"]["equal"] is True
+    index.main(["build", str(run_dir)])
+    line = one_line_exit(capsys, search.main, [str(run_dir), "--id", "3"])
+    assert "the run's dataset is on a server" in line and "give --data-root DIR" in line

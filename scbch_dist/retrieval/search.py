@@ -26,6 +26,7 @@ import numpy as np
 
 from scbch_dist import cli
 from scbch_dist.config import IndexSettings, load_run_config
+from scbch_dist.data.remote import configured_root, is_remote
 from scbch_dist.data.format import read_meta
 from scbch_dist.retrieval.hamming import HammingIndexError
 from scbch_dist.retrieval.index import CODE_SPLITS, RunCodes, RunIndex
@@ -56,9 +57,16 @@ class Result:
         return asdict(self)
 
 
-def dataset_root(cfg, run_dir: Path, data_root: str | Path | None) -> Path:
+def dataset_root(cfg, run_dir: Path, data_root: str | Path | None, *, served_ok: bool = False) -> Path:
     """The run's dataset folder: ``data_root`` if given, else data.root as the run saw it (a
-    relative path is tried from here, then from the folder above the run folder)."""
+    relative path is tried from here, then from the folder above the run folder). A data.root on
+    a server is taken where ``served_ok`` (re-encoding streams its shards); search shows items
+    from a local copy only."""
+    if data_root is None and is_remote(cfg.data.root):
+        if served_ok:
+            return configured_root(cfg.data)
+        raise QueryError(f"the run's dataset is on a server (data.root={cfg.data.root}); search shows its items from a "
+                         "local copy: give --data-root DIR")
     if data_root is not None:
         candidates = [Path(data_root)]
     else:
