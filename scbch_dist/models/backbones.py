@@ -225,17 +225,21 @@ TEXT_BACKBONES: dict[str, TextBuilder | None] = {}
 PAIRED = "clip"  # one model for both towers (model.clip): models.build_model builds it, not an entry
 
 
+def _registrar(registry: dict, what: str, name: str):
+    def add(build):
+        if name in registry:
+            raise ValueError(f"{what} backbone {name!r} is registered already")
+        registry[name] = build
+        return build
+    return add
+
+
 def register_image_backbone(name: str):
     """Decorator: ``build(image_cfg, feature_dim) -> nn.Module`` becomes ``model.image.kind=name``
     (config reads the names from here). The module takes (n, 3, S, S) uint8 RGB at
     model.image.image_size (the loader's transform) and exposes ``out_dim``; _ImageBackbone
     normalises as ImageNet does."""
-    def add(build: ImageBuilder) -> ImageBuilder:
-        if name in IMAGE_BACKBONES:
-            raise ValueError(f"image backbone {name!r} is registered already")
-        IMAGE_BACKBONES[name] = build
-        return build
-    return add
+    return _registrar(IMAGE_BACKBONES, "image", name)
 
 
 def register_text_backbone(name: str):
@@ -243,12 +247,7 @@ def register_text_backbone(name: str):
     ``model.text.kind=name``. The module takes token ids and the attention mask (n, T) and exposes
     ``out_dim``; its tokenizer is the dataset's word-level one (vocab_size words) unless
     ``text_source`` names a model directory (bert, minilm)."""
-    def add(build: TextBuilder) -> TextBuilder:
-        if name in TEXT_BACKBONES:
-            raise ValueError(f"text backbone {name!r} is registered already")
-        TEXT_BACKBONES[name] = build
-        return build
-    return add
+    return _registrar(TEXT_BACKBONES, "text", name)
 
 
 @register_image_backbone("features")
