@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import toy_method  # noqa: E402,F401  (registers contrast_only)
 
+from scbch_dist import cli  # noqa: E402
 from scbch_dist.train import main  # noqa: E402
 
-main(sys.argv[1:])
+cli.run(main, "toy_train.py")
