@@ -74,6 +74,9 @@ def test_two_processes_from_nginx_train_as_two_from_the_folder(served, tiny_data
     torchrun("-m", "scbch_dist.train", *tiny_args(f"{server.url}/tiny", tmp_path / "http", *SHORT))
     torchrun("-m", "scbch_dist.train", *tiny_args(tiny_dataset, tmp_path / "folder", *SHORT))
     same_codes(tmp_path / "http", tmp_path / "folder")
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("http", "folder")]
+    assert [s["run"]["world_size"] for s in summaries] == [2, 2]
+    assert summaries[0]["final"]["avg_map"] == summaries[1]["final"]["avg_map"]
 
 
 @pytest.mark.slow

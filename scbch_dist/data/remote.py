@@ -16,7 +16,6 @@ every time) is one line naming the URL (RemoteError)."""
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import logging
@@ -30,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scbch_dist.digests import sha256_file
 from scbch_dist.errors import ScbchError
 
 SCHEMES = ("http://", "https://", "pipe:")
@@ -350,7 +350,7 @@ class ShardCache:
             return None
         if self.checked.get(sha256) == (stat.st_size, stat.st_mtime_ns):
             return path
-        if _file_sha256(path) != sha256:
+        if sha256_file(path) != sha256:
             log.warning(f"{path}: a damaged copy in data.cache (its sha256 differs); fetching the shard again")
             path.unlink(missing_ok=True)
             return None
@@ -399,11 +399,3 @@ class CacheCopy:
             self.file.close()
             self.file = None
         self.tmp.unlink(missing_ok=True)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
