@@ -6,6 +6,7 @@ a link slow enough to stop or stall mid-shard. Skipped, with the reason, where n
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,9 +41,20 @@ http {{
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A port from inside it (what ``bind(0)`` gives)
+    can be taken while the server is down by any outgoing connection's source port, the test's own
+    retries included (a client dialling a closed local port may even connect to itself), and the
+    restart then fails with "Address already in use"."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.is_file() else 32768
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in [{low - 12000}, {low})")
 
 
 class Nginx:
@@ -59,11 +71,22 @@ class Nginx:
         user = "user root;" if os.geteuid() == 0 else ""
         self.config.write_text(CONFIG.format(user=user, home=self.home, port=self.port, root=self.root, rate=rate))
         self.url, self.slow_url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.port}/slow"
+        self.started = False
 
     def start(self) -> "Nginx":
-        out = subprocess.run([NGINX, "-c", str(self.config), "-p", str(self.home)], capture_output=True, text=True)
-        if out.returncode != 0:
-            pytest.skip(f"nginx did not start: {out.stderr.strip()[-500:]}")
+        """Start, and wait until it answers. A first start that fails skips (nginx cannot run here);
+        a restart that fails is the test's failure, after 10 s of tries for a port still closing."""
+        deadline = time.monotonic() + 10
+        while True:
+            out = subprocess.run([NGINX, "-c", str(self.config), "-p", str(self.home)], capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            if not self.started:
+                pytest.skip(f"nginx did not start: {out.stderr.strip()[-500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start again on port {self.port}: {out.stderr.strip()[-500:]}")
+            time.sleep(0.2)
+        self.started = True
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
