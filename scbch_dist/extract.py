@@ -15,7 +15,7 @@ Image features (float16 by default):
   Preprocessing: PIL decode to RGB, shorter side to round(size * 256 / 224) (bilinear), centre
   crop ``size`` x ``size``, per-channel normalisation of the encoder; for clip the model's own:
   shorter side to ``size`` (bicubic), centre crop, its mean and std.
-Text features:
+Text features (the recipes of models/recipes.py; ``register_text_recipe`` adds one):
   doc2vec  gensim PV-DM trained on the training split's texts, inferred for every text of every
            split (float16). Deterministic across processes (see ``_infer_doc2vec``).
   bow      binary bag of words over the ``bow_dim`` most frequent training words (vocab.json), uint8.
@@ -41,7 +41,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -49,15 +49,14 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scbch_dist.data.format import (
-    KEY_DIGITS, SPLITS, VOCAB_FILE, DatasetMeta, FieldSpec, ShardError, SplitWriter, meta_path, read_meta,
-    read_vocab, sha256_file,
+    KEY_DIGITS, SPLITS, DatasetMeta, FieldSpec, ShardError, SplitWriter, meta_path, read_meta, sha256_file,
 )
 from scbch_dist.data.pipeline import read_blocks
-from scbch_dist.models.encoders import (DOC2VEC_DIR, FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, BowText, ClipFeatures,
-                                        Doc2VecText, ExtractError, Preprocess, import_gensim, import_torchvision)
+from scbch_dist.models.encoders import (FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, ClipFeatures, ExtractError, Preprocess,
+                                        import_torchvision)
+from scbch_dist.models.recipes import TEXT_RECIPES, TextOptions, TextRecipe, text_recipe
 from scbch_dist import cli
 from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
-from scbch_dist.digests import seal_folder
 
 EXTRACT_VERSION = 1  # part of the settings fingerprint: bump when a change alters the features
 SETTINGS_FILE = "settings.json"
@@ -197,7 +196,8 @@ class _Job:
     net: nn.Module
     img_dim: int
     prep: Preprocess
-    text: BowText | Doc2VecText | ClipFeatures
+    text: Any  # the recipe's encoder: .dim, .encode(texts) -> (n, dim)
+    recipe: TextRecipe
     img_dtype: str
     txt_dtype: str
     device: torch.device
@@ -265,20 +265,6 @@ def _training_texts(src: Path, meta: DatasetMeta) -> list[str]:
     return texts
 
 
-def _prepare_text(text: BowText | Doc2VecText, src: Path, meta: DatasetMeta, partial: Path) -> None:
-    """Train the Doc2Vec model once and keep it in the partial folder, so a resumed run infers
-    with the very same model; a bag of words needs nothing."""
-    if not isinstance(text, Doc2VecText):
-        return
-    folder = partial / DOC2VEC_DIR
-    if folder.is_dir():
-        text.load(folder)
-        return
-    print(f"extract: training Doc2Vec ({text.dim}-d, {text.epochs} epochs) on the training texts", file=sys.stderr)
-    text.train(_training_texts(src, meta))
-    text.save(folder)
-
-
 # ----------------------------------------------------------------------------------------------
 # Assembly
 
@@ -336,11 +322,10 @@ def _assemble(job: _Job, out: Path, *, name: str, source: dict, samples_per_shar
             if path.name != "clean.npy":  # noise tables replace the training labels by id: ids are kept
                 shutil.copyfile(path, tmp / "labels" / path.name)
                 tables.append(path.stem)
-        if isinstance(job.text, Doc2VecText):  # kept, so that a search can encode a new text (docs/search.md)
-            shutil.copytree(job.partial / DOC2VEC_DIR, tmp / DOC2VEC_DIR)
-            # the model is a pickle: its files' digests go into meta.json, which every reader checks first
-            source = {**source, "text": {**source["text"], "model": f"{DOC2VEC_DIR}/model",
-                                         "model_manifest_sha256": seal_folder(tmp / DOC2VEC_DIR)}}
+        if job.recipe.kept:  # a trained encoder is kept, so that a search can encode a new text (docs/search.md)
+            kept = job.recipe.name
+            shutil.copytree(job.partial / kept, tmp / kept)
+            source = {**source, "text": {**source["text"], **job.recipe.kept(kept, tmp / kept)}}
         meta = DatasetMeta(name=name, classes=list(job.meta.classes), fields=spec, splits=infos, layout="block",
                            block_size=block_size, source={**source, "devices": sorted(devices)},
                            noise_tables=tables)
@@ -362,36 +347,6 @@ def _check_source(src: Path) -> DatasetMeta:
     return meta
 
 
-def _text_encoder(kind: str, src: Path, *, bow_dim: int, doc2vec_dim: int, doc2vec_epochs: int, doc2vec_window: int,
-                  doc2vec_min_count: int, seed: int,
-                  clip: ClipFeatures | None = None) -> tuple[BowText | Doc2VecText | ClipFeatures, dict]:
-    """The text encoder (untrained) and its settings for the fingerprint and meta.source."""
-    if kind == "clip":
-        return clip, {"encoder": "clip", "dim": clip.dim, "layer": f"the model's {clip.provenance['features']} text "
-                      "features", **clip.provenance}
-    if kind == "bow":
-        if bow_dim < 1:
-            raise ExtractError(f"--bow-dim must be positive, got {bow_dim}")
-        words = read_vocab(src)[0][:bow_dim]
-        if not words:
-            raise ExtractError(f"{src / VOCAB_FILE}: empty vocabulary; the training texts have no words")
-        if len(words) < bow_dim:
-            print(f"extract: the training texts have {len(words)} distinct words, fewer than --bow-dim {bow_dim}; "
-                  f"the bag of words is {len(words)}-d", file=sys.stderr)
-        return BowText(words), {"encoder": "bow", "dim": len(words), "requested_dim": bow_dim, "binary": True,
-                                "vocab_sha256": sha256_file(src / VOCAB_FILE), "words": words}
-    if kind == "doc2vec":
-        for opt, v in (("--doc2vec-dim", doc2vec_dim), ("--doc2vec-epochs", doc2vec_epochs),
-                       ("--doc2vec-window", doc2vec_window), ("--doc2vec-min-count", doc2vec_min_count)):
-            if v < 1:
-                raise ExtractError(f"{opt} must be positive, got {v}")
-        gensim = import_gensim()
-        text = Doc2VecText(dim=doc2vec_dim, epochs=doc2vec_epochs, window=doc2vec_window,
-                           min_count=doc2vec_min_count, seed=seed)
-        return text, {**text.settings(), "gensim": gensim.__version__}
-    raise ExtractError(f"unknown text encoder {kind!r}; known: doc2vec, bow, clip")
-
-
 def _check_settings(out: Path, image_encoder: str, text_encoder: str, image_size: int, batch_size: int,
                     workers: int, img_dtype: str, txt_dtype: str | None, clip_weights: str | None) -> str:
     """Refuse bad extract settings by name, before anything is loaded; returns the text dtype
@@ -400,17 +355,19 @@ def _check_settings(out: Path, image_encoder: str, text_encoder: str, image_size
         raise ExtractError(f"{out} exists; remove it or choose another output folder")
     if image_encoder not in IMAGE_ENCODERS and image_encoder != "clip":
         raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join([*IMAGE_ENCODERS, 'clip'])}")
+    recipe = text_recipe(text_encoder)
     if image_size < 32 or batch_size < 1 or workers < 0:
         raise ExtractError(f"need image_size >= 32, batch_size >= 1, workers >= 0 "
                            f"(got {image_size}, {batch_size}, {workers})")
-    txt_dtype = txt_dtype or ("uint8" if text_encoder == "bow" else "float16")
+    txt_dtype = txt_dtype or recipe.dtypes[0]
     for opt, v, allowed in (("img_dtype", img_dtype, ("float16", "float32")),
                             ("txt_dtype", txt_dtype, ("uint8", "float16", "float32"))):
         if v not in allowed:
             raise ExtractError(f"{opt} {v!r}: expected one of {allowed}")
-    if text_encoder != "bow" and txt_dtype == "uint8":
-        raise ExtractError(f"txt_dtype uint8 holds a binary bag of words only; use float16 or float32 with {text_encoder}")
-    uses_clip = "clip" in (image_encoder, text_encoder)
+    if txt_dtype not in recipe.dtypes:
+        raise ExtractError(f"txt_dtype {txt_dtype} does not hold {text_encoder} features; use "
+                           f"{' or '.join(recipe.dtypes)}")
+    uses_clip = image_encoder == "clip" or recipe.uses_clip
     if uses_clip and not clip_weights:
         raise ExtractError("the clip encoders need --clip-weights: a local CLIP model directory, an open_clip "
                            "checkpoint file (with --clip-name), or 'random' with --clip-name")
@@ -467,11 +424,12 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
     txt_dtype = _check_settings(out, image_encoder, text_encoder, image_size, batch_size, workers, img_dtype,
                                 txt_dtype, clip_weights)
     dev = _device(device)
-    uses_clip = "clip" in (image_encoder, text_encoder)
+    recipe = text_recipe(text_encoder)
+    uses_clip = image_encoder == "clip" or recipe.uses_clip
     clip = ClipFeatures(clip_weights, clip_name, features=clip_features, device=dev) if uses_clip else None
-    text, text_settings = _text_encoder(text_encoder, src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
-                                        doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
-                                        doc2vec_min_count=doc2vec_min_count, seed=seed, clip=clip)
+    text, text_settings = recipe.make(TextOptions(src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
+                                                  doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
+                                                  doc2vec_min_count=doc2vec_min_count, seed=seed, clip=clip))
     net, img_dim, prep, image_settings = _image_encoder(image_encoder, clip, clip_features, vgg_weights, seed,
                                                         image_size)
     settings = {"version": EXTRACT_VERSION, "source_meta_sha256": sha256_file(meta_path(src)),
@@ -485,8 +443,9 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
         done = len(list(partial.glob("*.npz")))
         total = sum(len(meta.splits[s].shards) for s in SPLITS)
         print(f"extract: resuming from {partial} ({done} of {total} shards done)", file=sys.stderr)
-    _prepare_text(text, src, meta, partial)
-    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=img_dim, prep=prep, text=text,
+    if recipe.fit:
+        recipe.fit(text, lambda: _training_texts(src, meta), partial / recipe.name)
+    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=img_dim, prep=prep, text=text, recipe=recipe,
                img_dtype=img_dtype, txt_dtype=txt_dtype, device=dev, batch_size=batch_size, workers=workers,
                progress=progress)
     for split in SPLITS:
@@ -512,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"or 'random' for a seeded random network (tests, dry runs)")
     p.add_argument("--image-size", type=int, default=224,
                    help="centre crop side in pixels (default 224; clip: the model's own)")
-    p.add_argument("--text-encoder", default="doc2vec", choices=["doc2vec", "bow", "clip"])
+    p.add_argument("--text-encoder", default="doc2vec", choices=list(TEXT_RECIPES))
     p.add_argument("--clip-weights", default=None, metavar="PATH|random",
                    help="the clip encoders' model: a local CLIP model directory (open_clip's layout or transformers'), "
                         "an open_clip checkpoint file (with --clip-name), or 'random' (with --clip-name)")

@@ -183,7 +183,7 @@ def test_doc2vec_inference_is_gensims_with_a_stable_start(raw, monkeypatch):
     and the model's RNG is reseeded: the only changes are the two sources of nondeterminism."""
     import gensim.models.doc2vec as gd
 
-    text = ex.Doc2VecText(dim=16, epochs=5, seed=3)
+    text = encoders.Doc2VecText(dim=16, epochs=5, seed=3)
     texts = ex._training_texts(raw, read_meta(raw))
     text.train(texts)
     monkeypatch.setattr(gd, "pseudorandom_weak_vector",
@@ -202,11 +202,12 @@ D2V_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from scbch_dist import extract as ex
+    from scbch_dist.models import encoders
     from scbch_dist.data.format import read_meta
     from scbch_dist.data.pipeline import load_split
     src = sys.argv[1]
     meta = read_meta(src)
-    text = ex.Doc2VecText()
+    text = encoders.Doc2VecText()
     text.train(ex._training_texts(ex.Path(src), meta))
     queries = list(load_split(src, meta, "query")["txt"])
     np.save(sys.argv[2], text.encode(queries))
@@ -247,7 +248,7 @@ def test_interrupted_run_resumes_bit_for_bit(raw, d2v, tmp_path, monkeypatch):
 
     # the rerun reuses the finished shard and the trained Doc2Vec model
     monkeypatch.setattr(ex, "_save_shard", lambda path, arrays: (saved.append(path.name), real_save(path, arrays)))
-    monkeypatch.setattr(ex.Doc2VecText, "train", lambda self, texts: pytest.fail("Doc2Vec retrained"))
+    monkeypatch.setattr(encoders.Doc2VecText, "train", lambda self, texts: pytest.fail("Doc2Vec retrained"))
     run(raw, out)
     assert "train-000000.npz" not in saved[1:] and len(saved) == 1 + 6  # 7 shards in all
     assert not partial.exists()
@@ -397,3 +398,31 @@ def test_a_crafted_doc2vec_model_is_refused_before_it_is_unpickled(d2v, tmp_path
                                            r"posix\.system, which no Doc2Vec model holds"):
         load_doc2vec(folder / "model")  # no digest to check (an earlier version's dataset): still refused
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_text_recipe_written_in_one_file_extracts_and_replays(raw, tmp_path):
+    """tests/toy_recipe.py registers hashed-words: extraction takes its name, stores its features and
+    record, and a search of the dataset encodes the stored captions to the stored features."""
+    import toy_recipe
+    from scbch_dist.config import Config
+    from scbch_dist.models.recipes import register_text_recipe, text_recipe
+    from scbch_dist.retrieval.query import DatasetItems, QueryEncoder
+
+    out = tmp_path / "hashed"
+    meta = run(raw, out, text_encoder="hashed-words")
+    assert meta.source["text"] == {"encoder": "hashed-words", "dim": toy_recipe.WIDTH, "hash": "crc32"}
+    assert (meta.dim("txt"), meta.fields["txt"].dtype) == (toy_recipe.WIDTH, "float16")
+    encoder = QueryEncoder(Config(), out, meta, out, "")
+    assert encoder.text_recipe() is None
+    items, stored = DatasetItems(out, meta), splits_of(out)["query"]
+    for i in range(3):
+        np.testing.assert_array_equal(encoder.text_features(items.caption("query", i))[0], stored["txt"][i])
+    assert encoder.text_features("zebra zebra").max() == 2  # any word
+    ex.main(["--src", str(raw), "--out", str(tmp_path / "cli"), "--text-encoder", "hashed-words", "--vgg-weights",
+             "random", "--image-size", "32", "--workers", "0", "--batch-size", "3", "--no-progress"])
+    assert read_meta(tmp_path / "cli").source["text"] == meta.source["text"]
+    with pytest.raises(ValueError, match="'hashed-words' is registered already"):
+        register_text_recipe(text_recipe("hashed-words"))
+    with pytest.raises(ExtractError, match=r"^unknown text encoder 'glove'; known: doc2vec, bow, clip, hashed-words$"):
+        run(raw, tmp_path / "x", text_encoder="glove")

@@ -115,12 +115,11 @@ class QueryEncoder:
         """Why texts cannot be encoded (None when they can)."""
         if self.meta.kind("txt") == "text":
             return None
+        from scbch_dist.models.recipes import TEXT_RECIPES
+
         text = self.meta.source.get("text", {}) if self.meta.source.get("kind") == "extract" else {}
-        if text.get("encoder") == "bow" and text.get("words"):
-            return None
-        if text.get("encoder") == "clip" and text.get("weights"):  # _clip says so if the model is gone
-            return None
-        if text.get("encoder") == "doc2vec" and text.get("model") and (self.root / text["model"]).is_file():
+        recipe = TEXT_RECIPES.get(text.get("encoder"))
+        if recipe is not None and recipe.replayable(text, self.root):
             return None
         made_by = text.get("encoder") or self.meta.source.get("kind") or self.meta.source.get("generator") or "an unknown recipe"
         return (f"dataset {self.meta.name!r} ({self.root}) stores text features made by {made_by}, which this run "
@@ -176,25 +175,10 @@ class QueryEncoder:
 
     def text_features(self, text: str) -> np.ndarray:
         """(1, D) text feature of a feature dataset, as extraction stored it (its dtype)."""
-        from scbch_dist.models.encoders import BowText
-
-        words = text_words(text)
-        source = self.meta.source["text"]
-        if source["encoder"] == "clip":  # byte pairs spell any word
-            x = self._clip("text").encode([text])
-        elif source["encoder"] == "bow":
-            # the training texts' words that the bag leaves out are dropped, as extraction did
-            raw = Path(self.meta.source.get("dataset", ""))
-            known, where = set(source["words"]), f"the bag of words of {self.root}"
-            if (raw / VOCAB_FILE).is_file():
-                known, where = set(read_vocab(raw)[0]), f"the training texts ({raw / VOCAB_FILE})"
-            unknown_words(words, known, where)
-            x = BowText(source["words"]).encode([text]).astype(np.float32)
-        else:
-            doc2vec = self._doc2vec
-            unknown_words(words, doc2vec.model.wv.key_to_index, f"the Doc2Vec model of {self.root} (the training texts)")
-            x = doc2vec.encode([text])
-        return x.astype(self.meta.fields["txt"].dtype)
+        replayed = self._text_recipe
+        if replayed.known is not None:
+            unknown_words(text_words(text), replayed.known, replayed.vocabulary)
+        return replayed.encode([text]).astype(self.meta.fields["txt"].dtype)
 
     def image_features(self, data: bytes, where: str = "the image") -> np.ndarray:
         """(1, D) image feature of a feature dataset, as extraction stored it (its dtype)."""
@@ -227,20 +211,17 @@ class QueryEncoder:
         return make_tokenizer(self.cfg.model, self.root)
 
     @cached_property
-    def _doc2vec(self):
+    def _text_recipe(self):
+        """The dataset's text recipe, rebuilt from meta.source (models/recipes.py)."""
         from scbch_dist.digests import IntegrityError
-        from scbch_dist.models.encoders import Doc2VecText, ExtractError, check_doc2vec_folder
+        from scbch_dist.models.encoders import ExtractError
+        from scbch_dist.models.recipes import text_recipe
 
-        source = self.meta.source["text"]
-        names = ("dim", "epochs", "window", "min_count", "dm", "negative", "sample", "seed")
-        text = Doc2VecText(**{k: source[k] for k in names if k in source})
-        folder = (self.root / source["model"]).parent
         try:
-            check_doc2vec_folder(folder, source.get("model_manifest_sha256"))
-            text.load(folder)
+            recipe = text_recipe(self.meta.source["text"]["encoder"])
+            return recipe.replay(self.meta.source, self.root, lambda: self._clip("text"))
         except (ExtractError, IntegrityError) as e:
             raise QueryError(f"{e}; or query a stored sample with --id N") from None
-        return text
 
     def _clip(self, part: str):
         """The CLIP model that extracted the dataset's ``part`` ("image" or "text") features, from
