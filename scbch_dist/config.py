@@ -295,7 +295,11 @@ def _section_given_a_value(layer: dict, node: Any, prefix: str = "") -> str:
 
 
 def parse_override(text: str) -> dict:
-    """``'a.b=1e-4'`` -> ``{'a': {'b': 0.0001}}``; the value is read as a YAML scalar."""
+    """``'a.b=1e-4'`` -> ``{'a': {'b': 0.0001}}``; the value is read as a YAML scalar.
+
+    Not ``OmegaConf.from_dotlist``: it reads ``no``/``off`` as False (``train.mixed_precision=no``
+    is the string setting), an empty value as None instead of "", and ``${...}`` as an
+    interpolation of the user's config tree."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)

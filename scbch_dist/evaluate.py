@@ -28,7 +28,7 @@ import torch
 
 from scbch_dist import cli, dist
 from scbch_dist.atomic import atomic_write_json
-from scbch_dist.engine.evaluate import SELECTION, protocol, score_codes
+from scbch_dist.engine.scoring import SELECTION, protocol, score_codes
 from scbch_dist.engine.runlog import json_safe
 from scbch_dist.metrics import chance_map
 from scbch_dist.retrieval.index import RunCodes
@@ -64,13 +64,13 @@ def score_run(run: RunCodes, topk: list[int], device: torch.device, *, encode: b
 def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> tuple[dict, dict]:
     """Collective: the query and database codes of the run's latest checkpoint, encoded again by
     every rank's share of an exactly-once pass over its dataset (as the run evaluates). Returns the
-    codes (engine.evaluate.encode_codes', by id) and whether they equal the stored ones, as
+    codes (engine.scoring.encode_codes', by id) and whether they equal the stored ones, as
     ``{"equal": bool, "bits_differing": int}``."""
     from scbch_dist.config import load_run_config
     from scbch_dist.data.format import read_meta
     from scbch_dist.data.transforms import make_transforms
     from scbch_dist.engine.encode import autocast_of
-    from scbch_dist.engine.evaluate import encode_codes
+    from scbch_dist.engine.scoring import encode_codes
     from scbch_dist.models.tokenizers import make_tokenizer
     from scbch_dist.retrieval.query import QueryEncoder
     from scbch_dist.retrieval.search import dataset_root

@@ -445,9 +445,9 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
         print(f"extract: resuming from {partial} ({done} of {total} shards done)", file=sys.stderr)
     if recipe.fit:
         recipe.fit(text, lambda: _training_texts(src, meta), partial / recipe.name)
-    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=img_dim, prep=prep, text=text, recipe=recipe,
-               img_dtype=img_dtype, txt_dtype=txt_dtype, device=dev, batch_size=batch_size, workers=workers,
-               progress=progress)
+    job = _Job(src=src, meta=meta, partial=partial, net=net.to(dev), img_dim=img_dim, prep=prep, text=text,
+               recipe=recipe, img_dtype=img_dtype, txt_dtype=txt_dtype, device=dev, batch_size=batch_size,
+               workers=workers, progress=progress)
     for split in SPLITS:
         _extract_split(job, split)
     source = {"kind": "extract", "dataset": str(src.resolve()), "dataset_name": meta.name,

@@ -21,7 +21,7 @@ def _save(fig: Figure, path: Path) -> None:
 
 def pr_figure(runs: dict[str, dict], title: str = "") -> Figure:
     """Precision-recall curves; ``runs`` maps a label (a method) to ``evaluate.curves`` output.
-    Top row: over Hamming radius; bottom row: over the first k retrieved. Columns: I2T, T2I.
+    Top row: over Hamming radius; bottom row: over the first k retrieved. GlobalBatch: I2T, T2I.
     Every panel has a legend, also with one curve: the figure names what it shows."""
     # constrained layout makes room for each panel's x label above the next row's title
     fig, axes = plt.subplots(2, 2, figsize=(10, 8), squeeze=False, layout="constrained")

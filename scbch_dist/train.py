@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     lock, refused, refit_follows = None, None, False
     if is_main:
         try:
-            lock = rundir.claim(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
-                                safe=rundir.safe_keys(method_class), log=log, from_checkpoint=args.from_checkpoint)
+            lock = rundir.lock_and_prepare(run_dir, cfg, resume=bool(args.resume), overwrite=args.overwrite,
+                                           safe=rundir.safe_keys(method_class), log=log,
+                                           from_checkpoint=args.from_checkpoint)
         except ScbchError as e:
             refused = e
     dist.raise_together(refused, f"the main process refused {run_dir} (its message is above)")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging.getLogger(LOGGER_NAME).handlers.clear()  # log.txt closed before it may go
             rundir.discard_unfinished(run_dir)
         elif lock is not None:
-            rundir.undo_resume_claim(run_dir, lock)
+            rundir.restore_config_of_unstarted_resume(run_dir, lock)
         raise
     finally:
         if refit_follows:  # the refit's trainer takes the process group over (and ends it)
@@ -177,7 +178,7 @@ def _train(args, cfg: Config, run_dir: Path, method_class, accelerator, log, sto
             log.info(f"resumed {run_dir} after epoch {state.epoch}"
                      + (f" and step {state.partial['step']} of epoch {state.epoch + 1}" if state.partial else ""))
             if accelerator.is_main_process:  # everything is checked: the run goes on
-                rundir.keep_summary(run_dir, state.epoch, log)
+                rundir.set_summary_aside(run_dir, state.epoch, log)
         setup.log_model(run, precision_note)
         if accelerator.log_with:
             accelerator.init_trackers("tensorboard", config=flat_dict(cfg))

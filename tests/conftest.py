@@ -22,7 +22,7 @@ from scbch_dist.config import Config, SyntheticConfig, save_config, to_dict
 from scbch_dist.data.format import write_dataset
 from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.digests import write_sealed_json
-from scbch_dist.engine.evaluate import save_codes
+from scbch_dist.engine.scoring import save_codes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCBCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))

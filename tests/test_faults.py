@@ -507,7 +507,7 @@ def test_the_holds_another_run_advice_fits_the_folder(tmp_path):
     cfg = load_config(None, [f"run.dir={run_dir}"])
     with pytest.raises(RunDirError, match=r"holds another run \(metrics.jsonl\); it has no checkpoint to continue from; "
                                           r"give this run another run.dir, or delete that run with --overwrite$"):
-        rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME,
+        rundir.lock_and_prepare(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME,
                      log=__import__("logging").getLogger("t"))
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import labels, unit_rows
-from scbch_dist.losses import (Columns, bsch_loss, cscc_loss, cscc_weights, jaccard_similarity, quantization_loss,
+from scbch_dist.losses import (GlobalBatch, bsch_loss, cscc_loss, cscc_weights, jaccard_similarity, quantization_loss,
                                scbch_loss, weights_from_neighbors)
 
 
@@ -198,7 +198,7 @@ def test_scbch_loss_weights_terms_07_03_10():
 
 def test_shares_of_a_split_batch_sum_to_the_whole_batch_loss_and_gradient():
     """The data-parallel form in one process: rows 0..3 and 4..8 scored against the whole batch
-    (Columns) give shares that add up to the loss of the whole batch, gradients included."""
+    (GlobalBatch) give shares that add up to the loss of the whole batch, gradients included."""
     u, v, y = unit_rows(9, 5, 30), unit_rows(9, 5, 31), labels(9, 4, 32)
     p_img, p_txt = torch.sigmoid(u[:, :4]), torch.sigmoid(v[:, :4])
     w = torch.linspace(0.5, 1.0, 9, dtype=torch.float64)
@@ -207,7 +207,7 @@ def test_shares_of_a_split_batch_sum_to_the_whole_batch_loss_and_gradient():
         leaves = [x.clone().requires_grad_() for x in (u, v)]
         loss = 0.0
         for rows in parts:
-            cols = Columns(leaves[0], leaves[1], y, rows.start)
+            cols = GlobalBatch(leaves[0], leaves[1], y, rows.start)
             out = {"h_img": leaves[0][rows], "h_txt": leaves[1][rows], "p_img": p_img[rows], "p_txt": p_txt[rows]}
             loss = loss + scbch_loss(out, y[rows], w[rows], margin=0.2, shift=1.0, columns=cols)["total"]
         loss.backward()

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from scbch_dist.errors import ConfigError
 from scbch_dist.losses import bsch_loss, quantization_loss
-from scbch_dist.methods import Method, global_columns, register
+from scbch_dist.methods import Method, global_batch_of, register
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PlainBSCH(Method):
             raise ConfigError(f"plain_bsch.quant_weight must be >= 0, got {settings.quant_weight}")
 
     def loss(self, out, step):
-        cols = global_columns(out["h_img"], out["h_txt"], step.labels)
+        cols = global_batch_of(out["h_img"], out["h_txt"], step.labels)
         n = cols.h_img.shape[0] if cols is not None else None
         bsch = bsch_loss(out["h_img"], out["h_txt"], step.labels, margin=self.settings.margin, shift=0.8, columns=cols)
         quant = quantization_loss(out["h_img"], out["h_txt"], n_total=n)
@@ -271,15 +271,15 @@ def test_the_peer_methods_on_two_processes(tiny_dataset, tmp_path, name):
 
 
 def test_noise_detection_at_the_methods_own_threshold_hand_values():
-    """separation's flagged rows as detection: 4 positives, 3 others; flagged rows 1 clean + 2 not."""
-    from scbch_dist.methods.base import separation
+    """noise_detection_stats' flagged rows as detection: 4 positives, 3 others; flagged rows 1 clean + 2 not."""
+    from scbch_dist.methods.base import noise_detection_stats
 
     positive = np.array([1, 1, 1, 1, 0, 0, 0], dtype=bool)
     scores = np.array([0.9, 0.8, 0.2, 0.7, 0.1, 0.3, 0.6])
-    d = separation(scores, positive, flagged=scores < 0.35)
+    d = noise_detection_stats(scores, positive, flagged=scores < 0.35)
     assert d["flagged_fraction"] == pytest.approx(3 / 7)
     assert d["flag_precision"] == pytest.approx(2 / 3) and d["flag_recall"] == pytest.approx(2 / 3)
-    assert np.isnan(separation(scores, positive, flagged=scores < 0)["flag_precision"])  # nothing flagged
+    assert np.isnan(noise_detection_stats(scores, positive, flagged=scores < 0)["flag_precision"])  # nothing flagged
 
 
 def test_nacd_flags_the_candidate_labels_below_their_class_threshold():

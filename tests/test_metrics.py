@@ -253,7 +253,7 @@ def test_the_torch_path_scores_what_the_numpy_path_scores(monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_score_the_metrics_of_one_to_the_last_bit(tmp_path):
-    """engine.evaluate.ranking_metrics on 2 gloo processes, each scoring its share of the queries
+    """engine.scoring.ranking_metrics on 2 gloo processes, each scoring its share of the queries
     (1 query: one rank has none; 77: shares of 38 and 39), equals one process's
     retrieval_metrics exactly, every number (JSON turns int keys into strings, on both sides); and
     so does it with the database streamed from packed tables on disk."""
@@ -348,10 +348,10 @@ def test_a_database_on_disk_scores_what_memory_scores(tmp_path, nq, n, bits, cla
 
 
 def test_a_database_on_disk_is_streamed_on_the_cpu_whatever_the_device(tmp_path):
-    """engine.evaluate.ranking_metrics asked for a CUDA device with tables on disk streams them on
+    """engine.scoring.ranking_metrics asked for a CUDA device with tables on disk streams them on
     the CPU (the GPU path would hold the whole database on the GPU): the numbers of the CPU path,
     and no CUDA call, so it runs on a machine without one."""
-    from scbch_dist.engine.evaluate import ranking_metrics
+    from scbch_dist.engine.scoring import ranking_metrics
 
     rng = np.random.default_rng(5)
     qc, dc = rng.integers(0, 2, (9, 32)), rng.integers(0, 2, (600, 32))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import labels, unit_rows
-from scbch_dist.losses import (Columns, center_terms, chl_loss, class_thresholds, confidence_bce, crch_loss,
+from scbch_dist.losses import (GlobalBatch, center_terms, chl_loss, class_thresholds, confidence_bce, crch_loss,
                                ema_confidence, ema_weight, gce_mae, reconstruct_confidence, self_paced)
 
 
@@ -235,7 +235,7 @@ def test_shares_of_a_split_batch_sum_to_the_whole_batch():
         a, b = u.clone().requires_grad_(), v.clone().requires_grad_()
         crch = chl = bce = 0.0
         for rows in parts:
-            cols = Columns(a, b, y, rows.start)
+            cols = GlobalBatch(a, b, y, rows.start)
             crch = crch + crch_loss(a[rows], b[rows], y[rows], c[rows], t, margin=0.2, shift=1.0, columns=cols,
                                     column_confidence=c)
             chl = chl + chl_loss(a[rows], b[rows], columns=cols)

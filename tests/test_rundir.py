@@ -109,21 +109,21 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     with pytest.raises(RunDirError, match=rf"^{run_dir} holds another run \(summary.json, checkpoints, metrics.jsonl, "
                                           rf"config.yaml\); continue it with --resume {run_dir}, give this run another "
                                           r"run.dir, or delete that run with --overwrite$"):
-        rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
+        rundir.lock_and_prepare(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert sorted(p.name for p in run_dir.iterdir()) == before  # untouched, and the lock released
     assert load_config(run_dir / "config.yaml").model.bits == 64
-    lock = rundir.claim(run_dir, cfg, resume=False, overwrite=True, safe=rundir.SAFE_ON_RESUME, log=LOG)
+    lock = rundir.lock_and_prepare(run_dir, cfg, resume=False, overwrite=True, safe=rundir.SAFE_ON_RESUME, log=LOG)
     lock.release()
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
     assert load_config(run_dir / "config.yaml").model.bits == 32
     # a user's own file in the folder is never touched, and a folder holding one is refused
     (run_dir / "notes.txt").write_text("mine")
     (run_dir / "config.yaml").unlink()
-    rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    rundir.lock_and_prepare(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
     (run_dir / "plots").mkdir()
     (run_dir / "plots" / "figure1.png").write_text("mine")
     with pytest.raises(RunDirError, match=r"holds another run \(plots, config.yaml\)"):
-        rundir.claim(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
+        rundir.lock_and_prepare(run_dir, cfg, resume=False, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "plots" / "figure1.png").is_file()
 
 
@@ -151,7 +151,7 @@ def test_a_resume_with_other_settings_is_refused_naming_each_key(tmp_path, sets,
     cfg = load_config(run_dir / "config.yaml", sets)
     with pytest.raises(RunDirError, match=rf"^--resume {run_dir}: the run was trained with other settings "
                                           rf"\({changed}\); a resume may change only train.epochs, "):
-        rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
+        rundir.lock_and_prepare(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert not (run_dir / "run.lock").exists()
     assert load_config(run_dir / "config.yaml") == load_config(None, [f"run.dir={run_dir}"])  # not rewritten
 
@@ -163,10 +163,10 @@ def test_a_resume_may_change_the_safe_keys_but_nacd_keeps_its_schedule(tmp_path)
     fake_run(run_dir)
     cfg = load_config(run_dir / "config.yaml", ["train.epochs=80", "eval.every=2", "eval.topk=[10]",
                                                 "run.progress=false", "run.method=SCBCH-long"])
-    rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("scbch")), log=LOG).release()
+    rundir.lock_and_prepare(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("scbch")), log=LOG).release()
     assert load_config(run_dir / "config.yaml").train.epochs == 80
     with pytest.raises(RunDirError, match=r"\(train.epochs: 50 -> 80\)"):
-        rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("nacd")), log=LOG)
+        rundir.lock_and_prepare(run_dir, cfg, resume=True, overwrite=False, safe=rundir.safe_keys(get_method("nacd")), log=LOG)
 
 
 def test_a_resume_keeps_the_earlier_summary_aside_and_refuses_fewer_epochs(tmp_path):
@@ -175,15 +175,15 @@ def test_a_resume_keeps_the_earlier_summary_aside_and_refuses_fewer_epochs(tmp_p
     (run_dir / "summary.json").write_text('{"final": {"epoch": 4}}')
     with pytest.raises(RunDirError, match=rf"^--resume {run_dir}: train.epochs=3 is below the 4 epoch\(s\) this run "
                                           r"has begun; give train.epochs=4 or more$"):
-        rundir.claim(run_dir, load_config(run_dir / "config.yaml", ["train.epochs=3"]), resume=True, overwrite=False,
+        rundir.lock_and_prepare(run_dir, load_config(run_dir / "config.yaml", ["train.epochs=3"]), resume=True, overwrite=False,
                      safe=rundir.SAFE_ON_RESUME, log=LOG)
     assert rundir.launch_state(run_dir) == "done"
     cfg = load_config(run_dir / "config.yaml", ["train.epochs=6"])
-    rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    rundir.lock_and_prepare(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
     # the summary moves aside only once the resume has passed every check (train does it after
     # the checkpoint is loaded): a resume refused later leaves the run finished
     assert rundir.launch_state(run_dir) == "done"
-    rundir.keep_summary(run_dir, 4, LOG)
+    rundir.set_summary_aside(run_dir, 4, LOG)
     # an extension killed before its end is resumed by launchers, not taken for finished
     assert rundir.launch_state(run_dir) == "resume"
     assert json.loads((run_dir / "summary-epoch-0004.json").read_text()) == {"final": {"epoch": 4}}
@@ -199,7 +199,7 @@ def test_a_resume_cuts_metrics_and_log_back_to_the_checkpoint(tmp_path):
     with open(run_dir / "log.txt", "a") as f:
         f.write("epoch 3\n")
     cfg = load_config(run_dir / "config.yaml")
-    rundir.claim(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
+    rundir.lock_and_prepare(run_dir, cfg, resume=True, overwrite=False, safe=rundir.SAFE_ON_RESUME, log=LOG).release()
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (run_dir / "log.txt").read_text() == "epoch 1\nepoch 2\n"
 
@@ -212,7 +212,7 @@ def test_crash_leftovers_are_removed(tmp_path):
                  run_dir / "STOP"]
     for path in leftovers:
         path.mkdir() if "epoch" in path.name else path.write_bytes(b"\0" * 100)
-    assert sorted(rundir.tidy(run_dir)) == sorted(leftovers[:-1])
+    assert sorted(rundir.remove_interrupted_writes(run_dir)) == sorted(leftovers[:-1])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-0002", "latest"]
     assert (run_dir / "STOP").exists()  # a stop request may be meant for the run that starts: it serves it
 

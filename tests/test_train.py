@@ -123,7 +123,7 @@ def rewrite_as_version_0_1(run_dir: Path) -> None:
     import yaml
 
     from scbch_dist.digests import arrays_sha256, seal_text, write_manifest
-    from scbch_dist.engine.evaluate import CODES_DIGEST
+    from scbch_dist.engine.scoring import CODES_DIGEST
 
     tree = as_version_0_1(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert list(tree) == list(yaml.safe_load((Path(__file__).parent / "data" / "config-v0.1.yaml").read_text()))
@@ -193,7 +193,7 @@ def test_bad_resume_and_batch_errors(tmp_path):
 
 @pytest.mark.parametrize("bits", [12, 256, 1024])
 def test_pack_bits_matches_numpy(bits):
-    from scbch_dist.engine.evaluate import pack_bits
+    from scbch_dist.engine.scoring import pack_bits
 
     b = torch.rand(7, bits, generator=torch.Generator().manual_seed(bits)) > 0.5
     assert np.array_equal(pack_bits(b).numpy(), np.packbits(b.numpy(), axis=1))

@@ -13,7 +13,7 @@ import torch
 from scbch_dist import dist
 from scbch_dist.id_table import IdTable
 from scbch_dist.losses import bsch_loss, quantization_loss
-from scbch_dist.methods import EpochContext, Method, Step, check_values, global_columns, register
+from scbch_dist.methods import EpochContext, Method, Step, check_values, global_batch_of, register
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ContrastOnly(Method):
 
     def loss(self, out: dict[str, torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         s = self.settings
-        cols = global_columns(out["h_img"], out["h_txt"], step.labels)
+        cols = global_batch_of(out["h_img"], out["h_txt"], step.labels)
         n = cols.h_img.shape[0] if cols is not None else None
         bsch = bsch_loss(out["h_img"], out["h_txt"], step.labels, margin=s.margin, shift=s.shift, columns=cols)
         quant = quantization_loss(out["h_img"], out["h_txt"], n_total=n)

@@ -294,7 +294,7 @@ def read_run_state(run_dir: Path, name: str | None = None) -> tuple[Path, RunSta
 def load_checkpoint(accelerator, run_dir: Path) -> tuple[RunState, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Restore model, optimizer and RNG (after accelerator.prepare); returns the run state, the
     tables and, for a checkpoint taken inside an epoch, this rank's part of that epoch. The files
-    are checked against the manifest before (rundir.claim); a file that still cannot be read is
+    are checked against the manifest before (rundir.lock_and_prepare); a file that still cannot be read is
     a CheckpointError naming it."""
     from safetensors.torch import load_file
 

@@ -23,7 +23,7 @@ from scbch_dist.config import Config, to_dict
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.checkpoint import CheckpointError, model_fingerprint, save_checkpoint
-from scbch_dist.engine.evaluate import curves, encode_codes, evaluate, protocol, save_codes, summarize, validate
+from scbch_dist.engine.scoring import curves, encode_and_score, encode_codes, protocol, save_codes, summarize, validate
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
@@ -188,7 +188,7 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
     and (after the last epoch) the codes. Returns the record's "eval" entry (main process)."""
     cfg, data = run.cfg, run.data
     t0 = time.perf_counter()
-    result, codes = evaluate(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size,
+    result, codes = encode_and_score(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size,
                              device=run.accelerator.device, topk=cfg.eval.topk, workers=cfg.data.workers,
                              autocast=run.accelerator.autocast, transform=data.eval_transform)
     validation = None

@@ -119,7 +119,8 @@ class RunLock:
     def __init__(self, run_dir: Path, log: logging.Logger | None = None, *, create: bool = True):
         self.path, self.log, self.create, self.held = Path(run_dir) / LOCK_FILE, log, create, False
         self.made: list[Path] = []  # the folders acquire created, innermost first
-        # a resume's claim: the checkpoint it resumes and the config.yaml it replaced (undo_resume_claim)
+        # what lock_and_prepare changed for a resume: the checkpoint it resumes and the config.yaml it
+        # replaced (restore_config_of_unstarted_resume)
         self.resumed: tuple[str, bytes] | None = None
 
     def acquire(self) -> None:
@@ -209,7 +210,7 @@ def holds_run(run_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
 
 
-def clear(run_dir: Path, log: logging.Logger | None = None) -> None:
+def remove_run_outputs(run_dir: Path, log: logging.Logger | None = None) -> None:
     """Remove every output of a run (the names in RUN_OUTPUTS, nothing else), summary.json first."""
     removed = holds_run(run_dir)
     for name in removed:
@@ -223,7 +224,7 @@ def discard_unfinished(run_dir: Path) -> None:
     """After a fresh run failed before recording anything (no checkpoint, no metrics): remove what
     it wrote (config.yaml, log.txt, ...), so that the folder takes a new run without --overwrite."""
     if not any((run_dir / name).exists() for name in RESULTS):
-        clear(run_dir)
+        remove_run_outputs(run_dir)
 
 
 def changed_keys(stored: dict, new: dict, safe: tuple[str, ...]) -> list[str]:
@@ -239,7 +240,7 @@ def _normal(key: str, value):
     return os.path.normpath(value) if key == "data.root" and isinstance(value, str) and value else value
 
 
-def cut_back(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
+def cut_records_back_to(run_dir: Path, epoch: int, log_bytes: int | None) -> list[str]:
     """Cut metrics.jsonl back to the records of epochs <= ``epoch`` and log.txt back to
     ``log_bytes`` (their state when the checkpoint was written); returns what was cut, and the
     records that could not be read (kept: only a last line cut short by a kill is dropped)."""
@@ -275,7 +276,7 @@ def _record_epoch(line: str) -> float | None:
         return None
 
 
-def keep_summary(run_dir: Path, epoch: int, log: logging.Logger) -> None:
+def set_summary_aside(run_dir: Path, epoch: int, log: logging.Logger) -> None:
     """A resumed run moves the summary of its earlier end aside (summary-epoch-NNNN.json): the
     result is kept, and until the resumed run ends no launcher takes the folder for finished."""
     summary = run_dir / "summary.json"
@@ -285,7 +286,7 @@ def keep_summary(run_dir: Path, epoch: int, log: logging.Logger) -> None:
         log.info(f"{run_dir}: the summary of epoch {epoch} kept as {kept.name}; summary.json follows when this run ends")
 
 
-def tidy(run_dir: Path) -> list[Path]:
+def remove_interrupted_writes(run_dir: Path) -> list[Path]:
     """Remove what a killed run left: unfinished atomic writes and checkpoint folders that are not
     complete checkpoints up to the one checkpoints/latest names. (A STOP file stays: it may have
     been written for this run, which serves it at its first step and removes it.)"""
@@ -299,7 +300,7 @@ def tidy(run_dir: Path) -> list[Path]:
     return removed
 
 
-def rewind(run_dir: Path, name: str, log: logging.Logger) -> None:
+def make_checkpoint_latest(run_dir: Path, name: str, log: logging.Logger) -> None:
     """Make the complete checkpoint ``name`` the latest (--from-checkpoint): latest names it, and the
     checkpoints after it (one of which the user found damaged) are removed, each named in the log."""
     root = run_dir / "checkpoints"
@@ -310,12 +311,12 @@ def rewind(run_dir: Path, name: str, log: logging.Logger) -> None:
             log.warning(f"--from-checkpoint {name}: removed the later checkpoint {folder}")
 
 
-def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str, ...], log: logging.Logger,
-          from_checkpoint: str | None = None) -> RunLock:
+def lock_and_prepare(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str, ...],
+                     log: logging.Logger, from_checkpoint: str | None = None) -> RunLock:
     """Main process, before anything is written: lock the folder for this run; for a resume, check
     the checkpoint's files against their digests, refuse changed settings and cut the outputs back
     to the checkpoint; for a fresh run, refuse a folder that holds another run unless
-    ``overwrite``. Then tidy the folder and write config.yaml. Returns the held lock (release it
+    ``overwrite``. Then remove what an interrupted run left and write config.yaml. Returns the held lock (release it
     when the run ends). ``from_checkpoint``: resume from this kept checkpoint instead of the latest."""
     lock = RunLock(run_dir, log)
     lock.acquire()
@@ -339,8 +340,8 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
                 raise RunDirError(f"--resume {run_dir}: train.epochs={cfg.train.epochs} is below the {begun} epoch(s) "
                                   f"this run has begun; give train.epochs={begun} or more")
             if from_checkpoint is not None:
-                rewind(run_dir, from_checkpoint, log)
-            for note in cut_back(run_dir, state.epoch, state.log_bytes):
+                make_checkpoint_latest(run_dir, from_checkpoint, log)
+            for note in cut_records_back_to(run_dir, state.epoch, state.log_bytes):
                 log.info(f"{run_dir}: {note} (written after the checkpoint)")
         else:
             held = holds_run(run_dir)
@@ -349,8 +350,8 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
                          "it has no checkpoint to continue from; ")
                 raise RunDirError(f"{run_dir} holds another run ({', '.join(held)}); {go_on}give this run another "
                                   "run.dir, or delete that run with --overwrite")
-            clear(run_dir, log)
-        for path in tidy(run_dir):
+            remove_run_outputs(run_dir, log)
+        for path in remove_interrupted_writes(run_dir):
             log.info(f"removed {path} (left by an interrupted run)")
         save_config(cfg, run_dir / "config.yaml")
     except BaseException:
@@ -359,7 +360,7 @@ def claim(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe: tuple[str,
     return lock
 
 
-def undo_resume_claim(run_dir: Path, lock: RunLock) -> None:
+def restore_config_of_unstarted_resume(run_dir: Path, lock: RunLock) -> None:
     """A resume that ends before its first checkpoint (the preflight refused a shard, a crash, a
     stop) puts back the config.yaml its claim replaced: the folder still holds the run as it was,
     and its codes.npz and index must go on matching its config (a resume with train.epochs=5 refused

@@ -125,7 +125,7 @@ def make_accelerator(cfg: Config, run_dir: Path):
     chosen = precision(cfg.train.mixed_precision, launcher)
     if (chosen or launcher) == "fp16" and not torch.cuda.is_available():
         # Accelerate would take it and run float32 while it reports fp16
-        where = "train.mixed_precision=fp16" if chosen else f"the launcher's --mixed_precision fp16 (train.mixed_precision=\"\")"
+        where = "train.mixed_precision=fp16" if chosen else "the launcher's --mixed_precision fp16 (train.mixed_precision=\"\")"
         raise ConfigError(f"{where}: fp16 autocast runs on CUDA GPUs only and this machine has none; "
                           "set train.mixed_precision to bf16, auto or no")
     accelerator = Accelerator(log_with="tensorboard" if use_tb else None, project_dir=str(run_dir),

@@ -1,5 +1,5 @@
 """Training objectives as pure functions of tensors (docs/objective.md, docs/methods.md): no training
-state, no collectives; batch-coupled terms take the gathered global batch as ``Columns``."""
+state, no collectives; batch-coupled terms take the gathered global batch as ``GlobalBatch``."""
 
 from scbch_dist.losses.nacd import (
     class_thresholds,
@@ -13,7 +13,7 @@ from scbch_dist.losses.nacd import (
 )
 from scbch_dist.losses.rshnl import center_terms, chl_loss, gce_mae, self_paced
 from scbch_dist.losses.scbch import (
-    Columns,
+    GlobalBatch,
     bsch_loss,
     cscc_bank_rows,
     cscc_loss,
@@ -25,7 +25,7 @@ from scbch_dist.losses.scbch import (
     at_least_float32,
 )
 
-__all__ = ["Columns", "bsch_loss", "center_terms", "chl_loss", "class_thresholds", "confidence_bce",
+__all__ = ["GlobalBatch", "bsch_loss", "center_terms", "chl_loss", "class_thresholds", "confidence_bce",
            "confidence_from_neighbors", "crch_loss", "cscc_bank_rows", "cscc_loss", "cscc_weights", "ema_confidence",
            "ema_weight", "gce_mae", "jaccard_similarity", "quantization_loss", "reconstruct_confidence",
            "reliable_labels", "scbch_loss", "self_paced", "weights_from_neighbors", "at_least_float32"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scbch_dist.losses.scbch import Columns, cscc_bank_rows, jaccard_similarity, self_neighbours, at_least_float32
+from scbch_dist.losses.scbch import GlobalBatch, cscc_bank_rows, jaccard_similarity, self_neighbours, at_least_float32
 
 
 def confidence_bce(p_img: torch.Tensor, p_txt: torch.Tensor, confidence: torch.Tensor, *,
@@ -33,7 +33,7 @@ def reliable_labels(labels: torch.Tensor, confidence: torch.Tensor, thresholds: 
 
 
 def crch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
-              thresholds: torch.Tensor, *, margin: float, shift: float, columns: Columns | None = None,
+              thresholds: torch.Tensor, *, margin: float, shift: float, columns: GlobalBatch | None = None,
               column_confidence: torch.Tensor | None = None) -> torch.Tensor:
     """The contrastive term on reliable labels, a scalar.
 

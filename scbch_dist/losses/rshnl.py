@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from scbch_dist.losses.scbch import Columns, at_least_float32
+from scbch_dist.losses.scbch import GlobalBatch, at_least_float32
 
 
 def gce_mae(p: torch.Tensor, q: float = 0.01) -> torch.Tensor:
@@ -44,7 +44,7 @@ def self_paced(per_sample: torch.Tensor, *, gamma: float = 5.0,
 
 
 def chl_loss(h_img: torch.Tensor, h_txt: torch.Tensor, *, tau: float = 1.0, q: float = 0.01,
-             columns: Columns | None = None) -> torch.Tensor:
+             columns: GlobalBatch | None = None) -> torch.Tensor:
     """Contrastive hashing over the 2n stacked codes F = [u; v] of the global batch, a scalar.
 
     G = exp(F F^T / tau) with its diagonal 0; for anchor a with partner a' (the same pair in the

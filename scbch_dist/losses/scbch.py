@@ -27,7 +27,7 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Columns:
+class GlobalBatch:
     """The global batch a rank's rows are scored against: every rank's rows in rank order (the
     codes gathered with gradient), their labels, and the first row of this rank's part."""
 
@@ -45,7 +45,7 @@ def jaccard_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def bsch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *, margin: float,
-              shift: float, columns: Columns | None = None) -> torch.Tensor:
+              shift: float, columns: GlobalBatch | None = None) -> torch.Tensor:
     """Bidirectional Soft Contrastive Hashing loss (repulsion + attraction), a scalar.
 
     Args:
@@ -66,7 +66,7 @@ def bsch_loss(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor, *,
     h_img, h_txt = at_least_float32(h_img), at_least_float32(h_txt)
     labels = labels.to(h_img.dtype)
     if columns is None:
-        columns = Columns(h_img, h_txt, labels, 0)
+        columns = GlobalBatch(h_img, h_txt, labels, 0)
     img_all, txt_all, offset = columns.h_img, columns.h_txt, columns.offset
     lab_all = columns.labels.to(h_img.dtype)
     b, n = h_img.shape[0], txt_all.shape[0]
@@ -182,7 +182,7 @@ def self_neighbours(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 def scbch_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, weights: torch.Tensor | None, *, margin: float,
                shift: float, bsch_weight: float = 0.7, quant_weight: float = 0.3, cscc_weight: float = 1.0,
-               columns: Columns | None = None) -> dict[str, torch.Tensor]:
+               columns: GlobalBatch | None = None) -> dict[str, torch.Tensor]:
     """The total objective 0.7 L_bsch + 0.3 L_q + 1.0 L_cscc and its terms.
 
     Args:

@@ -13,7 +13,7 @@ import pkgutil
 
 from scbch_dist.errors import ConfigError
 from scbch_dist.methods.base import (Bank, EpochContext, Method, Refresh, Step, TrainingSet, check_values,
-                                     global_columns, refresh_from_neighbours, separation)
+                                     global_batch_of, refresh_from_neighbours, noise_detection_stats)
 from scbch_dist.methods.nacd import NACD, NACDSettings
 from scbch_dist.methods.rshnl import RSHNL, RSHNLSettings
 from scbch_dist.methods.scbch import SCBCH, SCBCHSettings
@@ -21,8 +21,8 @@ from scbch_dist.methods.scbch import SCBCH, SCBCHSettings
 METHODS: dict[str, type[Method]] = {}
 
 __all__ = ["Bank", "EpochContext", "METHODS", "Method", "NACD", "NACDSettings", "RSHNL", "RSHNLSettings", "Refresh",
-           "SCBCH", "SCBCHSettings", "Step", "TrainingSet", "check_values", "get_method", "global_columns",
-           "refresh_from_neighbours", "register", "separation"]
+           "SCBCH", "SCBCHSettings", "Step", "TrainingSet", "check_values", "get_method", "global_batch_of",
+           "refresh_from_neighbours", "register", "noise_detection_stats"]
 
 
 def register(method: type[Method]) -> type[Method]:

@@ -17,7 +17,7 @@ after it (``scbch.*``, ``nacd.*``), with its defaults, and the value rules for i
 neither the engine nor the config changes.
 
 Methods run on every rank with this rank's rows; batch-coupled terms gather the global batch with
-``global_columns``.
+``global_batch_of``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn as nn
 from scbch_dist import dist
 from scbch_dist import knn
 from scbch_dist.knn.sharded import knn_sharded
-from scbch_dist.losses import Columns, at_least_float32
+from scbch_dist.losses import GlobalBatch, at_least_float32
 from scbch_dist.models import NoHead, TowerSpec
 from scbch_dist.errors import ConfigError
 from scbch_dist.id_table import IdTable
@@ -198,9 +198,9 @@ def _neighbours_held_out(cfg: Config, bank: Bank, k: int) -> tuple[torch.Tensor,
     return sims, index
 
 
-def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor) -> Columns | None:
+def global_batch_of(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tensor) -> GlobalBatch | None:
     """Every rank's codes (with gradient) and labels, for a batch-coupled term computed as local rows
-    against the global batch (losses.Columns); None in a single process, where the local rows are
+    against the global batch (losses.GlobalBatch); None in a single process, where the local rows are
     the whole batch."""
     if not dist.is_distributed():
         return None
@@ -209,7 +209,7 @@ def global_columns(h_img: torch.Tensor, h_txt: torch.Tensor, labels: torch.Tenso
     img_all, offset = dist.gather_rows(h_img, with_grad=True, counts=counts)
     txt_all, _ = dist.gather_rows(h_txt, with_grad=True, counts=counts)
     lab_all, _ = dist.gather_rows(labels, counts=counts)
-    return Columns(img_all, txt_all, lab_all, offset)
+    return GlobalBatch(img_all, txt_all, lab_all, offset)
 
 
 def check_values(section: str, settings: Any, *, at_least_one: tuple[str, ...] = (), positive: tuple[str, ...] = (),
@@ -250,7 +250,7 @@ def refresh_from_neighbours(cfg: Config, ctx: EpochContext, k: int,
     return Refresh(values, bank.source, bank.coverage, time.perf_counter() - t0)
 
 
-def separation(scores: np.ndarray, positive: np.ndarray | None,
+def noise_detection_stats(scores: np.ndarray, positive: np.ndarray | None,
                names: tuple[str, str] = ("clean", "corrupted"), flagged: np.ndarray | None = None) -> dict:
     """How well ``scores`` tell the ``positive`` rows (clean rows, true labels) from the others: the
     mean of each group (``<name>_mean``) and the ROC-AUC of the scores as a positive-vs-other score.

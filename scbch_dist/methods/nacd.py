@@ -15,8 +15,8 @@ import torch.nn as nn
 from scbch_dist import dist, plots
 from scbch_dist.losses import (class_thresholds, confidence_bce, confidence_from_neighbors, crch_loss, ema_confidence,
                                ema_weight, quantization_loss)
-from scbch_dist.methods.base import (EpochContext, Method, Step, TrainingSet, check_values, global_columns,
-                                     refresh_from_neighbours, separation)
+from scbch_dist.methods.base import (EpochContext, Method, Step, TrainingSet, check_values, global_batch_of,
+                                     refresh_from_neighbours, noise_detection_stats)
 from scbch_dist.models import Classifiers
 from scbch_dist.id_table import IdTable
 
@@ -69,7 +69,7 @@ class NACD(Method):
         """With the confidences and thresholds as they stand before this batch's update."""
         s = self.settings
         c = self.confidence[step.ids]
-        cols = global_columns(out["h_img"], out["h_txt"], step.labels)
+        cols = global_batch_of(out["h_img"], out["h_txt"], step.labels)
         n = cols.h_img.shape[0] if cols is not None else None
         col_c = dist.gather_rows(c)[0] if cols is not None else None
         cls = confidence_bce(out["p_img"], out["p_txt"], c, n_total=n)
@@ -125,5 +125,5 @@ def confidence_diagnostics(confidence: np.ndarray, labels: np.ndarray, clean: np
     if clean is None:
         return out
     unreliable = None if thresholds is None else (confidence < thresholds[None, :])[candidates]
-    return {**out, **separation(confidence[candidates], (clean > 0)[candidates], names=("true", "false"),
+    return {**out, **noise_detection_stats(confidence[candidates], (clean > 0)[candidates], names=("true", "false"),
                                 flagged=unreliable)}

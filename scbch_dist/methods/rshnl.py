@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from scbch_dist import plots
 from scbch_dist.losses import center_terms, chl_loss, self_paced
-from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, check_values, global_columns, separation
+from scbch_dist.methods.base import EpochContext, Method, Step, TrainingSet, check_values, global_batch_of, noise_detection_stats
 from scbch_dist.models import ClassCentres, TowerSpec
 from scbch_dist.id_table import IdTable
 
@@ -66,7 +66,7 @@ class RSHNL(Method):
 
     def loss(self, out: dict[str, torch.Tensor], step: Step) -> dict[str, torch.Tensor]:
         s = self.settings
-        cols = global_columns(out["h_img"], out["h_txt"], step.labels)
+        cols = global_batch_of(out["h_img"], out["h_txt"], step.labels)
         n = cols.h_img.shape[0] if cols is not None else out["h_img"].shape[0]
         per_sample = center_terms(out["p_img"], out["p_txt"], step.labels, q=s.q)
         if self.self_paced(step.epoch):
@@ -100,7 +100,7 @@ def self_paced_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) ->
     the ROC-AUC of the weights as a clean-vs-corrupted score, and the precision and recall of the
     rows at weight 0 (the ones self-paced learning leaves out) as corrupted-row detection."""
     out = {"mean": float(weights.mean()), "zero_fraction": float((weights == 0).mean())}
-    groups = separation(weights, ~corrupted if corrupted is not None else None, flagged=weights == 0)
+    groups = noise_detection_stats(weights, ~corrupted if corrupted is not None else None, flagged=weights == 0)
     if groups:
         groups.update(clean_zero_fraction=float((weights[~corrupted] == 0).mean()),
                       corrupted_zero_fraction=float((weights[corrupted] == 0).mean()))

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from scbch_dist import plots
 from scbch_dist.losses import scbch_loss, weights_from_neighbors
-from scbch_dist.methods.base import (EpochContext, Method, Step, TrainingSet, check_values, global_columns,
-                                     refresh_from_neighbours, separation)
+from scbch_dist.methods.base import (EpochContext, Method, Step, TrainingSet, check_values, global_batch_of,
+                                     refresh_from_neighbours, noise_detection_stats)
 from scbch_dist.models import Classifiers
 from scbch_dist.id_table import IdTable
 
@@ -99,7 +99,7 @@ class SCBCH(Method):
         s = self.settings
         return scbch_loss(out, step.labels, weights, margin=s.margin, shift=s.shift, bsch_weight=s.bsch_weight,
                           quant_weight=s.quant_weight, cscc_weight=s.cscc_weight,
-                          columns=global_columns(out["h_img"], out["h_txt"], step.labels))
+                          columns=global_batch_of(out["h_img"], out["h_txt"], step.labels))
 
     def describe(self, record: dict) -> str:
         w = record.get("cscc_weights")
@@ -112,4 +112,4 @@ def weight_diagnostics(weights: np.ndarray, corrupted: np.ndarray | None) -> dic
     """Mean, range and, with noise, the clean and corrupted means and the ROC-AUC of the weights
     as a clean-vs-corrupted score."""
     out = {"mean": float(weights.mean()), "min": float(weights.min()), "max": float(weights.max())}
-    return {**out, **separation(weights, ~corrupted if corrupted is not None else None)}
+    return {**out, **noise_detection_stats(weights, ~corrupted if corrupted is not None else None)}

@@ -17,7 +17,8 @@ import numpy as np
 
 from scbch_dist.data.format import VOCAB_FILE, read_vocab, sha256_file
 from scbch_dist.digests import seal_folder
-from scbch_dist.models.encoders import BowText, ClipFeatures, Doc2VecText, ExtractError, check_doc2vec_folder, import_gensim
+from scbch_dist.models.encoders import (BowText, ClipFeatures, Doc2VecText, ExtractError, check_doc2vec_folder,
+                                        import_gensim)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def _replay_doc2vec(source: dict, root: Path, clip: Callable[[], ClipFeatures]) 
     folder = (root / record["model"]).parent
     check_doc2vec_folder(folder, record.get("model_manifest_sha256"))
     text.load(folder)
-    return ReplayedText(text.encode, set(text.model.wv.key_to_index), f"the Doc2Vec model of {root} (the training texts)")
+    return ReplayedText(text.encode, set(text.model.wv.key_to_index),
+                        f"the Doc2Vec model of {root} (the training texts)")
 
 
 register_text_recipe(TextRecipe(

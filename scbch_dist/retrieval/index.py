@@ -44,7 +44,7 @@ from scbch_dist.config import IndexSettings, migrate, read_run_config
 from scbch_dist.digests import (IntegrityError, arrays_sha256, missing_digest, read_sealed_json, sealed_run,
                                 sha256_file, verify_manifest, write_manifest, write_sealed_json)
 from scbch_dist.engine.encode import AUTOCAST_DTYPES
-from scbch_dist.engine.evaluate import CODES_DIGEST
+from scbch_dist.engine.scoring import CODES_DIGEST
 from scbch_dist.errors import first_line
 from scbch_dist.atomic import atomic_directory, atomic_save_npy
 

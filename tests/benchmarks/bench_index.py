@@ -14,7 +14,7 @@ hamming.search runs a single query on one thread (hamming.ONE_THREAD_BELOW). The
 each table: timings are only worth reading on a quiet machine (``--max-load``: wait at the start,
 up to 10 minutes, until the 1-minute load is below it).
 
-Columns:
+GlobalBatch:
   build s: hamming.build over the (N, L) bool codes (packing, IVF k-means, adding), one run.
   size MB: len(faiss.serialize_index_binary(index)), the index as hamming.write saves it.
   p50 / p99 ms: latency of hamming.search(index, one query, 10) (FAISS search plus the (distance,

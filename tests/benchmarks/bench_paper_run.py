@@ -34,7 +34,7 @@ from scbch_dist.config import load_config
 from scbch_dist.data.format import read_meta
 from scbch_dist.data.noise import training_labels
 from scbch_dist.data.pipeline import TrainStream, load_split, to_torch
-from scbch_dist.engine.evaluate import evaluate
+from scbch_dist.engine.scoring import evaluate
 from scbch_dist.losses import scbch_loss
 from scbch_dist.models import SCBCHModel
 from scbch_dist.engine.bank import BankSource

@@ -26,7 +26,7 @@ memory: the peak memory of one refresh as the engine makes it with the defaults 
   unit bank: the process's high-water mark, reset once the bank is built.
 eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries against databases
   of N codes, both directions.
-eval-ranks: the same through engine.evaluate.ranking_metrics, one process on 1 and 2 threads and
+eval-ranks: the same through engine.scoring.ranking_metrics, one process on 1 and 2 threads and
   two gloo processes of one thread each (each scores half the queries), with whether the numbers
   are identical.
 steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
@@ -192,7 +192,7 @@ def bench_eval(sizes, bits=64, queries=2000, classes=24):
 
 EVAL_WORKER = r"""
 import json, sys, time, numpy as np, torch, torch.distributed as dist
-from scbch_dist.engine.evaluate import ranking_metrics
+from scbch_dist.engine.scoring import ranking_metrics
 n, bits, queries, classes = (int(v) for v in sys.argv[1:5])
 if "WORLD_SIZE" in __import__("os").environ:
     dist.init_process_group("gloo")
@@ -235,7 +235,7 @@ def write_tables(folder: str, n: int, bits: int, classes: int, rows: int = 1 << 
 
 
 def bench_eval_ranks(sizes, bits=64, queries=2000, classes=24, disk=None, layouts=((1, 1), (1, 2), (2, 1))):
-    """Every metric of both directions through engine.evaluate.ranking_metrics: one process on one
+    """Every metric of both directions through engine.scoring.ranking_metrics: one process on one
     and on two threads, and two gloo processes on one thread each (each scoring half the queries).
     With ``disk`` (a folder), the database is written there as packed tables and streamed from them
     in blocks (metrics.DB_CHUNK rows)."""

@@ -1,4 +1,4 @@
-"""torchrun --standalone --nproc_per_node 2 ranked_metrics.py OUT: engine.evaluate.ranking_metrics of
+"""torchrun --standalone --nproc_per_node 2 ranked_metrics.py OUT: engine.scoring.ranking_metrics of
 ``metric_case(q)`` for several query counts (one below the number of ranks, one odd), each rank
 scoring its share; the main process saves the summaries to OUT/metrics.json for the test to compare
 with one process's metrics.retrieval_metrics. Then the same with the database read from the packed
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from scbch_dist import dist as sdist
 from scbch_dist import metrics
 from scbch_dist.metrics.table import PackedTable
-from scbch_dist.engine.evaluate import ranking_metrics
+from scbch_dist.engine.scoring import ranking_metrics
 
 QUERY_COUNTS = (1, 2, 77)
 TOPK = [5, 300]

@@ -1,5 +1,6 @@
-"""Evaluation (docs/evaluation.md): encode query and database, compute the ranking metrics, write
-the codes.
+"""A run's test-time scoring (docs/evaluation.md): encode query and database, compute the ranking
+metrics, write the codes. (``scbch_dist.evaluate`` is the command that re-scores a finished run's
+codes; it calls ``score_codes`` here.)
 
 Each rank encodes a disjoint part of a split (the exactly-once pass); rows are gathered with
 their ids and written into tables by id, so the order in which parts arrive never matters.
@@ -36,8 +37,9 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 DIRECTIONS = (("i2t", "img", "txt"), ("t2i", "txt", "img"))  # (name, query modality, database modality)
 
 
-def evaluate(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
-             topk: list[int] = (), workers: int = 0, autocast=None, transform=None) -> tuple[dict, dict]:
+def encode_and_score(model: torch.nn.Module, root: Path, meta: DatasetMeta, *, batch_size: int, device: torch.device,
+                     topk: list[int] = (), workers: int = 0, autocast=None,
+                     transform=None) -> tuple[dict, dict]:
     """I2T (image queries against the text database) and T2I, relevance by clean labels:
     ``encode_codes`` then ``score_codes``. Returns ``(result, codes)`` (result empty on other ranks)."""
     codes = encode_codes(model, root, meta, batch_size=batch_size, device=device, workers=workers,
