@@ -52,9 +52,10 @@ from scbch_dist.data.format import (
     KEY_DIGITS, SPLITS, DatasetMeta, FieldSpec, ShardError, SplitWriter, meta_path, read_meta, sha256_file,
 )
 from scbch_dist.data.pipeline import read_blocks
-from scbch_dist.models.encoders import (FLOAT16_MAX, IMAGE_ENCODERS, VGG19_FILE, ClipFeatures, ExtractError, Preprocess,
+from scbch_dist.models.encoders import (FLOAT16_MAX, VGG19_FILE, ClipFeatures, ExtractError, Preprocess,
                                         import_torchvision)
-from scbch_dist.models.recipes import TEXT_RECIPES, TextOptions, TextRecipe, text_recipe
+from scbch_dist.models.recipes import (CLIP, TEXT_RECIPES, TextOptions, TextRecipe, image_recipe_names,
+                                       make_image_features, text_recipe)
 from scbch_dist import cli
 from scbch_dist.atomic import atomic_directory, atomic_save_npy, atomic_save_with, atomic_write_json
 
@@ -353,8 +354,8 @@ def _check_settings(out: Path, image_encoder: str, text_encoder: str, image_size
     (its default depends on the encoder)."""
     if out.exists():
         raise ExtractError(f"{out} exists; remove it or choose another output folder")
-    if image_encoder not in IMAGE_ENCODERS and image_encoder != "clip":
-        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join([*IMAGE_ENCODERS, 'clip'])}")
+    if image_encoder not in image_recipe_names():
+        raise ExtractError(f"unknown image encoder {image_encoder!r}; known: {', '.join(image_recipe_names())}")
     recipe = text_recipe(text_encoder)
     if image_size < 32 or batch_size < 1 or workers < 0:
         raise ExtractError(f"need image_size >= 32, batch_size >= 1, workers >= 0 "
@@ -367,31 +368,13 @@ def _check_settings(out: Path, image_encoder: str, text_encoder: str, image_size
     if txt_dtype not in recipe.dtypes:
         raise ExtractError(f"txt_dtype {txt_dtype} does not hold {text_encoder} features; use "
                            f"{' or '.join(recipe.dtypes)}")
-    uses_clip = image_encoder == "clip" or recipe.uses_clip
+    uses_clip = image_encoder == CLIP or recipe.uses_clip
     if uses_clip and not clip_weights:
         raise ExtractError("the clip encoders need --clip-weights: a local CLIP model directory, an open_clip "
                            "checkpoint file (with --clip-name), or 'random' with --clip-name")
     if clip_weights and not uses_clip:
         raise ExtractError("--clip-weights applies to --image-encoder clip or --text-encoder clip only")
     return txt_dtype
-
-
-def _image_encoder(image_encoder: str, clip: ClipFeatures | None, clip_features: str, vgg_weights: str | None,
-                   seed: int, image_size: int) -> tuple[nn.Module, int, Preprocess, dict]:
-    """The image network, its feature dimension, its preprocessing and its settings record (the
-    recipe a search replays on a typed image)."""
-    if image_encoder == "clip":  # the model's own input size and preprocessing
-        net, img_dim, prep = clip.image_net, clip.image_dim, clip.preprocess
-        settings = {"encoder": "clip", "layer": f"the model's {clip_features} image features", "dim": img_dim,
-                    **clip.provenance}
-    else:
-        encoder = IMAGE_ENCODERS[image_encoder]
-        net, weights_info = encoder.build(vgg_weights, seed)
-        img_dim, prep = encoder.dim, Preprocess(image_size, encoder.mean, encoder.std)
-        settings = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info}
-    settings.update({"image_size": prep.size, "resize_shorter_side": prep.resize,
-                     "interpolation": prep.interpolation, "mean": list(prep.mean), "std": list(prep.std)})
-    return net, img_dim, prep, settings
 
 
 def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", vgg_weights: str | None = None,
@@ -425,13 +408,13 @@ def extract(src: str | Path, out: str | Path, *, image_encoder: str = "vgg19", v
                                 txt_dtype, clip_weights)
     dev = _device(device)
     recipe = text_recipe(text_encoder)
-    uses_clip = image_encoder == "clip" or recipe.uses_clip
+    uses_clip = image_encoder == CLIP or recipe.uses_clip
     clip = ClipFeatures(clip_weights, clip_name, features=clip_features, device=dev) if uses_clip else None
     text, text_settings = recipe.make(TextOptions(src, bow_dim=bow_dim, doc2vec_dim=doc2vec_dim,
                                                   doc2vec_epochs=doc2vec_epochs, doc2vec_window=doc2vec_window,
                                                   doc2vec_min_count=doc2vec_min_count, seed=seed, clip=clip))
-    net, img_dim, prep, image_settings = _image_encoder(image_encoder, clip, clip_features, vgg_weights, seed,
-                                                        image_size)
+    net, img_dim, prep, image_settings = make_image_features(image_encoder, clip=clip, weights=vgg_weights, seed=seed,
+                                                             image_size=image_size)
     settings = {"version": EXTRACT_VERSION, "source_meta_sha256": sha256_file(meta_path(src)),
                 "image": image_settings, "text": text_settings, "img_dtype": img_dtype, "txt_dtype": txt_dtype}
     # the fingerprint names weights by content: a moved weights file still resumes
@@ -465,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, type=Path, help="raw dataset folder (encoded images + texts)")
     p.add_argument("--out", required=True, type=Path, help="feature dataset folder to write")
-    p.add_argument("--image-encoder", default="vgg19", choices=sorted([*IMAGE_ENCODERS, "clip"]))
+    p.add_argument("--image-encoder", default="vgg19", choices=sorted(image_recipe_names()))
     p.add_argument("--vgg-weights", default=None, metavar="PATH|random",
                    help=f"torchvision VGG-19 state dict ({VGG19_FILE}; default: torch's hub cache), "
                         f"or 'random' for a seeded random network (tests, dry runs)")

@@ -67,6 +67,7 @@ class ImageEncoder:
     # (weights, seed) -> (network mapping (n, 3, S, S) float32 to (n, dim), provenance)
     build: Callable[[str | None, int], tuple[nn.Module, dict]]
     layer: str = ""  # what the feature is, for meta.source
+    weights_file: bool = False  # takes a weights file (--vgg-weights), which a query's replay finds and checks
 
 
 IMAGE_ENCODERS: dict[str, ImageEncoder] = {}
@@ -148,7 +149,7 @@ def _efficientnet_lite0(weights: str | None, seed: int) -> tuple[nn.Module, dict
 
 
 register_image_encoder(ImageEncoder("vgg19", 4096, IMAGENET_MEAN, IMAGENET_STD, _vgg19_fc7,
-                                    layer="fc7: classifier[:5] (fc6, ReLU, dropout off, fc7, ReLU)"))
+                                    layer="fc7: classifier[:5] (fc6, ReLU, dropout off, fc7, ReLU)", weights_file=True))
 # EfficientNet-Lite is trained with inception-style input scaling: (x * 255 - 127) / 128
 register_image_encoder(ImageEncoder("efficientnet-lite0", 1280, (127 / 255,) * 3, (128 / 255,) * 3,
                                     _efficientnet_lite0, layer="global average pool of the last conv stage (conv_head, BN, swish)"))

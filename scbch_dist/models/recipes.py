@@ -1,10 +1,14 @@
-"""Text feature recipes: how extraction turns texts into vectors, and how a query replays that.
+"""Feature recipes: how extraction turns texts and images into vectors, and how a query replays that.
 
-One entry per recipe (doc2vec, bow, clip; ``register_text_recipe`` adds one, as methods and kNN
-backends are added). Extraction builds the encoder from its options and keeps a record of it in
-meta.json's ``source["text"]``; a search of a run on the dataset rebuilds the encoder from that
+Text: one entry per recipe (doc2vec, bow, clip; ``register_text_recipe`` adds one, as methods and
+kNN backends are added). Extraction builds the encoder from its options and keeps a record of it
+in meta.json's ``source["text"]``; a search of a run on the dataset rebuilds the encoder from that
 record to encode a typed text as the dataset's own texts were (docs/search.md). The names of
 ``extract --text-encoder`` are this registry's.
+
+Images: the networks of encoders.IMAGE_ENCODERS (``register_image_encoder`` adds one) and the CLIP
+model's image tower; ``make_image_features`` builds one for extraction and its record
+(``source["image"]``), ``replay_image_features`` rebuilds it from that record for a query.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from torch import nn
 
 from scbch_dist.data.format import VOCAB_FILE, read_vocab, sha256_file
 from scbch_dist.digests import seal_folder
-from scbch_dist.models.encoders import (BowText, ClipFeatures, Doc2VecText, ExtractError, check_doc2vec_folder,
-                                        import_gensim)
+from scbch_dist.models.encoders import (IMAGE_ENCODERS, BowText, ClipFeatures, Doc2VecText, ExtractError, Preprocess,
+                                        check_doc2vec_folder, import_gensim)
 
 
 @dataclass(frozen=True)
@@ -180,3 +185,55 @@ register_text_recipe(TextRecipe(
     "clip", _make_clip, lambda source, root, clip: ReplayedText(clip().encode),  # byte pairs spell any word
     replayable=lambda record, root: bool(record.get("weights")),  # the loader says so if the model is gone
     uses_clip=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Image features: an IMAGE_ENCODERS network, or the CLIP model's image tower
+
+CLIP = "clip"
+
+
+def image_recipe_names() -> list[str]:
+    return [*IMAGE_ENCODERS, CLIP]
+
+
+def make_image_features(name: str, *, clip: ClipFeatures | None, weights: str | None, seed: int,
+                        image_size: int) -> tuple[nn.Module, int, Preprocess, dict]:
+    """Extraction's image network ``name``: (network mapping normalised (n, 3, S, S) float32 to
+    (n, dim), dim, its preprocessing, the record meta.json keeps of it). ``clip``: the model of
+    --clip-weights, for ``name`` clip (which takes the model's own input size and preprocessing)."""
+    if name == CLIP:
+        net, dim, prep = clip.image_net, clip.image_dim, clip.preprocess
+        record = {"encoder": CLIP, "layer": f"the model's {clip.provenance['features']} image features", "dim": dim,
+                  **clip.provenance}
+    else:
+        if name not in IMAGE_ENCODERS:
+            raise ExtractError(f"unknown image encoder {name!r}; known: {', '.join(image_recipe_names())}")
+        encoder = IMAGE_ENCODERS[name]
+        net, weights_info = encoder.build(weights, seed)
+        dim, prep = encoder.dim, Preprocess(image_size, encoder.mean, encoder.std)
+        record = {"encoder": encoder.name, "layer": encoder.layer, "dim": encoder.dim, **weights_info}
+    record.update({"image_size": prep.size, "resize_shorter_side": prep.resize, "interpolation": prep.interpolation,
+                   "mean": list(prep.mean), "std": list(prep.std)})
+    return net, dim, prep, record
+
+
+def replay_image_features(record: dict, root: Path, clip: Callable[[], ClipFeatures]) -> tuple[nn.Module, Preprocess]:
+    """The image network and preprocessing that made a dataset's image features, rebuilt from its
+    record (meta.json's ``source["image"]``) for a query; ExtractError naming what is missing."""
+    if record["encoder"] == CLIP:
+        model = clip()
+        return model.image_net, model.preprocess
+    if record["encoder"] not in IMAGE_ENCODERS:
+        raise ExtractError(f"{root}/meta.json: image encoder {record['encoder']!r} is not one this version knows")
+    encoder = IMAGE_ENCODERS[record["encoder"]]
+    weights = record.get("weights")
+    if encoder.weights_file and weights not in (None, "random"):
+        path = Path(weights)
+        if not path.is_file():
+            raise ExtractError(f"{path}: the image encoder's weights that made the features of {root} are gone; "
+                               "put them back there to query by image, or query by --id")
+        if record.get("weights_sha256") and sha256_file(path) != record["weights_sha256"]:
+            raise ExtractError(f"{path}: not the weights that made the features of {root} (sha256 differs)")
+    net, _ = encoder.build(weights if encoder.weights_file else None, record.get("seed", 0))
+    return net.eval(), Preprocess(record["image_size"], tuple(record["mean"]), tuple(record["std"]))
