@@ -37,6 +37,7 @@ from scbch_dist.errors import ConfigError, ScbchError
 from scbch_dist.knn.settings import KnnSettings
 from scbch_dist.methods import METHODS, get_method
 from scbch_dist.models.clip import ClipSettings
+from scbch_dist.run import RunFolder
 
 
 @dataclass
@@ -673,12 +674,8 @@ def check_saved_config(path: str | Path) -> None:
 def _written_with_digests(run_dir: Path) -> bool:
     """Whether a run folder was written by a version that seals config.yaml: a checkpoint with a
     manifest, or a summary.json with its own digest."""
-    if any(run_dir.glob("checkpoints/epoch-*/manifest.json")):
-        return True
-    try:
-        return '"sha256"' in (run_dir / "summary.json").read_text(errors="replace")
-    except OSError:
-        return False
+    folder = RunFolder(run_dir)
+    return any(folder.checkpoints.glob("epoch-*/manifest.json")) or folder.summary_has_digest()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -42,3 +42,7 @@ def first_line(error: BaseException) -> str:
 
 class ConfigError(ScbchError, ValueError):
     """A setting of the config tree (a key, a value, a config file): the message names the key or file."""
+
+
+class CodesError(ScbchError):
+    """A run's codes (codes.npz) cannot be read as the run's: missing, damaged, or another run's."""

@@ -31,7 +31,8 @@ from scbch_dist.atomic import atomic_write_json
 from scbch_dist.engine.scoring import SELECTION, protocol, score_codes
 from scbch_dist.engine.runlog import json_safe
 from scbch_dist.metrics import chance_map
-from scbch_dist.retrieval.index import RunCodes
+from scbch_dist.engine.scoring import RunCodes
+from scbch_dist.run import RunFolder
 
 
 def score_run(run: RunCodes, topk: list[int], device: torch.device, *, encode: bool = False,
@@ -49,7 +50,7 @@ def score_run(run: RunCodes, topk: list[int], device: torch.device, *, encode: b
         return {}
     card = protocol(len(q_lab), len(d_lab), topk)
     card["selection"] = {"codes": ("codes encoded again from the run's latest checkpoint" if encode else
-                                   "the run's final codes (codes.npz)") + ": " + SELECTION["final"]}
+                                   f"the run's final codes ({RunFolder.CODES})") + ": " + SELECTION["final"]}
     return json_safe({
         "run": str(run.run_dir), "codes_sha256": run.sha256, "model_sha256": run.model_sha256, "bits": run.bits,
         "protocol": card,
@@ -73,10 +74,9 @@ def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> t
     from scbch_dist.engine.scoring import encode_codes
     from scbch_dist.models.tokenizers import make_tokenizer
     from scbch_dist.retrieval.query import QueryEncoder
-    from scbch_dist.retrieval.search import dataset_root
-
-    cfg = load_run_config(run.run_dir / "config.yaml")
-    root = dataset_root(cfg, run.run_dir, data_root, served_ok=True)
+    folder = RunFolder(run.run_dir)
+    cfg = load_run_config(folder.config)
+    root = folder.dataset(cfg.data, data_root, served_ok=True)
     meta = read_meta(root)
     tokenizer = make_tokenizer(cfg.model, root) if meta.kind("txt") == "text" else None
     _, transform = make_transforms(cfg.model.image, meta, tokenizer)
@@ -90,13 +90,13 @@ def encode_run(run: RunCodes, data_root: Path | None, device: torch.device) -> t
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scbch_dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a finished run's folder (it holds codes.npz)")
+    p.add_argument("run_dir", type=Path, help=f"a finished run's folder (it holds {RunFolder.CODES})")
     p.add_argument("--topk", type=int, nargs="*", default=None, metavar="K",
                    help="the cut-offs K of mAP@K, precision@K, recall@K and NDCG@K (default: the run's eval.topk)")
     p.add_argument("--out", type=Path, help="write the JSON here (atomically) instead of to stdout")
     p.add_argument("--encode", action="store_true",
                    help="score codes encoded again from the run's latest checkpoint and its dataset (every rank "
-                        "encodes its share), and report whether they equal codes.npz")
+                        f"encodes its share), and report whether they equal {RunFolder.CODES}")
     p.add_argument("--data-root", type=Path, help="with --encode: the dataset folder, when not the run's data.root")
     args = p.parse_args(argv)
     if args.topk is not None and any(k < 1 for k in args.topk):

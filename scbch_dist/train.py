@@ -28,12 +28,12 @@ from scbch_dist import cli, dist
 from scbch_dist.config import (DEFAULT_CONFIG, Config, check_saved_config, flat_dict, load_config, load_run_config,
                                to_dict)
 from scbch_dist.engine import rundir, setup
-from scbch_dist.engine.rundir import REFIT_FOLDER, launch_state
+from scbch_dist.engine.rundir import launch_state
 from scbch_dist.data.fingerprint import check_same_data
 from scbch_dist.engine.checkpoint import load_checkpoint, portable_model_files, read_run_state
 from scbch_dist.engine.loop import (EpochProgress, Run, fit, restore_tables, run_tables, write_missing_codes,
                                     write_summary)
-from scbch_dist.digests import read_sealed_json, sealed_run, write_sealed_json
+from scbch_dist.run import RunFolder
 from scbch_dist.engine.preflight import preflight
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
@@ -80,9 +80,10 @@ def finished_as_asked(args: argparse.Namespace, cfg: Config, run_dir: Path) -> b
     """A resume with no setting given, of a run that has its summary, its codes (where it writes
     them) and the checkpoint of its last epoch: nothing to train, evaluate or write. Such a resume
     rewrote summary.json (its time that of the resume) and added TensorBoard files."""
-    if not args.resume or args.set or args.from_checkpoint or not (run_dir / "summary.json").is_file():
+    folder = RunFolder(run_dir)
+    if not args.resume or args.set or args.from_checkpoint or not folder.finished:
         return False
-    if cfg.run.save_codes and not (run_dir / "codes.npz").is_file():
+    if cfg.run.save_codes and not folder.codes.is_file():
         return False  # the documented way to write a finished run's codes
     try:
         _, state, _ = read_run_state(run_dir)
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         return refit(run_dir)
     if finished_as_asked(args, cfg, run_dir):
         print(f"python -m scbch_dist.train: {run_dir} finished its {cfg.train.epochs} epochs already "
-              f"({run_dir / 'summary.json'}); nothing to do (extend it with --set train.epochs=N)", file=sys.stderr)
-        return read_sealed_json(run_dir / "summary.json", required=sealed_run(run_dir))
+              f"({RunFolder(run_dir).summary}); nothing to do (extend it with --set train.epochs=N)", file=sys.stderr)
+        return RunFolder(run_dir).read_summary()
     method_class = setup.method_class(cfg)
     accelerator = setup.make_accelerator(cfg, run_dir)
     is_main = accelerator.is_main_process
@@ -211,11 +212,12 @@ SELECTED_BY = ("the final evaluation of a second run on every training row (held
 def selected_epochs(run_dir: Path) -> tuple[dict, int]:
     """The run's summary and the epoch its held-out rows selected; a one-line error where there is
     none to refit from."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: no summary.json; the run has not finished (resume it first: "
+    folder = RunFolder(run_dir)
+    path = folder.summary
+    if not folder.finished:
+        raise RunDirError(f"{run_dir}: no {folder.SUMMARY}; the run has not finished (resume it first: "
                           f"python -m scbch_dist.train --resume {run_dir})")
-    summary = read_sealed_json(path, required=sealed_run(run_dir))
+    summary = folder.read_summary()
     if not summary.get("selected"):
         raise RunDirError(f"{path}: no 'selected' evaluation (the run held no rows out: eval.validation 0), so no "
                           "epoch to refit for")
@@ -225,7 +227,7 @@ def selected_epochs(run_dir: Path) -> tuple[dict, int]:
 def refit_command(run_dir: Path, epochs: int) -> list[str]:
     """scbch_dist.train's arguments for RUN_DIR/refit: a fresh run from the run's config, or the
     resume of one that was stopped."""
-    folder = run_dir / REFIT_FOLDER
+    folder = RunFolder(run_dir).refit.path
     state = launch_state(folder)
     if state == "resume":
         return ["--resume", str(folder)]
@@ -242,7 +244,7 @@ def refit(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     summary, epochs = selected_epochs(run_dir)
     check_saved_config(run_dir / "config.yaml")  # the refit takes the run's settings: refused if edited
-    folder = run_dir / REFIT_FOLDER
+    folder = RunFolder(run_dir).refit.path
     if launch_state(folder) != "done":
         main(refit_command(run_dir, epochs))
     # the trainer has ended the process group: the launcher's RANK says which process records it
@@ -253,16 +255,16 @@ def refit(run_dir: str | Path) -> dict:
 
 def _record(run_dir: Path, summary: dict, epochs: int) -> dict:
     """RUN_DIR/summary.json with the refit's final evaluation added as ``refit`` (main process)."""
-    folder = run_dir / REFIT_FOLDER
-    refitted = read_sealed_json(folder / "summary.json", required=sealed_run(folder))["final"]
+    run, folder = RunFolder(run_dir), RunFolder(run_dir).refit
+    refitted = folder.read_summary()["final"]
     if refitted["epoch"] != epochs:
-        raise RunDirError(f"{folder}/summary.json ends at epoch {refitted['epoch']}, not at the selected epoch "
-                          f"{epochs}: the refit of another run? (remove {folder} and refit again)")
-    summary["refit"] = {"selected_by": SELECTED_BY.format(folder=REFIT_FOLDER), **refitted}
-    write_sealed_json(run_dir / "summary.json", summary)
+        raise RunDirError(f"{folder.summary} ends at epoch {refitted['epoch']}, not at the selected epoch "
+                          f"{epochs}: the refit of another run? (remove {folder.path} and refit again)")
+    summary["refit"] = {"selected_by": SELECTED_BY.format(folder=RunFolder.REFIT), **refitted}
+    run.write_summary(summary)
     print(f"refit ({epochs} epochs on every training row): avg {refitted['avg_map']:.4f} (tie-aware "
           f"{refitted['avg_map_tie_aware']:.4f}); selected avg {summary['selected']['avg_map']:.4f} at epoch {epochs}; "
-          f"final avg {summary['final']['avg_map']:.4f}. Wrote {run_dir}/summary.json")
+          f"final avg {summary['final']['avg_map']:.4f}. Wrote {run.summary}")
     return summary
 
 

@@ -22,7 +22,7 @@ from scbch_dist.config import Config, SyntheticConfig, save_config, to_dict
 from scbch_dist.data.format import write_dataset
 from scbch_dist.data.synthetic import write_synthetic
 from scbch_dist.digests import write_sealed_json
-from scbch_dist.engine.scoring import save_codes
+from scbch_dist.run import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCBCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -200,7 +200,7 @@ def run_with_codes(path, *, bits: int = 24, n_query: int = 50, n_db: int = 400, 
         for m in ("img", "txt"):
             codes[f"{s}_{m}"] = base ^ (rng.random(base.shape) < 0.15)
         codes[f"{s}_lab"] = labels[s]
-    save_codes(codes, path / "codes.npz", model_sha256="ab" * 32, config=to_dict(cfg))
+    RunFolder(path).write_codes(codes, model_sha256="ab" * 32, config=to_dict(cfg))
     summary = {d: metrics.retrieval_metrics(codes[f"query_{q}"], codes[f"database_{t}"], labels["query"],
                                             labels["database"]) for d, q, t in (("i2t", "img", "txt"),
                                                                                   ("t2i", "txt", "img"))}

@@ -220,14 +220,15 @@ def test_a_digest_removed_in_a_folder_this_version_wrote_is_refused(finished, tm
         verify_model_file(folder)  # what the search's query encoder checks before it loads the model
 
     # codes.npz without its sha256 member, database_txt reversed: refused by every reader of codes
-    from scbch_dist.retrieval.index import HammingIndexError, RunCodes
+    from scbch_dist.engine.scoring import RunCodes
+    from scbch_dist.errors import CodesError
 
     shutil.copytree(finished / "checkpoints", run_dir / "checkpoints", dirs_exist_ok=True)  # the manifest back
     with np.load(run_dir / "codes.npz") as z:
         arrays = {k: z[k] for k in z.files if k != "sha256"}
     arrays["database_txt"] = arrays["database_txt"][::-1].copy()
     np.savez(run_dir / "codes.npz", **arrays)
-    with pytest.raises(HammingIndexError, match=rf"^{run_dir / 'codes.npz'}: has no 'sha256' member, yet its run folder "
+    with pytest.raises(CodesError, match=rf"^{run_dir / 'codes.npz'}: has no 'sha256' member, yet its run folder "
                                                 "was written with digests"):
         RunCodes.load(run_dir)
 

@@ -21,7 +21,7 @@ LAYERS = {
     "atomic": 1, "cli": 1, "dist": 1,
     "digests": 2,
     "data": 3, "metrics": 3, "id_table": 3, "plots": 3, "knn": 3,
-    "models": 4, "losses": 4,
+    "models": 4, "losses": 4, "run": 4,
     "methods": 5,
     "config": 6,
     "engine": 7,
@@ -235,3 +235,27 @@ def test_the_engine_names_every_module_it_holds():
 
     listed = {line.split()[0] for line in engine.__doc__.splitlines() if line.startswith("    ") and line.split()}
     assert listed == {p.stem for p in (PACKAGE / "engine").glob("*.py") if p.stem != "__init__"}
+
+
+def code_strings(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a file's code (f-string parts included), docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_only_the_run_folder_type_names_a_runs_codes_and_summary():
+    """run/folder.py's RunFolder is where a run's codes.npz and summary.json live: every other module
+    reaches them through it, so that renaming or moving one is one edit."""
+    from scbch_dist.run import RunFolder
+
+    home = PACKAGE / "run" / "folder.py"
+    names = (RunFolder.CODES, RunFolder.SUMMARY)
+    assert names == ("codes.npz", "summary.json")
+    named = [f"{path.relative_to(ROOT)}:{line}: {text[:60]!r}" for path in MODULES.values() if path != home
+             for line, text in code_strings(path) if any(name in text for name in names)]
+    assert not named, "\n".join(named)
+    assert any(RunFolder.CODES in text for _, text in code_strings(home))

@@ -17,6 +17,7 @@ pytest.importorskip("faiss")
 
 from scbch_dist import metrics  # noqa: E402
 from scbch_dist.retrieval import hamming  # noqa: E402
+from scbch_dist.errors import CodesError  # noqa: E402
 from scbch_dist.retrieval.hamming import HammingIndexError  # noqa: E402
 from scbch_dist.config import IndexSettings  # noqa: E402
 from scbch_dist.engine.checkpoint import model_fingerprint  # noqa: E402
@@ -209,13 +210,13 @@ def test_codes_of_another_run_are_refused_naming_the_keys(tmp_path):
     run_with_codes(tmp_path / "a", bits=24)
     run_with_codes(tmp_path / "b", bits=32, train__lr=0.01)
     (tmp_path / "b" / "codes.npz").replace(tmp_path / "a" / "codes.npz")
-    with pytest.raises(HammingIndexError, match=r"written by another run.*model.bits: 32 -> 24.*train.lr"):
+    with pytest.raises(CodesError, match=r"written by another run.*model.bits: 32 -> 24.*train.lr"):
         build(tmp_path / "a", log=lambda *_: None)
     assert not (tmp_path / "a" / "index").exists()
 
 
 def test_missing_codes_a_held_run_and_not_a_run_are_one_line_errors(tmp_path):
-    with pytest.raises(HammingIndexError, match="not a run folder"):
+    with pytest.raises(CodesError, match="not a run folder"):
         RunCodes.load(tmp_path)
     run = tmp_path / "run"
     run_with_codes(run)
@@ -224,7 +225,7 @@ def test_missing_codes_a_held_run_and_not_a_run_are_one_line_errors(tmp_path):
         build(run, log=lambda *_: None)
     (run / "run.lock").unlink()
     (run / "codes.npz").unlink()
-    with pytest.raises(HammingIndexError, match="codes.npz: missing.*--resume"):
+    with pytest.raises(CodesError, match="codes.npz: missing.*--resume"):
         build(run, log=lambda *_: None)
     with pytest.raises(HammingIndexError, match="no flat index of the database codes; build it"):
         RunIndex.open(run, None)
@@ -283,6 +284,6 @@ def test_codes_whose_compression_field_is_damaged_are_a_one_line_error(tmp_path)
     entry = data.find(b"PK\x01\x02")  # the first central-directory entry; its method is 2 bytes at +10
     data[entry + 10:entry + 12] = (0x63).to_bytes(2, "little")
     (run / "codes.npz").write_bytes(bytes(data))
-    with pytest.raises(HammingIndexError, match=r"codes.npz: not a readable codes file \(NotImplementedError"):
+    with pytest.raises(CodesError, match=r"codes.npz: not a readable codes file \(NotImplementedError"):
         RunCodes.load(run)
 

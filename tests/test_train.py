@@ -123,7 +123,7 @@ def rewrite_as_version_0_1(run_dir: Path) -> None:
     import yaml
 
     from scbch_dist.digests import arrays_sha256, seal_text, write_manifest
-    from scbch_dist.engine.scoring import CODES_DIGEST
+    from scbch_dist.run import CODES_DIGEST
 
     tree = as_version_0_1(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert list(tree) == list(yaml.safe_load((Path(__file__).parent / "data" / "config-v0.1.yaml").read_text()))

@@ -23,13 +23,13 @@ from scbch_dist.config import Config, to_dict
 from scbch_dist.data.pipeline import to_torch
 from scbch_dist.engine.bank import BankSource
 from scbch_dist.engine.checkpoint import CheckpointError, model_fingerprint, save_checkpoint
-from scbch_dist.engine.scoring import curves, encode_and_score, encode_codes, protocol, save_codes, summarize, validate
+from scbch_dist.engine.scoring import curves, encode_and_score, encode_codes, protocol, summarize, validate
 from scbch_dist.engine.setup import TrainingData
 from scbch_dist.engine.state import RunState
 from scbch_dist.engine.stop import StopRequest
 from scbch_dist.errors import Preempted, ScbchError
 from scbch_dist.methods import EpochContext, Method, Step
-from scbch_dist.digests import write_sealed_json
+from scbch_dist.run import RunFolder
 from scbch_dist.metrics import chance_map
 from scbch_dist.engine.runlog import MetricsLog, json_safe
 from scbch_dist.id_table import IdTable
@@ -218,8 +218,8 @@ def evaluate_epoch(run: Run, state: RunState, epoch: int) -> dict | None:
 def save_final_codes(run: Run, codes: dict) -> None:
     """codes.npz of the trained model (main process), naming the model and the config."""
     weights = run.accelerator.unwrap_model(run.model).state_dict()
-    save_codes(codes, run.run_dir / "codes.npz", model_sha256=model_fingerprint(weights), config=to_dict(run.cfg),
-               precision=run.accelerator.mixed_precision)
+    RunFolder(run.run_dir).write_codes(codes, model_sha256=model_fingerprint(weights), config=to_dict(run.cfg),
+                                       precision=run.accelerator.mixed_precision)
 
 
 def write_missing_codes(run: Run, state: RunState) -> None:
@@ -227,9 +227,9 @@ def write_missing_codes(run: Run, state: RunState) -> None:
     run.save_codes=true after it ended without codes): the final model's codes, by a new
     encoding pass (its metrics are those already recorded, so none are computed)."""
     wanted = run.cfg.run.save_codes and state.epoch == run.cfg.train.epochs
-    if not dist.any_rank(wanted and run.is_main and not (run.run_dir / "codes.npz").is_file()):
+    if not dist.any_rank(wanted and run.is_main and not RunFolder(run.run_dir).codes.is_file()):
         return
-    run.log.info(f"writing {run.run_dir / 'codes.npz'} (the run had none): encoding query and database")
+    run.log.info(f"writing {RunFolder(run.run_dir).codes} (the run had none): encoding query and database")
     cfg, data = run.cfg, run.data
     codes = encode_codes(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size, device=run.accelerator.device,
                          workers=cfg.data.workers, autocast=run.accelerator.autocast, transform=data.eval_transform)
@@ -350,7 +350,7 @@ def stop_with_checkpoint(run: Run, state: RunState, config: dict, unfinished: Ep
 def save(run: Run, state: RunState, config: dict, rank_state: dict[str, torch.Tensor] | None = None) -> None:
     """A checkpoint of the run as it stands (collective); it records how long log.txt was, so a
     resume cuts the log back to it."""
-    log_file = run.run_dir / "log.txt"
+    log_file = RunFolder(run.run_dir).log
     state.log_bytes = log_file.stat().st_size if run.is_main and log_file.is_file() else None
     save_checkpoint(run.accelerator, run.run_dir, state, checkpoint_tables(run), config, rank_state,
                     run.cfg.run.keep_checkpoints)
@@ -408,12 +408,12 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
         "throughput": {"train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
                        "train_steps_per_s": steps / max(state.train_seconds, 1e-9)},
     }
-    write_sealed_json(run.run_dir / "summary.json", json_safe(summary))  # report and index check verify it
+    RunFolder(run.run_dir).write_summary(json_safe(summary))  # report and index check verify it
     f, b = summary["final"], summary["best"]
     run.log.info(f"final (epoch {f['epoch']}): I2T {f['i2t']['map']:.4f}  T2I {f['t2i']['map']:.4f}  "
                  f"avg {f['avg_map']:.4f} (tie-aware {f['avg_map_tie_aware']:.4f}); best avg {b['avg_map']:.4f} "
                  f"at epoch {b['epoch']}" + (f"; selected by validation: avg {selected['avg_map']:.4f} at epoch "
                                              f"{selected['epoch']}" if selected is not None else "")
                  + f"; chance {state.chance_map:.4f}; {seconds_total:.1f} s. "
-                 f"Wrote {run.run_dir}/summary.json")
+                 f"Wrote {RunFolder(run.run_dir).summary}")
     return summary

@@ -1,8 +1,6 @@
-"""The run folder belongs to one run (docs/engine.md, "The run folder").
-
-    run.lock        who holds the folder: pid, host, SLURM job, start time; removed at exit
-    config.yaml     the resolved config
-    log.txt, metrics.jsonl, summary.json, codes.npz, plots/, tensorboard/, checkpoints/
+"""What the engine does with a run folder (docs/engine.md, "The run folder"); where each file
+lives is run.RunFolder's. The folder belongs to one run: RunLock holds it (pid, host, SLURM job,
+start time; removed at exit).
 
 A fresh run refuses a folder that holds another run unless told to overwrite it; a resumed run
 may change only the keys that cannot change what is trained (SAFE_ON_RESUME), and its outputs
@@ -27,15 +25,10 @@ from scbch_dist.data.fingerprint import check_same_data, file_fingerprint
 from scbch_dist.data.remote import configured_root
 from scbch_dist.engine.checkpoint import (complete_checkpoints, has_checkpoint, latest_checkpoint, read_run_state,
                                           verify_checkpoint)
-from scbch_dist.digests import read_sealed_json, sealed_run
+from scbch_dist.run import RunFolder
 from scbch_dist.errors import RunDirError, ScbchError
 from scbch_dist.atomic import atomic_write_bytes, atomic_write_text, remove_leftovers
 
-LOCK_FILE = "run.lock"
-# what a run writes; summary.json first, so that a removal cut short never leaves a "finished" folder
-RUN_OUTPUTS = ("summary.json", "checkpoints", "metrics.jsonl", "codes.npz", "log.txt", "plots", "tensorboard", "index",
-               "refit", "config.yaml")
-RESULTS = RUN_OUTPUTS[:4]  # the outputs that record training
 # keys a resume may change: evaluation and output settings, the length of the run, the preflight
 SAFE_ON_RESUME = ("train.epochs", "eval.every", "eval.topk", "run.dir", "run.method", "run.progress",
                   "run.tensorboard", "run.checkpoint", "run.keep_checkpoints", "run.save_codes", "data.verify",
@@ -117,7 +110,7 @@ class RunLock:
     failed before it recorded anything), so no empty folder outlives a failed command."""
 
     def __init__(self, run_dir: Path, log: logging.Logger | None = None, *, create: bool = True):
-        self.path, self.log, self.create, self.held = Path(run_dir) / LOCK_FILE, log, create, False
+        self.path, self.log, self.create, self.held = RunFolder(run_dir).lock, log, create, False
         self.made: list[Path] = []  # the folders acquire created, innermost first
         # what lock_and_prepare changed for a resume: the checkpoint it resumes and the config.yaml it
         # replaced (restore_config_of_unstarted_resume)
@@ -207,11 +200,11 @@ def _describe(holder: dict | None) -> str:
 
 def holds_run(run_dir: Path) -> list[str]:
     """The outputs of a run in ``run_dir`` (empty: the folder is free for a new run)."""
-    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    return RunFolder(run_dir).outputs()
 
 
 def remove_run_outputs(run_dir: Path, log: logging.Logger | None = None) -> None:
-    """Remove every output of a run (the names in RUN_OUTPUTS, nothing else), summary.json first."""
+    """Remove every output of a run (RunFolder.OUTPUTS, nothing else), its summary first."""
     removed = holds_run(run_dir)
     for name in removed:
         path = run_dir / name
@@ -223,7 +216,7 @@ def remove_run_outputs(run_dir: Path, log: logging.Logger | None = None) -> None
 def discard_unfinished(run_dir: Path) -> None:
     """After a fresh run failed before recording anything (no checkpoint, no metrics): remove what
     it wrote (config.yaml, log.txt, ...), so that the folder takes a new run without --overwrite."""
-    if not any((run_dir / name).exists() for name in RESULTS):
+    if not any((run_dir / name).exists() for name in RunFolder.RESULTS):
         remove_run_outputs(run_dir)
 
 
@@ -279,11 +272,10 @@ def _record_epoch(line: str) -> float | None:
 def set_summary_aside(run_dir: Path, epoch: int, log: logging.Logger) -> None:
     """A resumed run moves the summary of its earlier end aside (summary-epoch-NNNN.json): the
     result is kept, and until the resumed run ends no launcher takes the folder for finished."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        kept = run_dir / f"summary-epoch-{epoch:04d}.json"
-        os.replace(summary, kept)
-        log.info(f"{run_dir}: the summary of epoch {epoch} kept as {kept.name}; summary.json follows when this run ends")
+    kept = RunFolder(run_dir).set_summary_aside(epoch)
+    if kept is not None:
+        log.info(f"{run_dir}: the summary of epoch {epoch} kept as {kept.name}; {RunFolder.SUMMARY} follows when "
+                 "this run ends")
 
 
 def remove_interrupted_writes(run_dir: Path) -> list[Path]:
@@ -380,9 +372,6 @@ def _pointer(run_dir: Path) -> str:
         return ""
 
 
-REFIT_FOLDER = "refit"  # RUN_DIR/refit: the run trained again on every row (eval.refit, scbch_dist.refit)
-
-
 def refit_pending(run_dir: str | Path) -> bool:
     """A finished run (summary.json) that asks for a refit (eval.refit) its summary does not hold yet:
     a resume trains (or resumes) only the refit."""
@@ -394,7 +383,7 @@ def refit_pending(run_dir: str | Path) -> bool:
         return False  # the resume itself names what is wrong
     if not wants:
         return False
-    return "refit" not in read_sealed_json(run_dir / "summary.json", required=sealed_run(run_dir))
+    return "refit" not in RunFolder(run_dir).read_summary()
 
 
 def launch_state(run_dir: str | Path) -> str:
@@ -403,7 +392,7 @@ def launch_state(run_dir: str | Path) -> str:
     "resume" (a checkpoint), "restart" (outputs of a run killed before its first checkpoint:
     start afresh with --overwrite) or "new"."""
     run_dir = Path(run_dir)
-    if (run_dir / "summary.json").is_file():
+    if RunFolder(run_dir).finished:
         return "resume" if refit_pending(run_dir) else "done"
     if has_checkpoint(run_dir):
         return "resume"

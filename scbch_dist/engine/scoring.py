@@ -11,6 +11,7 @@ summarizes the gathered per-query rows.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,13 @@ import torch
 
 from scbch_dist import dist, metrics
 from scbch_dist.data.format import DatasetMeta
-from scbch_dist.digests import arrays_sha256
+from scbch_dist.config import migrate, read_run_config
+from scbch_dist.digests import sha256_file
+from scbch_dist.engine.rundir import changed_keys
+from scbch_dist.errors import CodesError
+from scbch_dist.run import RunFolder
 from scbch_dist.metrics.table import PackedTable
-from scbch_dist.engine.encode import encode_part
-from scbch_dist.atomic import atomic_save_with
+from scbch_dist.engine.encode import AUTOCAST_DTYPES, encode_part
 from scbch_dist.models import binary_codes
 
 
@@ -144,30 +148,6 @@ def ranking_metrics(query_codes: np.ndarray, db_codes: np.ndarray, query_labels:
     return metrics.summarize_scores(scores, len(db_codes), topk=topk) if dist.is_main() else {}
 
 
-CODES_DIGEST = "sha256"  # the member of codes.npz that holds the digest of the others
-
-
-def save_codes(codes: dict, path: Path, *, model_sha256: str = "", config: dict | None = None,
-               precision: str = "no") -> None:
-    """Packed codes (np.packbits along bits, big-endian bit order) and labels, by id; with the
-    fingerprint of the model that made them, the precision of the passes that encoded them
-    (Accelerate's "no", "bf16", "fp16": what re-encodes them, engine.encode.autocast_of) and the
-    run's config (JSON), which the Hamming index checks them against (docs/search.md), and the
-    sha256 of all of it (digests.arrays_sha256), which every reader checks."""
-    arrays = {k: (np.packbits(v, axis=1) if k.endswith(("img", "txt")) else v) for k, v in codes.items()}
-    arrays["bits"] = np.array(codes["query_img"].shape[1])
-    arrays["model_sha256"] = np.array(model_sha256)
-    arrays["precision"] = np.array(precision)
-    arrays["config"] = np.array(json.dumps(config or {}, sort_keys=True))
-    arrays[CODES_DIGEST] = np.array(arrays_sha256(arrays))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    atomic_save_with(path, write)
-
-
 HEADLINE = ("map", "map_tie_aware", "map_at_k", "map_at_k_tie_aware", "precision_at_k", "precision_at_k_tie_aware",
             "recall_at_k", "ndcg_at_k")
 
@@ -215,3 +195,60 @@ def summarize(result: dict) -> dict:
 def curves(result: dict) -> dict:
     """Precision-recall over Hamming radius and over top-k, per direction."""
     return {d: {"pr_radius": result[d]["pr_radius"], "pr_topk": result[d]["pr_topk"]} for d in ("i2t", "t2i")}
+
+
+CODE_SPLITS = ("query", "database")  # the splits codes.npz holds
+MODALITIES = ("img", "txt")
+
+
+def _config_without_outputs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "run"}
+
+
+@dataclass
+class RunCodes:
+    """A finished run's final codes (RunFolder.read_codes, unpacked to bool) and what identifies them."""
+
+    run_dir: Path
+    bits: int
+    codes: dict[str, np.ndarray]  # "query_img", "query_txt", "database_img", "database_txt": (n, L) bool
+    labels: dict[str, np.ndarray]  # "query", "database": (n, C) uint8
+    model_sha256: str  # fingerprint of the weights that wrote them ("" for codes written before fingerprints)
+    precision: str  # the autocast that encoded them: "no", "bf16", "fp16" ("": not recorded, float32)
+    config: dict  # the run's resolved config
+    sha256: str  # of the codes file
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunCodes:
+        """The codes of the run in ``run_dir``, checked: their digest, and the config they were
+        written with against the folder's config.yaml. CodesError where they cannot be the run's."""
+        folder = RunFolder(run_dir)
+        path = folder.codes
+        if not folder.config.is_file():
+            raise CodesError(f"{folder.path}: not a run folder (no {folder.CONFIG})")
+        if not path.is_file():
+            raise CodesError(f"{path}: missing; a run writes its codes after its last epoch (unless "
+                             f"run.save_codes is false): write them with python -m scbch_dist.train --resume "
+                             f"{folder.path} --set run.save_codes=true")
+        # first: codes are compared with it below (its digest checked, an earlier layout migrated)
+        run_config = read_run_config(folder.config)
+        arrays = folder.read_codes()
+        bits = int(arrays["bits"])
+        try:
+            codes = {f"{s}_{m}": np.unpackbits(arrays[f"{s}_{m}"], axis=1, count=bits).astype(bool)
+                     for s in CODE_SPLITS for m in MODALITIES}
+            labels = {s: np.asarray(arrays[f"{s}_lab"]) for s in CODE_SPLITS}
+            stored = json.loads(str(arrays["config"])) if "config" in arrays else None
+        except (ValueError, KeyError) as e:
+            raise CodesError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
+        model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
+        # codes written before the precision was recorded: the config's, where it named an autocast
+        configured = (stored or {}).get("train", {}).get("mixed_precision")
+        precision = str(arrays["precision"]) if "precision" in arrays else \
+            configured if configured in AUTOCAST_DTYPES else ""
+        if stored is not None:
+            changed = changed_keys(_config_without_outputs(migrate(stored)), _config_without_outputs(run_config), ())
+            if changed:
+                raise CodesError(f"{path}: written by another run or an unfinished resume ({folder.CONFIG} differs: "
+                                 f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
+        return cls(folder.path, bits, codes, labels, model_sha256, precision, run_config, sha256_file(path))

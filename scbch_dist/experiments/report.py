@@ -35,11 +35,10 @@ import numpy as np
 
 from scbch_dist import cli, plots
 from scbch_dist.config import flatten, read_run_config
-from scbch_dist.digests import read_sealed_json, sealed_run
+from scbch_dist.run import RunFolder
 from scbch_dist.errors import ScbchError
 from scbch_dist.data.noise import parse_noise
 from scbch_dist.atomic import atomic_write_text
-from scbch_dist.engine.rundir import REFIT_FOLDER
 
 CHOSEN = ("selected", "refit")  # the figures of runs that held rows out (eval.validation, eval.refit)
 MODELS = ("mixed", "redundant", "replace", "file", "none")  # table order
@@ -58,11 +57,12 @@ MAX_LABEL_KEYS = 2  # a row label names up to this many differing keys; beyond, 
 def collect(runs_dir: Path) -> list[dict]:
     """One record per summary.json below ``runs_dir``."""
     records = []
-    for path in sorted(Path(runs_dir).rglob("summary.json")):
-        if path.parent.name == REFIT_FOLDER and (path.parent.parent / "summary.json").is_file():
+    for path in sorted(Path(runs_dir).rglob(RunFolder.SUMMARY)):
+        folder = RunFolder(path.parent)
+        if folder.path.name == RunFolder.REFIT and RunFolder(folder.path.parent).finished:
             continue  # a run's refit: its figure is the run's "refit"
         # a summary changed since its run wrote it is refused, naming it (or one whose digest was removed)
-        s = read_sealed_json(path, required=sealed_run(path.parent))
+        s = folder.read_summary()
         if not s.get("final") or "run" not in s:
             continue
         run = s["run"]
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     records = collect(args.runs_dir)
     if not records:
-        raise ScbchError(f"{args.runs_dir}: no summary.json with results under it")
+        raise ScbchError(f"{args.runs_dir}: no {RunFolder.SUMMARY} with results under it")
     notes, warnings = split_variants(records)
     for line in [*warnings, *repeat_warnings(records)]:
         print(line, file=sys.stderr)

@@ -37,6 +37,7 @@ from scbch_dist.engine.checkpoint import latest_name
 from scbch_dist.engine.rundir import launch_state
 from scbch_dist.engine.stop import STOP_FILE
 from scbch_dist.errors import LaunchError, ScbchError
+from scbch_dist.run import RunFolder
 
 CPU_ACCELERATE_CONFIG = "configs/accelerate/cpu_2proc.yaml"  # use_cpu: true; the counts are given on the command line
 GPU_ACCELERATE_CONFIG = "accelerate_config.yaml"
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
     run_dir = args.run_dir or run_dir_for(env)
     if launch_state(run_dir) == "done":
-        print(f"scbch_dist.experiments.slurm: {run_dir}/summary.json exists; the run is finished", file=sys.stderr)
+        print(f"scbch_dist.experiments.slurm: {RunFolder(run_dir).summary} exists; the run is finished", file=sys.stderr)
         return
     cmd = accelerate_command(env, gpus, train_args, accelerate_config=args.accelerate_config,
                              run_dir=run_dir, python=sys.executable)

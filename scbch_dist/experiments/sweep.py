@@ -50,6 +50,7 @@ from scbch_dist.config import ConfigError, find_config, read_yaml_mapping
 from scbch_dist.engine.rundir import launch_state
 from scbch_dist.errors import Preempted
 from scbch_dist.methods import METHODS
+from scbch_dist.run import RunFolder
 
 CONFIG_DIR = Path("configs")  # a checkout's configs/ (a link to the packaged ones); else the packaged ones
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--task {args.task} out of range 0..{len(runs) - 1}")
         run = runs[args.task]
         if run.done:
-            print(f"[task {run.task}] done already: {run.run_dir}/summary.json", file=sys.stderr)
+            print(f"[task {run.task}] done already: {RunFolder(run.run_dir).summary}", file=sys.stderr)
             return
         from scbch_dist.experiments.slurm import preempted, requeue
         from scbch_dist.train import main as train_main

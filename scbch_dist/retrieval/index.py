@@ -28,7 +28,6 @@ It exits 1 when a check fails (2: it could not run).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -40,17 +39,14 @@ import numpy as np
 from scbch_dist import cli, metrics
 from scbch_dist.retrieval import hamming
 from scbch_dist.retrieval.hamming import HammingIndexError
-from scbch_dist.config import IndexSettings, migrate, read_run_config
-from scbch_dist.digests import (IntegrityError, arrays_sha256, missing_digest, read_sealed_json, sealed_run,
-                                sha256_file, verify_manifest, write_manifest, write_sealed_json)
-from scbch_dist.engine.encode import AUTOCAST_DTYPES
-from scbch_dist.engine.scoring import CODES_DIGEST
+from scbch_dist.config import IndexSettings
+from scbch_dist.digests import IntegrityError, read_sealed_json, verify_manifest, write_manifest, write_sealed_json
+from scbch_dist.engine.scoring import CODE_SPLITS, MODALITIES, RunCodes
 from scbch_dist.errors import first_line
+from scbch_dist.run import RunFolder
 from scbch_dist.atomic import atomic_directory, atomic_save_npy
 
 FORMAT = 1
-MODALITIES = ("img", "txt")
-CODE_SPLITS = ("query", "database")  # the splits codes.npz holds
 SEARCH_KNOBS = ("nprobe", "ef_search", "hash_flips")  # settings a search may change without a rebuild
 CHECK_FAILED = 1  # exit status of a check that ran and found a problem (2: it could not run, cli.EXIT_ERROR)
 # check's own options (the index settings' bounds are hamming.SETTINGS). A k above the database's
@@ -59,83 +55,6 @@ CHECK_FAILED = 1  # exit status of a check that ran and found a problem (2: it c
 # recall@k that was measured at another k.
 K = hamming.Bound("-k", 1, 1 << 20, "recall@k; a k above the database's size is measured at that size")
 MIN_RECALL = hamming.Bound("--min-recall", 0.0, 1.0, "fail when recall@k is below this; 0: report only")
-
-
-def _config_without_outputs(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "run"}
-
-
-@dataclass
-class RunCodes:
-    """A run's final codes (codes.npz, unpacked to bool) and what identifies them."""
-
-    run_dir: Path
-    bits: int
-    codes: dict[str, np.ndarray]  # "query_img", "query_txt", "database_img", "database_txt": (n, L) bool
-    labels: dict[str, np.ndarray]  # "query", "database": (n, C) uint8
-    model_sha256: str  # fingerprint of the weights that wrote them ("" for codes written before fingerprints)
-    precision: str  # the autocast that encoded them: "no", "bf16", "fp16" ("": not recorded, float32)
-    config: dict  # the run's resolved config
-    sha256: str  # of codes.npz
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> RunCodes:
-        run_dir = Path(run_dir)
-        path = run_dir / "codes.npz"
-        if not (run_dir / "config.yaml").is_file():
-            raise HammingIndexError(f"{run_dir}: not a run folder (no config.yaml)")
-        if not path.is_file():
-            raise HammingIndexError(f"{path}: missing; a run writes its codes after its last epoch (unless "
-                                    f"run.save_codes is false): write them with python -m scbch_dist.train --resume {run_dir} "
-                                    "--set run.save_codes=true")
-        # first: codes are compared with it below (its digest checked, an earlier layout migrated)
-        run_config = read_run_config(run_dir / "config.yaml")
-        arrays = read_codes(path)
-        bits = int(arrays["bits"])
-        try:
-            codes = {f"{s}_{m}": np.unpackbits(arrays[f"{s}_{m}"], axis=1, count=bits).astype(bool)
-                     for s in CODE_SPLITS for m in MODALITIES}
-            labels = {s: np.asarray(arrays[f"{s}_lab"]) for s in CODE_SPLITS}
-            stored = json.loads(str(arrays["config"])) if "config" in arrays else None
-        except (ValueError, KeyError) as e:
-            raise HammingIndexError(f"{path}: not a codes file of this version ({type(e).__name__}: {e})") from None
-        model_sha256 = str(arrays["model_sha256"]) if "model_sha256" in arrays else ""
-        # codes written before the precision was recorded: the config's, where it named an autocast
-        configured = (stored or {}).get("train", {}).get("mixed_precision")
-        precision = str(arrays["precision"]) if "precision" in arrays else configured if configured in AUTOCAST_DTYPES else ""
-        if stored is not None:
-            from scbch_dist.engine.rundir import changed_keys
-
-            changed = changed_keys(_config_without_outputs(migrate(stored)), _config_without_outputs(run_config), ())
-            if changed:
-                raise HammingIndexError(f"{path}: written by another run or an unfinished resume (config.yaml differs: "
-                                        f"{'; '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})")
-        return cls(run_dir, bits, codes, labels, model_sha256, precision, run_config, sha256_file(path))
-
-
-def read_codes(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a codes.npz, its digest checked (codes written before digests are read as
-    they are). A damaged file is a HammingIndexError naming it, with the way to write it again."""
-    again = (f"delete it and write it again: python -m scbch_dist.train --resume {path.parent} "
-             "--set run.save_codes=true")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    # Any exception: a damaged archive reaches zipfile and numpy's header parser, which raise far
-    # more than OSError/ValueError (NotImplementedError for a compression-method byte, tokenize's
-    # TokenError for a header byte: both found by the fuzz test); this block only parses the file.
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, (MemoryError, RecursionError)):
-            raise
-        raise HammingIndexError(f"{path}: not a readable codes file ({type(e).__name__}: {first_line(e)}); {again}") from None
-    stored = arrays.pop(CODES_DIGEST, None)
-    if stored is None and sealed_run(path.parent):  # written with its digest, which was removed
-        raise HammingIndexError(f"{missing_digest(path, f'{CODES_DIGEST!r} member')}; {again}")
-    if stored is not None and str(stored) != arrays_sha256(arrays):
-        raise HammingIndexError(f"{path}: its content differs from the sha256 it was written with (corrupted); {again}")
-    if "bits" not in arrays:
-        raise HammingIndexError(f"{path}: not a codes file (no 'bits'); {again}")
-    return arrays
 
 
 def index_dir(run_dir: str | Path, split: str, kind: str) -> Path:
@@ -156,7 +75,7 @@ def build(run_dir: str | Path, *, split: str = "database", settings: IndexSettin
 
     run_dir = Path(run_dir)
     if split not in CODE_SPLITS:
-        raise HammingIndexError(f"--split {split!r}: codes.npz holds {' and '.join(CODE_SPLITS)}")
+        raise HammingIndexError(f"--split {split!r}: {RunFolder.CODES} holds {' and '.join(CODE_SPLITS)}")
     hamming.check_settings(settings)  # before the lock: a refused setting leaves nothing behind
     with RunLock(run_dir, create=False):
         codes = RunCodes.load(run_dir)
@@ -227,7 +146,8 @@ class RunIndex:
                                     f"{FORMAT}; {rebuild}")
         try:
             if record["codes_sha256"] != codes.sha256:
-                raise HammingIndexError(f"{path}: built from other codes than {run_dir}/codes.npz now holds (built "
+                raise HammingIndexError(f"{path}: built from other codes than {RunFolder(run_dir).codes} now holds "
+                                        f"(built "
                                         f"{record['built']}, model {record['model_sha256'][:12] or '?'}; the codes now: "
                                         f"model {codes.model_sha256[:12] or '?'}); {rebuild}")
             ids = np.load(path / "ids.npy", allow_pickle=False)
@@ -274,10 +194,9 @@ def check(run_dir: str | Path, *, split: str = "database", kind: str = "flat", k
     codes = RunCodes.load(run_dir)
     index = RunIndex.open(run_dir, codes, split=split, kind=kind, overrides=overrides)
     other = "query" if split == "database" else "database"
-    summary_path = run_dir / "summary.json"
+    folder = RunFolder(run_dir)
     try:
-        summary = (read_sealed_json(summary_path, required=sealed_run(run_dir)).get("final") or {}
-                   if summary_path.is_file() else {})
+        summary = folder.read_summary().get("final") or {} if folder.finished else {}
     except IntegrityError as e:
         raise HammingIndexError(str(e)) from None
     rows = []
@@ -316,7 +235,8 @@ def failures(rows: list[dict], *, min_recall: float = 0.0) -> list[str]:
         if r.get("same_ranking") is False:
             out.append(f"{where}: the index does not rank as the exact Hamming ranking does")
         if "map_summary" in r and abs(r["map_from_index"] - r["map_summary"]) > 1e-9:
-            out.append(f"{where}: mAP from the index {r['map_from_index']:.6f}, summary.json says {r['map_summary']:.6f}")
+            out.append(f"{where}: mAP from the index {r['map_from_index']:.6f}, {RunFolder.SUMMARY} says "
+                       f"{r['map_summary']:.6f}")
         recall = r[f"recall@{r['k']}"]
         if recall < min_recall:
             out.append(f"{where}: recall@{r['k']} {recall:.4f} is below --min-recall {min_recall}")

@@ -28,6 +28,7 @@ from scbch_dist.config import Config
 from scbch_dist.data.format import VOCAB_FILE, DatasetMeta, read_meta, read_vocab, text_words
 from scbch_dist.engine.encode import autocast_of
 from scbch_dist.errors import ScbchError, first_line
+from scbch_dist.run import RunFolder
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 # Pixels (width x height) a query image may have: a 24-megapixel camera photo (6000 x 4000) passes,
@@ -252,27 +253,14 @@ class QueryEncoder:
 
     @cached_property
     def _extractor(self):
-        """The image feature extractor of an extracted dataset, rebuilt from meta.source."""
-        from scbch_dist.models.encoders import IMAGE_ENCODERS, Preprocess
-        from scbch_dist.data.format import sha256_file
+        """The image feature extractor of an extracted dataset, rebuilt from meta.source (models/recipes.py)."""
+        from scbch_dist.models.encoders import ExtractError
+        from scbch_dist.models.recipes import replay_image_features
 
-        image = self.meta.source["image"]
-        if image["encoder"] == "clip":
-            clip = self._clip("image")
-            return clip.image_net, clip.preprocess
-        if image["encoder"] not in IMAGE_ENCODERS:
-            raise QueryError(f"{self.root}/meta.json: image encoder {image['encoder']!r} is not one this version knows")
-        encoder = IMAGE_ENCODERS[image["encoder"]]
-        weights = image.get("weights")
-        if weights not in (None, "random") and image["encoder"] == "vgg19":
-            path = Path(weights)
-            if not path.is_file():
-                raise QueryError(f"{path}: the image encoder's weights that made the features of {self.root} are gone; "
-                                 "put them back there to query by image, or query by --id")
-            if image.get("weights_sha256") and sha256_file(path) != image["weights_sha256"]:
-                raise QueryError(f"{path}: not the weights that made the features of {self.root} (sha256 differs)")
-        net, _ = encoder.build(weights if image["encoder"] == "vgg19" else None, image.get("seed", 0))
-        return net.eval(), Preprocess(image["image_size"], tuple(image["mean"]), tuple(image["std"]))
+        try:
+            return replay_image_features(self.meta.source["image"], self.root, lambda: self._clip("image"))
+        except ExtractError as e:
+            raise QueryError(str(e)) from None
 
     @cached_property
     def model(self) -> torch.nn.Module:
@@ -299,7 +287,7 @@ class QueryEncoder:
             raise QueryError(f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); encoding a query needs the "
                              "run's model (query a stored sample with --id N)") from None
         if self.model_sha256 and model_fingerprint(state) != self.model_sha256:
-            raise QueryError(f"{path}: not the model that wrote codes.npz (the run went on after it); finish the run "
+            raise QueryError(f"{path}: not the model that wrote {RunFolder.CODES} (the run went on after it); finish the run "
                              "(python -m scbch_dist.train --resume RUN_DIR) so that codes and model agree")
         vocab = self._tokenizer.vocab_size if self.meta.kind("txt") == "text" else None
         with torch.random.fork_rng(devices=[]):  # the weights are overwritten: the caller's random state is kept

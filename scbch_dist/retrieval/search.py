@@ -26,11 +26,11 @@ import numpy as np
 
 from scbch_dist import cli
 from scbch_dist.config import IndexSettings, load_run_config
-from scbch_dist.data.remote import configured_root, is_remote
 from scbch_dist.data.format import read_meta
 from scbch_dist.retrieval.hamming import HammingIndexError
 from scbch_dist.retrieval.index import CODE_SPLITS, RunCodes, RunIndex
 from scbch_dist.retrieval.query import MAX_PIXELS, DatasetItems, QueryEncoder, QueryError, read_image
+from scbch_dist.run import RunFolder
 
 OTHER = {"img": "txt", "txt": "img"}
 
@@ -57,29 +57,6 @@ class Result:
         return asdict(self)
 
 
-def dataset_root(cfg, run_dir: Path, data_root: str | Path | None, *, served_ok: bool = False) -> Path:
-    """The run's dataset folder: ``data_root`` if given, else data.root as the run saw it (a
-    relative path is tried from here, then from the folder above the run folder). A data.root on
-    a server is taken where ``served_ok`` (re-encoding streams its shards); search shows items
-    from a local copy only."""
-    if data_root is None and is_remote(cfg.data.root):
-        if served_ok:
-            return configured_root(cfg.data)
-        raise QueryError(f"the run's dataset is on a server (data.root={cfg.data.root}); search shows its items from a "
-                         "local copy: give --data-root DIR")
-    if data_root is not None:
-        candidates = [Path(data_root)]
-    else:
-        root = Path(cfg.data.root)
-        candidates = [root] if root.is_absolute() else [root, run_dir.resolve().parent / root,
-                                                        run_dir.resolve().parent.parent / root]
-    for root in candidates:
-        if (root / "meta.json").is_file():
-            return root
-    raise QueryError(f"the run's dataset {cfg.data.root} (data.root) is not found from {Path.cwd()}; run from the "
-                     "folder it was trained in, or give --data-root")
-
-
 class Searcher:
     """A run opened for searching: codes, the database index of each modality, the query
     encoder (its model loads on the first encoded query) and the dataset's items."""
@@ -90,10 +67,10 @@ class Searcher:
         self.codes = RunCodes.load(self.run_dir)
         self.index = RunIndex.open(self.run_dir, self.codes, split="database", kind=kind, overrides=overrides)
         self.cfg = load_run_config(self.run_dir / "config.yaml")
-        self.root = dataset_root(self.cfg, self.run_dir, data_root)
+        self.root = RunFolder(self.run_dir).dataset(self.cfg.data, data_root)
         self.meta = read_meta(self.root)
         if self.meta.num_classes != self.codes.labels["database"].shape[1]:
-            raise HammingIndexError(f"{self.root}: {self.meta.num_classes} classes, but {self.run_dir}/codes.npz has "
+            raise HammingIndexError(f"{self.root}: {self.meta.num_classes} classes, but {RunFolder(self.run_dir).codes} has "
                                     f"{self.codes.labels['database'].shape[1]}: not the run's dataset")
         self.items = DatasetItems(self.root, self.meta)
         self.encoder = QueryEncoder(self.cfg, self.root, self.meta, self.run_dir, self.codes.model_sha256,
