@@ -549,7 +549,8 @@ def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_l
     AP sums in another order).
     ``compiled``: a database in one block is ranked by the numba kernel (``metrics.kernel``: no
     sort, equal bit for bit) when True, by numpy when False; when None, by the kernel from
-    ``COMPILED_ABOVE`` (query, item) pairs where numba is present."""
+    ``COMPILED_ABOVE`` (query, item) pairs where numba is present, and a streamed one by the kernel
+    wherever numba is present (so a share of the queries takes the path the whole would)."""
     k_points = _k_points(len(db_codes), topk, curve_points)
     if len(query_codes) == 0 and len(query_labels) == 0 and len(db_codes):
         return QueryScores.empty(np.shape(db_codes)[1], len(topk), len(k_points))
@@ -557,7 +558,9 @@ def score_queries(query_codes: Array, db_codes: Array, query_labels: Array, db_l
     cuts: list[int | None] = [None] + [int(k) for k in topk]
 
     streamed = ranker.on_disk or len(ranker.blocks) > 1
-    kernel = _compiled_kernel(compiled, len(ranker.q_codes) * len(ranker.d_codes))
+    # a streamed database takes the kernel whatever the number of queries: the choice may not hang
+    # on a rank's share of them, as the two streamed paths sum AP in another order
+    kernel = _compiled_kernel(compiled, COMPILED_ABOVE if streamed else len(ranker.q_codes) * len(ranker.d_codes))
     if streamed and kernel is not None:
         parts = [_stream_scores(kernel, ranker, cuts, k_points, bool(topk), threads)]
     elif streamed:
