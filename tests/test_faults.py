@@ -236,7 +236,10 @@ def test_a_digest_removed_in_a_folder_this_version_wrote_is_refused(finished, tm
     shutil.copytree(finished, old)
     as_an_earlier_version_wrote_it(old)
     report.main([str(tmp_path / "old")])
-    assert "0.9" not in (tmp_path / "old" / "report.md").read_text()
+    # the run's own final mAP (x 100), not the edited 90.0 ("0.9" alone was also an epoch's seconds under load)
+    final = json.loads((finished / "summary.json").read_text())["final"]["avg_map"]
+    table = (tmp_path / "old" / "report.md").read_text()
+    assert f"/ {100 * final:.1f} |" in table and "90.0" not in table
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tiny_dataset, tmp_path, monkeypatch):
