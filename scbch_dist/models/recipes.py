@@ -32,12 +32,12 @@ class TextOptions:
     and ``clip``, the model of --clip-weights (None unless a recipe with ``uses_clip`` is chosen)."""
 
     src: Path
-    bow_dim: int = 1386
-    doc2vec_dim: int = 300
-    doc2vec_epochs: int = 20
-    doc2vec_window: int = 5
-    doc2vec_min_count: int = 1
-    seed: int = 0
+    bow_dim: int  # (the defaults are extract()'s)
+    doc2vec_dim: int
+    doc2vec_epochs: int
+    doc2vec_window: int
+    doc2vec_min_count: int
+    seed: int
     clip: ClipFeatures | None = None
 
 
