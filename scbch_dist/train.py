@@ -255,7 +255,8 @@ def refit(run_dir: str | Path) -> dict:
 
 def _record(run_dir: Path, summary: dict, epochs: int) -> dict:
     """RUN_DIR/summary.json with the refit's final evaluation added as ``refit`` (main process)."""
-    run, folder = RunFolder(run_dir), RunFolder(run_dir).refit
+    run = RunFolder(run_dir)
+    folder = run.refit
     refitted = folder.read_summary()["final"]
     if refitted["epoch"] != epochs:
         raise RunDirError(f"{folder.summary} ends at epoch {refitted['epoch']}, not at the selected epoch "

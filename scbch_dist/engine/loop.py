@@ -227,9 +227,10 @@ def write_missing_codes(run: Run, state: RunState) -> None:
     run.save_codes=true after it ended without codes): the final model's codes, by a new
     encoding pass (its metrics are those already recorded, so none are computed)."""
     wanted = run.cfg.run.save_codes and state.epoch == run.cfg.train.epochs
-    if not dist.any_rank(wanted and run.is_main and not RunFolder(run.run_dir).codes.is_file()):
+    path = RunFolder(run.run_dir).codes
+    if not dist.any_rank(wanted and run.is_main and not path.is_file()):
         return
-    run.log.info(f"writing {RunFolder(run.run_dir).codes} (the run had none): encoding query and database")
+    run.log.info(f"writing {path} (the run had none): encoding query and database")
     cfg, data = run.cfg, run.data
     codes = encode_codes(run.model, data.root, data.meta, batch_size=cfg.eval.batch_size, device=run.accelerator.device,
                          workers=cfg.data.workers, autocast=run.accelerator.autocast, transform=data.eval_transform)
@@ -408,12 +409,13 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
         "throughput": {"train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
                        "train_steps_per_s": steps / max(state.train_seconds, 1e-9)},
     }
-    RunFolder(run.run_dir).write_summary(json_safe(summary))  # report and index check verify it
+    folder = RunFolder(run.run_dir)
+    folder.write_summary(json_safe(summary))  # report and index check verify it
     f, b = summary["final"], summary["best"]
     run.log.info(f"final (epoch {f['epoch']}): I2T {f['i2t']['map']:.4f}  T2I {f['t2i']['map']:.4f}  "
                  f"avg {f['avg_map']:.4f} (tie-aware {f['avg_map_tie_aware']:.4f}); best avg {b['avg_map']:.4f} "
                  f"at epoch {b['epoch']}" + (f"; selected by validation: avg {selected['avg_map']:.4f} at epoch "
                                              f"{selected['epoch']}" if selected is not None else "")
                  + f"; chance {state.chance_map:.4f}; {seconds_total:.1f} s. "
-                 f"Wrote {RunFolder(run.run_dir).summary}")
+                 f"Wrote {folder.summary}")
     return summary

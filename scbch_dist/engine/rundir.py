@@ -198,14 +198,9 @@ def _describe(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}{job}, started {holder.get('started')}"
 
 
-def holds_run(run_dir: Path) -> list[str]:
-    """The outputs of a run in ``run_dir`` (empty: the folder is free for a new run)."""
-    return RunFolder(run_dir).outputs()
-
-
 def remove_run_outputs(run_dir: Path, log: logging.Logger | None = None) -> None:
     """Remove every output of a run (RunFolder.OUTPUTS, nothing else), its summary first."""
-    removed = holds_run(run_dir)
+    removed = RunFolder(run_dir).outputs()
     for name in removed:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -336,7 +331,7 @@ def lock_and_prepare(run_dir: Path, cfg, *, resume: bool, overwrite: bool, safe:
             for note in cut_records_back_to(run_dir, state.epoch, state.log_bytes):
                 log.info(f"{run_dir}: {note} (written after the checkpoint)")
         else:
-            held = holds_run(run_dir)
+            held = RunFolder(run_dir).outputs()
             if held and not overwrite:
                 go_on = (f"continue it with --resume {run_dir}, " if has_checkpoint(run_dir) else
                          "it has no checkpoint to continue from; ")
@@ -396,4 +391,4 @@ def launch_state(run_dir: str | Path) -> str:
         return "resume" if refit_pending(run_dir) else "done"
     if has_checkpoint(run_dir):
         return "resume"
-    return "restart" if holds_run(run_dir) else "new"
+    return "restart" if RunFolder(run_dir).outputs() else "new"
