@@ -63,7 +63,7 @@ def test_dry_run_prints_the_command():
 def test_the_batch_script_asks_for_a_warning_signal_and_passes_it_on():
     text = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
-    assert "trap 'kill -USR1 \"$SRUN\"" in text  # the batch shell hands the warning to srun
+    assert "kill -USR1 \"$SRUN\"" in text and "trap 'warned=1;" in text  # the batch shell hands the warning to srun
     assert "trap ':' TERM" in text  # SIGTERM (scancel) reached every process: not turned into the warning
     assert "#SBATCH --open-mode=append" in text  # a requeued job's output follows the earlier one's
 
@@ -111,6 +111,37 @@ def test_the_launcher_turns_sigusr1_into_a_stop_and_requeues(tmp_path, monkeypat
     assert calls == [["scontrol", "requeue", "500_3"]]
     assert slurm.requeue_command({"SLURM_JOB_ID": "77"}) == ["scontrol", "requeue", "77"]
     assert slurm.requeue_command({}) is None
+
+
+def test_a_warning_before_the_run_started_stops_it_at_its_start_and_requeues(tmp_path, monkeypatch):
+    """SLURM can warn a job in its first second (it looks every 30 s, and the lead may reach past
+    the start): the launcher catches the signal while it is still importing (here: while it builds
+    the command), the run finds RUN_DIR/STOP from its start, checkpoints, and the task is requeued.
+    Before, the launcher died of the SIGUSR1 and the job FAILED."""
+    import signal
+
+    calls = []
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, check: calls.append(cmd))
+
+    def warned_while_starting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return [sys.executable, "-c", CHILD, str(tmp_path), "checkpoint"]
+
+    monkeypatch.setattr(slurm, "accelerate_command", warned_while_starting)
+    for key, value in {"SLURM_JOB_ID": "88", "SLURM_NODEID": "0", "SLURM_NNODES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        slurm.main(["--gpus-per-node", "0", "--run-dir", str(tmp_path), "--"])
+    assert ended.value.code == 75 and calls == [["scontrol", "requeue", "88"]]
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_launcher_catches_the_stop_signals_before_it_imports_torch():
+    """What makes the catch above early: importing the launcher does not import torch (seconds)."""
+    probe = "import sys, scbch_dist.experiments.slurm; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", out
 
 
 def test_the_launcher_requeues_after_sigterm_only_when_preempted(tmp_path, monkeypatch, capsys):

@@ -30,9 +30,9 @@ CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 CODES = ("query_img", "query_txt", "database_img", "database_txt")
 
 # a run of 75 s on one thread here (6000 training rows, 80 epochs, hidden 1024): SLURM's controller
-# sends the time-limit warning on a 30-second cycle, so --time=1 --signal=B:USR1@50 warns 10 to 40 s
-# in, and the run must still be going then (at 40 epochs, 37 s, a CI run finished first and was
-# never warned)
+# looks at its jobs every 30 s and warns at the first look past TIME - LEAD - 30 s, so
+# --time=2 --signal=B:USR1@80 warns 10 to 40 s in, and the run must still be going then (at 40
+# epochs, 37 s, a CI run finished first and was never warned)
 EPOCHS = 80
 LONG = ["--set", "model.bits=16", "--set", f"train.epochs={EPOCHS}", "--set", f"eval.every={EPOCHS}", "--set", "train.mixed_precision=no",
         "--set", "run.tensorboard=false", "--set", "run.progress=false"]
@@ -218,11 +218,12 @@ def test_two_cpu_nodes_train_like_two_processes_here_and_like_one(cluster, tmp_p
 
 
 def test_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, long_reference):
-    """``--time=1 --signal=B:USR1@50``: SLURM warns the batch script 10-40 s in; the run checkpoints
-    inside its epoch, the job requeues itself (Restarts=1), resumes, and ends with the codes and
-    mAP of the uninterrupted run, bit for bit."""
+    """``--time=2 --signal=B:USR1@80``: SLURM warns the batch script at the first of its 30-s looks
+    past TIME - LEAD - 30 s, 10-40 s in (``--time=1 --signal=B:USR1@50`` warned 0-30 s in); the run
+    checkpoints inside its epoch, the job requeues itself (Restarts=1), resumes, and ends with the
+    codes and mAP of the uninterrupted run, bit for bit."""
     folder, reference = long_reference
-    job, run_dir = long_job(cluster, folder, "--time=1", "--signal=B:USR1@50")
+    job, run_dir = long_job(cluster, folder, "--time=2", "--signal=B:USR1@80")
     wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=150,
              explain=job_story(cluster, job, folder))
     # the resumed incarnation gets room to finish (else it is warned, and requeued, again)

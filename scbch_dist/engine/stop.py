@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from scbch_dist import dist
+from scbch_dist.run import RunFolder
 
-STOP_FILE = "STOP"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 REQUEUE_SIGNAL = "SIGUSR1"  # the time-limit warning (sbatch --signal): the only stop that asks for a requeue
 POLL_SECONDS = 1.0  # the STOP file is looked for at most this often (the run folder may be on NFS)
@@ -25,7 +25,7 @@ class StopRequest:
     """Installed for the life of a run (a context manager); ``agreed()`` is a collective."""
 
     def __init__(self, run_dir: Path, *, is_main: bool):
-        self.file = Path(run_dir) / STOP_FILE
+        self.file = RunFolder(run_dir).stop
         self.is_main = is_main
         self.reason: str | None = None  # what asked this process to stop
         self._previous: dict = {}

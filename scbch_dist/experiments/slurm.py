@@ -17,7 +17,10 @@ status 75. The launcher of node 0 then requeues the job (``scontrol requeue``) a
 the run wrote a newer checkpoint than the one it started from (a job warned before it could make
 progress is not requeued into the same fate again), and after a SIGTERM of preemption (SLURM shows
 a PreemptTime; a job that ends inside the grace time is not requeued by SLURM). After scancel's
-SIGTERM it does not: a cancelled job never comes back.
+SIGTERM it does not: a cancelled job never comes back. The launcher catches both signals before it
+imports anything heavy (torch takes seconds to import): SLURM may warn a job in its first second,
+and an unhandled SIGUSR1 ends a Python process; a signal that came that early is served as soon as
+the run starts.
 """
 
 from __future__ import annotations
@@ -32,15 +35,14 @@ import sys
 from pathlib import Path
 
 from scbch_dist import cli
-from scbch_dist.config import find_config
-from scbch_dist.engine.checkpoint import latest_name
-from scbch_dist.engine.rundir import launch_state
-from scbch_dist.engine.stop import STOP_FILE
 from scbch_dist.errors import LaunchError, ScbchError
 from scbch_dist.run import RunFolder
 
+# Only light modules above: the stop signals must be caught before torch is imported (main).
+
 CPU_ACCELERATE_CONFIG = "configs/accelerate/cpu_2proc.yaml"  # use_cpu: true; the counts are given on the command line
 GPU_ACCELERATE_CONFIG = "accelerate_config.yaml"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def first_host(nodelist: str) -> str:
@@ -104,6 +106,9 @@ def accelerate_command(env: dict, gpus_per_node: int, train_args: list[str], *, 
     """The command this node runs: ``accelerate launch ... -m scbch_dist.train ARGS``, one process
     per GPU, or one CPU process per node where ``gpus_per_node`` is 0; a single CPU process in
     all runs the trainer itself, without a launcher."""
+    from scbch_dist.config import find_config  # imports torch: not at the top (main)
+    from scbch_dist.engine.rundir import launch_state
+
     nodes = slurm_int(env, "SLURM_NNODES", 1, minimum=1)
     node = slurm_int(env, "SLURM_NODEID", 0)
     if node >= nodes:
@@ -167,6 +172,8 @@ def requeue(env: dict, why: str = "stopped before the time limit") -> None:
 
 def _checkpoint_name(run_dir: str) -> str:
     """The name ``checkpoints/latest`` holds ("" without one); names sort in training order."""
+    from scbch_dist.engine.checkpoint import latest_name  # imports torch: not at the top (main)
+
     try:
         return latest_name(Path(run_dir) / "checkpoints")
     except (OSError, ScbchError):
@@ -182,20 +189,27 @@ def _ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def supervise(cmd: list[str], run_dir: str, env: dict) -> int:
+def supervise(cmd: list[str], run_dir: str, env: dict, asked: list[int] | None = None) -> int:
     """Run ``cmd``; on SIGUSR1 or SIGTERM ask the run to stop (RUN_DIR/STOP) and wait for its
-    checkpoint; requeue the job when SIGUSR1 asked and the run made progress. Returns the exit status."""
-    asked: list[int] = []
+    checkpoint; requeue the job when SIGUSR1 asked and the run made progress. ``asked`` holds the
+    signals that came before (main's): the run is asked to stop from its start. Returns the exit status."""
+    asked = [] if asked is None else asked
+
+    def write_stop() -> None:
+        folder = RunFolder(run_dir)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.stop.touch()
 
     def ask_to_stop(signum, frame):
         asked.append(signum)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        Path(run_dir, STOP_FILE).touch()
+        write_stop()
 
     started_from = _checkpoint_name(run_dir)
-    child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_ignore_stop_signals)
-    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in STOP_SIGNALS}
     try:
+        if asked:
+            write_stop()
+        child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_ignore_stop_signals)
         status = child.wait()
     finally:
         for sig, handler in previous.items():
@@ -236,6 +250,19 @@ def _drop_config(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    asked: list[int] = []  # SLURM's signals from here on; the imports that follow take seconds
+    previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        launch(argv, asked)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def launch(argv: list[str] | None, asked: list[int]) -> None:
+    """main's work, with the stop signals that have come so far in ``asked``."""
+    from scbch_dist.engine.rundir import launch_state  # imports torch: after main caught the signals
+
     argv = sys.argv[1:] if argv is None else argv
     own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(prog="python -m scbch_dist.experiments.slurm", description=__doc__,
@@ -264,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(shlex.join(cmd))
         return
-    sys.exit(supervise(cmd, run_dir, env))
+    sys.exit(supervise(cmd, run_dir, env, asked))
 
 
 def console() -> None:

@@ -44,6 +44,7 @@ class RunFolder:
     LOCK = "run.lock"
     LOG = "log.txt"
     METRICS = "metrics.jsonl"
+    STOP = "STOP"  # a stop request: the run checkpoints after its step (engine/stop.py)
     REFIT = "refit"  # RUN_DIR/refit: the run trained again on every row (eval.refit, scbch_dist.refit)
     # what a run writes; the summary first, so that a removal cut short never leaves a "finished" folder
     OUTPUTS = (SUMMARY, CHECKPOINTS, METRICS, CODES, LOG, "plots", "tensorboard", "index", REFIT, CONFIG)
@@ -62,6 +63,7 @@ class RunFolder:
     lock = _inside(LOCK)
     log = _inside(LOG)
     metrics = _inside(METRICS)
+    stop = _inside(STOP)
 
     @property
     def refit(self) -> RunFolder:
