@@ -63,7 +63,8 @@ def test_dry_run_prints_the_command():
 def test_the_batch_script_asks_for_a_warning_signal_and_passes_it_on():
     text = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
-    assert "kill -USR1 \"$SRUN\"" in text and "trap 'warned=1;" in text  # the batch shell hands the warning to srun
+    assert "kill -USR1 \"$SRUN\"" in text  # the batch shell hands the warning to srun
+    assert "srun bash -c 'trap \"\" USR1; exec \"$@\"'" in text  # and the launcher starts deaf to it
     assert "trap ':' TERM" in text  # SIGTERM (scancel) reached every process: not turned into the warning
     assert "#SBATCH --open-mode=append" in text  # a requeued job's output follows the earlier one's
 
@@ -113,26 +114,34 @@ def test_the_launcher_turns_sigusr1_into_a_stop_and_requeues(tmp_path, monkeypat
     assert slurm.requeue_command({}) is None
 
 
-def test_a_warning_before_the_run_started_stops_it_at_its_start_and_requeues(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["signal while starting", "the batch shell's file"])
+def test_a_warning_before_the_run_started_stops_it_at_its_start_and_requeues(tmp_path, monkeypatch, how):
     """SLURM can warn a job in its first second (it looks every 30 s, and the lead may reach past
-    the start): the launcher catches the signal while it is still importing (here: while it builds
-    the command), the run finds RUN_DIR/STOP from its start, checkpoints, and the task is requeued.
-    Before, the launcher died of the SIGUSR1 and the job FAILED."""
+    the start). A SIGUSR1 while the launcher is still starting (here: while it builds the command)
+    is caught; one that came before it could catch anything was ignored (launch/slurm.sbatch starts
+    it so) and is read from $SCBCH_WARNING_FILE. Either way the run finds RUN_DIR/STOP from its
+    start, checkpoints, and the task is requeued. Before, the launcher died of the SIGUSR1 and the
+    job FAILED."""
     import signal
 
     calls = []
     monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    run_dir = tmp_path / "run"
 
-    def warned_while_starting(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGUSR1)
-        return [sys.executable, "-c", CHILD, str(tmp_path), "checkpoint"]
+    def command(*args, **kwargs):
+        if how == "signal while starting":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return [sys.executable, "-c", CHILD, str(run_dir), "checkpoint"]
 
-    monkeypatch.setattr(slurm, "accelerate_command", warned_while_starting)
+    monkeypatch.setattr(slurm, "accelerate_command", command)
     for key, value in {"SLURM_JOB_ID": "88", "SLURM_NODEID": "0", "SLURM_NNODES": "1"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SCBCH_WARNING_FILE", str(tmp_path / "warned"))
+    if how == "the batch shell's file":
+        (tmp_path / "warned").touch()
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as ended:
-        slurm.main(["--gpus-per-node", "0", "--run-dir", str(tmp_path), "--"])
+        slurm.main(["--gpus-per-node", "0", "--run-dir", str(run_dir), "--"])
     assert ended.value.code == 75 and calls == [["scontrol", "requeue", "88"]]
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
 

@@ -236,6 +236,25 @@ def test_time_limit_checkpoints_requeues_and_resumes_exactly(cluster, long_refer
     assert_same_codes(run_dir, reference)
 
 
+def test_a_warning_in_the_first_second_requeues_and_resumes_exactly(cluster, long_reference):
+    """The warning as the job starts (``scancel --batch --signal=USR1`` the moment it runs: what
+    SLURM does when the lead reaches within 30 s of the start): the launcher, started deaf to
+    SIGUSR1, learns of it from the batch shell's file; the run stops after its first step with a
+    checkpoint, the job requeues (Restarts=1) and ends bit-identical. Before, the launcher died of
+    the signal: FAILED, ``srun: error: n1: task 0: User defined signal 1``."""
+    folder, reference = long_reference
+    job, run_dir = long_job(cluster, folder, "--time=10")
+    wait_for("the job to run", lambda: jobs(cluster, job)[0]["JobState"] == "RUNNING", every=0.05)
+    sh(cluster, "scancel", "--batch", "--signal=USR1", job)
+    wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=150,
+             explain=job_story(cluster, job, folder))
+    (record,) = wait_done(cluster, job)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
+    assert "stopped before the time limit; scontrol requeue" in (folder / f"slurm-{job}.out").read_text()
+    assert "resumed " in (run_dir / "log.txt").read_text()
+    assert_same_codes(run_dir, reference)
+
+
 def test_scancel_stops_with_a_checkpoint_and_never_requeues(cluster, long_reference):
     """``scancel --signal=USR1`` takes the requeue path (Restarts=1, the run resumes); a plain
     ``scancel`` then ends the job CANCELLED with a checkpoint, and it never comes back."""

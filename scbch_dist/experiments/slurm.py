@@ -17,10 +17,11 @@ status 75. The launcher of node 0 then requeues the job (``scontrol requeue``) a
 the run wrote a newer checkpoint than the one it started from (a job warned before it could make
 progress is not requeued into the same fate again), and after a SIGTERM of preemption (SLURM shows
 a PreemptTime; a job that ends inside the grace time is not requeued by SLURM). After scancel's
-SIGTERM it does not: a cancelled job never comes back. The launcher catches both signals before it
-imports anything heavy (torch takes seconds to import): SLURM may warn a job in its first second,
-and an unhandled SIGUSR1 ends a Python process; a signal that came that early is served as soon as
-the run starts.
+SIGTERM it does not: a cancelled job never comes back. SLURM may warn a job in its first second, and an
+unhandled SIGUSR1 ends a Python process: the batch script starts this launcher with SIGUSR1 ignored
+and writes a file when warned ($SCBCH_WARNING_FILE), and the launcher catches both signals before
+it imports anything heavy (torch takes seconds), then reads the file; a warning that came that
+early is served as soon as the run starts.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from scbch_dist.run import RunFolder
 CPU_ACCELERATE_CONFIG = "configs/accelerate/cpu_2proc.yaml"  # use_cpu: true; the counts are given on the command line
 GPU_ACCELERATE_CONFIG = "accelerate_config.yaml"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# launch/slurm.sbatch writes this file when it is warned; the launcher starts with SIGUSR1 ignored
+# (an early warning must not kill it) and reads the file once it catches the signal itself
+WARNING_FILE_VARIABLE = "SCBCH_WARNING_FILE"
 
 
 def first_host(nodelist: str) -> str:
@@ -252,11 +256,19 @@ def _drop_config(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     asked: list[int] = []  # SLURM's signals from here on; the imports that follow take seconds
     previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum)) for sig in STOP_SIGNALS}
+    if warned_before_start(os.environ):
+        asked.append(signal.SIGUSR1)
     try:
         launch(argv, asked)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def warned_before_start(env: dict) -> bool:
+    """Whether the batch shell was warned before this launcher caught SIGUSR1 (launch/slurm.sbatch)."""
+    path = env.get(WARNING_FILE_VARIABLE)
+    return bool(path) and os.path.exists(path)
 
 
 def launch(argv: list[str] | None, asked: list[int]) -> None:
