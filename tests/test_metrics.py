@@ -236,7 +236,7 @@ def test_the_torch_path_scores_what_the_numpy_path_scores(monkeypatch):
     """The GPU path (matrix products, bincount and a stable sort in torch), run on the CPU: integer
     fields equal, float ones to rounding, in chunks smaller than the queries and database blocks
     smaller than the database."""
-    monkeypatch.setattr(metrics, "DB_BLOCK", 150)
+    monkeypatch.setattr(metrics.rank_torch, "DB_BLOCK", 150)
     rng = np.random.default_rng(11)
     qc, dc = rng.integers(0, 2, (57, 24)), rng.integers(0, 2, (400, 24))
     ql, dl = rng.random((57, 70)) < 0.06, rng.random((400, 70)) < 0.06
@@ -295,7 +295,7 @@ def test_pair_reciprocal_rank_is_the_tie_aware_map_with_one_relevant_item():
 @pytest.mark.parametrize("db_chunk", [1, 7, 333, 999])
 def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk, compiled):
     """Blocks of 1 row, of 7, uneven blocks, and one block short of the database, by numpy
-    (_score_blocks) and by the streamed kernels (_stream_scores): every integer row equal, AP and
+    (score_blocks) and by the streamed kernels (stream_scores): every integer row equal, AP and
     NDCG to rounding, ties across blocks ranked by database order (8 bits: many ties)."""
     if compiled:
         pytest.importorskip("numba")
@@ -311,6 +311,29 @@ def test_a_database_scored_in_blocks_gives_the_numbers_of_the_whole(db_chunk, co
         assert np.array_equal(np.isnan(getattr(blocks, f)), np.isnan(getattr(whole, f)))
     without_k = metrics.score_queries(qc, dc, ql, dl, db_chunk=db_chunk, compiled=compiled)  # not graded: no gains
     np.testing.assert_allclose(without_k.index_ap, whole.index_ap[:, :1], rtol=0, atol=1e-12)
+
+
+def test_every_ranking_path_fills_one_core_and_reduces_to_one_ndcg():
+    """The one ranking core (metrics/sums.py): numpy in one block and in blocks, the kernels in one
+    block and streamed, and torch fill the same per-query sums and reduce them in one function, so
+    every integer and NDCG@K (K inside and beyond the database) equal numpy's bit for bit; the APs
+    agree to rounding (their precision sums run in another order). Before the core, the blocked
+    and torch paths computed NDCG themselves: 3e-16 to 7e-16 apart."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(5)
+    qc, dc = rng.integers(0, 2, (41, 12)), rng.integers(0, 2, (900, 12))  # 12 bits: many ties
+    ql, dl = rng.random((41, 9)) < 0.3, rng.random((900, 9)) < 0.3
+    topk = [1, 25, 300, 2000]
+    whole = metrics.score_queries(qc, dc, ql, dl, topk=topk, db_chunk=None, compiled=False)
+    paths = {"kernel": metrics.score_queries(qc, dc, ql, dl, topk=topk, db_chunk=None, compiled=True),
+             "numpy blocks": metrics.score_queries(qc, dc, ql, dl, topk=topk, db_chunk=128, compiled=False),
+             "streamed kernels": metrics.score_queries(qc, dc, ql, dl, topk=topk, db_chunk=128, compiled=True),
+             "torch": metrics.score_queries_torch(*(torch.from_numpy(np.asarray(a)) for a in (qc, dc, ql, dl)),
+                                                  topk=topk, chunk_entries=9000)}
+    for name, scores in paths.items():
+        for f in ("count", "relevant", "hits", "ndcg"):
+            assert np.array_equal(getattr(scores, f), getattr(whole, f), equal_nan=f == "ndcg"), (name, f)
+        np.testing.assert_allclose(scores.index_ap, whole.index_ap, rtol=0, atol=1e-12)
 
 
 def _write_tables(folder, dc, dl, rows=300):
@@ -465,7 +488,7 @@ def test_harmonic_numbers_looked_up_in_a_pass_equal_the_table_bit_for_bit(monkey
     scores = metrics.score_queries(qc, dc, ql, dl)
     h = metrics.Histograms(scores.count, scores.relevant)
     with_table = metrics.tie_aware_ap(h), metrics.tie_aware_ap_at_k(h, 500)
-    monkeypatch.setattr(metrics, "HARMONIC_TABLE_ABOVE", 0)
+    monkeypatch.setattr(metrics.tie_aware, "HARMONIC_TABLE_ABOVE", 0)
     looked_up = metrics.tie_aware_ap(h), metrics.tie_aware_ap_at_k(h, 500)
     for a, b in zip(with_table, looked_up):
         assert np.array_equal(a, b, equal_nan=True)

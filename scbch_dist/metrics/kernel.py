@@ -1,4 +1,4 @@
-"""The index-tie ranking of a query chunk compiled with numba: what ``metrics._index_ranking``
+"""The index-tie ranking of a query chunk compiled with numba: what ``metrics.rank_numpy.index_ranking``
 computes from a stable sort, in three linear passes over the database per query and no sort.
 
 Pass 1 computes the distances and shared labels and counts the items and relevant items at each
@@ -100,7 +100,7 @@ def rank_chunk(q_codes, d_codes, q_labels, d_labels, bins, cuts, k_points, top_k
             t += 1
 
 
-# The streamed ranking (``metrics._stream_scores``): the database comes in blocks, twice, and each
+# The streamed ranking (``metrics.rank_compiled.stream_scores``): the database comes in blocks, twice, and each
 # query's state lives between the blocks in small arrays, so memory is one block, not N. Within a
 # block the queries meet SUB_BLOCK rows at a time, which stay in the core's cache.
 SUB_BLOCK = 1 << 13  # 8192 rows: 128 KB of codes and labels at 64 bits and up to 64 classes
