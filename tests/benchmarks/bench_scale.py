@@ -7,6 +7,7 @@
     python tests/benchmarks/bench_scale.py eval    [--sizes 18015 100000 1000000]
     python tests/benchmarks/bench_scale.py eval-ranks [--sizes 100000 1000000] [--queries 2000] [--disk DIR]
                                                       [--layouts 1x1 1x2 2x1]
+    python tests/benchmarks/bench_scale.py paths   [--sizes 1000000] [--queries 200]
     python tests/benchmarks/bench_scale.py steps   [--hidden 1024] [--batch 128] [--steps 30]
 
 refresh: the CSCC neighbour search (k = 20, self entry at 0) over a bank of N rows of [u, v]
@@ -29,6 +30,10 @@ eval: every metric (both mAPs, mAP@1000, P@1000, PR curves) for 2000 queries aga
 eval-ranks: the same through engine.scoring.ranking_metrics, one process on 1 and 2 threads and
   two gloo processes of one thread each (each scores half the queries), with whether the numbers
   are identical.
+paths: each index-tie ranking path of metrics.score_queries on one thread (numpy and the kernel in
+  one block, numpy blocks and the streamed kernels in blocks of a quarter of the database, torch on
+  the CPU), every metric with topk [1000]: seconds and nanoseconds a (query, item) pair, and the
+  mean AP@all of each (the paths' sums agree to rounding).
 steps: training steps/s of 1 process (2 threads) and 2 processes (gloo, 1 thread each) at the same
   global batch, through the real train_step.
 """
@@ -190,6 +195,33 @@ def bench_eval(sizes, bits=64, queries=2000, classes=24):
         print(f"| {n:>14} | {queries:>7} | {time.perf_counter() - t:>32.2f} |")
 
 
+def bench_paths(sizes, bits=64, queries=200, classes=24):
+    print(f"| {'database codes':>14} | {'path':<22} | {'seconds':>8} | {'ns a pair':>9} | {'mean AP':>10} |")
+    print(f"|{'-' * 16}|{'-' * 24}|{'-' * 10}|{'-' * 11}|{'-' * 12}|")
+    rng = np.random.default_rng(0)
+    ql = rng.random((queries, classes)) < 0.15
+    qc = rng.integers(0, 2, (queries, bits), dtype=np.uint8)
+    torch.set_num_threads(1)
+    for n in sizes:
+        dl = rng.random((n, classes)) < 0.15
+        dc = rng.integers(0, 2, (n, bits), dtype=np.uint8)
+        quarter = -(-n // 4)
+        paths = {"numpy, one block": dict(compiled=False, db_chunk=None),
+                 "kernel, one block": dict(compiled=True, db_chunk=None),
+                 "numpy, 4 blocks": dict(compiled=False, db_chunk=quarter),
+                 "kernels, 4 blocks": dict(compiled=True, db_chunk=quarter)}
+        metrics.score_queries(qc[:2], dc[:1000], ql[:2], dl[:1000], topk=[10], compiled=True)  # numba's compile
+        for name, kw in [*paths.items(), ("torch (CPU)", None)]:
+            t = time.perf_counter()
+            if kw is None:
+                scores = metrics.score_queries_torch(*(torch.from_numpy(a) for a in (qc, dc, ql, dl)), topk=[1000])
+            else:
+                scores = metrics.score_queries(qc, dc, ql, dl, topk=[1000], threads=1, **kw)
+            seconds = time.perf_counter() - t
+            print(f"| {n:>14} | {name:<22} | {seconds:>8.2f} | {seconds / (queries * n) * 1e9:>9.1f} | "
+                  f"{np.nanmean(scores.index_ap[:, 0]):>10.6f} |")
+
+
 EVAL_WORKER = r"""
 import json, sys, time, numpy as np, torch, torch.distributed as dist
 from scbch_dist.engine.scoring import ranking_metrics
@@ -318,7 +350,7 @@ def bench_steps(hidden, batch, steps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["refresh", "quality", "memory", "eval", "eval-ranks", "steps"])
+    p.add_argument("what", choices=["refresh", "quality", "memory", "eval", "eval-ranks", "paths", "steps"])
     p.add_argument("--backends", nargs="+", default=["torch-ivf", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"])
     p.add_argument("--bank", choices=sorted(BANKS), default="trained-like")
     p.add_argument("--float16", action="store_true", help="the bank's rows in float16 (bank.float16_above)")
@@ -329,7 +361,8 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--queries", type=int, default=2000, help="eval-ranks: query codes (its time is linear in them)")
+    p.add_argument("--queries", type=int, default=None,
+                   help="eval-ranks (default 2000), paths (default 200): query codes (the time is linear in them)")
     p.add_argument("--disk", help="eval-ranks: write the database to packed tables in this folder and stream it")
     p.add_argument("--layouts", nargs="+", default=["1x1", "1x2", "2x1"], help="eval-ranks: processes x threads")
     a = p.parse_args()
@@ -344,8 +377,10 @@ def main():
     elif a.what == "eval":
         bench_eval(a.sizes or [18015, 100000, 1000000])
     elif a.what == "eval-ranks":
-        bench_eval_ranks(a.sizes or [100000, 1000000], queries=a.queries, disk=a.disk,
+        bench_eval_ranks(a.sizes or [100000, 1000000], queries=a.queries or 2000, disk=a.disk,
                          layouts=[tuple(int(v) for v in x.split("x")) for x in a.layouts])
+    elif a.what == "paths":
+        bench_paths(a.sizes or [1000000], queries=a.queries or 200)
     else:
         bench_steps(a.hidden, a.batch, a.steps)
 
