@@ -180,15 +180,18 @@ def bench_memory(sizes, bits_list, backends):
                 del rows, result
 
 
+def random_rows(rng: np.random.Generator, n: int, bits: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random labels (each class with probability 0.15) and codes: (n, classes) bool, (n, bits) uint8."""
+    return rng.random((n, classes)) < 0.15, rng.integers(0, 2, (n, bits), dtype=np.uint8)
+
+
 def bench_eval(sizes, bits=64, queries=2000, classes=24):
     print(f"| {'database codes':>14} | {'queries':>7} | {'all metrics, both directions (s)':>32} |")
     print(f"|{'-' * 16}|{'-' * 9}|{'-' * 34}|")
     rng = np.random.default_rng(0)
-    ql = rng.random((queries, classes)) < 0.15
-    qc = rng.integers(0, 2, (queries, bits), dtype=np.uint8)
+    ql, qc = random_rows(rng, queries, bits, classes)
     for n in sizes:
-        dl = rng.random((n, classes)) < 0.15
-        dc = rng.integers(0, 2, (n, bits), dtype=np.uint8)
+        dl, dc = random_rows(rng, n, bits, classes)
         t = time.perf_counter()
         for _ in range(2):  # I2T and T2I
             metrics.retrieval_metrics(qc, dc, ql, dl, topk=[1000])
@@ -199,12 +202,10 @@ def bench_paths(sizes, bits=64, queries=200, classes=24):
     print(f"| {'database codes':>14} | {'path':<22} | {'seconds':>8} | {'ns a pair':>9} | {'mean AP':>10} |")
     print(f"|{'-' * 16}|{'-' * 24}|{'-' * 10}|{'-' * 11}|{'-' * 12}|")
     rng = np.random.default_rng(0)
-    ql = rng.random((queries, classes)) < 0.15
-    qc = rng.integers(0, 2, (queries, bits), dtype=np.uint8)
+    ql, qc = random_rows(rng, queries, bits, classes)
     torch.set_num_threads(1)
     for n in sizes:
-        dl = rng.random((n, classes)) < 0.15
-        dc = rng.integers(0, 2, (n, bits), dtype=np.uint8)
+        dl, dc = random_rows(rng, n, bits, classes)
         quarter = -(-n // 4)
         paths = {"numpy, one block": dict(compiled=False, db_chunk=None),
                  "kernel, one block": dict(compiled=True, db_chunk=None),
