@@ -37,6 +37,11 @@ RANK_ZERO_GRACE_S = 10.0  # how long another rank waits, under a launcher, for r
 # to see where a run that seems stuck waits (a collective, a loader worker). SIGUSR1 asks a run to
 # stop (engine/stop.py), so the dump has the other user signal. Loader workers inherit it.
 STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)  # absent on Windows
+# SLURM may send its time-limit warning (SIGUSR1) in a job's first second. The batch scripts
+# (launch/slurm.sbatch, a sweep's array script) start Python with SIGUSR1 ignored, so that an early
+# warning cannot kill it, and write this file when warned: whoever then catches the signal itself
+# (the SLURM launcher, a run's stop request) reads the file to learn of a warning that came before.
+WARNING_FILE_VARIABLE = "SCBCH_WARNING_FILE"
 
 # OSErrors in which the file system refuses what the run asked of it, for a reason the user fixes
 # outside the program: space (ENOSPC, EDQUOT, EFBIG: a file-size limit), permission (EROFS,
@@ -47,6 +52,12 @@ STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)  # absent on Windows
 # loses its own file, too; the line still names that file, and missing inputs are far commoner.
 FILE_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
                                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+
+
+def warned_before_start(env: dict | None = None) -> bool:
+    """Whether this job's batch script was warned before this process caught SIGUSR1 (above)."""
+    path = (os.environ if env is None else env).get(WARNING_FILE_VARIABLE)
+    return bool(path) and os.path.exists(path)
 
 
 def one_line(error: BaseException | str) -> str:

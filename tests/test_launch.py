@@ -63,8 +63,10 @@ def test_dry_run_prints_the_command():
 def test_the_batch_script_asks_for_a_warning_signal_and_passes_it_on():
     text = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
-    assert "kill -USR1 \"$SRUN\"" in text  # the batch shell hands the warning to srun
-    assert "srun bash -c 'trap \"\" USR1; exec \"$@\"'" in text  # and the launcher starts deaf to it
+    # the batch shell hands the warning to srun, and the launcher starts deaf to it (one relay, the
+    # sweep's array scripts' too)
+    assert "\n".join(slurm.warning_relay(f'srun {slurm.IGNORING_USR1} "${{PYTHON:-python}}" -m scbch_dist.experiments.slurm '
+                                         '-- "$@"')) in text
     assert "trap ':' TERM" in text  # SIGTERM (scancel) reached every process: not turned into the warning
     assert "#SBATCH --open-mode=append" in text  # a requeued job's output follows the earlier one's
 
@@ -144,6 +146,20 @@ def test_a_warning_before_the_run_started_stops_it_at_its_start_and_requeues(tmp
         slurm.main(["--gpus-per-node", "0", "--run-dir", str(run_dir), "--"])
     assert ended.value.code == 75 and calls == [["scontrol", "requeue", "88"]]
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_run_whose_batch_script_was_warned_before_it_started_stops_and_asks_for_a_requeue(tmp_path, monkeypatch):
+    """A sweep's array task is the trainer itself: a warning that came before its stop request
+    caught SIGUSR1 (the task started deaf to it) is read from $SCBCH_WARNING_FILE, and the run stops
+    after its first step asking for the requeue, as SIGUSR1 itself would. No file: no stop."""
+    from scbch_dist.engine.stop import StopRequest
+
+    monkeypatch.setenv("SCBCH_WARNING_FILE", str(tmp_path / "warned"))
+    with StopRequest(tmp_path, is_main=True) as stop:
+        assert not stop.local() and not stop.requeue
+    (tmp_path / "warned").touch()
+    with StopRequest(tmp_path, is_main=True) as stop:
+        assert stop.local() and stop.requeue and stop.describe() == "SIGUSR1"
 
 
 def test_the_launcher_catches_the_stop_signals_before_it_imports_torch():

@@ -255,6 +255,30 @@ def test_a_warning_in_the_first_second_requeues_and_resumes_exactly(cluster, lon
     assert_same_codes(run_dir, reference)
 
 
+def test_an_array_task_warned_the_moment_it_runs_requeues_and_completes(cluster, tmp_path):
+    """A sweep's array task is the trainer itself, started deaf to SIGUSR1 by its script: warned the
+    moment it runs, its run learns of the warning from the batch shell's file, stops after its first
+    step with a checkpoint and requeues the task (Restarts=1), which resumes and completes. Before,
+    the trainer could die of the signal (FAILED)."""
+    config = tiny_config(tmp_path, tmp_path / "data")
+    (tmp_path / "grid.yaml").write_text(f"name: early\nruns_dir: {tmp_path / 'runs'}\ndatasets: [{config}]\n"
+                                        "bits: [16]\nnoise: [0.5]\nseeds: [0]\nslurm: {time: \"00:10:00\"}\n")
+    sh(cluster, sys.executable, str(REPO / "launch" / "sweep.py"), str(tmp_path / "grid.yaml"), "--slurm", "grid.sbatch",
+       cwd=tmp_path)
+    task = f"{sbatch(cluster, tmp_path, 'grid.sbatch')}_0"
+    out = tmp_path / "runs" / "slurm" / f"{task}.out"
+    wait_for("the task to run", lambda: any(j["JobState"] == "RUNNING" for j in jobs(cluster, task)), every=0.05)
+    sh(cluster, "scancel", "--batch", "--signal=USR1", task)
+    wait_for("the requeue", lambda: jobs(cluster, task)[0].get("Restarts") == "1", timeout=150,
+             explain=lambda: f"{jobs(cluster, task)}\n{out.read_text()[-3000:] if out.is_file() else ''}")
+    (record,) = wait_done(cluster, task)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
+    text = out.read_text()
+    assert "stopped by SIGUSR1" in text and "scontrol requeue" in text, text[-3000:]
+    (log,) = (tmp_path / "runs").rglob("log.txt")
+    assert "resumed " in log.read_text()
+
+
 def test_scancel_stops_with_a_checkpoint_and_never_requeues(cluster, long_reference):
     """``scancel --signal=USR1`` takes the requeue path (Restarts=1, the run resumes); a plain
     ``scancel`` then ends the job CANCELLED with a checkpoint, and it never comes back."""

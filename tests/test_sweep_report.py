@@ -65,8 +65,10 @@ def test_slurm_array_script_and_dry_run(tmp_path):
     out.write_text(text)
     assert subprocess.run(["bash", "-n", str(out)]).returncode == 0  # valid shell
     assert "#SBATCH --gres=gpu:1" in text and "--task \"$SLURM_ARRAY_TASK_ID\"" in text
-    # preemption: the warning signal goes to the task itself (exec), which checkpoints and requeues
-    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text and '\nexec "$PYTHON" -m' in text
+    # preemption: the warning signal is relayed to the task (also one that came before it could catch
+    # it), which checkpoints and requeues
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
+    assert """\nbash -c 'trap "" USR1; exec "$@"' scbch "$PYTHON" -m""" in text and "SCBCH_WARNING_FILE" in text
     # the interpreter that wrote the script runs the tasks (a bare python failed where PATH had none)
     assert f"\nPYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}\n" in text
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from scbch_dist import dist
+from scbch_dist import cli, dist
 from scbch_dist.run import RunFolder
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -35,6 +35,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        if cli.warned_before_start():  # a SLURM warning that came before these handlers (cli.WARNING_FILE_VARIABLE)
+            self.reason = REQUEUE_SIGNAL
         return self
 
     def __exit__(self, *exc) -> None:

@@ -44,9 +44,36 @@ from scbch_dist.run import RunFolder
 CPU_ACCELERATE_CONFIG = "configs/accelerate/cpu_2proc.yaml"  # use_cpu: true; the counts are given on the command line
 GPU_ACCELERATE_CONFIG = "accelerate_config.yaml"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-# launch/slurm.sbatch writes this file when it is warned; the launcher starts with SIGUSR1 ignored
-# (an early warning must not kill it) and reads the file once it catches the signal itself
-WARNING_FILE_VARIABLE = "SCBCH_WARNING_FILE"
+
+
+def warning_relay(command: str) -> list[str]:
+    """The lines of a batch script that run ``command`` (a shell command, run with SIGUSR1 ignored
+    until the Python it starts catches it) and relay SLURM's time-limit warning to it: SLURM signals
+    the batch shell only (``--signal=B:USR1@...``), possibly in the job's first second, so the shell
+    writes $SCBCH_WARNING_FILE (cli.WARNING_FILE_VARIABLE) and passes the signal on. SIGTERM reaches
+    every process of the job by itself; the shell waits for the command and exits with its status.
+    launch/slurm.sbatch holds these lines for its srun; a sweep's array script is written with them."""
+    return ["# SLURM may warn in the job's first second (it looks at its jobs every 30 s): the command starts",
+            "# with SIGUSR1 ignored, so that an early warning cannot kill it, and reads this file once it",
+            "# catches the signal itself (docs/distributed.md, \"SLURM events\")",
+            f'export {cli.WARNING_FILE_VARIABLE}="${{TMPDIR:-/tmp}}/scbch-warning-${{SLURM_JOB_ID:-0}}-'
+            '${SLURM_RESTART_COUNT:-0}-$$"',
+            'CHILD=""',
+            f"trap ': > \"${cli.WARNING_FILE_VARIABLE}\"; [ -z \"$CHILD\" ] || kill -USR1 \"$CHILD\" 2>/dev/null' USR1",
+            "trap ':' TERM  # SIGTERM went to every process of the job already: this shell waits for the command",
+            f"{command} &",
+            "CHILD=$!",
+            "# `wait` returns early when a trapped signal arrives: wait again until the command has ended",
+            "while true; do",
+            '  wait "$CHILD"',
+            "  status=$?",
+            '  kill -0 "$CHILD" 2>/dev/null || break',
+            "done",
+            f'rm -f "${cli.WARNING_FILE_VARIABLE}"',
+            'exit "$status"']
+
+
+IGNORING_USR1 = """bash -c 'trap "" USR1; exec "$@"' scbch"""  # runs "$@" with SIGUSR1 ignored (warning_relay)
 
 
 def first_host(nodelist: str) -> str:
@@ -256,19 +283,13 @@ def _drop_config(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     asked: list[int] = []  # SLURM's signals from here on; the imports that follow take seconds
     previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum)) for sig in STOP_SIGNALS}
-    if warned_before_start(os.environ):
+    if cli.warned_before_start():
         asked.append(signal.SIGUSR1)
     try:
         launch(argv, asked)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def warned_before_start(env: dict) -> bool:
-    """Whether the batch shell was warned before this launcher caught SIGUSR1 (launch/slurm.sbatch)."""
-    path = env.get(WARNING_FILE_VARIABLE)
-    return bool(path) and os.path.exists(path)
 
 
 def launch(argv: list[str] | None, asked: list[int]) -> None:

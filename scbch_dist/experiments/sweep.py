@@ -22,8 +22,9 @@ With ``methods``, a method other than scbch starts from configs/<method>-<datase
 published settings) when that file exists, else from the dataset's config, with method.name set.
 Every run is resumable: a run whose summary.json exists is skipped, one with a checkpoint resumes,
 and one killed before its first checkpoint starts afresh (--overwrite). Array tasks are
-preemption-safe: SLURM sends SIGUSR1 three minutes before the time limit, the run checkpoints
-after its current step and the task requeues itself.
+preemption-safe: SLURM sends SIGUSR1 three minutes before the time limit, the script relays it to
+the run (also one that comes before the run could catch it: ``experiments.slurm.warning_relay``),
+the run checkpoints after its current step and the task requeues itself.
 Task i is the i-th combination in the order datasets, methods, bits, noise, seeds.
 
 Grid values end up in folder names, #SBATCH lines and command lines: a control character (newline,
@@ -49,6 +50,7 @@ from scbch_dist import cli
 from scbch_dist.config import ConfigError, find_config, read_yaml_mapping
 from scbch_dist.engine.rundir import launch_state
 from scbch_dist.errors import Preempted
+from scbch_dist.experiments.slurm import IGNORING_USR1, warning_relay
 from scbch_dist.methods import METHODS
 from scbch_dist.run import RunFolder
 
@@ -212,7 +214,7 @@ def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run], python: str
     opts = {"job-name": f"scbch-{grid.name}", "array": f"0-{len(runs) - 1}",
             # append: a requeued task's output follows its earlier incarnation's instead of replacing it
             "output": f"{grid.runs_dir}/slurm/%A_%a.out", "open-mode": "append", "requeue": None,
-            # SIGUSR1 to the task itself (exec below) 3 minutes before the time limit: checkpoint, requeue
+            # SIGUSR1 to this script 3 minutes before the time limit, relayed to the run: checkpoint, requeue
             "signal": "B:USR1@180"}
     for key, value in grid.slurm.items():
         opts[key.replace("_", "-")] = value
@@ -220,10 +222,10 @@ def slurm_script(grid: Grid, grid_path: str | Path, runs: list[Run], python: str
     # sbatch reads directive values with shell-like quoting: a value with spaces, quotes or $(...)
     # stays one value, and shlex.quote leaves plain tokens (gpu:1, 04:00:00, %A_%a) as they are
     lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(str(v))}" for k, v in opts.items()]
-    lines += ["set -euo pipefail", "# each task is one run; a requeued task resumes from its checkpoint",
+    task = f"\"$PYTHON\" -m scbch_dist.experiments.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""
+    lines += ["set -uo pipefail", "# each task is one run; a requeued task resumes from its checkpoint",
               "# the interpreter that wrote this script, unless PYTHON names another when submitting",
-              f"PYTHON=${{PYTHON:-{shlex.quote(python)}}}",
-              f"exec \"$PYTHON\" -m scbch_dist.experiments.sweep {shlex.quote(str(grid_path))} --task \"$SLURM_ARRAY_TASK_ID\""]
+              f"PYTHON=${{PYTHON:-{shlex.quote(python)}}}", *warning_relay(f"{IGNORING_USR1} {task}")]
     return "\n".join(lines) + "\n"
 
 
