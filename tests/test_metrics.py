@@ -334,6 +334,9 @@ def test_every_ranking_path_fills_one_core_and_reduces_to_one_ndcg():
         for f in ("count", "relevant", "hits", "ndcg"):
             assert np.array_equal(getattr(scores, f), getattr(whole, f), equal_nan=f == "ndcg"), (name, f)
         np.testing.assert_allclose(scores.index_ap, whole.index_ap, rtol=0, atol=1e-12)
+    # a given ranking (a search index's) goes through the same core: the stable one gives numpy's AP
+    stable = np.argsort(metrics.hamming_distances(qc, dc).numpy(), axis=1, kind="stable")
+    assert np.array_equal(metrics.ranked_average_precision(stable, ql, dl), whole.index_ap[:, 0], equal_nan=True)
 
 
 def _write_tables(folder, dc, dl, rows=300):

@@ -31,7 +31,7 @@ import torch
 
 from scbch_dist.metrics.codes import Array, hamming_distances, pack_words, packed, relevance, write_table
 from scbch_dist.metrics.rank_compiled import compiled_ranking, stream_scores
-from scbch_dist.metrics.rank_numpy import Ranker, index_ranking, score_blocks
+from scbch_dist.metrics.rank_numpy import Ranker, index_ranking, ranking_average_precision, score_blocks
 from scbch_dist.metrics.rank_torch import score_queries_torch
 from scbch_dist.metrics.sums import QueryScores, mean_of_scored
 from scbch_dist.metrics.summary import k_points_of, pr_points, summarize_scores
@@ -129,18 +129,13 @@ def retrieval_metrics(query_codes: Array, db_codes: Array, query_labels: Array, 
 
 def ranked_average_precision(ranking: Array, query_labels: Array, db_labels: Array) -> np.ndarray:
     """(q,) average precision of given rankings: ``ranking`` (q, N) holds every database position,
-    best first (a search index's full result); NaN where a query has no relevant item. With the
-    stable Hamming ranking this is the index-tie AP of ``retrieval_metrics``."""
+    best first (a search index's full result); NaN where a query has no relevant item. Through the
+    ranking core: with the stable Hamming ranking, the index-tie AP of ``score_queries`` bit for bit."""
     ranking = ranking.cpu().numpy() if isinstance(ranking, torch.Tensor) else np.asarray(ranking)
     if ranking.shape[1] != len(db_labels) or len(ranking) != len(query_labels):
         raise ValueError(f"a full ranking of {len(db_labels)} items for each of {len(query_labels)} queries "
                          f"is needed, got {ranking.shape}")
-    rel = np.take_along_axis(relevance(query_labels, db_labels).numpy(), ranking, axis=1)
-    cum = np.cumsum(rel, axis=1, dtype=np.int64)
-    num_rel = cum[:, -1]
-    prec_sum = (np.where(rel, cum, 0) / np.arange(1, ranking.shape[1] + 1)).sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(num_rel > 0, prec_sum / np.maximum(num_rel, 1), np.nan)
+    return ranking_average_precision(np.take_along_axis(relevance(query_labels, db_labels).numpy(), ranking, axis=1))
 
 
 def mean_average_precision(query_codes: Array, db_codes: Array, query_labels: Array, db_labels: Array, *,

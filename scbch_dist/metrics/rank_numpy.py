@@ -81,6 +81,32 @@ class Ranker:
 
 
 
+def relevant_ranks(ranked: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(q, N) relevance in rank order -> the relevant items' rows and 0-based ranks (row by row,
+    ranks ascending), each row's number of them and where its items start, and each item's
+    precision j / p (the j-th relevant item of its row, at rank p = its 0-based rank + 1)."""
+    q, n = ranked.shape
+    flat = np.flatnonzero(ranked)  # row-major: ranks ascend within a row
+    rows, cols = np.divmod(flat, n) if q > 1 else (np.zeros(len(flat), np.int64), flat)
+    num_rel = np.bincount(rows, minlength=q)
+    first = np.concatenate([[0], np.cumsum(num_rel)[:-1]])  # where each row's relevant items start
+    ordinal = np.arange(1, len(rows) + 1) - first[rows]  # j: 1, 2, ... within a row
+    return rows, cols, num_rel, first, ordinal / (cols + 1.0)
+
+
+def ranking_average_precision(ranked: np.ndarray) -> np.ndarray:
+    """(q, N) relevance in the order of a given ranking -> (q,) its AP@all through the ranking core
+    (NaN where a query has no relevant item): for the stable Hamming ranking, ``index_ranking``'s
+    AP bit for bit."""
+    q, n = ranked.shape
+    sums = RankSums.zeros(q, n, 0, [None], np.ones(1, np.int64), False, 0)
+    rows, _, num_rel, _, precision = relevant_ranks(ranked)
+    sums.prec_sum[:, 0] = np.bincount(rows, weights=precision, minlength=q)
+    sums.found[:, 0] = sums.relevant[:, 0] = num_rel
+    sums.count[:, 0] = n  # one distance: the histograms only count
+    return sums.scores().index_ap[:, 0]
+
+
 def index_ranking(dist: np.ndarray, rel: np.ndarray, bits: int, cuts: list[int | None], k_points: np.ndarray,
                   gains: np.ndarray | None = None) -> QueryScores:
     """The scores of q queries from their (q, N) distances and relevance (and with ``gains``, the
@@ -95,12 +121,7 @@ def index_ranking(dist: np.ndarray, rel: np.ndarray, bits: int, cuts: list[int |
     classes = int(gains.max()) if graded and gains.size else 0  # any width of the gain histogram gives the same NDCG
     sums = RankSums.zeros(q, n, bits, cuts, k_points, graded, classes)
     order = np.argsort(dist, axis=1, kind="stable")  # radix sort for <= 16-bit integers
-    flat = np.flatnonzero(np.take_along_axis(rel, order, axis=1))  # row-major: ranks ascend within a row
-    rows, cols = np.divmod(flat, n) if q > 1 else (np.zeros(len(flat), np.int64), flat)
-    num_rel = np.bincount(rows, minlength=q)
-    first = np.concatenate([[0], np.cumsum(num_rel)[:-1]])  # where each row's relevant items start
-    ordinal = np.arange(1, len(rows) + 1) - first[rows]  # j: 1, 2, ... within a row
-    precision = ordinal / (cols + 1.0)
+    rows, cols, num_rel, first, precision = relevant_ranks(np.take_along_axis(rel, order, axis=1))
     for j, k in enumerate(cuts):
         inside = slice(None) if k is None else cols < k
         sums.found[:, j] = num_rel if k is None else np.bincount(rows[inside], minlength=q)
