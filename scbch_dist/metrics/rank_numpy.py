@@ -94,6 +94,14 @@ def relevant_ranks(ranked: np.ndarray) -> tuple[np.ndarray, ...]:
     return rows, cols, num_rel, first, ordinal / (cols + 1.0)
 
 
+def row_histogram(values: np.ndarray, width: int) -> np.ndarray:
+    """(q, width) int64: how many entries of each row of ``values`` (q, n), integers in [0, width),
+    take each value; one bincount over keys offset by row * width."""
+    q = values.shape[0]
+    keys = values + (width * np.arange(q, dtype=np.int64))[:, None] if q > 1 else values
+    return np.bincount(keys.ravel(), minlength=q * width).reshape(q, width)
+
+
 def ranking_average_precision(ranked: np.ndarray) -> np.ndarray:
     """(q, N) relevance in the order of a given ranking -> (q,) its AP@all through the ranking core
     (NaN where a query has no relevant item): for the stable Hamming ranking, ``index_ranking``'s
@@ -133,15 +141,13 @@ def index_ranking(dist: np.ndarray, rel: np.ndarray, bits: int, cuts: list[int |
     # the histograms: items per distance by one bincount, relevant ones per distance by searching the
     # ranks where each distance's group ends
     bins = bits + 1
-    sums.count[:] = np.bincount((dist + (bins * np.arange(q, dtype=np.int64))[:, None]).ravel() if q > 1
-                                else dist.ravel(), minlength=q * bins).reshape(q, bins)
+    sums.count[:] = row_histogram(dist, bins)
     sums.relevant[:] = np.diff(np.searchsorted(key, row_key + np.cumsum(sums.count, 1)) - first[:, None], axis=1,
                                prepend=0)
     if sums.top_k:
         sums.top_gains[:] = np.take_along_axis(gains, order[:, :sums.top_k], axis=1)
         width = classes + 1
-        sums.gain_counts[:] = np.bincount((np.arange(q)[:, None] * width + gains).ravel(),
-                                          minlength=q * width).reshape(q, width)
+        sums.gain_counts[:] = row_histogram(gains, width)
     return sums.scores()
 
 
@@ -163,8 +169,7 @@ def score_blocks(ranker: Ranker, s: slice, cuts: list[int | None], k_points: np.
         counts.append(count)
         relevants.append(relevant)
         if graded:
-            sums.gain_counts += np.bincount((gains + (top * np.arange(q))[:, None]).ravel(),
-                                            minlength=q * top).reshape(q, top)
+            sums.gain_counts += row_histogram(gains, top)
     count, relevant = sum(counts), sum(relevants)
     sums.count[:], sums.relevant[:] = count, relevant
     closer, rel_closer = np.cumsum(count, 1) - count, np.cumsum(relevant, 1) - relevant
