@@ -54,9 +54,9 @@ FILE_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
                                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
-def warned_before_start(env: dict | None = None) -> bool:
+def warned_before_start() -> bool:
     """Whether this job's batch script was warned before this process caught SIGUSR1 (above)."""
-    path = (os.environ if env is None else env).get(WARNING_FILE_VARIABLE)
+    path = os.environ.get(WARNING_FILE_VARIABLE)
     return bool(path) and os.path.exists(path)
 
 
