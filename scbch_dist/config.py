@@ -540,9 +540,23 @@ def _check_sizes(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Value rules that a type check cannot express; each error names the key."""
-    from scbch_dist.knn import BACKENDS
-    from scbch_dist.models.backbones import IMAGE_BACKBONES, TEXT_BACKBONES
+    _check_numbers(cfg)
+    _check_choices(cfg)
+    method = get_method(cfg.method.name)
+    settings = getattr(cfg, method.name, None)
+    if settings is not None:
+        method.check_settings(settings)
+    from scbch_dist.data.noise import parse_noise
 
+    try:
+        parse_noise(cfg.data.noise)
+    except ScbchError as e:
+        raise ConfigError(str(e)) from None
+    _check_evaluation(cfg)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Numbers out of their range: non-finite floats, counts below their least, seeds, rates, sizes."""
     for key, value in _floats(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
@@ -585,6 +599,13 @@ def validate(cfg: Config) -> None:
                        "run.checkpoint_every": cfg.run.checkpoint_every}.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+def _check_choices(cfg: Config) -> None:
+    """Settings that name one of a set: backbones, optimisers, kNN backends, generators."""
+    from scbch_dist.knn import BACKENDS
+    from scbch_dist.models.backbones import IMAGE_BACKBONES, TEXT_BACKBONES
+
     if cfg.data.generate not in ("", "synthetic", "shapes"):
         raise ConfigError(f"data.generate must be '', 'synthetic' or 'shapes', got {cfg.data.generate!r}")
     choices = {"model.image.kind": (cfg.model.image.kind, tuple(IMAGE_BACKBONES)),
@@ -604,16 +625,10 @@ def validate(cfg: Config) -> None:
                        "model.clip.text_unlocked_layers": cfg.model.clip.text_unlocked_layers}.items():
         if value < -1:
             raise ConfigError(f"{key} must be -1 (all of the tower trains) or a count of groups >= 0, got {value}")
-    method = get_method(cfg.method.name)
-    settings = getattr(cfg, method.name, None)
-    if settings is not None:
-        method.check_settings(settings)
-    from scbch_dist.data.noise import parse_noise
 
-    try:
-        parse_noise(cfg.data.noise)
-    except ScbchError as e:
-        raise ConfigError(str(e)) from None
+
+def _check_evaluation(cfg: Config) -> None:
+    """The evaluation's cut-offs, validation split and model selection."""
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be positive, got {cfg.eval.topk}")
     if cfg.eval.validation < 0 or cfg.eval.validation == 1:
