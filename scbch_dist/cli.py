@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from scbch_dist.errors import Preempted, ScbchError
@@ -41,6 +42,8 @@ STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)  # absent on Windows
 # (launch/slurm.sbatch, a sweep's array script) start Python with SIGUSR1 ignored, so that an early
 # warning cannot kill it, and write this file when warned: whoever then catches the signal itself
 # (the SLURM launcher, a run's stop request) reads the file to learn of a warning that came before.
+# The script passes a warning on as a signal only once FILE.listening exists: before that, the
+# command may still be a shell that has not yet ignored the signal (srun starts it), and dies of it.
 WARNING_FILE_VARIABLE = "SCBCH_WARNING_FILE"
 
 # OSErrors in which the file system refuses what the run asked of it, for a reason the user fixes
@@ -55,9 +58,18 @@ FILE_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
 
 
 def warned_before_start() -> bool:
-    """Whether this job's batch script was warned before this process caught SIGUSR1 (above)."""
+    """Whether this job's batch script was warned before this process caught SIGUSR1 (above).
+    Call it once the handler is in place: it first tells the script that this process listens
+    (FILE.listening), then looks for the warning, so that a warning is either in the file by now
+    or passed on as a signal, never lost."""
     path = os.environ.get(WARNING_FILE_VARIABLE)
-    return bool(path) and os.path.exists(path)
+    if not path:
+        return False
+    try:
+        Path(f"{path}.listening").touch()
+    except OSError:  # the script's folder is gone or read-only: the file below still tells
+        pass
+    return os.path.exists(path)
 
 
 def one_line(error: BaseException | str) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,48 @@ def test_the_batch_script_asks_for_a_warning_signal_and_passes_it_on():
                                          '-- "$@"')) in text
     assert "trap ':' TERM" in text  # SIGTERM (scancel) reached every process: not turned into the warning
     assert "#SBATCH --open-mode=append" in text  # a requeued job's output follows the earlier one's
+
+
+LISTENER = """
+import signal, sys, time
+from scbch_dist import cli
+caught = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: caught.append(signum))
+print("warned before", cli.warned_before_start(), flush=True)
+deadline = time.monotonic() + 60
+while not caught and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("caught", bool(caught), flush=True)
+"""
+
+
+def test_the_relay_passes_a_warning_on_only_once_the_command_listens(tmp_path):
+    """The relay's lines run by bash as a batch script would. A warning while the command is still a
+    shell that would die of SIGUSR1 (what srun starts, before its ``trap "" USR1``) is kept in the
+    file, not passed on, and the Python that follows reads it; a later warning reaches that Python as
+    the signal. Before, the first warning was passed on at once: the command died of it
+    (status 138; under SLURM, ``srun: error: n1: task 0: User defined signal 1``)."""
+    import signal
+
+    started = tmp_path / "started"
+    command = (f"bash -c ': > {started}; sleep 1; exec \"$0\" -c \"$1\"' "
+               f"{sys.executable} {shlex.quote(LISTENER)}")
+    (tmp_path / "job.sh").write_text("\n".join(["set -uo pipefail", *slurm.warning_relay(command)]) + "\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "5", "PYTHONPATH": str(REPO)}
+    env.pop("SCBCH_WARNING_FILE", None)
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:  # the relay's trap is set by now
+            time.sleep(0.01)
+        os.kill(job.pid, signal.SIGUSR1)  # the command sleeps, deaf to nothing
+        assert job.stdout.readline() == "warned before True\n"
+        os.kill(job.pid, signal.SIGUSR1)  # it listens now: the signal itself
+        assert job.stdout.readline() == "caught True\n"
+        assert job.wait(timeout=30) == 0
+    finally:
+        job.kill()
+    assert list(tmp_path.glob("scbch-warning-*")) == []  # the file and its .listening are gone
 
 
 CHILD = """

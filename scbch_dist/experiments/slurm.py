@@ -50,7 +50,8 @@ def warning_relay(command: str) -> list[str]:
     """The lines of a batch script that run ``command`` (a shell command, run with SIGUSR1 ignored
     until the Python it starts catches it) and relay SLURM's time-limit warning to it: SLURM signals
     the batch shell only (``--signal=B:USR1@...``), possibly in the job's first second, so the shell
-    writes $SCBCH_WARNING_FILE (cli.WARNING_FILE_VARIABLE) and passes the signal on. SIGTERM reaches
+    writes $SCBCH_WARNING_FILE (cli.WARNING_FILE_VARIABLE) and passes the signal on once the command
+    listens (cli.warned_before_start wrote $SCBCH_WARNING_FILE.listening). SIGTERM reaches
     every process of the job by itself; the shell waits for the command and exits with its status.
     launch/slurm.sbatch holds these lines for its srun; a sweep's array script is written with them."""
     return ["# SLURM may warn in the job's first second (it looks at its jobs every 30 s): the command starts",
@@ -59,7 +60,10 @@ def warning_relay(command: str) -> list[str]:
             f'export {cli.WARNING_FILE_VARIABLE}="${{TMPDIR:-/tmp}}/scbch-warning-${{SLURM_JOB_ID:-0}}-'
             '${SLURM_RESTART_COUNT:-0}-$$"',
             'CHILD=""',
-            f"trap ': > \"${cli.WARNING_FILE_VARIABLE}\"; [ -z \"$CHILD\" ] || kill -USR1 \"$CHILD\" 2>/dev/null' USR1",
+            "# the signal is passed on only once the command listens (it wrote FILE.listening): until then",
+            "# it may be a shell that srun started and that has not yet ignored SIGUSR1",
+            f"trap ': > \"${cli.WARNING_FILE_VARIABLE}\"; [ -z \"$CHILD\" ] || [ ! -e \"${cli.WARNING_FILE_VARIABLE}.listening\" ] "
+            "|| kill -USR1 \"$CHILD\" 2>/dev/null' USR1",
             "trap ':' TERM  # SIGTERM went to every process of the job already: this shell waits for the command",
             f"{command} &",
             "CHILD=$!",
@@ -69,7 +73,7 @@ def warning_relay(command: str) -> list[str]:
             "  status=$?",
             '  kill -0 "$CHILD" 2>/dev/null || break',
             "done",
-            f'rm -f "${cli.WARNING_FILE_VARIABLE}"',
+            f'rm -f "${cli.WARNING_FILE_VARIABLE}" "${cli.WARNING_FILE_VARIABLE}.listening"',
             'exit "$status"']
 
 
