@@ -65,10 +65,13 @@ def warned_before_start() -> bool:
     path = os.environ.get(WARNING_FILE_VARIABLE)
     if not path:
         return False
-    try:
-        Path(f"{path}.listening").touch()
-    except OSError:  # the script's folder is gone or read-only: the file below still tells
-        pass
+    # the script runs on the job's node 0 and removes the file at its end; on another node, a
+    # file in that node's own folder would be litter that nothing reads
+    if os.environ.get("SLURM_NODEID", "0") == "0":
+        try:
+            Path(f"{path}.listening").touch()
+        except OSError:  # the script's folder is gone or read-only: the file below still tells
+            pass
     return os.path.exists(path)
 
 

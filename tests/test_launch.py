@@ -98,7 +98,7 @@ def test_the_relay_passes_a_warning_on_only_once_the_command_listens(tmp_path):
     command = (f"bash -c ': > {started}; sleep 1; exec \"$0\" -c \"$1\"' "
                f"{sys.executable} {shlex.quote(LISTENER)}")
     (tmp_path / "job.sh").write_text("\n".join(["set -uo pipefail", *slurm.warning_relay(command)]) + "\n")
-    env = {**os.environ, "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "5", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "5", "SLURM_NODEID": "0", "PYTHONPATH": str(REPO)}
     env.pop("SCBCH_WARNING_FILE", None)
     job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -113,6 +113,21 @@ def test_the_relay_passes_a_warning_on_only_once_the_command_listens(tmp_path):
     finally:
         job.kill()
     assert list(tmp_path.glob("scbch-warning-*")) == []  # the file and its .listening are gone
+
+
+def test_only_node_0_tells_the_batch_script_it_listens(tmp_path, monkeypatch):
+    """The batch script runs on node 0: another node reads the warning file it may have, but leaves
+    no .listening in its own folder, which nothing would read or remove."""
+    from scbch_dist import cli
+
+    warned = tmp_path / "warned"
+    monkeypatch.setenv("SCBCH_WARNING_FILE", str(warned))
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert not cli.warned_before_start() and list(tmp_path.iterdir()) == []
+    warned.touch()
+    assert cli.warned_before_start() and list(tmp_path.iterdir()) == [warned]
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    assert cli.warned_before_start() and (tmp_path / "warned.listening").is_file()
 
 
 CHILD = """
