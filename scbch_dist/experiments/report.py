@@ -236,13 +236,16 @@ def markdown(records: list[dict], notes: dict[tuple[str, str], list[str]] | None
                     cells = []
                     for noise, bits in columns:
                         runs = groups.get((dataset, method, rank, variant, model, noise, bits), [])
+                        if not runs:  # this row has no run in this column
+                            cells.append("")
+                            continue
                         cell = (f"{_cell(per_seed(runs, lambda r: r['best'][key]))} / "
                                 f"{_cell(per_seed(runs, lambda r: r['final'][key]))}")
                         for w in extra:
                             chosen = all(r[w] for r in runs)
                             cell += f" / {_cell(per_seed(runs, lambda r: r[w][key]))}" if chosen else " / -"
                         cell += _count(runs)
-                        cells.append(cell if runs else "")
+                        cells.append(cell)
                     cost = [r["seconds_per_epoch"] for r in rows
                             if (r["method"], r["variant"]) == (method, variant) and r["seconds_per_epoch"]]
                     cells.append(f"{np.mean(cost):.1f}" if cost else "")
