@@ -14,6 +14,7 @@ import torch
 import toy_method  # noqa: F401  (registers contrast_only)
 from conftest import crash_in_epoch, read_checkpoint, tiny_args, tiny_synthetic_config, torchrun
 from scbch_dist.data.synthetic import write_synthetic
+from scbch_dist.experiments import report
 from scbch_dist.config import ConfigError
 from scbch_dist.methods import METHODS, SCBCH, get_method
 from scbch_dist.train import main
@@ -73,10 +74,13 @@ class PlainBSCH(Method):
 """
 
 
+@pytest.mark.filterwarnings("error:No artists with labels:UserWarning")  # the PR plot names its curve
 def test_a_new_method_module_trains_with_its_own_settings_section(tiny_dataset, tmp_path, monkeypatch):
     """A method module written into tmp_path, imported, selected and configured from the command
     line: its section is the run's (config.yaml, codes.npz), with its defaults, its types and rules
-    checked, and no other method's section; then a resume reads it back."""
+    checked, and no other method's section; then a resume reads it back. Without a label of its
+    own it goes by its name in the summary, the PR plot and the report (before: "", which the
+    report read as SCBCH)."""
     import importlib
     import sys
 
@@ -98,7 +102,8 @@ def test_a_new_method_module_trains_with_its_own_settings_section(tiny_dataset, 
         with pytest.raises(ConfigError, match="^scbch.k is a setting of method scbch, and method.name is plain_bsch"):
             main(tiny_args(tiny_dataset, run_dir, *mine, "scbch.k=3"))
         summary = main(tiny_args(tiny_dataset, run_dir, *mine))
-        assert summary["run"]["method_name"] == "plain_bsch"
+        assert summary["run"]["method_name"] == summary["run"]["method"] == "plain_bsch"
+        assert [r["method"] for r in report.collect(run_dir)] == ["plain_bsch"]
         assert set(records(run_dir)[0]["loss"]) == {"total", "bsch", "quant"}
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert saved["plain_bsch"] == {"margin": 0.25, "quant_weight": 0.3}

@@ -120,6 +120,18 @@ def fake_summary(root: Path, method, dataset, noise, bits, seed, best, final, sp
         "best": result(best), "final": result(final), "timings_s": {"per_epoch": per_epoch}}))
 
 
+def test_a_summary_without_a_method_label_is_reported_by_the_method_name(tmp_path):
+    """A method without a label wrote method "" before it took the method's name: such a summary is
+    reported by its method.name, never as SCBCH; only one from before methods had names is SCBCH."""
+    fake_summary(tmp_path, "", "mirflickr25k", 0.5, 16, 0, 0.7, 0.7, folder="unlabelled")
+    summary = tmp_path / "unlabelled" / "summary.json"
+    written = json.loads(summary.read_text())
+    written["run"]["method_name"] = "plain_bsch"
+    summary.write_text(json.dumps(written))
+    fake_summary(tmp_path, None, "mirflickr25k", 0.5, 16, 0, 0.7, 0.7, folder="old")
+    assert [r["method"] for r in report.collect(tmp_path)] == ["SCBCH", "plain_bsch"]  # old/, unlabelled/
+
+
 def test_report_tables_per_noise_model_with_best_final_and_cost(tmp_path):
     for seed, delta in ((0, 0.0), (1, 0.02)):
         fake_summary(tmp_path, "SCBCH", "mirflickr25k", 0.5, 64, seed, 0.786 + delta, 0.78 + delta)

@@ -381,7 +381,7 @@ def write_summary(run: Run, state: RunState, seconds_total: float, seconds_data:
     if not (run.is_main and state.history):
         return {}
     final = state.history[-1]
-    label = cfg.run.method or run.method.label
+    label = cfg.run.method or run.method.label or cfg.method.name  # a method without a label goes by its name
     plots.plot_pr({label: final["curves"]}, run.run_dir / "plots" / "pr.png",
                   title=f"{data.meta.name}, {cfg.model.bits} bits, noise {data.noise.name}, epoch {final['epoch']}")
     best = max(state.history, key=lambda h: h["avg_map"])

@@ -71,7 +71,10 @@ def collect(runs_dir: Path) -> list[dict]:
         timings = s.get("timings_s", {})
         per_epoch = timings.get("per_epoch", (timings.get("train", 0.0) + timings.get("refresh", 0.0))
                                 / max(int(run.get("epochs", 1)), 1)) if timings else None
-        records.append({"path": str(path.parent), "method": run.get("method") or "SCBCH", "dataset": run["dataset"],
+        # a summary of a method without a label, before it took the method's name, has method ""; one
+        # from before the methods has no method at all: SCBCH
+        method = run.get("method") or run.get("method_name") or "SCBCH"
+        records.append({"path": str(path.parent), "method": method, "dataset": run["dataset"],
                         "noise_model": noise.kind if noise else "mixed",
                         "noise": noise.rate if noise else float(run["noise"].get("rate", 0.0)),
                         "bits": int(run["bits"]), "seed": run.get("seed", 0), "best": s["best"], "final": s["final"],

@@ -104,7 +104,7 @@ class Method:
     loss terms they return, "total" first) and override what they need."""
 
     name: ClassVar[str] = ""
-    label: ClassVar[str] = ""  # the report's row label unless run.method names a variant
+    label: ClassVar[str] = ""  # the report's row label unless run.method names a variant; "": the name
     terms: ClassVar[tuple[str, ...]] = ("total",)
     # the dataclass of the method's config section ``<name>.*`` (its defaults and comments), which
     # the method reads as ``self.settings``; None: the method has no settings
