@@ -57,21 +57,22 @@ FILE_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
                                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 
 
-def warned_before_start() -> bool:
+def warned_before_start(*, listening: bool = True) -> bool:
     """Whether this job's batch script was warned before this process caught SIGUSR1 (above).
-    Call it once the handler is in place: it first tells the script that this process listens
-    (FILE.listening), then looks for the warning, so that a warning is either in the file by now
-    or passed on as a signal, never lost."""
+    ``listening``: this process has its handler in place, and first tells the script so
+    (FILE.listening), then looks for the warning: a warning is either in the file by now or
+    passed on as a signal, never lost."""
     path = os.environ.get(WARNING_FILE_VARIABLE)
     if not path:
         return False
     # the script runs on the job's node 0 and removes the file at its end; on another node, a
     # file in that node's own folder would be litter that nothing reads
-    if os.environ.get("SLURM_NODEID", "0") == "0":
+    if listening and os.environ.get("SLURM_NODEID", "0") == "0":
         try:
             Path(f"{path}.listening").touch()
-        except OSError:  # the script's folder is gone or read-only: the file below still tells
-            pass
+        except OSError as e:  # the script could not write its file there either: it passes warnings on at once
+            print(f"scbch_dist: cannot tell the batch script that this process listens ({file_system_error(e)})",
+                  file=sys.stderr)
     return os.path.exists(path)
 
 

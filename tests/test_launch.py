@@ -86,38 +86,54 @@ print("caught", bool(caught), flush=True)
 """
 
 
-def test_the_relay_passes_a_warning_on_only_once_the_command_listens(tmp_path):
+@pytest.mark.parametrize("folder", ["writable", "missing"])
+def test_the_relay_passes_a_warning_on_only_once_the_command_listens(tmp_path, folder):
     """The relay's lines run by bash as a batch script would. A warning while the command is still a
     shell that would die of SIGUSR1 (what srun starts, before its ``trap "" USR1``) is kept in the
     file, not passed on, and the Python that follows reads it; a later warning reaches that Python as
     the signal. Before, the first warning was passed on at once: the command died of it
-    (status 138; under SLURM, ``srun: error: n1: task 0: User defined signal 1``)."""
+    (status 138; under SLURM, ``srun: error: n1: task 0: User defined signal 1``). Where the
+    script's folder is missing (no file, no .listening), a warning is passed on at once, as before."""
     import signal
 
-    started = tmp_path / "started"
-    command = (f"bash -c ': > {started}; sleep 1; exec \"$0\" -c \"$1\"' "
+    started, go = tmp_path / "started", tmp_path / "go"
+    command = (f"bash -c ': > {started}; until [ -e {go} ]; do sleep 0.01; done; exec \"$0\" -c \"$1\"' "
                f"{sys.executable} {shlex.quote(LISTENER)}")
     (tmp_path / "job.sh").write_text("\n".join(["set -uo pipefail", *slurm.warning_relay(command)]) + "\n")
-    env = {**os.environ, "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "5", "SLURM_NODEID": "0", "PYTHONPATH": str(REPO)}
+    scratch = tmp_path / ("scratch" if folder == "writable" else "gone")
+    if folder == "writable":
+        scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "SLURM_JOB_ID": "5", "SLURM_NODEID": "0", "PYTHONPATH": str(REPO)}
     env.pop("SCBCH_WARNING_FILE", None)
-    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, stdout=subprocess.PIPE, text=True)
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not started.exists() and time.monotonic() < deadline:  # the relay's trap is set by now
             time.sleep(0.01)
-        os.kill(job.pid, signal.SIGUSR1)  # the command sleeps, deaf to nothing
-        assert job.stdout.readline() == "warned before True\n"
+        if folder == "writable":
+            time.sleep(0.2)  # the script holds the command's pid by now (an empty one is never signalled)
+            os.kill(job.pid, signal.SIGUSR1)  # the command waits for `go`, deaf to nothing
+            while not list(scratch.glob("scbch-warning-5-*")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        go.touch()
+        assert job.stdout.readline() == f"warned before {folder == 'writable'}\n"
         os.kill(job.pid, signal.SIGUSR1)  # it listens now: the signal itself
         assert job.stdout.readline() == "caught True\n"
-        assert job.wait(timeout=30) == 0
+        assert job.wait(timeout=60) == 0
     finally:
-        job.kill()
-    assert list(tmp_path.glob("scbch-warning-*")) == []  # the file and its .listening are gone
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    if folder == "writable":
+        assert list(scratch.iterdir()) == []  # the file and its .listening are gone
+    else:
+        assert "cannot tell the batch script that this process listens" in job.stderr.read()
 
 
 def test_only_node_0_tells_the_batch_script_it_listens(tmp_path, monkeypatch):
     """The batch script runs on node 0: another node reads the warning file it may have, but leaves
-    no .listening in its own folder, which nothing would read or remove."""
+    no .listening in its own folder, which nothing would read or remove; nor does a process without
+    a handler (a stop request entered off the main thread)."""
     from scbch_dist import cli
 
     warned = tmp_path / "warned"
@@ -127,6 +143,7 @@ def test_only_node_0_tells_the_batch_script_it_listens(tmp_path, monkeypatch):
     warned.touch()
     assert cli.warned_before_start() and list(tmp_path.iterdir()) == [warned]
     monkeypatch.setenv("SLURM_NODEID", "0")
+    assert cli.warned_before_start(listening=False) and list(tmp_path.iterdir()) == [warned]  # no handler: says nothing
     assert cli.warned_before_start() and (tmp_path / "warned.listening").is_file()
 
 

@@ -35,7 +35,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-        if cli.warned_before_start():  # a SLURM warning that came before these handlers (cli.WARNING_FILE_VARIABLE)
+        # a SLURM warning that came before these handlers (cli.WARNING_FILE_VARIABLE)
+        if cli.warned_before_start(listening=bool(self._previous)):
             self.reason = REQUEUE_SIGNAL
         return self
 
