@@ -105,6 +105,18 @@ def wait_done(env: dict, job: str, timeout: float = 300) -> list[dict]:
     return wait_for(f"job {job} to end", done, timeout, explain=lambda: str(jobs(env, job)))
 
 
+def a_process_runs(text: str) -> bool:
+    """Whether a process on this machine (the cluster's nodes are this machine) has ``text`` in its
+    command line: the batch script has started its command, so its traps are set."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                return True
+        except OSError:  # a process that ended meanwhile
+            continue
+    return False
+
+
 def log_has(run_dir: Path, text: str):
     log = run_dir / "log.txt"
     return lambda: log.is_file() and text in log.read_text()
@@ -241,10 +253,14 @@ def test_a_warning_in_the_first_second_requeues_and_resumes_exactly(cluster, lon
     SLURM does when the lead reaches within 30 s of the start): the launcher, started deaf to
     SIGUSR1, learns of it from the batch shell's file; the run stops after its first step with a
     checkpoint, the job requeues (Restarts=1) and ends bit-identical. Before, the launcher died of
-    the signal: FAILED, ``srun: error: n1: task 0: User defined signal 1``."""
+    the signal: FAILED, ``srun: error: n1: task 0: User defined signal 1``. The signal goes as soon
+    as the script has started srun: sent when the job shows RUNNING, it can reach slurmd before the
+    batch script exists, and SLURM drops it (a loaded run: 7 ms after "Launching batch job", the
+    job COMPLETED unwarned)."""
     folder, reference = long_reference
     job, run_dir = long_job(cluster, folder, "--time=10")
-    wait_for("the job to run", lambda: jobs(cluster, job)[0]["JobState"] == "RUNNING", every=0.05)
+    wait_for("the batch script's srun", lambda: a_process_runs(f"data.root={folder / 'data'}"), every=0.01,
+             explain=job_story(cluster, job, folder))
     sh(cluster, "scancel", "--batch", "--signal=USR1", job)
     wait_for("the requeue", lambda: jobs(cluster, job)[0].get("Restarts") == "1", timeout=150,
              explain=job_story(cluster, job, folder))
@@ -259,7 +275,8 @@ def test_an_array_task_warned_the_moment_it_runs_requeues_and_completes(cluster,
     """A sweep's array task is the trainer itself, started deaf to SIGUSR1 by its script: warned the
     moment it runs, its run learns of the warning from the batch shell's file, stops after its first
     step with a checkpoint and requeues the task (Restarts=1), which resumes and completes. Before,
-    the trainer could die of the signal (FAILED)."""
+    the trainer could die of the signal (FAILED). The signal goes as soon as the script has started
+    its command (a signal sent before the batch script exists is dropped by SLURM: the test above)."""
     config = tiny_config(tmp_path, tmp_path / "data")
     (tmp_path / "grid.yaml").write_text(f"name: early\nruns_dir: {tmp_path / 'runs'}\ndatasets: [{config}]\n"
                                         "bits: [16]\nnoise: [0.5]\nseeds: [0]\nslurm: {time: \"00:10:00\"}\n")
@@ -267,7 +284,8 @@ def test_an_array_task_warned_the_moment_it_runs_requeues_and_completes(cluster,
        cwd=tmp_path)
     task = f"{sbatch(cluster, tmp_path, 'grid.sbatch')}_0"
     out = tmp_path / "runs" / "slurm" / f"{task}.out"
-    wait_for("the task to run", lambda: any(j["JobState"] == "RUNNING" for j in jobs(cluster, task)), every=0.05)
+    wait_for("the task's command", lambda: a_process_runs(f"{tmp_path / 'grid.yaml'} --task"), every=0.01,
+             explain=lambda: str(jobs(cluster, task)))
     sh(cluster, "scancel", "--batch", "--signal=USR1", task)
     wait_for("the requeue", lambda: jobs(cluster, task)[0].get("Restarts") == "1", timeout=150,
              explain=lambda: f"{jobs(cluster, task)}\n{out.read_text()[-3000:] if out.is_file() else ''}")
